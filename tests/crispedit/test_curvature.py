@@ -1,0 +1,193 @@
+"""K-FAC/EK-FAC factors against a brute-force per-token computation on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crispedit.artifacts import ArtifactError
+from crispedit.corpus import pad_batches, read_documents, token_sequences
+from crispedit.curvature import Curvature, collect_curvature, sample_labels
+from crispedit.models import get_layers, parse_layers, weight_matrix
+
+SEED = 3
+
+
+@pytest.fixture
+def sequences(tiny_tokenizer):
+    """Five sequences of different lengths, so batches need padding."""
+    docs = read_documents("wikitext")[:40]
+    seqs = token_sequences(tiny_tokenizer, docs, max_tokens=400, seq_len=64)
+    seqs = [s[: 9 + 7 * i] for i, s in enumerate(seqs[:5])]
+    assert len({len(s) for s in seqs}) == 5
+    return seqs
+
+
+def brute_force(model, layer_names, sequences, labels_per_seq):
+    """A, B, per-sequence weight gradients, one sequence at a time, full backward, float64."""
+    layers = get_layers(model, layer_names)
+    A = {n: 0 for n in layers}
+    B = {n: 0 for n in layers}
+    grads = {n: [] for n in layers}
+    n_tokens = 0
+    for seq, y in zip(sequences, labels_per_seq, strict=True):
+        seen = {}
+
+        def hook(module, inputs, output, name, seen=seen):
+            output.retain_grad()
+            seen[name] = (inputs[0], output)
+
+        handles = [
+            m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
+            for n, m in layers.items()
+        ]
+        model.zero_grad(set_to_none=True)
+        ids = torch.tensor([seq])
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[0, :-1], torch.tensor(y), reduction="sum")
+        loss.backward()
+        for h in handles:
+            h.remove()
+        n_tokens += len(seq) - 1
+        for name, module in layers.items():
+            a_all, out = seen[name]
+            G = torch.zeros_like(weight_matrix(module), dtype=torch.float64)
+            for t in range(len(seq) - 1):
+                a = a_all[0, t].double()
+                g = out.grad[0, t].double()
+                A[name] = A[name] + torch.outer(a, a)
+                B[name] = B[name] + torch.outer(g, g)
+                G += torch.outer(g, a)
+            # the brute force itself is right: Σ_t g_t a_tᵀ is autograd's weight gradient
+            W_grad = (
+                module.weight.grad.T if G.shape != module.weight.grad.shape else module.weight.grad
+            )
+            torch.testing.assert_close(G.float(), W_grad, rtol=1e-4, atol=1e-6)
+            grads[name].append(G)
+    return (
+        {n: A[n] / n_tokens for n in layers},
+        {n: B[n] / n_tokens for n in layers},
+        grads,
+        n_tokens,
+    )
+
+
+def assert_factor_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_kfac_factors_equal_brute_force_empirical(tiny, sequences, batch_size):
+    model, tok = tiny
+    layers = parse_layers(model, "1-3")
+    curv = collect_curvature(
+        model, layers, pad_batches(sequences, tok.pad_token_id, batch_size), progress=False
+    )
+    A, B, _, n = brute_force(model, layers, sequences, [s[1:] for s in sequences])
+    assert curv.tokens == n
+    for name in layers:
+        assert_factor_close(curv.layers[name].A, A[name])
+        assert_factor_close(curv.layers[name].B, B[name])
+
+
+def test_kfac_factors_equal_brute_force_sampled(tiny, sequences):
+    model, tok = tiny
+    layers = parse_layers(model, "2-3")
+    batches = list(pad_batches(sequences, tok.pad_token_id, batch_size=8))
+    assert len(batches) == 1
+    curv = collect_curvature(model, layers, batches, labels="sampled", seed=SEED, progress=False)
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
+    drawn = sample_labels(logits, torch.Generator().manual_seed(SEED))
+    labels = [drawn[b, : len(s) - 1].tolist() for b, s in enumerate(sequences)]
+    assert labels != [s[1:] for s in sequences]  # sampled, not observed
+    A, B, _, _ = brute_force(model, layers, sequences, labels)
+    for name in layers:
+        assert_factor_close(curv.layers[name].A, A[name])
+        assert_factor_close(curv.layers[name].B, B[name])
+    empirical = collect_curvature(model, layers, batches, progress=False)
+    assert not torch.allclose(empirical.layers[layers[-1]].B, curv.layers[layers[-1]].B)
+
+
+def test_padding_contributes_nothing(tiny, sequences):
+    """Padding with any token id, and any amount of it, leaves the factors unchanged."""
+    model, _tok = tiny
+    layers = parse_layers(model, "3")
+    ref = collect_curvature(model, layers, pad_batches(sequences, 0, 1), progress=False)
+    for pad_id in (0, 7, 300):
+        padded = list(pad_batches(sequences, pad_id, 5))
+        extra = {
+            k: F.pad(v, (0, 10), value=pad_id if k == "input_ids" else 0)
+            for k, v in padded[0].items()
+        }
+        for batches in (padded, [extra]):
+            curv = collect_curvature(model, layers, batches, progress=False)
+            assert curv.tokens == ref.tokens
+            for f in ("A", "B"):
+                assert_factor_close(
+                    getattr(curv.layers[layers[0]], f), getattr(ref.layers[layers[0]], f).double()
+                )
+
+
+def test_backward_stops_at_lowest_layer(tiny, sequences):
+    """No parameter gets a gradient, and the flags are restored afterwards."""
+    model, _tok = tiny
+    flags = [p.requires_grad for p in model.parameters()]
+    collect_curvature(
+        model, parse_layers(model, "2-3"), pad_batches(sequences, 0, 2), progress=False
+    )
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_ekfac_eigenvalues_equal_brute_force(tiny, sequences):
+    model, tok = tiny
+    layers = parse_layers(model, "2-3")
+    curv = collect_curvature(
+        model, layers, pad_batches(sequences, tok.pad_token_id, 2), kind="ekfac", progress=False
+    )
+    assert curv.kind == "ekfac"
+    _, _, grads, n = brute_force(model, layers, sequences, [s[1:] for s in sequences])
+    for name in layers:
+        c = curv.layers[name]
+        U_A, U_B = c.U_A.double(), c.U_B.double()
+        ref = sum((U_B.T @ G @ U_A) ** 2 for G in grads[name]) / n
+        assert_factor_close(c.ekfac, ref)
+        # the eigenbases are those of the K-FAC factors
+        torch.testing.assert_close(
+            U_A.T @ c.A.double() @ U_A,
+            torch.diag(torch.diagonal(U_A.T @ c.A.double() @ U_A)),
+            atol=1e-5 * c.A.abs().max().item(),
+            rtol=0,
+        )
+
+
+def test_save_load_roundtrip_and_corruption(tiny, sequences, tmp_path):
+    model, _tok = tiny
+    layers = parse_layers(model, "2-3")
+    curv = collect_curvature(
+        model, layers, pad_batches(sequences, 0, 2), kind="ekfac", progress=False
+    )
+    curv.meta["model_fingerprint"] = "abc"
+    path = curv.save(tmp_path)
+    back = Curvature.load(tmp_path)
+    assert back.tokens == curv.tokens and list(back.layers) == layers and back.kind == "ekfac"
+    assert back.meta["model_fingerprint"] == "abc" and back.meta["labels"] == "empirical"
+    for name in layers:
+        for f in ("A", "B", "U_A", "U_B", "ekfac"):
+            assert torch.equal(getattr(back.layers[name], f), getattr(curv.layers[name], f))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="corrupt"):
+        Curvature.load(tmp_path)
+    with pytest.raises(ArtifactError, match="not found"):
+        Curvature.load(tmp_path / "nope.safetensors")
+
+
+def test_rejects_unknown_label_mode(tiny, sequences):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="labels"):
+        collect_curvature(
+            model, parse_layers(model, "3"), pad_batches(sequences, 0, 2), labels="gold"
+        )

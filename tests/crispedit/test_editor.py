@@ -1,0 +1,136 @@
+"""The projected editor on tiny models: projection, determinism, deltas, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from crispedit.corpus import pad_batches, read_documents, token_sequences
+from crispedit.curvature import collect_curvature
+from crispedit.delta import Delta, DeltaError, apply_delta, revert_delta
+from crispedit.editor import CrispEditor
+from crispedit.facts import Fact
+from crispedit.models import get_layers, model_fingerprint, parse_layers
+from crispedit.projector import build_projector
+
+FACTS = [
+    Fact(prompt="The Eiffel Tower is located in", target="Rome"),
+    Fact(prompt="The capital of France is", target="Berlin"),
+    Fact(prompt="Robert Boulter is an English", target="chef"),
+]
+FAST = {"lr": 3e-2, "epochs": 30, "progress": False}
+
+
+def curvature_for(model, tok, layers, tokens=400):
+    seqs = token_sequences(tok, read_documents("wikitext"), tokens, seq_len=64)
+    return collect_curvature(model, layers, pad_batches(seqs, tok.pad_token_id, 4), progress=False)
+
+
+@pytest.fixture
+def setup(tiny):
+    model, tok = tiny
+    layers = parse_layers(model, "2-3")
+    return model, tok, layers, curvature_for(model, tok, layers)
+
+
+def test_ft_edit_lands_and_model_equals_base_plus_delta(setup):
+    model, tok, layers, _ = setup
+    base = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
+    delta = CrispEditor(model, tok, None, method="ft", layers=layers, **FAST).edit(FACTS)
+    r = delta.report
+    assert r["efficacy"] == 1.0 > r["efficacy_before"]
+    assert r["loss_curve"][-1] < r["loss_curve"][0]
+    assert r["n_edits"] == 3 and r["layers"] == layers and r["gamma"] is None
+    # a fresh copy of the base model plus the delta is bitwise the edited model
+    fresh = make_tiny("gpt2" if "transformer" in layers[0] else "llama")
+    assert model_fingerprint(fresh, layers) == delta.meta["base_fingerprint"]
+    apply_delta(fresh, delta)
+    for name, module in get_layers(fresh, layers).items():
+        assert torch.equal(module.weight, get_layers(model, [name])[name].weight)
+        assert not torch.equal(module.weight, base[name])
+    assert model_fingerprint(fresh, layers) == delta.meta["edited_fingerprint"]
+    revert_delta(fresh, delta)
+    for name, module in get_layers(fresh, layers).items():
+        torch.testing.assert_close(module.weight, base[name], atol=1e-6, rtol=0)
+
+
+def test_gradients_are_projected_in_the_weight_layout(setup):
+    """Linear and GPT-2 Conv1D: the gradient the optimizer sees is P(G) of the (d_out, d_in) G."""
+    model, tok, layers, curv = setup
+    editor = CrispEditor(model, tok, curv, method="kfac", gamma=0.8, layers=layers, progress=False)
+    expected = {}
+    for name, module in get_layers(model, layers).items():
+        module.weight.grad = torch.randn_like(module.weight)
+        G = (
+            module.weight.grad.T
+            if module.weight.grad.shape != editor.projectors[name].M.shape
+            else module.weight.grad
+        )
+        expected[name] = build_projector(curv.layers[name], "kfac", 0.8)(G.clone())
+    editor._project_gradients()
+    for name, module in get_layers(model, layers).items():
+        G = (
+            module.weight.grad.T
+            if module.weight.grad.shape != expected[name].shape
+            else module.weight.grad
+        )
+        torch.testing.assert_close(G, expected[name])
+
+
+def test_fully_blocked_projector_does_not_change_predictions(setup):
+    """γ = 1 keeps only zero-curvature directions. For Llama there are none (full-rank factors):
+    the weights must not move. GPT-2's last block feeds a LayerNorm, which makes the all-ones
+    output direction exactly flat: the weights may move there, but no prediction may change."""
+    model, tok, layers, curv = setup
+    ids = tok("Robert Boulter is an English film actor", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits_before = model(input_ids=ids).logits
+    delta = CrispEditor(model, tok, curv, method="kfac", gamma=1.0, layers=layers, **FAST).edit(
+        FACTS
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits_before, atol=1e-4, rtol=0)
+    assert delta.report["efficacy"] == delta.report["efficacy_before"]
+    if "model.layers" in layers[0]:
+        assert all(float(t.abs().max()) == 0.0 for t in delta.tensors.values())
+
+
+def test_deterministic_under_a_seed(tiny):
+    model, tok = tiny
+    layers = parse_layers(model, "3")
+    curv = curvature_for(model, tok, layers)
+    arch = "gpt2" if "transformer" in layers[0] else "llama"
+    deltas = [
+        CrispEditor(make_tiny(arch), tok, curv, layers=layers, **FAST).edit(FACTS) for _ in range(2)
+    ]
+    for key in deltas[0].tensors:
+        assert torch.equal(deltas[0].tensors[key], deltas[1].tensors[key])
+    assert deltas[0].meta == deltas[1].meta
+
+
+def test_delta_file_roundtrip_and_wrong_model(setup, tmp_path):
+    model, tok, layers, curv = setup
+    delta = CrispEditor(model, tok, curv, layers=layers, **FAST).edit(FACTS)
+    path = delta.save(tmp_path)
+    assert path.name == "delta.safetensors"
+    back = Delta.load(path)
+    assert back.meta == {**delta.meta, "format_version": 1}
+    assert back.layers == layers
+    other = make_tiny("gpt2" if "transformer" in layers[0] else "llama", seed=1)
+    with pytest.raises(DeltaError, match="made for model"):
+        apply_delta(other, back)
+    with pytest.raises(DeltaError, match="made for model"):
+        apply_delta(model, back)  # already edited: its base is no longer this model
+
+
+def test_editor_errors(setup):
+    model, tok, layers, curv = setup
+    with pytest.raises(ValueError, match="needs curvature"):
+        CrispEditor(model, tok, None, method="kfac")
+    with pytest.raises(ValueError, match="no factors for layer"):
+        CrispEditor(model, tok, curv, layers=parse_layers(model, "1-3"))
+    with pytest.raises(ValueError, match="no facts"):
+        CrispEditor(model, tok, curv, layers=layers).edit([])
+    with pytest.raises(ValueError, match="unknown method"):
+        CrispEditor(model, tok, curv, method="rome")
