@@ -44,6 +44,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def artifact_path(path: str | Path, default_name: str) -> Path:
+    """The file meant by `path`: itself for a file or a `.safetensors` name, else a folder
+    holding `default_name` (so `--out runs/e1` and `--delta runs/e1` name the same file)."""
+    path = Path(path)
+    if path.is_dir() or (not path.exists() and path.suffix != ".safetensors"):
+        return path / default_name
+    return path
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Save contiguous CPU copies of `tensors` with `meta` as the JSON header, atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from crispedit.artifacts import ArtifactError, load_tensors, save_tensors
+from crispedit.artifacts import ArtifactError, artifact_path, load_tensors, save_tensors
 from crispedit.corpus import (
     BATCH_SIZE,
     SEQ_LEN,
@@ -74,9 +74,7 @@ class Curvature:
 
     def save(self, path: str | Path) -> Path:
         """Write all factors to one safetensors file (`DIR/curvature.safetensors` for a folder)."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path / CURVATURE_FILE
+        path = artifact_path(path, CURVATURE_FILE)
         tensors = {}
         for name, c in self.layers.items():
             for key in ("A", "B", "U_A", "U_B", "ekfac"):
@@ -89,9 +87,7 @@ class Curvature:
     @classmethod
     def load(cls, path: str | Path) -> Curvature:
         """Read a file (or folder) written by `save`, failing clearly on anything else."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / CURVATURE_FILE
+        path = artifact_path(path, CURVATURE_FILE)
         tensors, meta = load_tensors(path, "curvature")
         if meta.get("format_version") != FORMAT_VERSION or "layers" not in meta:
             raise ArtifactError(f"{path} is not a curvature file of format {FORMAT_VERSION}")

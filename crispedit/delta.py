@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crispedit.artifacts import load_tensors, save_tensors
+from crispedit.artifacts import artifact_path, load_tensors, save_tensors
 from crispedit.models import get_layers, model_fingerprint
 
 DELTA_FILE = "delta.safetensors"
@@ -39,18 +39,14 @@ class Delta:
 
     def save(self, path: str | Path) -> Path:
         """Write the delta atomically (`DIR/delta.safetensors` when `path` is a folder)."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path / DELTA_FILE
+        path = artifact_path(path, DELTA_FILE)
         save_tensors(path, self.tensors, {**self.meta, "format_version": FORMAT_VERSION})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Delta:
         """Read a delta file, failing clearly on a corrupt file or one that is not a delta."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / DELTA_FILE
+        path = artifact_path(path, DELTA_FILE)
         tensors, meta = load_tensors(path, "delta")
         if meta.get("format_version") != FORMAT_VERSION or "base_fingerprint" not in meta:
             raise DeltaError(f"{path} is not a delta file of format {FORMAT_VERSION}")

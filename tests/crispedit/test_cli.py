@@ -480,7 +480,7 @@ def test_edit_is_bitwise_deterministic(cli, tmp_path, tiny_model_dir, facts_file
         out = tmp_path / run
         code, _, err = cli(
             "edit", "--model", tiny_model_dir, "--facts", facts_file, "--layers", "2-3",
-            "--seed", "7", *EDIT_BUDGET, "--out", out,
+            *EDIT_BUDGET, "--out", out,
         )  # fmt: skip
         assert code == 0, err
         deltas.append(delta_tensors(out))
@@ -492,6 +492,22 @@ def test_edit_is_bitwise_deterministic(cli, tmp_path, tiny_model_dir, facts_file
     prebuilt = delta_tensors(edit_run)
     for key in a:
         assert torch.equal(a[key], prebuilt[key]), key
+
+
+def test_seed_orders_the_facts(cli, tmp_path, tiny_model_dir, facts_file):
+    """With one fact per batch the seed's shuffle decides the order of the steps."""
+    deltas = {}
+    for seed in ("0", "0", "1"):
+        out = tmp_path / f"s{seed}-{len(deltas)}"
+        code, _, err = cli(
+            "edit", "--model", tiny_model_dir, "--facts", facts_file, "--method", "ft",
+            "--batch-size", "1", "--seed", seed, *EDIT_BUDGET, "--out", out,
+        )  # fmt: skip
+        assert code == 0, err
+        deltas[out.name] = delta_tensors(out)
+    same, again, other = deltas.values()
+    assert all(torch.equal(same[k], again[k]) for k in same)
+    assert not all(torch.equal(same[k], other[k]) for k in same)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,137 +542,111 @@ def _bad_corpus(tmp: Path, kind: str) -> Path:
     return _bad_facts(tmp, text + "\n", "corpus.jsonl")
 
 
-# id -> (args given (tmp_path, ctx), fragments the error line must name, fails after model load)
+# id -> (args given (tmp_path, ctx), fragments the error line must name)
 BAD_INPUTS = {
     "facts-missing-target": (
         lambda t, c: _edit(c, write_json(t / "f.json", [{"prompt": "The Eiffel Tower is in"}])),
         ["f.json", "record 0", "'target'", "missing"],
-        False,
     ),
     "facts-empty-target": (
         lambda t, c: _edit(c, write_json(t / "f.json", [{**FACTS[0], "target": ""}])),
         ["f.json", "record 0", "'target'", "non-empty"],
-        False,
     ),
     "facts-empty-target-jsonl": (
         lambda t, c: _edit(c, write_jsonl(t / "f.jsonl", [FACTS[0], {**FACTS[1], "target": ""}])),
         ["f.jsonl", "line 2", "'target'", "non-empty"],
-        False,
     ),
     "facts-not-found": (
         lambda t, c: _edit(c, t / "missing.json"),
         ["not found", "missing.json"],
-        False,
     ),
     "facts-invalid-json": (
         lambda t, c: _edit(c, _bad_facts(t, '[{"prompt": "x", "target": "y"},')),
         ["facts.json", "invalid JSON"],
-        False,
     ),
     "unknown-model": (
         lambda t, c: _edit({"model": "no-such-model-xyz"}, c["facts"]),
         ["unknown model", "no-such-model-xyz"],
-        False,
     ),
     "unknown-model-build": (
         lambda t, c: _build({"model": "no-such-model-xyz"}),
         ["unknown model", "no-such-model-xyz"],
-        False,
     ),
     "unknown-model-apply": (
         lambda t, c: _apply({"model": "no-such-model-xyz"}, c["delta"]),
         ["unknown model", "no-such-model-xyz"],
-        False,
     ),
     "layer-99": (
         lambda t, c: _edit(c, c["facts"], "--layers", "99"),
         ["unknown layer 99"],
-        True,
     ),
     "layer-99-build": (
         lambda t, c: _build(c, "--layers", "99"),
         ["unknown layer 99"],
-        True,
     ),
     "layer-bad-name": (
         lambda t, c: _edit(c, c["facts"], "--layers", "model.layers.1.nope"),
         ["unknown layer", "model.layers.1.nope"],
-        True,
     ),
     "delta-other-model": (
         lambda t, c: _apply({"model": c["other_model"]}, c["delta"]),
         ["cannot apply delta", "made for model"],
-        True,
     ),
     "delta-corrupt": (
         lambda t, c: _apply(c, c["random_bytes"]),
         ["delta file", "random.safetensors", "corrupt"],
-        False,
     ),
     "delta-is-curvature": (
         lambda t, c: _apply(c, c["curvature_file"]),
         ["not a delta file"],
-        False,
     ),
     "delta-not-found": (
         lambda t, c: _apply(c, t / "nope.safetensors"),
         ["delta file not found", "nope.safetensors"],
-        False,
     ),
     "corpus-non-utf8-build": (
         lambda t, c: _build(c, "--corpus", _bad_corpus(t, "non-utf8")),
         ["corpus.txt", "not UTF-8"],
-        True,
     ),
     "corpus-broken-jsonl-build": (
         lambda t, c: _build(c, "--corpus", _bad_corpus(t, "jsonl")),
         ["corpus.jsonl", "line 2", "invalid JSON"],
-        True,
     ),
     "corpus-non-utf8-edit": (
         lambda t, c: _edit(c, c["facts"], "--corpus", _bad_corpus(t, "non-utf8")),
         ["corpus.txt", "not UTF-8"],
-        True,
     ),
     "corpus-broken-jsonl-edit": (
         lambda t, c: _edit(c, c["facts"], "--corpus", _bad_corpus(t, "jsonl")),
         ["corpus.jsonl", "line 2", "invalid JSON"],
-        True,
     ),
     "corpus-not-found-build": (
         lambda t, c: _build(c, "--corpus", t / "no.txt"),
         ["corpus not found", "no.txt"],
-        True,
     ),
     "gamma-1.5": (
         lambda t, c: _edit(c, c["facts"], "--gamma", "1.5"),
         ["--gamma", "1.5"],
-        False,
     ),
     "tokens-0-edit": (
         lambda t, c: _edit(c, c["facts"], "--tokens", "0"),
         ["--tokens", "0"],
-        False,
     ),
     "tokens-0-build": (
         lambda t, c: _build(c, "--tokens", "0"),
         ["--tokens", "0"],
-        False,
     ),
     "curvature-other-model": (
         lambda t, c: _edit(c, c["facts"], "--curvature", c["other_curvature"]),
         ["--curvature", "another model"],
-        True,
     ),
     "curvature-missing-layer": (
         lambda t, c: _edit(c, c["facts"], "--curvature", c["other_curvature"], "--layers", "2-3"),
         ["--curvature", "no factors", BLOCK.format(2)],
-        True,
     ),
     "curvature-corrupt": (
         lambda t, c: _edit(c, c["facts"], "--curvature", c["random_bytes"]),
         ["curvature file", "corrupt"],
-        True,
     ),
 }
 
@@ -683,7 +673,7 @@ def bad_ctx(request, tmp_path, monkeypatch, tiny_model_dir, other_model_dir, fac
 
 
 def run_bad(cli, tmp_path, ctx, case) -> tuple[str, list[str]]:
-    make_args, fragments, _ = BAD_INPUTS[case]
+    make_args, fragments = BAD_INPUTS[case]
     out = tmp_path / "runs" / "out"
     code, stdout, err = cli(*make_args(tmp_path, ctx), "--out", out)
     assert code == 2, err
