@@ -78,12 +78,13 @@ def _jsonl_documents(path: Path) -> list[str]:
     return docs
 
 
-def corpus_digest(documents: list[str]) -> str:
-    """sha256 of the documents, the corpus part of a curvature artifact's key."""
+def sequences_digest(sequences: list[list[int]]) -> str:
+    """sha256 of token sequences: the exact input of a curvature (text, tokenizer, budget and
+    sequence length at once), the corpus part of its key in the store."""
     h = hashlib.sha256()
-    for doc in documents:
-        h.update(doc.encode())
-        h.update(b"\x00")
+    for seq in sequences:
+        h.update(json.dumps(seq, separators=(",", ":")).encode())
+        h.update(b"\n")
     return h.hexdigest()
 
 

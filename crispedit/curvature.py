@@ -36,9 +36,9 @@ from crispedit.corpus import (
     BATCH_SIZE,
     SEQ_LEN,
     CorpusError,
-    corpus_digest,
     pad_batches,
     read_documents,
+    sequences_digest,
     token_sequences,
 )
 from crispedit.models import get_layers, model_fingerprint, parse_layers, trainable_only
@@ -265,6 +265,99 @@ def _ekfac_pass(result: dict[str, LayerCurvature], layers, passes, n_tokens: int
         c.ekfac = (c.ekfac / n_tokens).float()
 
 
+@dataclass
+class CurvatureRecipe:
+    """Exactly what a curvature is computed from; `key_fields` address it in the store.
+
+    The corpus digest is taken over the token sequences themselves, so it covers the text, the
+    tokenizer, the token budget and the sequence length at once.
+    """
+
+    model_fingerprint: str
+    layers: list[str]
+    corpus: str
+    sequences: list[list[int]]
+    labels: str
+    kind: str
+    seed: int
+    seq_len: int
+
+    @property
+    def key_fields(self) -> dict:
+        return {
+            "model_fingerprint": self.model_fingerprint,
+            "layers": self.layers,
+            "corpus_digest": sequences_digest(self.sequences),
+            "tokens": sum(len(s) for s in self.sequences),
+            # sampled labels depend on the seed; observed ones do not
+            "labels": self.labels if self.labels == "empirical" else f"{self.labels}:{self.seed}",
+            "kind": self.kind,
+            "format_version": FORMAT_VERSION,
+        }
+
+
+def plan_curvature(
+    model: nn.Module,
+    tokenizer,
+    corpus: str | Path = "wikitext",
+    tokens: int = 20_000,
+    layers: list[str] | str | None = None,
+    labels: str = "empirical",
+    kind: str = "kfac",
+    seed: int = 0,
+    seq_len: int = SEQ_LEN,
+) -> CurvatureRecipe:
+    """Read and tokenize the corpus and fix every input of the curvature, computing nothing yet."""
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, not {labels!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    layers = parse_layers(model, layers)
+    sequences = token_sequences(tokenizer, read_documents(corpus), tokens, seq_len)
+    if not sequences:
+        raise CorpusError(f"corpus {corpus} yields no sequence of 2 or more tokens")
+    return CurvatureRecipe(
+        model_fingerprint=model_fingerprint(model, layers),
+        layers=layers,
+        corpus=str(corpus),
+        sequences=sequences,
+        labels=labels,
+        kind=kind,
+        seed=seed,
+        seq_len=seq_len,
+    )
+
+
+def run_recipe(
+    model: nn.Module,
+    tokenizer,
+    recipe: CurvatureRecipe,
+    batch_size: int = BATCH_SIZE,
+    progress: bool = True,
+) -> Curvature:
+    """Collect the curvature a recipe describes; its `meta` records the recipe's key."""
+    curvature = collect_curvature(
+        model,
+        recipe.layers,
+        pad_batches(recipe.sequences, tokenizer.pad_token_id, batch_size),
+        labels=recipe.labels,
+        kind=recipe.kind,
+        seed=recipe.seed,
+        total_tokens=sum(len(s) for s in recipe.sequences),
+        progress=progress,
+    )
+    key = recipe.key_fields
+    curvature.meta.update(
+        key=key,  # the store's address of this artifact
+        model_fingerprint=key["model_fingerprint"],
+        corpus_digest=key["corpus_digest"],
+        model=getattr(model, "name_or_path", None),
+        corpus=recipe.corpus,
+        seq_len=recipe.seq_len,
+    )
+    return curvature
+
+
 def build_curvature(
     model: nn.Module,
     tokenizer,
@@ -281,29 +374,7 @@ def build_curvature(
     """Read `corpus`, cut `tokens` tokens into padded batches, and collect the curvature.
 
     The result's `meta` records what it was built from (model fingerprint, layers, corpus digest,
-    label mode, kind): the key under which the store caches it, and what the editor checks.
+    token count, label mode, kind): the key under which the store caches it.
     """
-    layers = parse_layers(model, layers)
-    documents = read_documents(corpus)
-    sequences = token_sequences(tokenizer, documents, tokens, seq_len)
-    if not sequences:
-        raise CorpusError(f"corpus {corpus} yields no sequence of 2 or more tokens")
-    curvature = collect_curvature(
-        model,
-        layers,
-        pad_batches(sequences, tokenizer.pad_token_id, batch_size),
-        labels=labels,
-        kind=kind,
-        seed=seed,
-        total_tokens=sum(len(s) for s in sequences),
-        progress=progress,
-    )
-    curvature.meta.update(
-        model=getattr(model, "name_or_path", None),
-        model_fingerprint=model_fingerprint(model, layers),
-        corpus=str(corpus),
-        corpus_digest=corpus_digest(documents),
-        tokens_requested=tokens,
-        seq_len=seq_len,
-    )
-    return curvature
+    recipe = plan_curvature(model, tokenizer, corpus, tokens, layers, labels, kind, seed, seq_len)
+    return run_recipe(model, tokenizer, recipe, batch_size, progress)

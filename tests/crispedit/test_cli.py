@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import crispedit.curvature
 from crispedit.cli import main
-from crispedit.corpus import corpus_digest, read_documents
+from crispedit.corpus import read_documents, sequences_digest, token_sequences
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
 from crispedit.facts import facts_digest, load_facts
@@ -199,10 +199,12 @@ def test_curvature_build_writes_loadable_curvature(cli, tmp_path, tiny_model_dir
     A, B = curvature.layers[DEFAULT_LAYERS[0]].A, curvature.layers[DEFAULT_LAYERS[0]].B
     assert A.shape == (48, 48) and B.shape == (32, 32)  # down_proj: 48 -> 32
     assert A.abs().sum() > 0 and B.abs().sum() > 0
-    model, _ = load_model(str(tiny_model_dir))
+    model, tokenizer = load_model(str(tiny_model_dir))
     meta = curvature.meta
     assert meta["model_fingerprint"] == model_fingerprint(model, DEFAULT_LAYERS)
-    assert meta["corpus_digest"] == corpus_digest(read_documents("wikitext"))
+    sequences = token_sequences(tokenizer, read_documents("wikitext"), 300)
+    assert meta["corpus_digest"] == sequences_digest(sequences)
+    assert meta["key"]["tokens"] == sum(map(len, sequences)) == 300
     assert meta["labels"] == "empirical"
     assert meta["kind"] == "kfac"
     assert meta["layers"] == DEFAULT_LAYERS
@@ -251,8 +253,13 @@ def test_curvature_build_from_jsonl_corpus(cli, tmp_path, tiny_model_dir):
     curvature = Curvature.load(out)
     assert 0 < curvature.tokens < 300  # the file is smaller than the budget
     assert curvature.meta["corpus"] == str(corpus)
-    assert curvature.meta["corpus_digest"] == corpus_digest([r["text"] for r in CORPUS_JSONL])
-    assert curvature.meta["corpus_digest"] != corpus_digest(read_documents("wikitext"))
+    _, tokenizer = load_model(str(tiny_model_dir))
+    texts = [r["text"] for r in CORPUS_JSONL]
+    assert curvature.meta["corpus_digest"] == sequences_digest(
+        token_sequences(tokenizer, texts, 300)
+    )
+    wiki = token_sequences(tokenizer, read_documents("wikitext"), 300)
+    assert curvature.meta["corpus_digest"] != sequences_digest(wiki)
 
 
 # ---------------------------------------------------------------------------------------------

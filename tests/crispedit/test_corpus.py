@@ -7,9 +7,9 @@ import torch
 from crispedit.corpus import (
     WIKITEXT,
     CorpusError,
-    corpus_digest,
     pad_batches,
     read_documents,
+    sequences_digest,
     token_sequences,
 )
 
@@ -126,21 +126,19 @@ def test_missing_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# corpus_digest
+# sequences_digest
 
 
-def test_corpus_digest():
-    docs = ["one doc", "two doc"]
-    digest = corpus_digest(docs)
+def test_sequences_digest():
+    seqs = [[1, 2, 3], [4, 5]]
+    digest = sequences_digest(seqs)
     assert re.fullmatch(r"[0-9a-f]{64}", digest)
-    assert corpus_digest(list(docs)) == digest
-    assert corpus_digest(docs[::-1]) != digest
-    assert corpus_digest(["one doc", "two doc."]) != digest
-    assert corpus_digest(["one doc", "two doc", ""]) != digest
-    # document boundaries count: the same characters split differently are another corpus
-    assert corpus_digest(["one doctwo doc"]) != digest
-    assert corpus_digest(["one do", "ctwo doc"]) != digest
-    assert corpus_digest(["é"]) != corpus_digest(["e"])
+    assert sequences_digest([list(s) for s in seqs]) == digest
+    assert sequences_digest(seqs[::-1]) != digest
+    assert sequences_digest([[1, 2, 3], [4, 6]]) != digest
+    # sequence boundaries count: the same tokens cut differently are another input
+    assert sequences_digest([[1, 2], [3, 4, 5]]) != digest
+    assert sequences_digest([[1, 2, 3, 4, 5]]) != digest
 
 
 # ---------------------------------------------------------------------------------------------

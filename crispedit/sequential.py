@@ -1,0 +1,132 @@
+"""Sequential editing on a stream: each batch is edited from the stream head, protecting the
+capability curvature *and* the edits already made (DESIGN §2.7).
+
+The stream state after a version is the running, token-weighted sum of the edit-set K-FAC factors
+(S_A = Σ a aᵀ, S_B = Σ g gᵀ over the `prompt target` texts of every applied edit, computed after
+applying them) and their token count n. The projector of the next batch is built from
+
+    A = A_cap + β · S_A / n,   B = B_cap + β · S_B / n
+
+β = 1 gives the mean edit token the same weight as the mean capability token, whatever the number
+of edits or corpus tokens: earlier edits stay protected as the stream grows, and capability stays
+protected as edits accumulate. Each batch starts a fresh Adam, so no optimizer moment ever meets a
+changed projector (DESIGN's "re-project Adam's first moment" has nothing to act on).
+
+Weights are exact: the model on a stream is always `W_base + D` where D is the cumulative delta of
+the head, summed in fp32 in chain order, the same order the store composes it in; so applying the
+store's cumulative delta to the base model reproduces the edited weights bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crispedit.curvature import Curvature, LayerCurvature, collect_curvature
+from crispedit.delta import Delta, add_to_weights
+from crispedit.facts import Fact
+from crispedit.models import get_layers, model_fingerprint
+from crispedit.targets import encode_pair
+
+BETA = 1.0
+EDIT_BATCH = 16
+
+
+@dataclass
+class StreamState:
+    """Running sums of the edit-set factors of every edit applied on a stream so far."""
+
+    S_A: dict[str, torch.Tensor]  # layer -> Σ a aᵀ (float64)
+    S_B: dict[str, torch.Tensor]  # layer -> Σ g gᵀ (float64)
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls) -> StreamState:
+        return cls(S_A={}, S_B={}, tokens=0)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict for a safetensors file (`{layer}/S_A`, `{layer}/S_B`, `tokens`)."""
+        out = {"tokens": torch.tensor([self.tokens], dtype=torch.int64)}
+        for name in self.S_A:
+            out[f"{name}/S_A"], out[f"{name}/S_B"] = self.S_A[name], self.S_B[name]
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> StreamState:
+        state = cls.empty()
+        state.tokens = int(tensors["tokens"][0])
+        for key, value in tensors.items():
+            if key.endswith("/S_A"):
+                state.S_A[key.removesuffix("/S_A")] = value.double()
+            elif key.endswith("/S_B"):
+                state.S_B[key.removesuffix("/S_B")] = value.double()
+        return state
+
+    def plus(self, other: StreamState) -> StreamState:
+        """The state after adding `other`'s edits to this one."""
+        names = dict.fromkeys([*self.S_A, *other.S_A])
+        zero = lambda d, n, ref: d.get(n, torch.zeros_like(ref.get(n)))  # noqa: E731
+        return StreamState(
+            S_A={n: zero(self.S_A, n, other.S_A) + zero(other.S_A, n, self.S_A) for n in names},
+            S_B={n: zero(self.S_B, n, other.S_B) + zero(other.S_B, n, self.S_B) for n in names},
+            tokens=self.tokens + other.tokens,
+        )
+
+
+def edit_set_factors(
+    model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact]
+) -> StreamState:
+    """K-FAC sums of the `prompt target` texts of `facts` on the model as it is now."""
+    from crispedit.corpus import pad_batches
+
+    sequences = [encode_pair(tokenizer, f.prompt, f.target)[0] for f in facts]
+    curvature = collect_curvature(
+        model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH), progress=False
+    )
+    n = curvature.tokens
+    return StreamState(
+        S_A={name: c.A.double() * n for name, c in curvature.layers.items()},
+        S_B={name: c.B.double() * n for name, c in curvature.layers.items()},
+        tokens=n,
+    )
+
+
+def stream_curvature(capability: Curvature, state: StreamState, beta: float = BETA) -> Curvature:
+    """The curvature that protects capability and the stream's previous edits (see module doc)."""
+    if state.tokens == 0 or beta == 0:
+        return capability
+    layers = {}
+    for name, c in capability.layers.items():
+        A = c.A.double() + beta * state.S_A[name] / state.tokens
+        B = c.B.double() + beta * state.S_B[name] / state.tokens
+        layers[name] = LayerCurvature(A=A.float(), B=B.float())
+    meta = {**capability.meta, "stream_edit_tokens": state.tokens, "beta": beta}
+    return Curvature(layers=layers, tokens=capability.tokens, meta=meta)
+
+
+def set_weights(
+    model: nn.Module, base: dict[str, torch.Tensor], cumulative: dict[str, torch.Tensor]
+) -> None:
+    """Set the edited layers to `base + cumulative` (fp32 add, the one way `apply` adds)."""
+    with torch.no_grad():
+        for name, module in get_layers(model, list(base)).items():
+            module.weight.copy_(base[name])
+    add_to_weights(
+        model, {k: v for k, v in cumulative.items() if k.removesuffix(".weight") in base}
+    )
+
+
+def accumulate(cumulative: dict[str, torch.Tensor], delta: Delta) -> dict[str, torch.Tensor]:
+    """The cumulative delta after `delta`: previous + delta, added in fp32 (the store's order)."""
+    out = dict(cumulative)
+    for key, d in delta.tensors.items():
+        out[key] = out[key] + d if key in out else d.clone()
+    return out
+
+
+def weights_fingerprint(model: nn.Module, base: dict[str, torch.Tensor]) -> str:
+    """Fingerprint of the model over the stream's edited layers."""
+    return model_fingerprint(model, list(base))
