@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -28,9 +29,12 @@ from crispedit.delta import DeltaError
 from crispedit.facts import FactsError
 from crispedit.models import ModelError
 from crispedit.projector import ALIASES, GAMMA, METHODS
+from curvature_store import StoreError
 
 DEFAULT_TOKENS = 20_000
-USER_ERRORS = (FactsError, CorpusError, ModelError, ArtifactError, DeltaError, ValueError, OSError)
+USER_ERRORS = (
+    FactsError, CorpusError, ModelError, ArtifactError, DeltaError, StoreError, ValueError, OSError
+)  # fmt: skip
 
 
 class CLIError(Exception):
@@ -38,8 +42,14 @@ class CLIError(Exception):
 
 
 @contextmanager
-def staged_output(out: str | Path):
-    """Yield a temp folder next to `out`; on success move its files into `out`, else drop it."""
+def staged_output(out: str | Path | None):
+    """Yield a temp folder next to `out`; on success move its files into `out`, else drop it.
+
+    With no `out`, yields None (the command writes elsewhere, e.g. to a store).
+    """
+    if out is None:
+        yield None
+        return
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a folder")
@@ -82,8 +92,19 @@ def _curvature_from_args(model, tokenizer, args, layers: list[str]):
 def cmd_curvature_build(args) -> None:
     from crispedit.models import load_model, parse_layers
 
+    if (args.out is None) == (args.store is None):
+        raise CLIError("give exactly one of --out DIR and --store DIR")
+    store = open_store(args.store) if args.store else None
     model, tokenizer = load_model(args.model)
     layers = parse_layers(model, args.layers)
+    if store is not None:
+        started = time.perf_counter()
+        curvature, key = edit_curvature(model, tokenizer, args, layers, store)
+        print(
+            f"curvature {key} of {len(layers)} layers from {curvature.tokens} tokens "
+            f"({time.perf_counter() - started:.1f} s) in the store"
+        )
+        return
     with staged_output(args.out) as stage:
         curvature = _curvature_from_args(model, tokenizer, args, layers)
         curvature.save(stage)
@@ -91,6 +112,84 @@ def cmd_curvature_build(args) -> None:
         f"curvature of {len(layers)} layers from {curvature.tokens} tokens "
         f"({curvature.meta['collect_seconds']:.1f} s) -> {Path(args.out) / 'curvature.safetensors'}"
     )
+
+
+def open_store(path: str, create: bool = True):
+    """The store at `path` (created when missing, unless `create` is False)."""
+    from curvature_store import Store
+
+    return Store(path, create=create)
+
+
+def cmd_curvature_ls(args) -> None:
+    for m in open_store(args.store, create=False).list_curvature():
+        k = m["key_fields"]
+        print(
+            f"{m['key']}  {k['kind']:<5} {k['labels']:<11} {k['tokens']:>8} tok  "
+            f"{m['bytes'] / 2**20:8.1f} MiB  {len(k['layers'])} layers  {k['model_fingerprint']}"
+        )
+
+
+def cmd_curvature_verify(args) -> None:
+    store = open_store(args.store, create=False)
+    keys = args.keys or [m["key"] for m in store.list_curvature()]
+    for key in keys:
+        store.verify_curvature(key)
+    print(f"{len(keys)} curvature artifacts verified")
+
+
+def cmd_curvature_rm(args) -> None:
+    store = open_store(args.store, create=False)
+    for key in args.keys:
+        store.remove_curvature(key)
+    print(f"removed {len(args.keys)} curvature artifacts")
+
+
+def cmd_stream_ls(args) -> None:
+    store = open_store(args.store, create=False)
+    head = store.head(args.model_name, args.stream)
+    print(f"{args.model_name}/{args.stream}: head {head or 'base'}")
+    for m in store.versions(args.model_name, args.stream):
+        mark = "*" if m["id"] == head else (" " if m["in_lineage"] else "x")
+        metrics = m.get("metrics", {})
+        print(
+            f"{mark} {m['id']}  #{m['number']:<4} parent {m['parent'] or 'base':<27} "
+            f"{m.get('method')} γ={m.get('gamma')}  {metrics.get('n_edits')} facts  "
+            f"efficacy {metrics.get('efficacy')}  {m['created_at']}"
+        )
+
+
+def cmd_stream_rollback(args) -> None:
+    store = open_store(args.store, create=False)
+    target = None if args.to == "base" else args.to
+    info = store.rollback(args.model_name, args.stream, target)
+    print(f"{args.model_name}/{args.stream}: head is now {info['version'] or 'base'}")
+
+
+def cmd_stream_delta(args) -> None:
+    store = open_store(args.store, create=False)
+    out = Path(args.out)
+    if args.against == "base":
+        store.write_cumulative_delta(args.version, out)
+    else:
+        from crispedit.artifacts import atomic_write_bytes
+
+        atomic_write_bytes(out, store.version_file(args.version).read_bytes())
+    print(f"delta of {args.version} against {args.against} -> {out}")
+
+
+def cmd_stream_materialize(args) -> None:
+    from crispedit.models import load_model
+    from crispedit.streams import materialize
+
+    store = open_store(args.store, create=False)
+    store.manifest(args.version)  # fails before the model loads when the version is unknown
+    model, tokenizer = load_model(args.model)
+    materialize(store, args.version, model)
+    with staged_output(args.out) as stage:
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+    print(f"model at version {args.version} -> {args.out}")
 
 
 def load_or_build_curvature(model, tokenizer, args, layers: list[str]):
@@ -110,46 +209,93 @@ def load_or_build_curvature(model, tokenizer, args, layers: list[str]):
     return curvature
 
 
+def store_model_name(args) -> str:
+    """The model's name in the store: `--model-name`, else the alias or the folder's name."""
+    if args.model_name:
+        return args.model_name
+    name = Path(args.model.rstrip("/")).name or args.model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "model"
+
+
+def edit_curvature(model, tokenizer, args, layers: list[str], store):
+    """The capability curvature of an edit and its store key: `--curvature`, the store's cached
+    copy (collected and stored when missing), or collected now."""
+    from crispedit.curvature import plan_curvature
+    from crispedit.streams import cached_curvature
+
+    if args.curvature is not None or store is None:
+        return load_or_build_curvature(model, tokenizer, args, layers), None
+    recipe = plan_curvature(
+        model, tokenizer, args.corpus, args.tokens, layers, args.labels, args.kind, args.seed,
+        args.seq_len,
+    )  # fmt: skip
+    curvature, manifest = cached_curvature(store, model, tokenizer, recipe)
+    hit = "cache hit" if manifest["cache_hit"] else "built and stored"
+    print(f"curvature {manifest['key']} ({hit})", file=sys.stderr)
+    return curvature, manifest["key"]
+
+
 def cmd_edit(args) -> None:
     from crispedit.editor import CrispEditor
     from crispedit.facts import load_facts
     from crispedit.models import load_model, parse_layers
     from crispedit.projector import resolve_method
+    from crispedit.streams import base_weights, edit_on_stream
 
+    if args.stream is not None and args.store is None:
+        raise CLIError("--stream needs --store")
+    if args.out is None and args.stream is None:
+        raise CLIError("--out is required (unless the edit goes to a --stream)")
+    store = open_store(args.store) if args.store else None
     facts = load_facts(args.facts, limit=args.limit)  # before the model: bad input fails fast
+    if args.stream is not None:
+        head = store.head(store_model_name(args), args.stream)  # also validates both names
+        if args.parent is not None and (None if args.parent == "base" else args.parent) != head:
+            raise CLIError(f"--parent {args.parent}: the head of {args.stream} is {head or 'base'}")
     method = resolve_method(args.method)
     model, tokenizer = load_model(args.model)
     layers = parse_layers(model, args.layers)
+    base = base_weights(model, layers)
     with staged_output(args.out) as stage:
         started = time.perf_counter()
-        curvature = None
+        curvature, curvature_key = None, None
         if method != "ft":
-            curvature = load_or_build_curvature(model, tokenizer, args, layers)
+            curvature, curvature_key = edit_curvature(model, tokenizer, args, layers, store)
         curvature_seconds = time.perf_counter() - started
-        editor = CrispEditor(
-            model,
-            tokenizer,
-            curvature,
-            method=args.method,
-            gamma=args.gamma,
-            layers=layers,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            seed=args.seed,
-        )
-        delta = editor.edit(facts)
-        delta.save(stage)
+        options = {
+            "method": args.method,
+            "gamma": args.gamma,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "seed": args.seed,
+        }
+        version = None
+        if args.stream is None:
+            delta = CrispEditor(model, tokenizer, curvature, layers=layers, **options).edit(facts)
+        else:
+            parent = (
+                ... if args.parent is None else (None if args.parent == "base" else args.parent)
+            )
+            version, delta = edit_on_stream(
+                store, store_model_name(args), args.stream, model, tokenizer, base, curvature,
+                facts, beta=args.beta, parent=parent, curvature_key=curvature_key, **options,
+            )  # fmt: skip
         report = {
             **delta.report,
             "time_s": {"curvature": round(curvature_seconds, 3), **delta.report["time_s"]},
             "curvature_tokens": curvature.tokens if curvature else None,
+            "version": version and {k: version[k] for k in ("id", "number", "parent", "stream")},
         }
-        (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if stage is not None:
+            delta.save(stage)
+            (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    where = [f"version {version['id']} (#{version['number']}) on {args.stream}"] if version else []
+    where += [f"{Path(args.out) / 'delta.safetensors'} and report.json"] if args.out else []
     print(
         f"{report['n_edits']} edits with {report['method']}: efficacy "
         f"{report['efficacy_before']:.2f} -> {report['efficacy']:.2f} in {report['epochs']} "
-        f"epochs; wrote {Path(args.out) / 'delta.safetensors'} and report.json"
+        f"epochs; wrote {' and '.join(where)}"
     )
 
 
@@ -196,10 +342,22 @@ def parser() -> argparse.ArgumentParser:
     build = curv_sub.add_parser("build", help="build K-FAC/EK-FAC factors for the target layers")
     build.add_argument("--model", required=True, help="smollm2, a HF folder, or a cached HF id")
     build.add_argument("--layers", help="block indices/ranges (20-24) or module names")
-    build.add_argument("--out", required=True)
+    build.add_argument("--out", help="write DIR/curvature.safetensors")
+    build.add_argument("--store", help="or keep it in this store (a second build is a cache hit)")
     build.add_argument("--seed", type=int, default=0)
     _curvature_args(build)
-    build.set_defaults(func=cmd_curvature_build)
+    build.set_defaults(func=cmd_curvature_build, curvature=None)
+    ls = curv_sub.add_parser("ls", help="list the curvature artifacts of a store")
+    ls.add_argument("--store", required=True)
+    ls.set_defaults(func=cmd_curvature_ls)
+    verify = curv_sub.add_parser("verify", help="check sha256 of stored curvature")
+    verify.add_argument("--store", required=True)
+    verify.add_argument("keys", nargs="*", help="artifact keys (default: all)")
+    verify.set_defaults(func=cmd_curvature_verify)
+    rm = curv_sub.add_parser("rm", help="remove curvature artifacts from a store")
+    rm.add_argument("--store", required=True)
+    rm.add_argument("keys", nargs="+")
+    rm.set_defaults(func=cmd_curvature_rm)
 
     edit = sub.add_parser("edit", help="apply fact edits; write delta.safetensors + report.json")
     edit.add_argument("--model", required=True)
@@ -213,9 +371,42 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--lr", type=float, default=5e-4)
     edit.add_argument("--batch-size", type=int, default=32)
     edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--out", required=True)
+    edit.add_argument("--out", help="write DIR/delta.safetensors and DIR/report.json")
+    edit.add_argument("--store", help="a store: caches curvature, holds streams")
+    edit.add_argument("--stream", help="edit on top of this stream's head; publish a version")
+    edit.add_argument("--model-name", help="the model's name in the store (default: alias/folder)")
+    edit.add_argument("--parent", help="expected head (a version id or 'base'); else a conflict")
+    edit.add_argument("--beta", type=float, default=1.0, help="weight of earlier edits' curvature")
     _curvature_args(edit)
     edit.set_defaults(func=cmd_edit)
+
+    stream = sub.add_parser("stream", help="edit streams and their versions in a store")
+    stream_sub = stream.add_subparsers(dest="stream_command", required=True)
+    for name, func, help_text in (
+        ("ls", cmd_stream_ls, "list a stream's versions, newest first"),
+        ("rollback", cmd_stream_rollback, "move the head back (nothing is deleted)"),
+    ):
+        p = stream_sub.add_parser(name, help=help_text)
+        p.add_argument("--store", required=True)
+        p.add_argument("--model-name", required=True)
+        p.add_argument("--stream", required=True)
+        p.set_defaults(func=func)
+        if name == "rollback":
+            p.add_argument(
+                "--to", required=True, help="a version id of the head's lineage, or base"
+            )
+    delta = stream_sub.add_parser("delta", help="write a version's delta")
+    delta.add_argument("--store", required=True)
+    delta.add_argument("--version", required=True)
+    delta.add_argument("--against", choices=["parent", "base"], default="parent")
+    delta.add_argument("--out", required=True, help="a .safetensors file")
+    delta.set_defaults(func=cmd_stream_delta)
+    mat = stream_sub.add_parser("materialize", help="write the full model at a version")
+    mat.add_argument("--store", required=True)
+    mat.add_argument("--model", required=True, help="the stream's base model")
+    mat.add_argument("--version", required=True)
+    mat.add_argument("--out", required=True)
+    mat.set_defaults(func=cmd_stream_materialize)
 
     apply = sub.add_parser("apply", help="write an edited HF model folder from a delta")
     apply.add_argument("--model", required=True)

@@ -1,0 +1,184 @@
+"""The engine on the store: cached curvature, and edits that become versions on a stream.
+
+`curvature_store` keeps files and pointers (and never imports torch); this module turns them into
+tensors and back. An edit on a stream (DESIGN §2.7, §3):
+
+1. read the head, its cumulative delta D and its stream state (edit-set factor sums);
+2. set the model's edited layers to W_base + D, build the projector from capability + β·edits;
+3. edit; D' = D + δ (fp32, chain order); set the layers to W_base + D';
+4. measure the new facts' factors on the edited model, add them to the state;
+5. publish delta δ + state as a new version whose parent is the head read in 1 (refused with
+   `Conflict` when another writer moved the head meanwhile: nothing is published then).
+
+The model's weights are always re-derived from the base and the head, so a worker can keep one
+model resident for any stream of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import EllipsisType
+
+import torch
+from torch import nn
+
+from crispedit.artifacts import load_tensors, save_tensors
+from crispedit.curvature import CURVATURE_FILE, Curvature, CurvatureRecipe, run_recipe
+from crispedit.delta import DELTA_FILE, Delta
+from crispedit.editor import CrispEditor
+from crispedit.facts import Fact, fact_to_record
+from crispedit.models import get_layers, model_fingerprint
+from crispedit.projector import resolve_method
+from crispedit.sequential import (
+    BETA,
+    StreamState,
+    accumulate,
+    edit_set_factors,
+    set_weights,
+    stream_curvature,
+)
+from curvature_store import Store, StoreError
+
+STATE_FILE = "state.safetensors"
+
+
+def cached_curvature(
+    store: Store, model: nn.Module, tokenizer, recipe: CurvatureRecipe, progress: bool = True
+) -> tuple[Curvature, dict]:
+    """The curvature of `recipe` from the store, collected and stored first when missing.
+
+    Returns the curvature and its store manifest (`cache_hit` tells whether it was there).
+    """
+    manifest = store.find_curvature(**recipe.key_fields)
+    if manifest is not None:
+        return Curvature.load(store.curvature_file(manifest["key"])), {
+            **manifest,
+            "cache_hit": True,
+        }
+    curvature = run_recipe(model, tokenizer, recipe, progress=progress)
+    path = curvature.save(store.staging_dir() / CURVATURE_FILE)
+    meta = {k: v for k, v in curvature.meta.items() if k != "key"}
+    manifest = store.put_curvature(path, recipe.key_fields, meta=meta)
+    return curvature, {"cache_hit": False, **manifest}
+
+
+def base_weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Copies of the edited layers' weights as loaded: the base every stream version starts from."""
+    return {name: m.weight.detach().clone() for name, m in get_layers(model, layers).items()}
+
+
+def read_cumulative(store: Store, version: str | None) -> dict[str, torch.Tensor]:
+    """The head's cumulative delta against the base as torch tensors ({} for the base itself)."""
+    if version is None:
+        return {}
+    return {k: torch.from_numpy(v.copy()) for k, v in store.cumulative_delta(version).items()}
+
+
+def read_state(store: Store, version: str | None) -> StreamState:
+    """The stream state stored with a version (empty for the base)."""
+    if version is None:
+        return StreamState.empty()
+    tensors, _ = load_tensors(store.version_file(version, STATE_FILE), "stream state")
+    return StreamState.from_tensors(tensors)
+
+
+def check_stream_base(store: Store, head: str | None, fingerprint: str, layers: list[str]) -> None:
+    """Refuse to continue a stream that was started on another model or other layers."""
+    if head is None:
+        return
+    manifest = store.manifest(head)  # every version records the stream's base and layers
+    if manifest.get("base_fingerprint") != fingerprint:
+        raise StoreError(
+            f"stream was started on model {manifest.get('base_fingerprint')}, "
+            f"this model is {fingerprint}"
+        )
+    if manifest.get("layers") != layers:
+        raise StoreError(f"stream edits layers {manifest.get('layers')}, not {layers}")
+
+
+def edit_on_stream(
+    store: Store,
+    model_name: str,
+    stream: str,
+    model: nn.Module,
+    tokenizer,
+    base: dict[str, torch.Tensor],
+    capability: Curvature | None,
+    facts: Sequence[Fact],
+    method: str = "crispedit",
+    gamma: float | None = None,
+    beta: float = BETA,
+    parent: str | EllipsisType | None = ...,
+    curvature_key: str | None = None,
+    **editor_options,
+) -> tuple[dict, Delta]:
+    """Apply `facts` on top of the stream head and publish the result as a new version.
+
+    `base` holds the unedited weights of the edited layers (`base_weights`). `parent`, when
+    given, is the head the caller expects (`None` = the base): anything else raises `Conflict`
+    before any work. Returns the new version's manifest and the delta against its parent.
+    """
+    layers = list(base)
+    head = store.head(model_name, stream)
+    if parent is not ... and parent != head:
+        from curvature_store import Conflict
+
+        raise Conflict(f"stream head is {head or 'base'}, not {parent or 'base'}", head=head)
+    set_weights(model, base, {})
+    base_fingerprint = model_fingerprint(model, layers)
+    check_stream_base(store, head, base_fingerprint, layers)
+
+    cumulative = read_cumulative(store, head)
+    state = read_state(store, head)
+    set_weights(model, base, cumulative)
+    curvature = None
+    if resolve_method(method) != "ft":
+        curvature = stream_curvature(capability, state, beta)
+    options = {} if gamma is None else {"gamma": gamma}
+    editor = CrispEditor(
+        model, tokenizer, curvature, method=method, layers=layers, **options, **editor_options
+    )
+    delta = editor.edit(facts)
+    cumulative = accumulate(cumulative, delta)
+    set_weights(model, base, cumulative)
+    state = state.plus(edit_set_factors(model, tokenizer, layers, facts))
+
+    stage = store.staging_dir()
+    delta.save(stage / DELTA_FILE)
+    save_tensors(stage / STATE_FILE, state.to_tensors(), {"edit_tokens": state.tokens})
+    report = delta.report
+    manifest = {
+        "facts": [fact_to_record(f) for f in facts],
+        "method": report["method"],
+        "projector": report["projector"],
+        "gamma": report["gamma"],
+        "beta": beta,
+        "layers": layers,
+        "base_fingerprint": base_fingerprint,
+        "weights_fingerprint": model_fingerprint(model, layers),
+        "curvature_key": curvature_key,
+        "options": {k: report[k] for k in ("lr", "batch_size", "seed")},
+        "metrics": {
+            k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
+        },
+        "edit_tokens": state.tokens,
+    }
+    files = {DELTA_FILE: stage / DELTA_FILE, STATE_FILE: stage / STATE_FILE}
+    return store.create_version(model_name, stream, head, files, manifest), delta
+
+
+def materialize(
+    store: Store, version: str, model: nn.Module, base: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Set `model` (the base model, or any model with `base` given) to the weights of `version`."""
+    manifest = store.manifest(version)
+    layers = manifest["layers"]
+    if base is None:
+        base = base_weights(model, layers)
+    set_weights(model, base, {})
+    found = model_fingerprint(model, layers)
+    if found != manifest["base_fingerprint"]:
+        raise StoreError(
+            f"version {version} belongs to model {manifest['base_fingerprint']}, this is {found}"
+        )
+    set_weights(model, base, read_cumulative(store, version))
