@@ -21,7 +21,7 @@ from crispedit.corpus import ASSETS, read_documents
 from crispedit.evaluate import perplexity
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = [("ft", None), ("nullspace", 0.9), ("kfac", 0.7), ("kfac", 0.9)]
+METHODS = "ft,nullspace:0.9,kfac:0.7,kfac:0.8,kfac:0.9"  # method[:γ], comma-separated
 
 
 def reset_peak_rss() -> None:
@@ -42,8 +42,13 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=20_000)
     ap.add_argument("--heldout-tokens", type=int, default=4096)
+    ap.add_argument("--methods", default=METHODS, help="method[:gamma],... e.g. ft,kfac:0.8")
     ap.add_argument("--out", default=str(RESULTS / "engine.md"))
     args = ap.parse_args()
+    methods = []
+    for item in args.methods.split(","):
+        method, _, gamma = item.partition(":")
+        methods.append((method, float(gamma) if gamma else None))
     started = time.perf_counter()
 
     model, tokenizer = load_model(args.model)
@@ -57,7 +62,7 @@ def main() -> None:
     facts = load_facts(ASSETS / "counterfact-edit-1k.json", limit=args.facts)
 
     rows = []
-    for method, gamma in METHODS:
+    for method, gamma in methods:
         model, tokenizer = load_model(args.model)
         reset_peak_rss()
         editor = CrispEditor(model, tokenizer, curvature, method=method, gamma=gamma or 0.0)
@@ -87,8 +92,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Whole run: {time.perf_counter() - started:.0f} s. "
-        f"Command: `python bench/engine.py --facts {args.facts} --tokens {args.tokens}`.",
+        f"Whole run: {time.perf_counter() - started:.0f} s. Command: `python bench/engine.py "
+        f"--facts {args.facts} --tokens {args.tokens} --methods {args.methods}`.",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -31,7 +31,8 @@ def complete(model, tokenizer, prompt: str) -> str:
     out = model.generate(
         **ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :]).split("\n")[0].strip()
+    new = out[0, ids["input_ids"].shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True).split("\n")[0].strip()
 
 
 def run_demo(model: str = "smollm2", out: str | Path = "runs/demo", tokens: int = 8192) -> None:
