@@ -8,40 +8,19 @@ is fsynced and renamed, so a reader sees the old file or the new one, never half
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from curvature_store.store import atomic_write_bytes  # one atomic write for the whole project
+
 META_KEY = "crispedit"
 
 
 class ArtifactError(ValueError):
     """A tensor file that is missing, unreadable or not what the caller expected."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via temp file + fsync + rename (and fsync the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def artifact_path(path: str | Path, default_name: str) -> Path:

@@ -172,7 +172,7 @@ def cmd_stream_delta(args) -> None:
     if args.against == "base":
         store.write_cumulative_delta(args.version, out)
     else:
-        from crispedit.artifacts import atomic_write_bytes
+        from curvature_store import atomic_write_bytes
 
         atomic_write_bytes(out, store.version_file(args.version).read_bytes())
     print(f"delta of {args.version} against {args.against} -> {out}")
