@@ -313,6 +313,16 @@ def cmd_apply(args) -> None:
     print(f"{action} delta of {len(delta.layers)} layers; wrote the model to {args.out}")
 
 
+def cmd_worker(args) -> None:
+    from workers.worker import run_worker
+
+    run_worker(
+        args.model_name or store_model_name(args), args.store, args.redis, burst=args.burst,
+        model_path=args.model, corpus=args.corpus, tokens=args.tokens, layers=args.layers,
+        device=args.device,
+    )  # fmt: skip
+
+
 def cmd_demo(args) -> None:
     from crispedit.demo import run_demo
 
@@ -414,6 +424,18 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True)
     apply.add_argument("--revert", action="store_true", help="subtract the delta instead")
     apply.set_defaults(func=cmd_apply)
+
+    worker = sub.add_parser("worker", help="serve edit jobs from Redis with the model resident")
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--model-name", help="name in the API and the store (default: alias)")
+    worker.add_argument("--store", required=True)
+    worker.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    worker.add_argument("--layers")
+    worker.add_argument("--corpus", default="wikitext")
+    worker.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="curvature tokens")
+    worker.add_argument("--device", default="cpu")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=cmd_worker)
 
     demo = sub.add_parser("demo", help="edit SmolLM2 on three facts and show before/after")
     demo.add_argument("--model", default="smollm2")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ class CrispEditor:
     The projectors are built once from `curvature` and kept, so a worker can call `edit` for job
     after job. `method` is `crispedit` (our default), `kfac`, `ekfac`, `nullspace` or `ft`; `ft`
     needs no curvature. `layers` defaults to the curvature's layers (or the model's default block).
+    `on_epoch` is called after every epoch with `{epoch, epochs, loss}` (a worker's progress and
+    cancellation hook: an exception it raises aborts the edit).
     """
 
     def __init__(
@@ -61,11 +63,12 @@ class CrispEditor:
         epochs: int = EPOCHS,
         seed: int = SEED,
         progress: bool = True,
+        on_epoch: Callable[[dict], None] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.method_name, self.method = method, resolve_method(method)
         self.gamma, self.lr, self.batch_size, self.epochs = gamma, lr, batch_size, epochs
-        self.seed, self.progress = seed, progress
+        self.seed, self.progress, self.on_epoch = seed, progress, on_epoch
         if self.method != "ft" and curvature is None:
             raise ValueError(f"method {method!r} needs curvature (only 'ft' edits without)")
         if layers is None and curvature is not None:
@@ -140,6 +143,8 @@ class CrispEditor:
                     f"epoch {epoch:2d}/{self.epochs}  loss {losses[-1]:.4f}  "
                     f"batches skipped {skipped}/{len(batches)}"
                 )
+                if self.on_epoch is not None:  # progress reports; raising here aborts the edit
+                    self.on_epoch({"epoch": epoch, "epochs": self.epochs, "loss": losses[-1]})
                 if losses[-1] < LOSS_STOP:
                     break
             optimizer.zero_grad(set_to_none=True)

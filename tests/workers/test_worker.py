@@ -1,0 +1,160 @@
+"""The worker with a real Redis and RQ: jobs become versions, in stream order, with progress,
+heartbeats and cancellation; a failed job publishes nothing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import torch
+from redis import Redis
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from crispedit.delta import add_to_weights
+from crispedit.models import get_layers, load_model
+from workers import jobs
+from workers.engine import Engine
+from workers.worker import ResidentWorker
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+FACTS = [
+    [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}],
+    [{"prompt": "The capital of France is", "target": "Berlin"}],
+]
+
+
+@pytest.fixture
+def redis():
+    connection = Redis.from_url(REDIS_URL)
+    try:
+        connection.ping()
+    except Exception:
+        pytest.fail("these tests need Redis at 127.0.0.1:6379 (.ci/run starts it)")
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
+@pytest.fixture
+def engine(tmp_path, tiny_model_dir):
+    engine = Engine("tiny", str(tmp_path / "store"), model_path=str(tiny_model_dir), tokens=300)
+    jobs.register(engine)
+    yield engine
+    jobs._ENGINES.pop("tiny", None)
+
+
+def request(facts, stream="main", **options):
+    return {
+        "model": "tiny",
+        "stream": stream,
+        "facts": facts,
+        "parent_version": options.pop("parent_version", None),
+        "options": {"epochs": 3, "lr": 0.03, **options},
+        "submitted_at": time.time(),
+        "key_name": "test",
+    }
+
+
+def run_burst(redis) -> None:
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}").work(burst=True)
+
+
+def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    first = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
+    second = queue.enqueue("workers.jobs.apply_edit", request(FACTS[1]), depends_on=first)
+    assert second.get_status() == JobStatus.DEFERRED
+    run_burst(redis)
+
+    first, second = Job.fetch(first.id, connection=redis), Job.fetch(second.id, connection=redis)
+    assert first.get_status() == second.get_status() == JobStatus.FINISHED
+    r1, r2 = first.return_value(), second.return_value()
+    assert (r1["number"], r2["number"]) == (1, 2) and r2["parent"] == r1["version"]
+    assert engine.store.head("tiny", "main") == r2["version"]
+    assert r2["metrics"]["n_edits"] == 1 and 0 <= r2["metrics"]["efficacy"] <= 1
+    progress = second.get_meta()["progress"]
+    assert progress["phase"] == "done" and progress["facts_done"] == 1
+
+    # the store's cumulative delta on a freshly loaded base gives the worker's weights exactly
+    fresh, _ = load_model(str(tiny_model_dir))
+    cumulative = engine.store.cumulative_delta(r2["version"])
+    add_to_weights(fresh, {k: torch.from_numpy(v) for k, v in cumulative.items()})
+    for name in engine.layers:
+        assert torch.equal(
+            get_layers(fresh, [name])[name].weight, get_layers(engine.model, [name])[name].weight
+        )
+
+
+def test_progress_is_reported_per_epoch(redis, engine, monkeypatch):
+    seen = []
+    save_meta = Job.save_meta
+
+    def spy(job):
+        seen.append(dict(job.meta.get("progress", {})))
+        save_meta(job)
+
+    monkeypatch.setattr(Job, "save_meta", spy)
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue.enqueue("workers.jobs.apply_edit", request(FACTS[0], epochs=4))
+    run_burst(redis)
+    phases = [p.get("phase") for p in seen]
+    assert phases[0] == "curvature" and phases[-1] == "done"
+    assert [p["epoch"] for p in seen if p.get("phase") == "edit"] == [1, 2, 3, 4]
+    assert all(p["loss"] > 0 for p in seen if p.get("phase") == "edit")
+
+
+def test_cancelled_job_publishes_nothing(redis, engine):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    job = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
+    job.meta["cancel_requested"] = True
+    job.save_meta()
+    run_burst(redis)
+    job = Job.fetch(job.id, connection=redis)
+    assert job.get_status() == JobStatus.FAILED
+    assert "JobCancelled" in job.latest_result().exc_string
+    assert engine.store.head("tiny", "main") is None
+    assert engine.store.versions("tiny", "main") == []
+
+
+def test_stale_parent_fails_and_the_next_job_succeeds(redis, engine):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
+    run_burst(redis)
+    head = engine.store.head("tiny", "main")
+    stale = queue.enqueue("workers.jobs.apply_edit", request(FACTS[1], parent_version=None))
+    wrong = queue.enqueue(
+        "workers.jobs.apply_edit", request(FACTS[1], parent_version="v" + "0" * 26)
+    )
+    run_burst(redis)
+    assert Job.fetch(stale.id, connection=redis).get_status() == JobStatus.FINISHED  # no check
+    assert Job.fetch(wrong.id, connection=redis).get_status() == JobStatus.FAILED
+    versions = engine.store.versions("tiny", "main")
+    assert len(versions) == 2 and versions[-1]["id"] == head
+
+
+def test_heartbeats_beat_while_a_job_runs(redis, engine, monkeypatch):
+    beats = []
+    monkeypatch.setattr(ResidentWorker, "heartbeat_interval", 0.05)
+    original = ResidentWorker.maintain_heartbeats
+
+    def counted(self, job, execution):
+        beats.append(time.monotonic())
+        original(self, job, execution)
+
+    monkeypatch.setattr(ResidentWorker, "maintain_heartbeats", counted)
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue.enqueue("time.sleep", 0.5)
+    run_burst(redis)
+    assert len(beats) >= 5
+
+
+def test_a_request_for_another_model_fails_clearly(redis, engine):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    job = queue.enqueue("workers.jobs.apply_edit", {**request(FACTS[0]), "model": "other"})
+    run_burst(redis)
+    job = Job.fetch(job.id, connection=redis)
+    assert job.get_status() == JobStatus.FAILED
+    assert "no resident engine" in job.latest_result().exc_string

@@ -1,0 +1,108 @@
+"""The resident engine of a worker: a loaded model and everything an edit job needs from it.
+
+Loading SmolLM2 takes a second, an 8B model a minute, and curvature minutes: a worker pays for
+them once. Every job re-derives the model's edited layers from the base weights and its stream's
+head (`crispedit.streams.edit_on_stream`), so one resident model serves every stream of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from crispedit.curvature import Curvature, plan_curvature
+from crispedit.facts import parse_facts
+from crispedit.models import load_model, parse_layers
+from crispedit.projector import resolve_method
+from crispedit.streams import base_weights, cached_curvature, edit_on_stream
+from curvature_store import Store
+
+CURVATURE_TOKENS = 20_000
+
+
+class JobCancelled(Exception):
+    """The job's cancellation was requested; nothing was published."""
+
+
+class Engine:
+    """A model resident in this process, with its base weights, store and capability curvature."""
+
+    def __init__(
+        self,
+        model: str,
+        store_dir: str,
+        model_path: str | None = None,
+        corpus: str = "wikitext",
+        tokens: int = CURVATURE_TOKENS,
+        layers: str | None = None,
+        device: str = "cpu",
+    ):
+        self.name = model
+        self.store = Store(store_dir)
+        self.model, self.tokenizer = load_model(model_path or model, device=device)
+        self.layers = parse_layers(self.model, layers)
+        self.base = base_weights(self.model, self.layers)
+        self.corpus, self.tokens = corpus, tokens
+        self._curvature: dict[str, tuple[Curvature, str]] = {}
+
+    def curvature(self, kind: str) -> tuple[Curvature, str]:
+        """The capability curvature of `kind` and its store key: memory, else store, else built."""
+        if kind not in self._curvature:
+            self.set_weights_to_base()  # the curvature is the base model's, never an edited one's
+            recipe = plan_curvature(
+                self.model, self.tokenizer, self.corpus, self.tokens, self.layers, kind=kind
+            )
+            curvature, manifest = cached_curvature(
+                self.store, self.model, self.tokenizer, recipe, progress=False
+            )
+            self._curvature[kind] = (curvature, manifest["key"])
+        return self._curvature[kind]
+
+    def set_weights_to_base(self) -> None:
+        from crispedit.sequential import set_weights
+
+        set_weights(self.model, self.base, {})
+
+    def apply(
+        self,
+        request: dict,
+        report: Callable[[dict], None] = lambda progress: None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> dict:
+        """Run one edit request (see `workers.jobs`) and return the new version's summary."""
+        started = time.perf_counter()
+        if request["model"] != self.name:
+            raise ValueError(f"this worker serves {self.name!r}, not {request['model']!r}")
+        options = dict(request.get("options") or {})
+        if options.get("layers") not in (None, [], self.layers):
+            raise ValueError(f"this worker edits layers {self.layers}, not {options['layers']}")
+        facts = parse_facts(request["facts"], source="request")
+        method = options.get("method") or "crispedit"
+        capability, key = None, None
+        if resolve_method(method) != "ft":
+            report({"phase": "curvature", "facts_total": len(facts)})
+            capability, key = self.curvature(
+                "ekfac" if resolve_method(method) == "ekfac" else "kfac"
+            )
+
+        def on_epoch(info: dict) -> None:
+            if cancelled():
+                raise JobCancelled("cancelled by request; no version was published")
+            report({"phase": "edit", "facts_total": len(facts), **info})
+
+        parent = request.get("parent_version")
+        editor_options = {k: options[k] for k in ("gamma", "epochs", "lr") if options.get(k)}
+        manifest, _ = edit_on_stream(
+            self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
+            capability, facts, method=method, parent=... if parent is None else parent,
+            curvature_key=key, progress=False, on_epoch=on_epoch, **editor_options,
+        )  # fmt: skip
+        report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
+        return {
+            "version": manifest["id"],
+            "number": manifest["number"],
+            "parent": manifest["parent"],
+            "stream": manifest["stream"],
+            "metrics": manifest["metrics"],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
