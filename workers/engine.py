@@ -77,6 +77,8 @@ class Engine:
         if options.get("layers") not in (None, [], self.layers):
             raise ValueError(f"this worker edits layers {self.layers}, not {options['layers']}")
         facts = parse_facts(request["facts"], source="request")
+        if cancelled():
+            raise JobCancelled("cancelled before it started; no version was published")
         method = options.get("method") or "crispedit"
         capability, key = None, None
         if resolve_method(method) != "ft":
@@ -90,11 +92,11 @@ class Engine:
                 raise JobCancelled("cancelled by request; no version was published")
             report({"phase": "edit", "facts_total": len(facts), **info})
 
-        parent = request.get("parent_version")
+        parent = request.get("parent_version") if request.get("check_parent") else ...
         editor_options = {k: options[k] for k in ("gamma", "epochs", "lr") if options.get(k)}
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
-            capability, facts, method=method, parent=... if parent is None else parent,
+            capability, facts, method=method, parent=parent,
             curvature_key=key, progress=False, on_epoch=on_epoch, **editor_options,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})

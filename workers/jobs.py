@@ -4,11 +4,14 @@ The API enqueues, on the RQ queue `crispedit:{model}`, the function `workers.job
 its dotted path, so the API never imports torch) with one JSON-able argument:
 
     {"model", "stream", "facts": [records in crispedit.facts' own form], "parent_version": id|None,
-     "options": {method?, gamma?, layers?, epochs?, lr?, evaluate?}, "submitted_at", "key_name"}
+     "check_parent": bool, "options": {method?, gamma?, layers?, epochs?, lr?, evaluate?},
+     "submitted_at", "key_name"}
 
+`check_parent` true means the head must be `parent_version` (None: the base) when the job runs.
 While it runs, the job's meta holds `progress` ({phase, epoch, epochs, loss, facts_total,
-facts_done}); the API sets `cancel_requested` in the meta to stop it at the next epoch. The return
-value is {version, number, parent, stream, metrics, seconds}. A failed or cancelled job publishes
+facts_done}); the API sets `cancel_requested` in the meta and the key `crispedit:cancel:{id}` to
+stop it before it starts work or at the next epoch. The return value is {version, number, parent,
+stream, metrics, seconds}. A failed or cancelled job publishes
 no version.
 """
 
@@ -26,6 +29,11 @@ def queue_name(model: str) -> str:
     return f"crispedit:{model}"
 
 
+def cancel_key(job_id: str) -> str:
+    """The Redis key the API sets when a job's cancellation is requested."""
+    return f"crispedit:cancel:{job_id}"
+
+
 def register(engine: Engine) -> None:
     """Make `engine` the resident engine for its model in this process."""
     _ENGINES[engine.name] = engine
@@ -40,10 +48,15 @@ def apply_edit(request: dict) -> dict:
 
     def report(progress: dict) -> None:
         if job is not None:
+            job.meta = job.get_meta(refresh=True)  # keep what the API wrote meanwhile (a cancel)
             job.meta["progress"] = progress
             job.save_meta()
 
     def cancelled() -> bool:
-        return bool(job is not None and job.get_meta(refresh=True).get("cancel_requested"))
+        if job is None:
+            return False
+        # the API sets both: the key survives a meta save that raced with its request
+        flagged = job.connection.exists(cancel_key(job.id))
+        return bool(flagged or job.get_meta(refresh=True).get("cancel_requested"))
 
     return engine.apply(request, report, cancelled)

@@ -50,6 +50,7 @@ def request(facts, stream="main", **options):
         "model": "tiny",
         "stream": stream,
         "facts": facts,
+        "check_parent": "parent_version" in options,
         "parent_version": options.pop("parent_version", None),
         "options": {"epochs": 3, "lr": 0.03, **options},
         "submitted_at": time.time(),
@@ -106,11 +107,15 @@ def test_progress_is_reported_per_epoch(redis, engine, monkeypatch):
     assert all(p["loss"] > 0 for p in seen if p.get("phase") == "edit")
 
 
-def test_cancelled_job_publishes_nothing(redis, engine):
+@pytest.mark.parametrize("how", ["meta", "key"])
+def test_cancelled_job_publishes_nothing(redis, engine, how):
     queue = Queue(jobs.queue_name("tiny"), connection=redis)
     job = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
-    job.meta["cancel_requested"] = True
-    job.save_meta()
+    if how == "meta":
+        job.meta["cancel_requested"] = True
+        job.save_meta()
+    else:
+        redis.set(jobs.cancel_key(job.id), 1)
     run_burst(redis)
     job = Job.fetch(job.id, connection=redis)
     assert job.get_status() == JobStatus.FAILED
@@ -124,13 +129,17 @@ def test_stale_parent_fails_and_the_next_job_succeeds(redis, engine):
     queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
     run_burst(redis)
     head = engine.store.head("tiny", "main")
-    stale = queue.enqueue("workers.jobs.apply_edit", request(FACTS[1], parent_version=None))
+    at_base = queue.enqueue("workers.jobs.apply_edit", request(FACTS[1], parent_version=None))
     wrong = queue.enqueue(
         "workers.jobs.apply_edit", request(FACTS[1], parent_version="v" + "0" * 26)
     )
+    unchecked = queue.enqueue("workers.jobs.apply_edit", request(FACTS[1]))
     run_burst(redis)
-    assert Job.fetch(stale.id, connection=redis).get_status() == JobStatus.FINISHED  # no check
-    assert Job.fetch(wrong.id, connection=redis).get_status() == JobStatus.FAILED
+    for job in (at_base, wrong):  # the head is no longer the base, nor that made-up version
+        job = Job.fetch(job.id, connection=redis)
+        assert job.get_status() == JobStatus.FAILED
+        assert "Conflict" in job.latest_result().exc_string
+    assert Job.fetch(unchecked.id, connection=redis).get_status() == JobStatus.FINISHED
     versions = engine.store.versions("tiny", "main")
     assert len(versions) == 2 and versions[-1]["id"] == head
 

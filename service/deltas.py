@@ -1,0 +1,59 @@
+"""Delta files to download: a version's own delta, or its cumulative delta against the base.
+
+A version never changes, so neither does either file: the sha256 is a strong ETag, and the
+cumulative delta, which the store computes by summing the chain, is computed once per version and
+kept in a cache folder (`Settings.cumulative_cache_dir`) beside its sha256.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from curvature_store import Store, atomic_write_json, sha256_file
+from curvature_store.store import DELTA_FILE
+
+
+def version_delta(store: Store, version_id: str) -> tuple[Path, str]:
+    """(path, sha256) of a version's delta file, verified against its manifest by the store."""
+    path = store.version_file(version_id, DELTA_FILE)
+    return path, store.manifest(version_id)["files"][DELTA_FILE]["sha256"]
+
+
+def cumulative_delta(store: Store, cache_dir: Path, version_id: str) -> tuple[Path, str]:
+    """(path, sha256) of the version's cumulative delta against the base, cached in `cache_dir`.
+
+    The file is `Store.write_cumulative_delta`'s (atomic), so two requests computing it at once
+    both write the same bytes, and a reader never sees a partial file. The cache is trusted when
+    its recorded size still matches; anything else is recomputed.
+    """
+    store.manifest(version_id)  # NotFound / StoreError before touching the cache
+    path = cache_dir / f"{version_id}.safetensors"
+    record_path = cache_dir / f"{version_id}.json"
+    try:
+        record = json.loads(record_path.read_text())
+        if path.stat().st_size == record["bytes"]:
+            return path, record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or stale: recompute below
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    store.write_cumulative_delta(version_id, path)
+    record = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    atomic_write_json(record_path, record)
+    return path, record["sha256"]
+
+
+def etag(sha256: str) -> str:
+    """The strong ETag of a file with this sha256 (quoted, as HTTP wants)."""
+    return f'"{sha256}"'
+
+
+def not_modified(if_none_match: str | None, sha256: str) -> bool:
+    """Whether an `If-None-Match` header matches the file (so the answer is 304)."""
+    if not if_none_match:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip().removeprefix("W/")  # weak comparison, as RFC 9110 asks for GET
+        if tag in ("*", etag(sha256)):
+            return True
+    return False

@@ -1,0 +1,269 @@
+"""Edit jobs on RQ: the contract with the worker, submission in stream order, status, cancel.
+
+The job contract (the worker in `workers/` implements the other side):
+
+- queue `crispedit:{model}`, one per served model; function `Settings.job_function` (default
+  `workers.jobs.apply_edit`), given by its import path so the API never imports the worker; RQ's
+  default (pickle) serializer; one positional argument, the plain-JSON dict built by
+  `edit_payload`: `{"model", "stream", "facts", "parent_version", "check_parent", "options",
+  "submitted_at", "key_name"}` where `facts` are `crispedit.facts.fact_to_record` records and
+  `options` holds only what the client set (method, gamma, layers, epochs, lr, evaluate).
+- job.meta written by the API at submission: `model`, `stream`, `key_name`, `submitted_at`,
+  `n_facts`, `after` (the stream's previous job id, or None). The worker writes
+  `meta["progress"]` (a JSON object: phase, epoch, loss, facts_done... shown as is).
+- cancel: the API sets `meta["cancel_requested"] = True` and the Redis key
+  `crispedit:cancel:{job_id}` (which survives a worker's `save_meta` of a stale meta). The worker
+  checks either before it starts and between steps, and then ends the job without publishing,
+  by raising (the job fails; shown as `cancelled`) or returning `{"cancelled": True}`.
+- return value: a dict with at least `version` (the new version id) and `metrics` (a dict).
+
+Ordering: every job of a (model, stream) depends on the stream's previous job while that one has
+not ended (`Dependency(allow_failure=True)`: a failed edit does not block the next one), so the
+jobs of one stream run one after another in submission order, whichever worker takes them. The
+previous job id is kept under `crispedit:last:{model}:{stream}`, read and replaced under a Redis
+lock so that concurrent submissions form one chain.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import LockError
+from rq import Queue
+from rq.job import Dependency, Job, JobStatus
+from rq.results import Result
+
+from service.config import Settings
+from service.errors import ApiError, scrub
+
+RQ_TERMINAL = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def queue_name(model: str) -> str:
+    """The RQ queue of a model's edit jobs."""
+    return f"crispedit:{model}"
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with milliseconds and a `Z`."""
+    return _iso(datetime.now(timezone.utc))
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # RQ stores UTC; older versions as naive datetimes
+        moment = moment.replace(tzinfo=timezone.utc)
+    text = moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _last_key(model: str, stream: str) -> str:
+    return f"crispedit:last:{model}:{stream}"
+
+
+def _cancel_key(job_id: str) -> str:
+    return f"crispedit:cancel:{job_id}"
+
+
+def edit_payload(
+    model: str,
+    stream: str,
+    facts: list[dict],
+    parent_version: str | None,
+    check_parent: bool,
+    options: dict,
+    key_name: str,
+) -> dict:
+    """The job's one argument (plain JSON; see the module docstring).
+
+    `check_parent` says whether the client gave `parent_version` (`None` then means "the base"):
+    the API checked it against the head at submission, and the worker must check it again when
+    the job runs (an earlier job of the stream may have moved the head meanwhile) and fail the job
+    on a mismatch. Without `check_parent` the edit applies on whatever the head is then.
+    """
+    return {
+        "model": model,
+        "stream": stream,
+        "facts": facts,
+        "parent_version": parent_version,
+        "check_parent": check_parent,
+        "options": options,
+        "submitted_at": now_iso(),
+        "key_name": key_name,
+    }
+
+
+def submit(redis: Redis, settings: Settings, job_id: str, payload: dict) -> Job:
+    """Enqueue the edit job `job_id` after the stream's previous unfinished job; the Job.
+
+    Raises ApiError 503 when the stream's submission lock cannot be taken in time.
+    """
+    model, stream = payload["model"], payload["stream"]
+    queue = Queue(queue_name(model), connection=redis)
+    try:
+        # The lock makes read-previous / enqueue / write-last one step for concurrent submitters
+        # (in any API process); it expires by itself if a process dies holding it.
+        with redis.lock(f"crispedit:lock:{model}:{stream}", timeout=30, blocking_timeout=10):
+            previous = redis.get(_last_key(model, stream))
+            previous_id = previous.decode() if previous else None
+            depends_on = None
+            if previous_id is not None and _unfinished(redis, previous_id):
+                depends_on = Dependency(jobs=[previous_id], allow_failure=True)
+            job = queue.enqueue_call(
+                func=settings.job_function,
+                args=(payload,),
+                job_id=job_id,
+                timeout=settings.job_timeout_s,
+                result_ttl=settings.result_ttl_s,
+                failure_ttl=settings.failure_ttl_s,
+                depends_on=depends_on,
+                description=f"edit {model}/{stream}: {len(payload['facts'])} facts",
+                meta={
+                    "model": model,
+                    "stream": stream,
+                    "key_name": payload["key_name"],
+                    "submitted_at": payload["submitted_at"],
+                    "n_facts": len(payload["facts"]),
+                    "after": previous_id,
+                },
+            )
+            redis.set(_last_key(model, stream), job.id, ex=settings.result_ttl_s)
+    except LockError:
+        raise ApiError(
+            503, "unavailable", f"stream {model}/{stream} is busy; retry the request"
+        ) from None
+    return job
+
+
+def _unfinished(redis: Redis, job_id: str) -> bool:
+    """Whether job `job_id` exists and has not ended (so a successor must wait for it)."""
+    status = redis.hget(Job.key_for(job_id), "status")
+    return status is not None and status.decode() not in RQ_TERMINAL
+
+
+def fetch(redis: Redis, job_id: str) -> Job | None:
+    """One of our edit jobs, or None (unknown, expired, or not created by this API)."""
+    try:
+        job = Job.fetch(job_id, connection=redis)
+    except Exception:  # NoSuchJobError, or a job whose data no longer deserializes
+        return None
+    return job if isinstance(job.meta.get("model"), str) else None
+
+
+def cancel_requested(redis: Redis, job: Job) -> bool:
+    """Whether a cancel was requested for the job."""
+    return bool(job.meta.get("cancel_requested")) or bool(redis.exists(_cancel_key(job.id)))
+
+
+def _result(job: Job, rq_status: JobStatus) -> tuple[Any, str | None]:
+    """(the return value, the error's last line) of an ended job."""
+    if rq_status not in RQ_TERMINAL:
+        return None, None
+    latest = job.latest_result()
+    if latest is None:
+        return None, None
+    if latest.type == Result.Type.SUCCESSFUL:
+        return latest.return_value, None
+    lines = [line for line in (latest.exc_string or "").splitlines() if line.strip()]
+    # the traceback's last line is "module.ExcType: message"; keep "ExcType: message"
+    last = lines[-1].strip() if lines else "the job ended without a result"
+    head, sep, tail = last.partition(": ")
+    if sep and " " not in head:
+        last = f"{head.rsplit('.', 1)[-1]}: {tail}"
+    return None, scrub(last)[:2000]
+
+
+def _public_status(rq_status: JobStatus, cancelled: bool, value: Any) -> str:
+    if rq_status == JobStatus.CANCELED:
+        return "cancelled"
+    if rq_status in (JobStatus.FAILED, JobStatus.STOPPED):
+        return "cancelled" if cancelled else "failed"
+    if rq_status == JobStatus.FINISHED:
+        stopped = isinstance(value, dict) and value.get("cancelled") is True
+        return "cancelled" if stopped else "succeeded"
+    if rq_status == JobStatus.STARTED:
+        return "running"
+    return "queued"  # queued, deferred, scheduled, created, ready_to_enqueue, rate_limited
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` if it is plain JSON, else its string form (a worker could return anything)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def job_view(redis: Redis, job: Job) -> dict:
+    """Everything a client may know of a job (the JobView schema of `routers.jobs`)."""
+    job.refresh()
+    rq_status = job.get_status(refresh=False)
+    cancelled = cancel_requested(redis, job)
+    value, error = _result(job, rq_status)
+    status = _public_status(rq_status, cancelled, value)
+    position = None
+    if rq_status == JobStatus.QUEUED:
+        position = Queue(job.origin, connection=redis).get_job_position(job.id)
+    result = None
+    if status == "succeeded":
+        result = _jsonable(value if isinstance(value, dict) else {"value": value})
+    meta = job.meta
+    progress = meta.get("progress")
+    return {
+        "job_id": job.id,
+        "url": f"/v1/jobs/{job.id}",
+        "status": status,
+        "rq_status": str(rq_status.value if isinstance(rq_status, JobStatus) else rq_status),
+        "model": meta.get("model"),
+        "stream": meta.get("stream"),
+        "n_facts": meta.get("n_facts"),
+        "position": position,
+        "waiting_for": meta.get("after") if rq_status == JobStatus.DEFERRED else None,
+        "cancel_requested": cancelled,
+        "progress": _jsonable(progress) if progress is not None else None,
+        "timings": {
+            "submitted_at": meta.get("submitted_at"),
+            "enqueued_at": _iso(job.enqueued_at),
+            "started_at": _iso(job.started_at),
+            "ended_at": _iso(job.ended_at),
+        },
+        "version": result.get("version") if isinstance(result, dict) else None,
+        "metrics": result.get("metrics") if isinstance(result, dict) else None,
+        "result": result,
+        "error": error if status == "failed" else None,
+    }
+
+
+def cancel(redis: Redis, job: Job) -> bool:
+    """Cancel a job that has not ended; True when it is cancelled now, False when the worker must.
+
+    A job waiting in its queue is taken out (LREM: whoever removes it owns it, so a worker cannot
+    start it meanwhile) and cancelled in RQ; its stream successors are then released, which is
+    safe because a queued job's predecessor has ended. A deferred or running job is only flagged:
+    RQ would release a deferred job's successors while its predecessor still runs, and RQ's
+    stop-job command leaves a stopped job's successors deferred forever (RQ never releases the
+    dependents of a STOPPED job), which would stall the stream. Raises ApiError 409 when the job
+    has already ended.
+    """
+    job.refresh()
+    rq_status = job.get_status(refresh=False)
+    if rq_status in RQ_TERMINAL:
+        status = _public_status(rq_status, cancel_requested(redis, job), _result(job, rq_status)[0])
+        raise ApiError(409, "job_ended", f"job {job.id} has already ended ({status})")
+    # Flag first: a worker that dequeues the job right now sees the request when it starts.
+    redis.set(_cancel_key(job.id), "1", ex=max(job.result_ttl or 0, 86400 * 7))
+    job.get_meta(refresh=True)  # re-read, so the worker's latest progress is not overwritten
+    job.meta["cancel_requested"] = True
+    job.meta["cancel_requested_at"] = now_iso()
+    job.save_meta()
+    queue = Queue(job.origin, connection=redis)
+    if redis.lrem(queue.key, 0, job.id):
+        job.cancel(enqueue_dependents=True)
+        return True
+    return False

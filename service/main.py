@@ -1,0 +1,55 @@
+"""The app factory: `create_app(settings)` wires settings, Redis, the store, middleware and routers.
+
+Run it with `uvicorn --factory service.main:create_app` (settings from `CRISPEDIT_*` variables).
+Nothing here, nor anything it imports, imports torch: the engine runs in the workers only.
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+from redis import Redis
+
+from service.config import Settings
+from service.deps import current_key
+from service.errors import install_error_handlers, responses
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.routers import edits, health, jobs, models, relations, streams, versions
+
+API_VERSION = "1.0.0"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app for `settings` (default: read from the environment)."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="CrispEdit service",
+        version=API_VERSION,
+        description=(
+            "Editing-as-a-service: post fact edits, follow the job, download the weight delta. "
+            "Every /v1 route needs `Authorization: Bearer KEY`. Errors are "
+            '`{"error": {"code", "message", "field"?}}`.'
+        ),
+    )
+    app.state.settings = settings
+    # Lazy connections: the app starts (and /healthz answers) while Redis is still coming up.
+    app.state.redis = Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
+    )
+    app.state.store = None  # opened on first use, see service.deps.open_store
+    app.state.metrics = Metrics(app.state.redis, lambda: sorted(settings.models))
+
+    install_error_handlers(app)
+    # Added last = outermost: metrics see every request, including those refused as too large.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+
+    app.include_router(health.router)
+    for module in (edits, jobs, streams, versions, models, relations):
+        # every /v1 route: the API key, and the errors any of them can answer
+        app.include_router(
+            module.router,
+            dependencies=[Depends(current_key)],
+            responses=responses(401, 422, 429, 503),
+        )
+    return app

@@ -1,0 +1,221 @@
+"""POST /v1/edits: validate fact edits and enqueue them as a job on the stream's model queue.
+
+Nothing is enqueued unless the whole request is valid: the body (pydantic), each fact (through
+the engine's own `fact_from_record`), the model (served, allowed for the key) and the expected
+parent version (still the stream's head).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from curvature_store.store import NAME_RE, VERSION_RE
+from service import idempotency, jobqueue
+from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
+from service.errors import ApiError, responses
+from service.facts import FactsError, fact_from_record, fact_to_record
+from service.relations import RELATIONS, is_relation_id
+
+router = APIRouter(tags=["edits"])
+
+Text = Annotated[str, Field(max_length=2000)]
+
+
+class Neighbor(BaseModel):
+    """An unrelated prompt whose answer the edit must leave unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: Text
+    target: Text
+
+
+class FactIn(BaseModel):
+    """One fact edit: complete `prompt` (or `relation` filled with `subject`) with `target`."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: Text | None = Field(default=None, examples=["The Eiffel Tower"])
+    relation: Text | None = Field(
+        default=None,
+        description="A template with {} for the subject, a phrase that follows the subject, or "
+        "a Wikidata property id such as P17 (see GET /v1/relations).",
+        examples=["P17"],
+    )
+    prompt: Text | None = Field(default=None, description="The full prompt (instead of relation)")
+    object: Text | None = Field(default=None, description="The new answer (alias of target)")
+    target: Text | None = Field(default=None, description="The new answer", examples=["Italy"])
+    paraphrases: list[Text] = Field(default_factory=list, max_length=100)
+    neighbors: list[Neighbor] = Field(default_factory=list, max_length=100)
+    ground_truth: Text | None = Field(default=None, description="The old answer, if known")
+
+
+class EditOptions(BaseModel):
+    """Editor options; what is not set is left to the worker's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["crispedit", "kfac", "ekfac", "nullspace", "ft"] | None = None
+    gamma: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    layers: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, min_length=1, max_length=256
+    )
+    epochs: int | None = Field(default=None, ge=1, le=100)
+    lr: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    evaluate: bool | None = None
+
+
+class EditRequest(BaseModel):
+    """A batch of fact edits for one stream of one model."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=128, examples=["smollm2"])
+    stream: str = Field(default="main", min_length=1, max_length=128)
+    facts: list[FactIn] = Field(
+        min_length=1, description="At most CRISPEDIT_MAX_FACTS facts (default 100)."
+    )
+    parent_version: str | None = Field(
+        default=None,
+        description="The head this edit must apply on (null: the base model); 409 otherwise.",
+    )
+    options: EditOptions = Field(default_factory=EditOptions)
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_name(cls, value: str) -> str:
+        if not NAME_RE.match(value) or ".." in value:
+            raise ValueError(
+                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, "
+                "and no '..'"
+            )
+        return value
+
+    @field_validator("parent_version")
+    @classmethod
+    def _version_id(cls, value: str | None) -> str | None:
+        if value is not None and not VERSION_RE.match(value):
+            raise ValueError("expected a version id: 'v' followed by 26 hex digits")
+        return value
+
+
+class EditAccepted(BaseModel):
+    job_id: str
+    url: str = Field(description="Where to poll the job (GET).")
+    model: str
+    stream: str
+
+
+_FIELD_RE = re.compile(r"field '([^']+)'")
+
+
+def _to_record(index: int, fact: FactIn) -> dict:
+    """The fact as the engine's canonical record, or ApiError 422 naming `facts[i].field`."""
+    record = fact.model_dump(exclude_none=True)
+    relation = record.get("relation")
+    if relation is not None and is_relation_id(relation):
+        template = RELATIONS.get(relation.strip())
+        if template is None:
+            raise ApiError(
+                422,
+                "unknown_relation",
+                f"unknown relation id {relation.strip()!r}; GET /v1/relations lists the known ones",
+                f"facts[{index}].relation",
+            )
+        record["relation"] = template
+    where = f"facts[{index}]"
+    try:
+        return fact_to_record(fact_from_record(record, where))
+    except FactsError as err:
+        found = _FIELD_RE.search(str(err))
+        field = f"{where}.{found.group(1)}" if found else where
+        raise ApiError(422, "invalid_fact", str(err), field) from None
+
+
+@router.post(
+    "/v1/edits",
+    status_code=202,
+    response_model=EditAccepted,
+    dependencies=[Depends(require_json)],
+    summary="Submit fact edits as a job",
+    responses={
+        200: {"model": EditAccepted, "description": "A retry: the job of the first request"},
+        **responses(400, 403, 404, 409, 413, 415),
+    },
+)
+def submit_edit(
+    body: EditRequest,
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    key: KeyDep,
+    redis: RedisDep,
+    store: StoreDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> EditAccepted:
+    """Validate the edit and enqueue it; 202 with the job id (200 for an idempotent retry).
+
+    Jobs of one stream run strictly in submission order. With `parent_version`, the stream's head
+    must be that version now (409 with the current head otherwise), and the worker checks it
+    again when the job runs.
+    """
+    model = served_model(settings, key, body.model)
+    if len(body.facts) > settings.max_facts:
+        raise ApiError(
+            422,
+            "too_many_facts",
+            f"{len(body.facts)} facts in one request; the limit is {settings.max_facts}",
+            "facts",
+        )
+    records = [_to_record(i, fact) for i, fact in enumerate(body.facts)]
+    check_parent = "parent_version" in body.model_fields_set
+
+    job_id = uuid.uuid4().hex
+    digest = idempotency.request_digest(
+        {"body": body.model_dump(mode="json"), "check_parent": check_parent}
+    )
+    if idempotency_key is not None:
+        earlier = idempotency.reserve(
+            redis, key.name, idempotency_key, digest, job_id, settings.idempotency_ttl_s
+        )
+        if earlier is not None:  # a retry: answer as the first time, without re-checking
+            response.status_code = 200
+            response.headers["Location"] = f"/v1/jobs/{earlier}"
+            response.headers["Idempotent-Replayed"] = "true"
+            return EditAccepted(
+                job_id=earlier, url=f"/v1/jobs/{earlier}", model=model, stream=body.stream
+            )
+    try:
+        if check_parent:
+            head = store.head(model, body.stream)
+            if head != body.parent_version:
+                raise ApiError(
+                    409,
+                    "stale_parent",
+                    f"stream {model}/{body.stream} has head {head or 'base (null)'}, "
+                    f"not {body.parent_version or 'base (null)'}",
+                    "parent_version",
+                    head=head,
+                )
+        payload = jobqueue.edit_payload(
+            model=model,
+            stream=body.stream,
+            facts=records,
+            parent_version=body.parent_version,
+            check_parent=check_parent,
+            options=body.options.model_dump(exclude_none=True),
+            key_name=key.name,
+        )
+        job = jobqueue.submit(redis, settings, job_id, payload)
+    except BaseException:
+        if idempotency_key is not None:
+            idempotency.release(redis, key.name, idempotency_key)
+        raise
+    if idempotency_key is not None:
+        idempotency.complete(redis, key.name, idempotency_key, digest, job.id)
+    metrics = request.app.state.metrics
+    metrics.edits_accepted.labels(model).inc()
+    metrics.facts_accepted.labels(model).inc(len(records))
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return EditAccepted(job_id=job.id, url=f"/v1/jobs/{job.id}", model=model, stream=body.stream)

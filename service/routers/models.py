@@ -1,0 +1,98 @@
+"""GET /v1/models: the served models the key may use, their streams and their curvature.
+
+The store keys curvature by content (model fingerprint, layers, corpus...), not by model name. A
+model's curvature is found through the fingerprint configured for it and the base fingerprints
+and curvature keys its versions record.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from curvature_store import Store, StoreError
+from service.config import ServedModel
+from service.deps import KeyDep, SettingsDep, StoreDep
+from service.jobqueue import queue_name
+
+router = APIRouter(tags=["models"])
+
+
+class StreamInfo(BaseModel):
+    stream: str
+    head: str | None
+    count: int
+    moved_at: str | None
+
+
+class CurvatureInfo(BaseModel):
+    key: str
+    layers: list[str]
+    tokens: int
+    kind: str
+    labels: str
+    bytes: int
+    created_at: str | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    layers: list[str] | None = Field(description="The configured edited layers (null: default)")
+    queue: str
+    streams: list[StreamInfo]
+    curvature_status: str = Field(description="'cached' when curvature is stored, else 'none'")
+    curvature: list[CurvatureInfo]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+def _describe(store: Store, name: str, served: ServedModel) -> ModelInfo:
+    streams = []
+    fingerprints = {served.fingerprint} if served.fingerprint else set()
+    keys: set[str] = set()
+    for model, stream in store.streams():
+        if model != name:
+            continue
+        info = store.head_info(model, stream)
+        streams.append(
+            StreamInfo(
+                stream=stream, head=info["version"], count=info["count"], moved_at=info["moved_at"]
+            )
+        )
+        if info["version"] is not None:
+            try:
+                manifest = store.manifest(info["version"])
+            except StoreError:
+                continue  # a broken stream is `verify`'s business, not a reason to fail here
+            fingerprints.add(manifest.get("base_fingerprint"))
+            keys.add(manifest.get("curvature_key"))
+    curvature = [
+        CurvatureInfo(
+            key=doc["key"],
+            layers=doc["key_fields"]["layers"],
+            tokens=doc["key_fields"]["tokens"],
+            kind=doc["key_fields"]["kind"],
+            labels=doc["key_fields"]["labels"],
+            bytes=doc["bytes"],
+            created_at=doc.get("created_at"),
+        )
+        for doc in store.list_curvature()
+        if doc["key"] in keys or doc["key_fields"].get("model_fingerprint") in fingerprints
+    ]
+    return ModelInfo(
+        name=name,
+        layers=served.layers,
+        queue=queue_name(name),
+        streams=streams,
+        curvature_status="cached" if curvature else "none",
+        curvature=curvature,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+def list_models(settings: SettingsDep, key: KeyDep, store: StoreDep) -> ModelList:
+    """The served models this key may use, each with its streams' heads and stored curvature."""
+    names = sorted(name for name in settings.models if key.allows(name))
+    return ModelList(models=[_describe(store, name, settings.models[name]) for name in names])

@@ -1,0 +1,58 @@
+"""Constants and helpers shared by the API tests (a module of its own: test files cannot import
+a conftest when several folders have one)."""
+
+from __future__ import annotations
+
+import numpy as np
+from redis import Redis
+from rq import Queue, SimpleWorker
+from safetensors.numpy import save_file
+
+from curvature_store import Store
+from service.jobqueue import queue_name
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+KEY_ALL = "key-for-every-model"
+KEY_TINY = "key-for-tiny-only"
+AUTH = {"Authorization": f"Bearer {KEY_ALL}"}
+AUTH_TINY = {"Authorization": f"Bearer {KEY_TINY}"}
+
+
+def run_worker(redis: Redis, model: str = "tiny") -> None:
+    """Run every job of the model's queue (and those they release) in this process, then return."""
+    queue = Queue(queue_name(model), connection=redis)
+    SimpleWorker([queue], connection=redis).work(burst=True, with_scheduler=False)
+
+
+def job_count(redis: Redis) -> int:
+    """How many RQ jobs exist (to check that a refused request enqueued nothing)."""
+    return sum(1 for _ in redis.scan_iter("rq:job:*"))
+
+
+def make_version(store: Store, model: str, stream: str, value: float, shape=(2, 3)) -> dict:
+    """Publish a version on the stream head whose delta is `layer.weight` filled with `value`."""
+    stage = store.staging_dir()
+    tensors = {
+        "layer.weight": np.full(shape, value, dtype=np.float32),
+        "other.weight": np.arange(4, dtype=np.float32) * value,
+    }
+    save_file(tensors, stage / "delta.safetensors")
+    return store.create_version(
+        model,
+        stream,
+        store.head(model, stream),
+        {"delta.safetensors": stage / "delta.safetensors"},
+        {"facts": [{"prompt": "p", "target": "t"}], "method": "ft", "metrics": {"efficacy": 1.0}},
+    )
+
+
+def fact(**overrides) -> dict:
+    """A valid fact record, with overrides."""
+    return {"subject": "France", "relation": "P36", "target": "Lyon", **overrides}
+
+
+def edit_body(n: int = 1, **overrides) -> dict:
+    """A valid POST /v1/edits body for model "tiny" with `n` facts."""
+    body = {"model": "tiny", "facts": [fact(target=f"City{i}") for i in range(n)]}
+    body.update(overrides)
+    return body

@@ -1,0 +1,61 @@
+"""Stand-ins for the worker's job function, run by a real `rq.SimpleWorker` in the test process.
+
+They follow the job contract of `service.jobqueue` without the engine: report progress in the
+job's meta, honour a cancel request, check the expected parent, publish a tiny version through the
+store and return `{"version", "metrics"}`. The store folder comes from `CRISPEDIT_TEST_STORE`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from rq import get_current_job
+from safetensors.numpy import save_file
+
+from curvature_store import Conflict, Store
+
+ORDER_KEY = "test:order"  # a Redis list of job ids in the order their edits ran
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before it published anything."""
+
+
+def _progress(job, **progress) -> None:
+    job.get_meta(refresh=True)  # merge: never overwrite the API's cancel flag
+    job.meta["progress"] = progress
+    job.save_meta()
+
+
+def apply_edit(payload: dict) -> dict:
+    """Publish a version whose delta is one 2x2 tensor filled with the number of facts."""
+    job = get_current_job()
+    if job.get_meta(refresh=True).get("cancel_requested"):
+        raise JobCancelled("cancelled before it started")
+    job.connection.rpush(ORDER_KEY, job.id)
+    n = len(payload["facts"])
+    _progress(job, phase="editing", epoch=1, loss=0.5, facts_done=0)
+    store = Store(os.environ["CRISPEDIT_TEST_STORE"])
+    model, stream = payload["model"], payload["stream"]
+    head = store.head(model, stream)
+    if payload["check_parent"] and payload["parent_version"] != head:
+        raise Conflict(f"stream {model}/{stream} has head {head}", head=head)
+    stage = store.staging_dir()
+    save_file(
+        {"layer.weight": np.full((2, 2), float(n), dtype=np.float32)}, stage / "d.safetensors"
+    )
+    doc = store.create_version(
+        model,
+        stream,
+        head,
+        {"delta.safetensors": stage / "d.safetensors"},
+        {"facts": payload["facts"], "method": "ft", "metrics": {"n_edits": n, "efficacy": 1.0}},
+    )
+    _progress(job, phase="done", epoch=1, loss=0.01, facts_done=n)
+    return {"version": doc["id"], "metrics": {"n_edits": n, "efficacy": 1.0}}
+
+
+def fail_edit(payload: dict) -> dict:
+    """Fail the way an engine error would: an exception with a one-line message."""
+    raise ValueError("the edit diverged: loss is nan at epoch 3")

@@ -1,0 +1,175 @@
+"""Streams, versions and deltas against a real store: lists, manifests, downloads, rollback."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from api_helpers import AUTH, AUTH_TINY, make_version
+from safetensors.numpy import load
+
+from curvature_store.store import DELTA_FILE
+
+
+@pytest.fixture
+def three(store) -> list[str]:
+    """Three versions on tiny/main, oldest first; the third changes a layer's values only."""
+    return [make_version(store, "tiny", "main", value)["id"] for value in (1.0, 0.5, -0.25)]
+
+
+def test_versions_newest_first_with_head_and_lineage(client, store, three):
+    response = client.get("/v1/streams/tiny/main/versions", headers=AUTH)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["head"] == three[2]
+    assert [v["id"] for v in body["versions"]] == three[::-1]
+    assert [v["head"] for v in body["versions"]] == [True, False, False]
+    assert all(v["in_lineage"] for v in body["versions"])
+    newest = body["versions"][0]
+    assert (newest["number"], newest["parent"], newest["n_facts"]) == (3, three[1], 1)
+    assert newest["delta"] == store.manifest(three[2])["files"][DELTA_FILE]
+
+
+def test_unknown_or_malformed_streams(client, three):
+    assert client.get("/v1/streams/tiny/nope/versions", headers=AUTH).status_code == 404
+    assert client.get("/v1/streams/gpt-9/main/versions", headers=AUTH).status_code == 404
+    bad = client.get("/v1/streams/tiny/a..b/versions", headers=AUTH)
+    assert bad.status_code == 400
+    assert (bad.json()["error"]["code"], bad.json()["error"]["field"]) == ("invalid_name", "stream")
+    encoded = client.get("/v1/streams/%2E%2E/main/versions", headers=AUTH)
+    assert (encoded.status_code, encoded.json()["error"]["field"]) == (400, "model")
+
+
+def test_version_manifest(client, store, three):
+    response = client.get(f"/v1/versions/{three[0]}", headers=AUTH)
+    assert response.status_code == 200
+    assert response.json() == store.manifest(three[0])
+    missing = "v" + "0" * 26
+    assert client.get(f"/v1/versions/{missing}", headers=AUTH).status_code == 404
+    malformed = client.get("/v1/versions/v123", headers=AUTH)
+    assert (malformed.status_code, malformed.json()["error"]["field"]) == (400, "version_id")
+
+
+def test_versions_of_a_forbidden_model_are_404(client, store):
+    version = make_version(store, "other", "main", 1.0)["id"]
+    assert client.get(f"/v1/versions/{version}", headers=AUTH_TINY).status_code == 404
+    assert client.get(f"/v1/versions/{version}/delta", headers=AUTH_TINY).status_code == 404
+    assert client.get(f"/v1/versions/{version}", headers=AUTH).status_code == 200
+
+
+def test_delta_download_with_etag_and_304(client, store, three):
+    record = store.manifest(three[1])["files"][DELTA_FILE]
+    response = client.get(f"/v1/versions/{three[1]}/delta", headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["etag"] == f'"{record["sha256"]}"'
+    assert int(response.headers["content-length"]) == record["bytes"] == len(response.content)
+    assert hashlib.sha256(response.content).hexdigest() == record["sha256"]
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert load(response.content)["layer.weight"][0, 0] == np.float32(0.5)
+
+    for tag in (f'"{record["sha256"]}"', f'W/"{record["sha256"]}", "x"', "*"):
+        cached = client.get(
+            f"/v1/versions/{three[1]}/delta", headers={**AUTH, "If-None-Match": tag}
+        )
+        assert cached.status_code == 304 and cached.content == b""
+        assert cached.headers["etag"] == response.headers["etag"]
+    stale = client.get(f"/v1/versions/{three[1]}/delta", headers={**AUTH, "If-None-Match": '"x"'})
+    assert stale.status_code == 200
+
+
+def test_cumulative_delta_is_the_store_sum_bitwise(client, store, settings, three):
+    url = f"/v1/versions/{three[2]}/delta?against=base"
+    response = client.get(url, headers=AUTH)
+    assert response.status_code == 200
+    sha = hashlib.sha256(response.content).hexdigest()
+    assert response.headers["etag"] == f'"{sha}"'
+    assert int(response.headers["content-length"]) == len(response.content)
+
+    expected = store.cumulative_delta(three[2])
+    got = load(response.content)
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype == np.float32
+        assert got[name].tobytes() == tensor.tobytes()  # bitwise, not approximately
+
+    again = client.get(url, headers=AUTH)  # from the cache this time
+    assert again.content == response.content
+    assert list(settings.cumulative_cache_dir.glob("*.safetensors"))
+    cached = client.get(url, headers={**AUTH, "If-None-Match": f'"{sha}"'})
+    assert cached.status_code == 304
+    bad = client.get(f"/v1/versions/{three[2]}/delta?against=head", headers=AUTH)
+    assert (bad.status_code, bad.json()["error"]["field"]) == (422, "against")
+
+
+def test_rollback_moves_the_head_and_keeps_the_versions(client, store, three):
+    url = "/v1/streams/tiny/main/rollback"
+    stale = client.post(url, json={"version": three[0], "expected_head": three[1]}, headers=AUTH)
+    assert stale.status_code == 409
+    assert (stale.json()["error"]["code"], stale.json()["error"]["head"]) == (
+        "stale_head",
+        three[2],
+    )
+
+    moved = client.post(url, json={"version": three[0], "expected_head": three[2]}, headers=AUTH)
+    assert moved.status_code == 200
+    assert (moved.json()["head"], moved.json()["count"]) == (three[0], 1)
+    assert store.head("tiny", "main") == three[0]
+    listed = client.get("/v1/streams/tiny/main/versions", headers=AUTH).json()["versions"]
+    assert [(v["id"], v["in_lineage"], v["head"]) for v in listed] == [
+        (three[2], False, False),
+        (three[1], False, False),
+        (three[0], True, True),
+    ]
+
+    # a version rolled back past is no longer an ancestor of the head
+    forward = client.post(url, json={"version": three[2]}, headers=AUTH)
+    assert (forward.status_code, forward.json()["error"]["field"]) == (409, "version")
+    base = client.post(url, json={"version": None}, headers=AUTH)
+    assert base.status_code == 200 and base.json()["head"] is None
+
+
+def test_rollback_refusals(client, store, three):
+    url = "/v1/streams/tiny/main/rollback"
+    missing = client.post(url, json={"version": "v" + "f" * 26}, headers=AUTH)
+    assert (missing.status_code, missing.json()["error"]["field"]) == (404, "version")
+    malformed = client.post(url, json={"version": "../x"}, headers=AUTH)
+    assert (malformed.status_code, malformed.json()["error"]["field"]) == (422, "version")
+    no_field = client.post(url, json={}, headers=AUTH)
+    assert (no_field.status_code, no_field.json()["error"]["field"]) == (422, "version")
+    nostream = client.post("/v1/streams/tiny/x/rollback", json={"version": None}, headers=AUTH)
+    assert nostream.status_code == 404
+    assert store.head("tiny", "main") == three[2]
+
+
+def test_models_list_streams_and_curvature(client, store, tmp_path, three):
+    # curvature for the model's base fingerprint, as the engine files it
+    base_fp = "f" * 64
+    make_version(store, "tiny", "side", 1.0)
+    path = tmp_path / "curvature.safetensors"
+    path.write_bytes(b"not parsed by the API")
+    fields = {
+        "model_fingerprint": base_fp,
+        "layers": ["model.layers.1.mlp.down_proj"],
+        "corpus_digest": "c" * 64,
+        "tokens": 1000,
+        "labels": "empirical",
+        "kind": "kfac",
+        "format_version": 1,
+    }
+    key = store.put_curvature(path, fields)["key"]
+
+    models = client.get("/v1/models", headers=AUTH).json()["models"]
+    assert [m["name"] for m in models] == ["other", "tiny"]
+    tiny = models[1]
+    assert tiny["layers"] == ["model.layers.1.mlp.down_proj"]
+    assert tiny["queue"] == "crispedit:tiny"
+    assert {(s["stream"], s["head"]) for s in tiny["streams"]} >= {("main", three[2])}
+    # no version records this fingerprint, so it is not matched yet
+    assert tiny["curvature_status"] == "none"
+
+    client.app.state.settings.models["tiny"].fingerprint = base_fp
+    tiny = client.get("/v1/models", headers=AUTH_TINY).json()["models"]
+    assert [m["name"] for m in tiny] == ["tiny"]
+    assert tiny[0]["curvature_status"] == "cached"
+    assert [c["key"] for c in tiny[0]["curvature"]] == [key]
