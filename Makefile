@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   set up, then edit SmolLM2 on three facts and show before/after answers
+#   make demo   set up, then Redis + API + one worker on SmolLM2: post 3 fact edits, poll the job,
+#               download the delta, show the model's answers before and after
 #   make test   set up, then lint and run the whole test suite (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/crispedit demo
+	$(PY) scripts/demo.py
 
 lint: setup
 	$(VENV)/bin/ruff format --check .
