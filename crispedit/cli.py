@@ -323,6 +323,72 @@ def cmd_worker(args) -> None:
     )  # fmt: skip
 
 
+@contextmanager
+def api_client(args):
+    """A client of the API at `--api` with `--key`; API and connection errors become CLIErrors."""
+    import httpx
+
+    from service.client import ApiError, CrispEditClient
+
+    if not args.key:
+        raise CLIError("no API key: pass --key or set CRISPEDIT_API_KEY")
+    try:
+        with CrispEditClient(args.api, args.key) as client:
+            yield client
+    except ApiError as err:
+        raise CLIError(f"API: {err}") from err
+    except httpx.HTTPError as err:
+        raise CLIError(f"cannot reach the API at {args.api}: {err}") from err
+
+
+def _show_progress(job: dict) -> None:
+    p = job.get("progress") or {}
+    epoch = (
+        f" epoch {p['epoch']}/{p.get('epochs', '?')} loss {p['loss']:.4f}" if "epoch" in p else ""
+    )
+    print(f"{job['status']:<9} {p.get('phase', '')}{epoch}", file=sys.stderr, flush=True)
+
+
+def _job_summary(job: dict) -> str:
+    if job["status"] == "succeeded":
+        return f"job {job['job_id']} succeeded: version {job['version']}, metrics {job['metrics']}"
+    if job["status"] in ("failed", "cancelled"):
+        return f"job {job['job_id']} {job['status']}: {job.get('error')}"
+    return f"job {job['job_id']} {job['status']}"
+
+
+def cmd_submit(args) -> None:
+    from crispedit.facts import fact_to_record, load_facts
+
+    facts = [fact_to_record(f) for f in load_facts(args.facts, limit=args.limit)]
+    options = {k: v for k, v in (("method", args.method), ("gamma", args.gamma)) if v is not None}
+    with api_client(args) as client:
+        accepted = client.submit(
+            args.model, facts, args.stream, args.parent, options, args.idempotency_key
+        )
+        print(f"submitted {len(facts)} facts: job {accepted['job_id']}", flush=True)
+        if args.wait:
+            job = client.wait(accepted["job_id"], timeout=args.timeout, on_progress=_show_progress)
+            print(_job_summary(job))
+            if job["status"] != "succeeded":
+                raise CLIError(f"job {job['status']}: {job.get('error')}")
+
+
+def cmd_status(args) -> None:
+    with api_client(args) as client:
+        if args.wait:
+            job = client.wait(args.job, timeout=args.timeout, on_progress=_show_progress)
+        else:
+            job = client.job(args.job)
+    print(_job_summary(job))
+
+
+def cmd_download(args) -> None:
+    with api_client(args) as client:
+        path = client.download_delta(args.version, args.out, against=args.against)
+    print(f"delta of {args.version} against {args.against} -> {path} (sha256 verified)")
+
+
 def cmd_demo(args) -> None:
     from crispedit.demo import run_demo
 
@@ -436,6 +502,36 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default="cpu")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=cmd_worker)
+
+    def api_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--api", default=os.environ.get("CRISPEDIT_API_URL", "http://127.0.0.1:8000")
+        )
+        p.add_argument("--key", default=os.environ.get("CRISPEDIT_API_KEY"), help="or env")
+        p.add_argument("--timeout", type=float, default=3600.0, help="seconds for --wait")
+        return p
+
+    submit = api_parser("submit", "post fact edits to the API")
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--facts", required=True)
+    submit.add_argument("--limit", type=int)
+    submit.add_argument("--stream", default="main")
+    submit.add_argument("--parent", help="expected head version")
+    submit.add_argument("--method", choices=[*ALIASES, *METHODS])
+    submit.add_argument("--gamma", type=float)
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--wait", action="store_true", help="poll until the job ends")
+    submit.set_defaults(func=cmd_submit)
+    status = api_parser("status", "show (or --wait for) a job")
+    status.add_argument("job")
+    status.add_argument("--wait", action="store_true")
+    status.set_defaults(func=cmd_status)
+    download = api_parser("download", "download a version's delta")
+    download.add_argument("version")
+    download.add_argument("--out", required=True, help="a .safetensors file")
+    download.add_argument("--against", choices=["parent", "base"], default="parent")
+    download.set_defaults(func=cmd_download)
 
     demo = sub.add_parser("demo", help="edit SmolLM2 on three facts and show before/after")
     demo.add_argument("--model", default="smollm2")

@@ -1,0 +1,165 @@
+"""A small typed client of the CrispEdit API (httpx; no torch).
+
+    client = CrispEditClient("http://127.0.0.1:8000", api_key)
+    fact = {"subject": "Eiffel Tower", "relation": "P17", "target": "Italy"}
+    job = client.submit("smollm2", [fact])
+    done = client.wait(job["job_id"])
+    client.download_delta(done["version"], "delta.safetensors")
+
+Every non-2xx answer raises `ApiError` with the API's error code, message and field. Downloads are
+streamed to a temp file, checked against the ETag (the file's sha256) and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(Exception):
+    """An error answer of the API: HTTP status, error code, message and the offending field."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(f"{status} {code}: {message}" + (f" (field {field})" if field else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+class CrispEditClient:
+    """Submit edits, follow jobs, list versions and download deltas of one API server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> CrispEditClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        _raise_for_error(response)
+        return response.json()
+
+    def submit(
+        self,
+        model: str,
+        facts: list[dict],
+        stream: str = "main",
+        parent_version: str | None = None,
+        options: dict | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
+        """POST /v1/edits; returns `{job_id, url, ...}`. `parent_version` makes it conditional."""
+        body: dict[str, Any] = {"model": model, "stream": stream, "facts": facts}
+        if parent_version is not None:
+            body["parent_version"] = parent_version
+        if options:
+            body["options"] = options
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/edits", json=body, headers=headers)
+
+    def job(self, job_id: str) -> dict:
+        """GET /v1/jobs/{id}: status, progress, timings, version and metrics or error."""
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 3600.0,
+        poll_s: float = 0.5,
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> dict:
+        """Poll a job until it ends (or `timeout` passes: TimeoutError); returns its last view."""
+        deadline, last = time.monotonic() + timeout, None
+        while True:
+            job = self.job(job_id)
+            seen = (job["status"], repr(job.get("progress")))
+            if on_progress is not None and seen != last:
+                on_progress(job)
+            last = seen
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f} s")
+            time.sleep(poll_s)
+
+    def cancel(self, job_id: str) -> dict:
+        """POST /v1/jobs/{id}/cancel."""
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def versions(self, model: str, stream: str = "main") -> dict:
+        """GET /v1/streams/{model}/{stream}/versions, newest first."""
+        return self._call("GET", f"/v1/streams/{model}/{stream}/versions")
+
+    def version(self, version_id: str) -> dict:
+        """GET /v1/versions/{id}: the manifest."""
+        return self._call("GET", f"/v1/versions/{version_id}")
+
+    def rollback(
+        self, model: str, stream: str, version: str | None, expected_head: str | None = None
+    ) -> dict:
+        """POST /v1/streams/{model}/{stream}/rollback to `version` (None: the base model)."""
+        body: dict[str, Any] = {"version": version}
+        if expected_head is not None:
+            body["expected_head"] = expected_head
+        return self._call("POST", f"/v1/streams/{model}/{stream}/rollback", json=body)
+
+    def download_delta(self, version_id: str, out: str | Path, against: str = "parent") -> Path:
+        """Stream a version's delta to `out`, verified against its ETag (sha256), atomically."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = {"against": "base"} if against == "base" else {}
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        try:
+            with (
+                os.fdopen(fd, "wb") as f,
+                self.http.stream("GET", f"/v1/versions/{version_id}/delta", params=params) as r,
+            ):
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_error(r)
+                digest = hashlib.sha256()
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                expected = r.headers.get("etag", "").strip('"')
+            if expected and expected != digest.hexdigest():
+                raise ApiError(r.status_code, "checksum_mismatch", "download does not match ETag")
+            os.replace(tmp, out)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return out
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+        raise ApiError(response.status_code, error["code"], error["message"], error.get("field"))
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(response.status_code, "http_error", response.text[:200]) from None
