@@ -318,8 +318,8 @@ def cmd_worker(args) -> None:
 
     run_worker(
         args.model_name or store_model_name(args), args.store, args.redis, burst=args.burst,
-        model_path=args.model, corpus=args.corpus, tokens=args.tokens, layers=args.layers,
-        device=args.device,
+        heartbeat_s=args.heartbeat, model_path=args.model, corpus=args.corpus,
+        tokens=args.tokens, layers=args.layers, device=args.device,
     )  # fmt: skip
 
 
@@ -501,6 +501,7 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="curvature tokens")
     worker.add_argument("--device", default="cpu")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--heartbeat", type=float, default=10.0, help="seconds between beats")
     worker.set_defaults(func=cmd_worker)
 
     def api_parser(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -22,9 +22,19 @@ log = logging.getLogger(__name__)
 
 
 class ResidentWorker(SimpleWorker):
-    """A SimpleWorker whose heartbeat keeps beating while a long job runs."""
+    """A SimpleWorker whose heartbeat keeps beating while a long job runs.
+
+    Because it beats every `heartbeat_interval` seconds, a job's heartbeat can expire after three
+    missed beats instead of RQ's job timeout + 60 s: a worker killed mid-job is noticed within
+    half a minute, and RQ's registry cleanup then marks its job failed (never re-queued: the edit
+    may have been half done, so the client decides whether to resubmit). The store is untouched:
+    nothing is published before the edit completes.
+    """
 
     heartbeat_interval: float = HEARTBEAT_S
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        return max(1, round(3 * self.heartbeat_interval))
 
     def execute_job(self, job, queue) -> None:
         execution = self.prepare_execution(job)
@@ -52,6 +62,7 @@ def run_worker(
     store_dir: str,
     redis_url: str = "redis://127.0.0.1:6379/0",
     burst: bool = False,
+    heartbeat_s: float = HEARTBEAT_S,
     **engine_options,
 ) -> bool:
     """Load `model` once, then take jobs from its queue until stopped (or empty, with `burst`)."""
@@ -61,5 +72,6 @@ def run_worker(
     connection = Redis.from_url(redis_url)
     queue = Queue(queue_name(model), connection=connection)
     worker = ResidentWorker([queue], connection=connection)
+    worker.heartbeat_interval = heartbeat_s
     print(f"worker {worker.name} serving {model} on queue {queue.name}", flush=True)
     return worker.work(burst=burst)
