@@ -16,7 +16,7 @@ model resident for any stream of it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import EllipsisType
 
 import torch
@@ -110,13 +110,16 @@ def edit_on_stream(
     beta: float = BETA,
     parent: str | EllipsisType | None = ...,
     curvature_key: str | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
     **editor_options,
 ) -> tuple[dict, Delta]:
     """Apply `facts` on top of the stream head and publish the result as a new version.
 
     `base` holds the unedited weights of the edited layers (`base_weights`). `parent`, when
     given, is the head the caller expects (`None` = the base): anything else raises `Conflict`
-    before any work. Returns the new version's manifest and the delta against its parent.
+    before any work. `evaluate(model)`, when given, is measured at the head and after the edit;
+    both land in the version's metrics. Returns the new version's manifest and the delta against
+    its parent.
     """
     layers = list(base)
     head = store.head(model_name, stream)
@@ -131,6 +134,7 @@ def edit_on_stream(
     cumulative = read_cumulative(store, head)
     state = read_state(store, head)
     set_weights(model, base, cumulative)
+    before = evaluate(model) if evaluate is not None else None
     curvature = None
     if resolve_method(method) != "ft":
         curvature = stream_curvature(capability, state, beta)
@@ -141,6 +145,7 @@ def edit_on_stream(
     delta = editor.edit(facts)
     cumulative = accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
+    after = evaluate(model) if evaluate is not None else None
     state = state.plus(edit_set_factors(model, tokenizer, layers, facts))
 
     stage = store.staging_dir()
@@ -163,6 +168,8 @@ def edit_on_stream(
         },
         "edit_tokens": state.tokens,
     }
+    if evaluate is not None:
+        manifest["metrics"]["evaluation"] = {"before": before, "after": after}
     files = {DELTA_FILE: stage / DELTA_FILE, STATE_FILE: stage / STATE_FILE}
     return store.create_version(model_name, stream, head, files, manifest), delta
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from crispedit.corpus import read_documents
 from crispedit.curvature import Curvature, plan_curvature
+from crispedit.evaluate import perplexity
 from crispedit.facts import parse_facts
 from crispedit.models import load_model, parse_layers
 from crispedit.projector import resolve_method
@@ -18,6 +20,7 @@ from crispedit.streams import base_weights, cached_curvature, edit_on_stream
 from curvature_store import Store
 
 CURVATURE_TOKENS = 20_000
+EVAL_TOKENS = 2048
 
 
 class JobCancelled(Exception):
@@ -63,6 +66,11 @@ class Engine:
 
         set_weights(self.model, self.base, {})
 
+    def evaluate(self, model) -> dict:
+        """Capability on held-out text (never the curvature corpus): perplexity over 2k tokens."""
+        heldout = read_documents("wikitext-heldout")
+        return {"heldout_ppl": perplexity(model, self.tokenizer, heldout, EVAL_TOKENS)}
+
     def apply(
         self,
         request: dict,
@@ -92,12 +100,14 @@ class Engine:
                 raise JobCancelled("cancelled by request; no version was published")
             report({"phase": "edit", "facts_total": len(facts), **info})
 
+        evaluate = self.evaluate if options.get("evaluate") else None
         parent = request.get("parent_version") if request.get("check_parent") else ...
         editor_options = {k: options[k] for k in ("gamma", "epochs", "lr") if options.get(k)}
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, method=method, parent=parent,
-            curvature_key=key, progress=False, on_epoch=on_epoch, **editor_options,
+            curvature_key=key, evaluate=evaluate, progress=False, on_epoch=on_epoch,
+            **editor_options,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
         return {

@@ -66,7 +66,9 @@ def run_burst(redis) -> None:
 def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir):
     queue = Queue(jobs.queue_name("tiny"), connection=redis)
     first = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
-    second = queue.enqueue("workers.jobs.apply_edit", request(FACTS[1]), depends_on=first)
+    second = queue.enqueue(
+        "workers.jobs.apply_edit", request(FACTS[1], evaluate=True), depends_on=first
+    )
     assert second.get_status() == JobStatus.DEFERRED
     run_burst(redis)
 
@@ -76,6 +78,10 @@ def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir
     assert (r1["number"], r2["number"]) == (1, 2) and r2["parent"] == r1["version"]
     assert engine.store.head("tiny", "main") == r2["version"]
     assert r2["metrics"]["n_edits"] == 1 and 0 <= r2["metrics"]["efficacy"] <= 1
+    assert "evaluation" not in r1["metrics"]  # only when asked
+    evaluation = r2["metrics"]["evaluation"]
+    assert evaluation["before"]["heldout_ppl"] > 1 and evaluation["after"]["heldout_ppl"] > 1
+    assert evaluation["before"] != evaluation["after"]
     progress = second.get_meta()["progress"]
     assert progress["phase"] == "done" and progress["facts_done"] == 1
 
