@@ -8,13 +8,10 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import uvicorn
-from redis import Redis
+from live import redis_db, serve
 from safetensors.torch import load_file
 
 from crispedit.delta import add_to_weights
@@ -36,26 +33,14 @@ FACTS = [
 
 @pytest.fixture
 def stack(tmp_path, tiny_model_dir):
-    redis = Redis.from_url(REDIS_URL)
-    redis.flushdb()
     settings = Settings(
         redis_url=REDIS_URL,
         store_dir=tmp_path / "store",
         api_keys={hash_key(KEY): {"name": "e2e", "models": ["tiny"]}},
         models={"tiny": {}},
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    yield url, settings
-    server.should_exit = True
-    thread.join(timeout=10)
-    redis.flushdb()
+    with redis_db(REDIS_URL), serve(create_app(settings)) as url:
+        yield url, settings
 
 
 def run_workers(n: int, tiny_model_dir, settings) -> None:

@@ -7,14 +7,10 @@ the other test folders' (tests/crispedit/test_streams.py exists).
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
-import uvicorn
 from api_helpers import KEY_ALL, KEY_TINY, REDIS_URL
 from fastapi.testclient import TestClient
-from redis import Redis
+from live import redis_db, serve
 
 from curvature_store import Store
 from service.config import Settings
@@ -25,15 +21,8 @@ from service.main import create_app
 @pytest.fixture
 def redis():
     """A client on Redis database 15, empty before and after the test."""
-    conn = Redis.from_url(REDIS_URL)
-    try:
-        conn.ping()
-    except Exception:
-        pytest.fail("Redis must run on 127.0.0.1:6379 (see .ci/run)")
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
-    conn.close()
+    with redis_db(REDIS_URL) as connection:
+        yield connection
 
 
 @pytest.fixture
@@ -73,15 +62,5 @@ def store(settings) -> Store:
 @pytest.fixture
 def live_server(settings):
     """A real uvicorn server on a free port of 127.0.0.1 in a thread; yields its base URL."""
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve(create_app(settings)) as url:
+        yield url

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import torch
-from redis import Redis
+from live import redis_db
 from rq import Queue
 from rq.job import Job, JobStatus
 
@@ -27,14 +27,8 @@ FACTS = [
 
 @pytest.fixture
 def redis():
-    connection = Redis.from_url(REDIS_URL)
-    try:
-        connection.ping()
-    except Exception:
-        pytest.fail("these tests need Redis at 127.0.0.1:6379 (.ci/run starts it)")
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
+    with redis_db(REDIS_URL) as connection:
+        yield connection
 
 
 @pytest.fixture
