@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature, LayerCurvature, collect_curvature
 from crispedit.delta import Delta, add_to_weights
 from crispedit.facts import Fact
-from crispedit.models import get_layers, model_fingerprint
+from crispedit.models import get_layers
 from crispedit.targets import encode_pair
 
 BETA = 1.0
@@ -83,8 +84,6 @@ def edit_set_factors(
     model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact]
 ) -> StreamState:
     """K-FAC sums of the `prompt target` texts of `facts` on the model as it is now."""
-    from crispedit.corpus import pad_batches
-
     sequences = [encode_pair(tokenizer, f.prompt, f.target)[0] for f in facts]
     curvature = collect_curvature(
         model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH), progress=False
@@ -128,8 +127,3 @@ def accumulate(cumulative: dict[str, torch.Tensor], delta: Delta) -> dict[str, t
     for key, d in delta.tensors.items():
         out[key] = out[key] + d if key in out else d.clone()
     return out
-
-
-def weights_fingerprint(model: nn.Module, base: dict[str, torch.Tensor]) -> str:
-    """Fingerprint of the model over the stream's edited layers."""
-    return model_fingerprint(model, list(base))

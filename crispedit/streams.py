@@ -37,7 +37,7 @@ from crispedit.sequential import (
     set_weights,
     stream_curvature,
 )
-from curvature_store import Store, StoreError
+from curvature_store import Conflict, Store, StoreError
 
 STATE_FILE = "state.safetensors"
 
@@ -124,8 +124,6 @@ def edit_on_stream(
     layers = list(base)
     head = store.head(model_name, stream)
     if parent is not ... and parent != head:
-        from curvature_store import Conflict
-
         raise Conflict(f"stream head is {head or 'base'}, not {parent or 'base'}", head=head)
     set_weights(model, base, {})
     base_fingerprint = model_fingerprint(model, layers)

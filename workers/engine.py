@@ -16,6 +16,7 @@ from crispedit.evaluate import perplexity
 from crispedit.facts import parse_facts
 from crispedit.models import load_model, parse_layers
 from crispedit.projector import resolve_method
+from crispedit.sequential import set_weights
 from crispedit.streams import base_weights, cached_curvature, edit_on_stream
 from curvature_store import Store
 
@@ -62,8 +63,6 @@ class Engine:
         return self._curvature[kind]
 
     def set_weights_to_base(self) -> None:
-        from crispedit.sequential import set_weights
-
         set_weights(self.model, self.base, {})
 
     def evaluate(self, model) -> dict:
