@@ -3,12 +3,20 @@
 RQ's default worker forks a child per job, which would reload the model every time; the
 `SimpleWorker` runs jobs in-process but only beats its heartbeat between jobs, so a long edit would
 be declared dead. `ResidentWorker` keeps the model and beats from a thread while a job runs.
+
+RQ 3 releases a finished job's dependents in two steps: a transaction moves them to the queue's
+ReadyJobRegistry, then a WATCH-guarded push puts them on the queue. When two workers finish jobs
+at the same moment, one push loses the WATCH race and RQ leaves that job in the registry until its
+next maintenance pass (every 10 minutes), which would stall a stream. `ResidentWorker` drains the
+ready registries itself, after every job and every couple of seconds while it waits.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 
 from redis import Redis
 from rq import Queue, SimpleWorker
@@ -18,6 +26,7 @@ from workers.engine import Engine
 from workers.jobs import queue_name, register
 
 HEARTBEAT_S = 10.0
+READY_SWEEP_S = 2.0
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +41,43 @@ class ResidentWorker(SimpleWorker):
     """
 
     heartbeat_interval: float = HEARTBEAT_S
+    ready_sweep_interval: float = READY_SWEEP_S
+
+    def work(self, *args, **kwargs) -> bool:
+        stop = threading.Event()
+
+        def sweep() -> None:
+            while not stop.wait(self.ready_sweep_interval):
+                try:
+                    self.drain_ready()
+                except Exception:  # Redis away for a moment: the next sweep retries
+                    log.exception("ready-registry sweep failed")
+
+        sweeper = threading.Thread(target=sweep, name="ready-sweep", daemon=True)
+        sweeper.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            stop.set()
+            sweeper.join()
+
+    def drain_ready(self, tries: int = 20) -> int:
+        """Push the jobs left in this worker's queues' ready registries onto the queues.
+
+        RQ's push skips a job whose registry entry changed under WATCH (another worker pushed a
+        job meanwhile), so this retries, with a short random pause, until the registries are empty
+        or `tries` passes ran. Returns how many jobs this call pushed.
+        """
+        pushed = 0
+        for _ in range(tries):
+            registries = [queue.ready_job_registry for queue in self.queues]
+            waiting = [r for r in registries if r.get_job_count(cleanup=False)]
+            if not waiting:
+                break
+            for registry in waiting:
+                pushed += len(registry.cleanup())
+            time.sleep(random.uniform(0.0, 0.05))
+        return pushed
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return max(1, round(3 * self.heartbeat_interval))
@@ -54,6 +100,7 @@ class ResidentWorker(SimpleWorker):
         finally:
             stop.set()
             beater.join()
+        self.drain_ready()  # the successor this job released, if RQ's own push lost a race
         self.set_state(WorkerStatus.IDLE)
 
 

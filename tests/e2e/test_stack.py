@@ -63,12 +63,6 @@ def workers(n: int, tiny_model_dir, settings):
                 p.kill()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, under investigation: in about one run of three, one of the six jobs "
-    "never finishes with two worker processes (seen in CI; the stream chaining or RQ "
-    "dependency release under concurrent workers is suspect)",
-)
 def test_submit_run_download_apply(stack, tiny_model_dir):
     url, settings = stack
     client = CrispEditClient(url, KEY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -167,3 +168,51 @@ def test_a_request_for_another_model_fails_clearly(redis, engine):
     job = Job.fetch(job.id, connection=redis)
     assert job.get_status() == JobStatus.FAILED
     assert "no resident engine" in job.latest_result().exc_string
+
+
+def park_in_ready(redis, queue: Queue, job: Job) -> None:
+    """Leave `job` where RQ 3 leaves a released dependent whose push lost a WATCH race: in the
+    ready registry, off the queue list."""
+    with redis.pipeline() as pipe:
+        pipe.watch(queue.ready_job_registry.key)
+        pipe.multi()
+        queue.ready_job_registry.register_jobs([job], pipeline=pipe)
+        pipe.execute()
+
+
+def test_a_released_job_left_in_the_ready_registry_still_runs(redis, engine):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    first = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0], stream="a"))
+    blocker = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0], stream="x"))
+    parked = queue.enqueue(
+        "workers.jobs.apply_edit", request(FACTS[1], stream="b"), depends_on=blocker
+    )
+    queue.remove(blocker)  # stands for another worker's job that has just ended
+    park_in_ready(redis, queue, parked)
+    assert parked.get_status() == JobStatus.READY_TO_ENQUEUE
+    assert parked.id not in queue.job_ids
+
+    worker = ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}")
+    worker.last_cleaned_at = datetime.now(timezone.utc)  # RQ's own recovery is minutes away
+    worker.work(burst=True)  # runs `first`; draining after it puts `parked` on the queue
+
+    assert Job.fetch(first.id, connection=redis).get_status() == JobStatus.FINISHED
+    assert Job.fetch(parked.id, connection=redis).get_status() == JobStatus.FINISHED
+    assert engine.store.head("tiny", "b") is not None
+
+
+def test_drain_ready_pushes_every_parked_job_once(redis):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    blocker = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
+    parked = [
+        queue.enqueue("workers.jobs.apply_edit", request(f, stream=s), depends_on=blocker)
+        for f, s in zip(FACTS, "ab", strict=True)
+    ]
+    queue.remove(blocker)
+    for job in parked:
+        park_in_ready(redis, queue, job)
+    worker = ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}")
+    assert worker.drain_ready() == 2
+    assert worker.drain_ready() == 0
+    assert sorted(queue.job_ids) == sorted(j.id for j in parked)
+    assert all(j.get_status() == JobStatus.QUEUED for j in parked)
