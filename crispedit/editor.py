@@ -8,6 +8,10 @@ epoch's mean loss is below 0.01.
 
     editor = CrispEditor(model, tokenizer, curvature, gamma=0.9)
     delta = editor.edit(facts)      # the model now holds the edit; delta.report has the metrics
+
+Each step computes the same loss as a full forward, but cheaper where the model allows it
+(`fast=True`, crispedit.prefix): the frozen blocks below the lowest edited one run once per edit,
+and the vocabulary projection only at the target positions.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from crispedit.models import (
     parse_layers,
     trainable_only,
 )
+from crispedit.prefix import FastForward
 from crispedit.projector import GAMMA, build_projector, resolve_method
 from crispedit.targets import target_batches, target_loss
 
@@ -38,6 +43,12 @@ BATCH_SIZE = 32
 EPOCHS = 25
 LOSS_STOP = 0.01  # skip a batch, and stop after an epoch, below this loss
 SEED = 0
+# What the projector is applied to. "gradient": the gradient before each Adam step (the reference
+# recipe); Adam then rescales each coordinate, so part of every step leaks into blocked
+# directions. "update": the gradient and also each step's weight change, so the whole edit stays
+# in the kept subspace.
+PROJECT = "gradient"
+PROJECT_CHOICES = ("gradient", "update")
 
 
 class CrispEditor:
@@ -47,7 +58,10 @@ class CrispEditor:
     after job. `method` is `crispedit` (our default), `kfac`, `ekfac`, `nullspace` or `ft`; `ft`
     needs no curvature. `layers` defaults to the curvature's layers (or the model's default block).
     `on_epoch` is called after every epoch with `{epoch, epochs, loss}` (a worker's progress and
-    cancellation hook: an exception it raises aborts the edit).
+    cancellation hook: an exception it raises aborts the edit). `fast` (default) computes each
+    step's loss from the lowest edited block up and the logits only at the target positions,
+    where the architecture allows (crispedit.prefix); `fast=False` runs the full model, as does
+    a model in training mode. Both give the same edit up to float rounding.
     """
 
     def __init__(
@@ -64,11 +78,18 @@ class CrispEditor:
         seed: int = SEED,
         progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None,
+        fast: bool = True,
+        project: str = PROJECT,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.method_name, self.method = method, resolve_method(method)
         self.gamma, self.lr, self.batch_size, self.epochs = gamma, lr, batch_size, epochs
         self.seed, self.progress, self.on_epoch = seed, progress, on_epoch
+        if project not in PROJECT_CHOICES:
+            raise ValueError(
+                f"project must be one of {', '.join(PROJECT_CHOICES)}, not {project!r}"
+            )
+        self.project = project
         if self.method != "ft" and curvature is None:
             raise ValueError(f"method {method!r} needs curvature (only 'ft' edits without)")
         if layers is None and curvature is not None:
@@ -84,6 +105,7 @@ class CrispEditor:
             for name in self.layers:
                 P = build_projector(curvature.layers[name], self.method, gamma)
                 self.projectors[name] = P.to(device)
+        self.fast = FastForward.plan(model, self.layers) if fast else None
 
     def _log(self, message: str) -> None:
         if self.progress:
@@ -97,6 +119,23 @@ class CrispEditor:
             # the (d_out, d_in) view of the gradient, as weight_matrix gives of the weight
             G = module.weight.grad.T if is_conv1d(module) else module.weight.grad
             G.copy_(P(G))
+
+    @torch.no_grad()
+    def _project_updates(self, before_step: dict[str, torch.Tensor]) -> None:
+        for name, P in self.projectors.items():
+            W = self.modules[name].weight
+            step = W - before_step[name]
+            if is_conv1d(self.modules[name]):
+                W.copy_(before_step[name] + P(step.T).T)
+            else:
+                W.copy_(before_step[name] + P(step))
+
+    def _loss(self, batch, fast: FastForward | None, prefix, rows: list[int]) -> torch.Tensor:
+        """The batch's `target_loss`: by the fast forward when there is one, else the full one."""
+        if fast is not None:
+            return fast.loss(batch, prefix, rows)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return target_loss(logits.logits, batch["labels"])
 
     def edit(self, facts: Sequence[Fact]) -> Delta:
         """Edit the model in place so it completes each fact's prompt with its target.
@@ -118,18 +157,21 @@ class CrispEditor:
         order = torch.Generator().manual_seed(self.seed)  # facts are reshuffled every epoch
         params = [m.weight for m in self.modules.values()]
         losses = []
+        # the dropout of a model in training mode cannot be cached: full forward then
+        fast = self.fast if self.fast is not None and not self.model.training else None
+        # per fact: the hidden states entering the lowest edited block (frozen, so fixed)
+        prefix = fast.prefix_states(self.tokenizer, pairs, self.batch_size) if fast else None
         with trainable_only(self.model, params):
             optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=0.0)
             for epoch in range(1, self.epochs + 1):
                 batch_losses, skipped = [], 0
-                shuffled = [pairs[i] for i in torch.randperm(len(pairs), generator=order)]
+                perm = torch.randperm(len(pairs), generator=order).tolist()
+                shuffled = [pairs[i] for i in perm]
                 batches = list(target_batches(self.tokenizer, shuffled, self.batch_size))
-                for batch in batches:
+                for b, batch in enumerate(batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    logits = self.model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
-                    loss = target_loss(logits, batch["labels"])
+                    rows = perm[b * self.batch_size : (b + 1) * self.batch_size]
+                    loss = self._loss(batch, fast, prefix, rows)
                     batch_losses.append(loss.item())
                     if batch_losses[-1] < LOSS_STOP:
                         skipped += 1
@@ -137,7 +179,13 @@ class CrispEditor:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self._project_gradients()
+                    if self.project == "update":
+                        before_step = {
+                            n: m.weight.detach().clone() for n, m in self.modules.items()
+                        }
                     optimizer.step()
+                    if self.project == "update":
+                        self._project_updates(before_step)
                 losses.append(sum(batch_losses) / len(batch_losses))
                 self._log(
                     f"epoch {epoch:2d}/{self.epochs}  loss {losses[-1]:.4f}  "
@@ -169,6 +217,7 @@ class CrispEditor:
             "lr": self.lr,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "project": self.project,
         }
         report = {
             **meta,

@@ -160,7 +160,7 @@ def edit_on_stream(
         "base_fingerprint": base_fingerprint,
         "weights_fingerprint": model_fingerprint(model, layers),
         "curvature_key": curvature_key,
-        "options": {k: report[k] for k in ("lr", "batch_size", "seed")},
+        "options": {k: report[k] for k in ("lr", "batch_size", "seed", "project")},
         "metrics": {
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },

@@ -55,6 +55,21 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq - 1) mask of the positions whose prediction is scored: t-1 for each target t.
+
+    `logits[:, :-1][mask]` with `labels[:, 1:][mask]` is exactly what `target_loss` and
+    `target_hits` read, so a model may compute logits at those rows only.
+    """
+    return labels[:, 1:] != IGNORE
+
+
+def target_loss_at(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """`target_loss` from the logits at the target positions only: `(n, vocab)` against the
+    `(n,)` target tokens (see `target_positions`)."""
+    return torch.nn.functional.cross_entropy(logits.float(), gold)
+
+
 def target_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row: True when every target token is the greedy (argmax) teacher-forced prediction."""
     pred = logits[:, :-1].argmax(-1)

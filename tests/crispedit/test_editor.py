@@ -78,6 +78,35 @@ def test_gradients_are_projected_in_the_weight_layout(setup):
         torch.testing.assert_close(G, expected[name])
 
 
+def _leak(delta, editor) -> float:
+    """The largest share of a layer's delta (Frobenius) that lies in blocked directions."""
+    worst = 0.0
+    for key, D in delta.tensors.items():
+        P = editor.projectors[key.removesuffix(".weight")]
+        D = D if D.shape == P.M.shape else D.T  # GPT-2 Conv1D stores (d_in, d_out)
+        worst = max(worst, float((D - P(D)).norm() / D.norm()))
+    return worst
+
+
+def test_projecting_the_update_keeps_the_whole_delta_in_the_kept_subspace(setup):
+    """Adam rescales the projected gradient per coordinate, so with `project="gradient"` part of
+    the delta leaks into blocked directions; `project="update"` leaves none there."""
+    model, tok, layers, curv = setup
+    base = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
+    options = {"method": "kfac", "gamma": 0.8, "layers": layers, **FAST, "epochs": 5}
+    by_gradient = CrispEditor(model, tok, curv, **options)
+    leak_gradient = _leak(by_gradient.edit(FACTS), by_gradient)
+    with torch.no_grad():
+        for name, module in get_layers(model, layers).items():
+            module.weight.copy_(base[name])
+    by_update = CrispEditor(model, tok, curv, project="update", **options)
+    delta = by_update.edit(FACTS)
+    assert delta.meta["project"] == "update"
+    assert _leak(delta, by_update) < 1e-4 < leak_gradient
+    with pytest.raises(ValueError, match="project must be one of"):
+        CrispEditor(model, tok, curv, project="weights", **options)
+
+
 def test_fully_blocked_projector_does_not_change_predictions(setup):
     """γ = 1 keeps only zero-curvature directions. For Llama there are none (full-rank factors):
     the weights must not move. GPT-2's last block feeds a LayerNorm, which makes the all-ones
