@@ -1,8 +1,9 @@
-"""The `crispedit` command line: build curvature, edit, apply a delta, and a demo.
+"""The `crispedit` command line: build curvature, edit, apply or evaluate a delta, and a demo.
 
     crispedit curvature build --model smollm2 --corpus wikitext --tokens 20000 --out runs/curv
     crispedit edit --model smollm2 --facts facts.json --method crispedit --gamma 0.9 --out runs/e1
     crispedit apply --model smollm2 --delta runs/e1/delta.safetensors --out runs/edited-model
+    crispedit eval --model smollm2 --delta runs/e1 --facts facts.json --json runs/e1/eval.json
     crispedit demo
 
 Every failure is one line on stderr (`crispedit: error: ...`) and exit status 2; a command that
@@ -26,6 +27,8 @@ from crispedit.artifacts import ArtifactError
 from crispedit.corpus import BUILTIN, CorpusError
 from crispedit.curvature import KINDS, LABELS
 from crispedit.delta import DeltaError
+from crispedit.editor import PROJECT, PROJECT_CHOICES
+from crispedit.evaluate import EVAL_TOKENS, RETENTION
 from crispedit.facts import FactsError
 from crispedit.models import ModelError
 from crispedit.projector import ALIASES, GAMMA, METHODS
@@ -269,6 +272,7 @@ def cmd_edit(args) -> None:
             "batch_size": args.batch_size,
             "epochs": args.epochs,
             "seed": args.seed,
+            "project": args.project,
         }
         version = None
         if args.stream is None:
@@ -311,6 +315,67 @@ def cmd_apply(args) -> None:
         tokenizer.save_pretrained(stage)
     action = "reverted" if args.revert else "applied"
     print(f"{action} delta of {len(delta.layers)} layers; wrote the model to {args.out}")
+
+
+def eval_table(result: dict) -> str:
+    """The metrics of `evaluate_edit` as a table: metric | base | edited | n."""
+    rows = []  # (label, base, edited, n, format)
+    for group in ("efficacy", "generalization"):
+        g = result[group]
+        for key, label in (
+            ("teacher_forced", "teacher-forced"),
+            ("generation", "generated"),
+            ("generation_qa", "generated, QA"),
+        ):
+            rows.append((f"{group} ({label})", g["base"][key], g["edited"][key], g["n"], ".3f"))
+    loc, cap = result["locality"], result["capability"]
+    rows += [
+        ("locality (token agreement)", None, loc["token_agreement"], loc["n"], ".3f"),
+        ("locality (neighbours unchanged)", None, loc["unchanged"], loc["n"], ".3f"),
+        ("held-out perplexity", cap["ppl_base"], cap["ppl_edited"], cap["n_tokens"], ".4g"),
+        ("held-out perplexity change %", None, cap["ppl_change_pct"], cap["n_tokens"], "+.3f"),
+        ("held-out KL(base‖edited)/token", None, cap["kl"], cap["n_tokens"], ".3g"),
+    ]
+    for key, label in (("fact_retention", "known-fact retention"), ("mmlu", "MMLU 5-shot")):
+        rows.append((label, cap[key]["base"], cap[key]["edited"], cap[key]["n"], ".3f"))
+
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"{'metric':<34} {'base':>9} {'edited':>9} {'n':>6}"]
+    for label, base, edited, n, fmt in rows:
+        lines.append(f"{label:<34} {cell(base, fmt):>9} {cell(edited, fmt):>9} {n:>6}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> None:
+    from crispedit.delta import Delta, check_base
+    from crispedit.evaluate import evaluate_edit, retention_triples
+    from crispedit.facts import load_facts
+    from crispedit.models import load_model
+    from curvature_store import atomic_write_bytes
+
+    out = Path(args.json)
+    if out.is_dir():
+        raise CLIError(f"--json {out} is a folder, not a file")
+    # every input is read before the model loads: bad input fails fast and writes nothing
+    facts = load_facts(args.facts, limit=args.limit)
+    delta = Delta.load(args.delta) if args.delta else None
+    triples = None
+    if args.retention_facts:
+        triples = retention_triples(facts, args.retention, load_facts(args.retention_facts))
+    model, tokenizer = load_model(args.model)
+    if delta is not None:
+        check_base(model, delta, "evaluate")
+    started = time.perf_counter()
+    result = evaluate_edit(
+        model, tokenizer, facts, delta.tensors if delta else None, tokens=args.eval_tokens,
+        retention=args.retention, triples=triples, mmlu=args.mmlu,
+        generation=not args.no_generation, progress=True,
+    )  # fmt: skip
+    atomic_write_bytes(out, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+    print(eval_table(result))
+    print(f"{len(facts)} facts evaluated in {time.perf_counter() - started:.1f} s; wrote {out}")
 
 
 def cmd_worker(args) -> None:
@@ -447,6 +512,10 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--lr", type=float, default=5e-4)
     edit.add_argument("--batch-size", type=int, default=32)
     edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument(
+        "--project", default=PROJECT, choices=PROJECT_CHOICES,
+        help="project the gradient only, or also each Adam update (the whole delta)",
+    )  # fmt: skip
     edit.add_argument("--out", help="write DIR/delta.safetensors and DIR/report.json")
     edit.add_argument("--store", help="a store: caches curvature, holds streams")
     edit.add_argument("--stream", help="edit on top of this stream's head; publish a version")
@@ -490,6 +559,27 @@ def parser() -> argparse.ArgumentParser:
     apply.add_argument("--out", required=True)
     apply.add_argument("--revert", action="store_true", help="subtract the delta instead")
     apply.set_defaults(func=cmd_apply)
+
+    ev = sub.add_parser("eval", help="metrics of an edit (or of the model): base vs edited")
+    ev.add_argument("--model", required=True, help="the base model the delta was made for")
+    ev.add_argument("--delta", help="a delta file of `crispedit edit` (default: no edit)")
+    ev.add_argument("--facts", required=True, help="the edited facts (our JSON/JSONL, CF, zsRE)")
+    ev.add_argument("--limit", type=int, help="use only the first N facts")
+    ev.add_argument("--json", required=True, help="write the metrics to this JSON file")
+    ev.add_argument(
+        "--tokens", dest="eval_tokens", metavar="N", type=int, default=EVAL_TOKENS,
+        help="held-out tokens for perplexity and KL (0: skip)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--retention", type=int, default=RETENTION,
+        help="non-edited facts for known-fact retention (0: skip)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--retention-facts", help="facts with ground_truth for retention (default: CounterFact)"
+    )
+    ev.add_argument("--mmlu", type=int, help="MMLU questions (default: the bundled 200; 0: skip)")
+    ev.add_argument("--no-generation", action="store_true", help="skip the generated answers")
+    ev.set_defaults(func=cmd_eval)
 
     worker = sub.add_parser("worker", help="serve edit jobs from Redis with the model resident")
     worker.add_argument("--model", required=True)
@@ -547,6 +637,14 @@ def _check_numbers(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+    for flag, name in (
+        ("--tokens", "eval_tokens"),
+        ("--retention", "retention"),
+        ("--mmlu", "mmlu"),
+    ):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise CLIError(f"{flag} must not be negative, not {value}")
     gamma = getattr(args, "gamma", None)
     if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise CLIError(f"--gamma must be between 0 and 1, not {gamma}")

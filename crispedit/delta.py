@@ -91,9 +91,14 @@ def _check_fingerprint(model: nn.Module, delta: Delta, expected_key: str, action
         )
 
 
+def check_base(model: nn.Module, delta: Delta, action: str = "apply") -> None:
+    """Raise DeltaError unless `delta` was made for this model as it is now (its base)."""
+    _check_fingerprint(model, delta, "base_fingerprint", action)
+
+
 def apply_delta(model: nn.Module, delta: Delta) -> None:
     """Add the delta to the model in place, after checking it was made for this model."""
-    _check_fingerprint(model, delta, "base_fingerprint", "apply")
+    check_base(model, delta)
     add_to_weights(model, delta.tensors, +1.0)
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from crispedit.corpus import read_documents
 from crispedit.curvature import Curvature, plan_curvature
-from crispedit.evaluate import perplexity
-from crispedit.facts import parse_facts
-from crispedit.models import load_model, parse_layers
+from crispedit.evaluate import evaluate_edit, swapped_weights
+from crispedit.facts import Fact, parse_facts
+from crispedit.models import get_layers, load_model, parse_layers
 from crispedit.projector import resolve_method
 from crispedit.sequential import set_weights
 from crispedit.streams import base_weights, cached_curvature, edit_on_stream
@@ -22,6 +21,7 @@ from curvature_store import Store
 
 CURVATURE_TOKENS = 20_000
 EVAL_TOKENS = 2048
+EVAL_RETENTION = 100  # known-fact retention is cheap; generation and MMLU are not: a job skips them
 
 
 class JobCancelled(Exception):
@@ -65,10 +65,22 @@ class Engine:
     def set_weights_to_base(self) -> None:
         set_weights(self.model, self.base, {})
 
-    def evaluate(self, model) -> dict:
-        """Capability on held-out text (never the curvature corpus): perplexity over 2k tokens."""
-        heldout = read_documents("wikitext-heldout")
-        return {"heldout_ppl": perplexity(model, self.tokenizer, heldout, EVAL_TOKENS)}
+    def evaluate(self, model, facts: list[Fact]) -> dict:
+        """The model as it is now (a stream head) against the base, on the job's facts: the
+        cheap metrics of `crispedit.evaluate.evaluate_edit` (teacher-forced efficacy,
+        generalization and locality, held-out perplexity and KL over 2k tokens, known-fact
+        retention), plus `heldout_ppl`, the current model's held-out perplexity."""
+        current = {
+            f"{name}.weight": m.weight.detach().clone()
+            for name, m in get_layers(model, self.layers).items()
+        }
+        base = {f"{name}.weight": w for name, w in self.base.items()}
+        with swapped_weights(model, base):  # evaluate_edit wants the base in the model
+            metrics = evaluate_edit(
+                model, self.tokenizer, facts, edited=current, tokens=EVAL_TOKENS,
+                retention=EVAL_RETENTION, mmlu=0, generation=False,
+            )  # fmt: skip
+        return {"heldout_ppl": metrics["capability"]["ppl_edited"], **metrics}
 
     def apply(
         self,
@@ -99,7 +111,7 @@ class Engine:
                 raise JobCancelled("cancelled by request; no version was published")
             report({"phase": "edit", "facts_total": len(facts), **info})
 
-        evaluate = self.evaluate if options.get("evaluate") else None
+        evaluate = (lambda model: self.evaluate(model, facts)) if options.get("evaluate") else None
         parent = request.get("parent_version") if request.get("check_parent") else ...
         editor_options = {k: options[k] for k in ("gamma", "epochs", "lr") if options.get(k)}
         manifest, _ = edit_on_stream(

@@ -77,6 +77,12 @@ def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir
     evaluation = r2["metrics"]["evaluation"]
     assert evaluation["before"]["heldout_ppl"] > 1 and evaluation["after"]["heldout_ppl"] > 1
     assert evaluation["before"] != evaluation["after"]
+    after = evaluation["after"]  # crispedit.evaluate's cheap metrics, against the base model
+    assert after["efficacy"]["n"] == 1 and after["capability"]["mmlu"]["n"] == 0
+    assert after["efficacy"]["edited"]["teacher_forced"] == r2["metrics"]["efficacy"]
+    assert after["efficacy"]["edited"]["generation"] is None  # too slow for a job
+    assert after["capability"]["ppl_edited"] == after["heldout_ppl"]
+    assert after["capability"]["kl"] > 0 and after["capability"]["fact_retention"]["n"] > 0
     progress = second.get_meta()["progress"]
     assert progress["phase"] == "done" and progress["facts_done"] == 1
 

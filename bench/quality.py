@@ -1,0 +1,422 @@
+"""Edit quality per method on SmolLM2: does the edit land, and what else moves?
+
+    pip install -e ".[bench]"                     # matplotlib, for the plot
+    python bench/quality.py tune                  # choose settings: CounterFact records 0-99
+    python bench/quality.py report                # report: CounterFact 100-399, zsRE 0-299
+    python bench/quality.py report --sizes 100,300,1000 --sequential 1000
+    python bench/quality.py table                 # only rebuild the table and plot
+
+Every run is one edit (or one sequential stream of edits) of SmolLM2-135M-Instruct followed by
+`crispedit.evaluate.evaluate_edit`: efficacy and generalization (teacher-forced and generated, with
+and without the QA context), locality, held-out perplexity change and KL, known-fact retention and
+MMLU. Runs are appended to bench/results/quality-runs.jsonl as they finish and a run already there
+is skipped, so a long report can be built over several sittings; `table` turns the file into
+bench/results/quality.md and the trade-off plot bench/results/quality.png (efficacy against
+perplexity change, one curve per method over γ: the paper's Figure 3 view).
+
+Settings are chosen on the tuning split only (CounterFact records 0-99) and reported on records
+the tuning never saw (CounterFact from record 100, and zsRE). The 1,000-edit runs use every
+CounterFact record (there are 1,000), tuning ones included; the table says so.
+Not a test: the figures depend on the machine; fixed seeds make them repeatable on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = RESULTS / "quality-runs.jsonl"
+MODEL = "smollm2"
+STORE = Path.home() / ".cache" / "crispedit" / "bench-store"  # cached curvature, between runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured configuration; its fields are also its identity in the runs file."""
+
+    dataset: str = "counterfact"  # counterfact | zsre (the bundled 1k records)
+    start: int = 0  # first record
+    n: int = 100  # edits (in sequential mode: in all, in chunks of `chunk`)
+    chunk: int = 0  # 0: one batch edit; else sequential edits of `chunk` facts on one stream
+    method: str = "kfac"
+    gamma: float = 0.8
+    layers: str = "20-24"
+    lr: float = 5e-4
+    epochs: int = 25
+    tokens: int = 20_000  # curvature tokens (WikiText, the first 2/3 of the test split)
+    labels: str = "empirical"
+    project: str = "gradient"  # gradient | update: what the projector is applied to
+
+    @property
+    def label(self) -> str:
+        gamma = "" if self.method == "ft" else f" γ{self.gamma:g}"
+        return f"{self.method}{gamma}"
+
+
+BASE = Run()
+# the levers tried on the tuning split, each against BASE (one change at a time), most telling first
+TUNE = [
+    replace(BASE, method="ft", gamma=0.0),
+    BASE,
+    replace(BASE, method="nullspace", gamma=0.9),
+    replace(BASE, gamma=0.7),
+    replace(BASE, gamma=0.9),
+    replace(BASE, project="update"),
+    replace(BASE, lr=1e-3),
+    replace(BASE, method="ekfac"),
+    replace(BASE, method="nullspace", gamma=0.7),
+    replace(BASE, gamma=0.5),
+    replace(BASE, gamma=0.9, epochs=50),
+    replace(BASE, labels="sampled"),
+    replace(BASE, tokens=100_000),
+    replace(BASE, method="ekfac", gamma=0.9),
+]
+# the methods of the report, each at the setting the tuning split chose for it
+REPORT = [
+    replace(BASE, method="ft", gamma=0.0),
+    replace(BASE, method="nullspace", gamma=0.9),
+    replace(BASE, method="kfac", gamma=0.8),
+    replace(BASE, method="ekfac", gamma=0.8),
+]
+
+
+def done_runs() -> dict[str, dict]:
+    """The runs file as {identity: row}."""
+    if not RUNS.exists():
+        return {}
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return {identity(Run(**row["run"])): row for row in rows}
+
+
+def identity(run: Run) -> str:
+    return json.dumps(asdict(run), sort_keys=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def records(run: Run, start: int | None = None, n: int | None = None):
+    """The run's facts: records start..start+n of the bundled data set."""
+    from crispedit.corpus import ASSETS
+    from crispedit.facts import load_facts
+
+    files = {"counterfact": "counterfact-edit-1k.json", "zsre": "zsre_mend_train-1k.json"}
+    start = run.start if start is None else start
+    n = run.n if n is None else n
+    facts = load_facts(ASSETS / files[run.dataset], limit=start + n)[start:]
+    if len(facts) < n:
+        raise SystemExit(f"{run.dataset} has only {start + len(facts)} records, not {start + n}")
+    return facts
+
+
+def retention_triples(run: Run) -> list[tuple[str, str, str]] | None:
+    """Known-fact retention set: None (evaluate_edit's non-edited CounterFact records) unless the
+    run edits so many CounterFact records that too few are left; then zsRE's true answers
+    against their counterfactual objects."""
+    from crispedit.evaluate import RETENTION
+
+    if run.dataset != "counterfact" or 1000 - run.n >= RETENTION:
+        return None
+    zsre = records(replace(run, dataset="zsre"), start=0, n=RETENTION)
+    return [(f.prompt, f.ground_truth, f.target) for f in zsre]
+
+
+def curvature_for(store, model, tokenizer, run: Run):
+    from crispedit.curvature import plan_curvature
+    from crispedit.streams import cached_curvature
+
+    if run.method == "ft":
+        return None, None
+    kind = "ekfac" if run.method == "ekfac" else "kfac"
+    recipe = plan_curvature(
+        model, tokenizer, "wikitext", run.tokens, run.layers, labels=run.labels, kind=kind
+    )
+    curvature, manifest = cached_curvature(store, model, tokenizer, recipe, progress=True)
+    return curvature, manifest["key"]
+
+
+def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
+    """Edit (batch or sequential) and evaluate one run; the row for the runs file."""
+    from crispedit.editor import CrispEditor
+    from crispedit.evaluate import evaluate_edit, teacher_forced_accuracy
+    from crispedit.models import load_model, parse_layers
+    from crispedit.sequential import set_weights
+    from crispedit.streams import base_weights, edit_on_stream
+
+    model, tokenizer = load_model(MODEL)
+    layers = parse_layers(model, run.layers)
+    base = base_weights(model, layers)
+    curvature, curvature_key = curvature_for(store, model, tokenizer, run)
+    facts = records(run)
+    options = {"lr": run.lr, "epochs": run.epochs, "project": run.project, "progress": False}
+    gamma = None if run.method == "ft" else run.gamma
+    started = time.perf_counter()
+    chunks = []
+    if run.chunk == 0:
+        CrispEditor(
+            model, tokenizer, curvature, method=run.method, gamma=gamma or 0.0, layers=layers,
+            **options,
+        ).edit(facts)  # fmt: skip
+    else:
+        stream = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+        first = [(f.prompt, f.target) for f in facts[: run.chunk]]
+        for i in range(0, run.n, run.chunk):
+            t = time.perf_counter()
+            edit_on_stream(
+                store, MODEL, stream, model, tokenizer, base, curvature, facts[i : i + run.chunk],
+                method=run.method, gamma=gamma, curvature_key=curvature_key, **options,
+            )  # fmt: skip
+            chunk = {
+                "edits": i + run.chunk,
+                "seconds": round(time.perf_counter() - t, 1),
+                "chunk_efficacy": teacher_forced_accuracy(
+                    model, tokenizer, [(f.prompt, f.target) for f in facts[i : i + run.chunk]]
+                ),
+                "first_chunk_efficacy": teacher_forced_accuracy(model, tokenizer, first),
+            }
+            chunks.append(chunk)
+            log(f"  chunk {len(chunks)}: {chunk}")
+    edit_s = time.perf_counter() - started
+    edited = {f"{name}.weight": m.weight.detach().clone() for name, m in _layers(model, layers)}
+    set_weights(model, base, {})  # evaluate_edit wants the base in the model
+    started = time.perf_counter()
+    metrics = evaluate_edit(
+        model, tokenizer, facts, edited=edited, triples=retention_triples(run), mmlu=mmlu,
+        generation=generation, progress=True,
+    )  # fmt: skip
+    return {
+        "run": asdict(run),
+        "metrics": metrics,
+        "chunks": chunks,
+        "edit_s": round(edit_s, 1),
+        "eval_s": round(time.perf_counter() - started, 1),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _layers(model, layers):
+    from crispedit.models import get_layers
+
+    return get_layers(model, layers).items()
+
+
+def execute(runs: list[Run], mmlu: int | None, generation: bool) -> None:
+    """Measure each run not yet in the runs file, appending its row as soon as it ends."""
+    from curvature_store import Store
+
+    store = Store(STORE, create=True)
+    done = done_runs()
+    todo = [r for r in runs if identity(r) not in done]
+    log(f"{len(runs) - len(todo)} of {len(runs)} runs already measured; {len(todo)} to go")
+    started = time.perf_counter()
+    for i, run in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] {run}")
+        row = measure(run, store, mmlu, generation)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with RUNS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"  {summary(row)}  (edit {row['edit_s']:.0f} s, eval {row['eval_s']:.0f} s)")
+    log(f"wall time {time.perf_counter() - started:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# the table and the plot
+
+
+def _get(metrics: dict, *path):
+    for key in path:
+        if not isinstance(metrics, dict) or metrics.get(key) is None:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+COLUMNS = [  # (header, path into evaluate_edit's result, format)
+    ("efficacy", ("efficacy", "edited", "teacher_forced"), "{:.2f}"),
+    ("efficacy gen.", ("efficacy", "edited", "generation"), "{:.2f}"),
+    ("efficacy gen. QA", ("efficacy", "edited", "generation_qa"), "{:.2f}"),
+    ("generalization", ("generalization", "edited", "teacher_forced"), "{:.2f}"),
+    ("locality", ("locality", "token_agreement"), "{:.2f}"),
+    ("ppl change", ("capability", "ppl_change_pct"), "{:+.2f} %"),
+    ("KL", ("capability", "kl"), "{:.4f}"),
+    ("retention (base)", ("capability", "fact_retention"), None),
+    ("MMLU (base)", ("capability", "mmlu"), None),
+]
+
+
+def _cell(metrics: dict, path, fmt) -> str:
+    if fmt is None:  # a base/edited pair
+        pair = _get(metrics, *path)
+        if not pair or pair.get("edited") is None:
+            return "-"
+        return f"{pair['edited']:.3f} ({pair['base']:.3f})"
+    value = _get(metrics, *path)
+    return "-" if value is None else fmt.format(value)
+
+
+def summary(row: dict) -> str:
+    m = row["metrics"]
+    return ", ".join(f"{h} {_cell(m, p, f)}" for h, p, f in COLUMNS[:1] + COLUMNS[4:7])
+
+
+def table(rows: list[dict]) -> list[str]:
+    header = ["data", "records", "edits", "mode", "method", "settings", *[c[0] for c in COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        run, m = Run(**row["run"]), row["metrics"]
+        changed = {
+            k: v for k, v in asdict(run).items()
+            if k not in ("dataset", "start", "n", "chunk", "method", "gamma")
+            and v != getattr(BASE, k)
+        }  # fmt: skip
+        lines.append(
+            "| " + " | ".join([
+                run.dataset, f"{run.start}-{run.start + run.n - 1}", str(run.n),
+                "batch" if run.chunk == 0 else f"sequential ×{run.chunk}", run.label,
+                ", ".join(f"{k} {v}" for k, v in changed.items()) or "default",
+                *[_cell(m, p, f) for _, p, f in COLUMNS],
+            ]) + " |"
+        )  # fmt: skip
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Efficacy against perplexity change, one curve per method over γ (batch runs, default
+    settings otherwise), one panel per data set and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["run"]["dataset"], r["run"]["start"], r["run"]["n"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (dataset, start, n) in zip(axes[0], groups, strict=True):
+        for method in ("ft", "nullspace", "kfac", "ekfac"):
+            points = sorted(
+                (Run(**r["run"]).gamma, _get(r["metrics"], "capability", "ppl_change_pct"),
+                 _get(r["metrics"], "efficacy", "edited", "teacher_forced"))
+                for r in rows
+                if (r["run"]["dataset"], r["run"]["start"], r["run"]["n"]) == (dataset, start, n)
+                and r["run"]["method"] == method and r["run"]["chunk"] == 0
+                and all(r["run"][k] == v for k, v in asdict(BASE).items()
+                        if k not in ("dataset", "start", "n", "method", "gamma"))
+            )  # fmt: skip
+            if not points:
+                continue
+            _, xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=method)
+            for gamma, x, y in points:
+                if method != "ft":
+                    ax.annotate(f"{gamma:g}", (x, y), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")  # fmt: skip
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("held-out perplexity change (%)")
+        ax.set_ylabel("efficacy (teacher-forced)")
+        ax.set_title(f"{dataset} {start}-{start + n - 1}: {n} edits")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_results() -> None:
+    rows = list(done_runs().values())
+    if not rows:
+        raise SystemExit(f"no runs in {RUNS} yet")
+    rows.sort(key=lambda r: (r["run"]["dataset"], r["run"]["start"], r["run"]["n"],
+                             r["run"]["chunk"], r["run"]["method"], r["run"]["gamma"]))  # fmt: skip
+    first = rows[0]
+    lines = [
+        "# Edit quality on SmolLM2-135M-Instruct",
+        "",
+        f"Generated by `python bench/quality.py table` from {len(rows)} runs in "
+        f"`{RUNS.name}` ({first['machine']}, {first['threads']} torch threads, torch "
+        f"{first['torch']}, CPU fp32; seeds fixed). Defaults: {_defaults()}.",
+        "",
+        "Efficacy and generalization are the edited model's; locality is the share of neighbour "
+        "answer tokens whose prediction is unchanged; retention and MMLU show edited (base). "
+        "Tuning split: CounterFact records 0-99; everything else was never used to choose "
+        "settings, except the 1,000-edit CounterFact runs, which need every record.",
+        "",
+        *table(rows),
+        "",
+        "![efficacy against perplexity change](quality.png)",
+    ]
+    sequential = [r for r in rows if r["chunks"]]
+    for r in sequential:
+        lines += ["", f"Sequential {Run(**r['run']).label}, {r['run']['dataset']}, chunks of "
+                  f"{r['run']['chunk']}:", "",
+                  "| edits | chunk efficacy | first chunk still holding | seconds |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {c['edits']} | {c['chunk_efficacy']:.2f} | {c['first_chunk_efficacy']:.2f} | "
+            f"{c['seconds']:.0f} |"
+            for c in r["chunks"]
+        ]
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(rows, RESULTS / "quality.png")
+    print("\n".join(lines))
+
+
+def _defaults() -> str:
+    return ", ".join(f"{k} {v}" for k, v in asdict(BASE).items() if k not in ("dataset", "start"))
+
+
+def report_runs(sizes: list[int], sequential: int, methods: list[Run]) -> list[Run]:
+    """The report: each chosen method on CounterFact from record 100 (all 1,000 records for the
+    1,000-edit size) and on zsRE, in batch; then sequentially in chunks of 100."""
+    runs = []
+    for n in sizes:
+        for dataset in ("counterfact", "zsre"):
+            start = 100 if dataset == "counterfact" and n + 100 <= 1000 else 0
+            runs += [replace(m, dataset=dataset, start=start, n=n) for m in methods]
+    if sequential:
+        runs += [replace(m, n=sequential, chunk=100, start=0) for m in methods]
+    return runs
+
+
+def parse_run(text: str) -> Run:
+    """`method[:gamma][,field=value...]` e.g. `kfac:0.8,project=update`."""
+    head, *fields = text.split(",")
+    method, _, gamma = head.partition(":")
+    run = replace(BASE, method=method, gamma=float(gamma) if gamma else BASE.gamma)
+    for item in fields:
+        key, _, value = item.partition("=")
+        kind = type(getattr(BASE, key))
+        run = replace(run, **{key: kind(value)})
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("suite", choices=["tune", "report", "table"])
+    ap.add_argument("--runs", nargs="*", default=None, help="method[:γ][,field=value...] each")
+    ap.add_argument("--sizes", default="100,300", help="report: batch sizes, comma-separated")
+    ap.add_argument("--sequential", type=int, default=0, help="report: edits in chunks of 100")
+    ap.add_argument("--mmlu", type=int, default=None, help="MMLU questions (default: all bundled)")
+    ap.add_argument("--no-generation", action="store_true")
+    args = ap.parse_args()
+    if args.suite == "tune":
+        runs = [parse_run(r) for r in args.runs] if args.runs else TUNE
+        execute(runs, args.mmlu, not args.no_generation)
+    elif args.suite == "report":
+        methods = [parse_run(r) for r in args.runs] if args.runs else REPORT
+        sizes = [int(x) for x in args.sizes.split(",") if x]
+        execute(report_runs(sizes, args.sequential, methods), args.mmlu, not args.no_generation)
+    write_results()
+
+
+if __name__ == "__main__":
+    main()
