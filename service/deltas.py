@@ -24,23 +24,35 @@ def cumulative_delta(store: Store, cache_dir: Path, version_id: str) -> tuple[Pa
     """(path, sha256) of the version's cumulative delta against the base, cached in `cache_dir`.
 
     The file is `Store.write_cumulative_delta`'s (atomic), so two requests computing it at once
-    both write the same bytes, and a reader never sees a partial file. The cache is trusted when
-    its recorded size still matches; anything else is recomputed.
+    both write the same bytes, and a reader never sees a partial file. The cache is trusted as it
+    is while the file's identity (inode, size, mtime, ctime) is the one recorded beside it; a file
+    touched since is rehashed, and recomputed unless it still has the recorded sha256, so the
+    download never disagrees with its ETag.
     """
     store.manifest(version_id)  # NotFound / StoreError before touching the cache
     path = cache_dir / f"{version_id}.safetensors"
     record_path = cache_dir / f"{version_id}.json"
     try:
         record = json.loads(record_path.read_text())
-        if path.stat().st_size == record["bytes"]:
-            return path, record["sha256"]
+        sha = record["sha256"]
+        if _identity(path) == record["identity"] or (
+            path.stat().st_size == record["bytes"] and sha256_file(path) == sha
+        ):
+            return path, sha
     except (OSError, ValueError, KeyError, TypeError):
-        pass  # missing or stale: recompute below
+        pass  # missing, stale or corrupt: recompute below
     cache_dir.mkdir(parents=True, exist_ok=True)
     store.write_cumulative_delta(version_id, path)
-    record = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    record = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "identity": None}
+    record["identity"] = _identity(path)
     atomic_write_json(record_path, record)
     return path, record["sha256"]
+
+
+def _identity(path: Path) -> list[int]:
+    """What changes whenever a file's bytes may have: inode, size, mtime and ctime."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def etag(sha256: str) -> str:

@@ -120,16 +120,31 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     )
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
-        # FastAPI rejects malformed JSON before it runs any dependency, the API key check
-        # included; a caller without a valid key must get 401, not a hint about the body.
-        from service.auth import authenticate, bearer_token  # service.auth imports this module
+async def _unauthorized(request: Request) -> JSONResponse | None:
+    """The 401 answer for a /v1 request without a valid key, else None.
 
-        try:
-            authenticate(request.app.state.settings, bearer_token(request.headers))
-        except ApiError as err:
-            return await _api_error(request, err)
+    FastAPI parses (and rejects) the body before it runs any dependency, the API key check
+    included; a caller without a valid key must get 401, not a hint about the body.
+    """
+    if not request.url.path.startswith("/v1/"):
+        return None
+    from service.auth import authenticate, bearer_token  # service.auth imports this module
+
+    try:
+        authenticate(request.app.state.settings, bearer_token(request.headers))
+    except ApiError as err:
+        return await _api_error(request, err)
+    return None
+
+
+# What FastAPI answers (400) for a body its JSON decoder raised on with something other than a
+# JSON syntax error: bytes that are not UTF-8, or nesting too deep for the decoder.
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if (refused := await _unauthorized(request)) is not None:
+        return refused
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
@@ -145,6 +160,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        if (refused := await _unauthorized(request)) is not None:
+            return refused
+        # the same answer as any other body that is not JSON
+        message = "body: invalid JSON: not UTF-8, or nested too deeply"
+        return error_response(422, "invalid_request", message, "body")
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curvature_store import Conflict, NotFound, StoreError
 from curvature_store.store import DELTA_FILE, VERSION_RE
-from service.deps import StoreDep, StreamDep, require_json
+from service.deps import KeyDep, StoreDep, StreamDep, require_json
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["streams"])
@@ -104,11 +104,20 @@ def list_versions(ref: StreamDep, store: StoreDep) -> StreamVersions:
     dependencies=[Depends(require_json)],
     responses=responses(400, 403, 404, 409, 413, 415),
 )
-def rollback(ref: StreamDep, body: RollbackRequest, store: StoreDep) -> StreamHead:
+def rollback(ref: StreamDep, body: RollbackRequest, store: StoreDep, key: KeyDep) -> StreamHead:
     """Move the stream's head back to an ancestor version (null: the base model). Nothing is
     deleted: later versions stay listed, out of the lineage. With `expected_head`, 409 unless
     the head is still that version (null: the base)."""
     _require_stream(store, ref.model, ref.stream)
+    if body.version is not None:
+        # a version of a model the key may not use answers as an unknown one (404), not 409:
+        # the answer must not tell whether another tenant's version id exists
+        try:
+            owner = store.manifest(body.version)["model"]
+        except NotFound:
+            owner = None
+        if owner is None or not key.allows(owner):
+            raise ApiError(404, "not_found", f"no version {body.version}", "version")
     expected = body.expected_head if "expected_head" in body.model_fields_set else ...
     try:
         info = store.rollback(ref.model, ref.stream, body.version, expected_head=expected)

@@ -452,6 +452,55 @@ def test_corrupt_version_file_is_refused_and_reported(store):
     reader.version_file(v2["id"])  # the other version is fine
 
 
+def _flip_middle(path: Path) -> None:
+    flip_byte(path, path.stat().st_size // 2)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_flip_middle, _truncate], ids=["flip-middle", "truncate"])
+def test_damaged_files_are_never_read_as_tensors(store, tmp_path, damage):
+    """A delta or curvature file flipped in its tensor data (valid safetensors, wrong numbers) or
+    cut short: every read refuses it with Corrupt naming the file, relative to the store."""
+    v1 = new_version(store, 1)
+    key = store.put_curvature(
+        tensor_file(tmp_path / "c", {"A": np.arange(64, dtype=np.float32)}), KEY_FIELDS
+    )["key"]
+    delta = store.root / "versions" / v1["id"] / "delta.safetensors"
+    curvature = store.root / "curvature" / key / "curvature.safetensors"
+    for path in (delta, curvature):
+        damage(path)
+    reader = Store(store.root)
+    for fn, args, name in (
+        (reader.version_file, (v1["id"],), f"versions/{v1['id']}/delta.safetensors"),
+        (reader.cumulative_delta, (v1["id"],), f"versions/{v1['id']}/delta.safetensors"),
+        (reader.write_cumulative_delta, (v1["id"], tmp_path / "out.safetensors"), "delta"),
+        (reader.curvature_file, (key,), f"curvature/{key}/curvature.safetensors"),
+        (reader.verify_curvature, (key,), key),
+    ):
+        err = raises(reader, Corrupt, fn, *args)
+        assert name in str(err), str(err)
+    assert not (tmp_path / "out.safetensors").exists()
+    problems = reader.verify()
+    assert len(problems) == 2, problems
+    assert any(v1["id"] in p for p in problems) and any(key in p for p in problems)
+    # the same store object, after it verified the intact files once, notices the damage too
+    fresh = Store(store.root)
+    assert reader.version_file(v1["id"], verify=False) == delta  # unverified access still works
+    raises(fresh, Corrupt, fresh.version_file, v1["id"])
+
+
+def test_damage_after_a_verified_read_is_caught_by_the_same_store(store, tmp_path):
+    """The remembered hash is keyed on the file's identity: rewriting the file in place (even to
+    the same size) makes the next read hash it again."""
+    v1 = new_version(store, 1)
+    path = store.version_file(v1["id"])  # verified, hash remembered
+    _flip_middle(path)
+    raises(store, Corrupt, store.version_file, v1["id"])
+
+
 def test_verify_reports_missing_versions_and_broken_links(store):
     _, v2, v3 = (new_version(store, i) for i in (1, 2, 3))
     os.rename(store.root / "versions" / v2["id"], store.root / "moved-away")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 
 import pytest
-from api_helpers import AUTH, AUTH_TINY, KEY_ALL, edit_body, job_count
+from api_helpers import AUTH, AUTH_TINY, KEY_ALL, edit_body, job_count, make_version
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from service import auth
 from service.config import Settings
 from service.keys import hash_key, main
 from service.main import create_app
@@ -100,3 +103,116 @@ def test_keys_cli_prints_the_sha256(capsys):
 def test_settings_refuse_unhashed_keys():
     with pytest.raises(ValidationError, match="sha256"):
         Settings(api_keys={"plain-key": {"name": "x"}})
+
+
+# --- every route, hashed keys, tenants --------------------------------------------------------
+
+PUBLIC_ROUTES = {"/healthz", "/readyz", "/metrics"}  # orchestrators and scrapers, no key
+DOCS_ROUTES = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}  # FastAPI's own
+
+
+def app_routes(app) -> list[tuple[str, str]]:
+    """(method, concrete path) of every route the app mounts, in the schema or not (included
+    routers are walked: newer FastAPI keeps them as one entry of app.routes)."""
+
+    def walk(routes, prefix: str):
+        for route in routes:
+            if hasattr(route, "original_router"):
+                yield from walk(route.original_router.routes, prefix + route.include_context.prefix)
+            else:
+                yield prefix + route.path, route.methods or {"GET"}
+
+    found = []
+    for template, methods in walk(app.routes, ""):
+        path = re.sub(r"\{(\w+)(:\w+)?\}", "abc", template)
+        found += [(method, path) for method in sorted(methods) if method != "HEAD"]
+    return found
+
+
+def test_every_mounted_route_but_health_and_docs_needs_a_key(client):
+    """Enumerated from app.routes, not the OpenAPI document: a route hidden from the schema, or
+    mounted outside /v1, cannot be left open without failing here."""
+    routes = app_routes(client.app)
+    paths = {path for _, path in routes}
+    assert paths >= PUBLIC_ROUTES
+    open_paths = {p for p in paths if not p.startswith("/v1/")}
+    assert open_paths <= PUBLIC_ROUTES | DOCS_ROUTES, open_paths - PUBLIC_ROUTES - DOCS_ROUTES
+    protected = [(m, p) for m, p in routes if p.startswith("/v1/")]
+    assert len(protected) >= 10
+    for method, path in protected:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer "}):
+            response = client.request(method, path, headers=headers, json={})
+            assert response.status_code == 401, (method, path, headers, response.text)
+            assert response.json()["error"]["code"] == "unauthorized"
+    for path in PUBLIC_ROUTES:
+        assert client.get(path).status_code in (200, 503)
+
+
+def test_keys_are_compared_as_sha256_digests_in_constant_time(settings, monkeypatch):
+    """Every configured digest is compared with hmac.compare_digest, whichever matches, and the
+    presented key itself is never compared: only its sha256."""
+    settings.api_keys[hash_key("third-key")] = settings.api_keys[hash_key(KEY_ALL)]
+    compared = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(
+        auth.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b)
+    )
+    for token, found in ((KEY_ALL, True), ("wrong", False)):
+        compared.clear()
+        if found:
+            assert auth.authenticate(settings, token).name == "all"
+        else:
+            with pytest.raises(auth.ApiError):
+                auth.authenticate(settings, token)
+        assert len(compared) == len(settings.api_keys) == 3  # no early exit on a match
+        assert all(a == hash_key(token) for a, _ in compared)
+        assert {b for _, b in compared} == set(settings.api_keys)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in settings.api_keys)
+    assert KEY_ALL not in json.dumps(settings.model_dump(mode="json"))  # config: hashes only
+
+
+def test_a_key_limited_to_a_model_cannot_reach_another_models_data(client, redis, store, settings):
+    """Everything of model "other", to a key for "tiny" only: refused, and answered as an
+    unknown id wherever an id is given, so ids of other tenants cannot be probed."""
+    other = make_version(store, "other", "main", 1.0)["id"]
+    mine = make_version(store, "tiny", "main", 2.0)["id"]
+    job = client.post("/v1/edits", json=edit_body(model="other"), headers=AUTH).json()["job_id"]
+    unknown_job, unknown_version = "0" * 32, "v" + "0" * 26
+    settings.sse_max_s = 0.2  # the allowed key's event stream of the waiting job ends quickly
+    as_unknown = [
+        ("GET", "/v1/jobs/{}", job, unknown_job),
+        ("GET", "/v1/jobs/{}/events", job, unknown_job),
+        ("POST", "/v1/jobs/{}/cancel", job, unknown_job),
+        ("GET", "/v1/versions/{}", other, unknown_version),
+        ("GET", "/v1/versions/{}/delta", other, unknown_version),
+        ("GET", "/v1/versions/{}/delta?against=base", other, unknown_version),
+    ]
+    for method, template, foreign, unknown in as_unknown:
+        refused = client.request(method, template.format(foreign), headers=AUTH_TINY)
+        missing = client.request(method, template.format(unknown), headers=AUTH_TINY)
+        assert refused.status_code == missing.status_code == 404, (template, refused.text)
+        assert refused.json()["error"]["code"] == missing.json()["error"]["code"]
+        assert "other" not in refused.text
+        allowed = client.request(method, template.format(foreign), headers=AUTH)
+        assert allowed.status_code in (200, 202), (template, allowed.text)
+    # rolling the key's own stream back to another model's version: as an unknown version
+    for version in (other, unknown_version):
+        rollback = client.post(
+            "/v1/streams/tiny/main/rollback", json={"version": version}, headers=AUTH_TINY
+        )
+        assert rollback.status_code == 404, rollback.text
+        assert rollback.json()["error"] == {
+            "code": "not_found",
+            "message": f"no version {version}",
+            "field": "version",
+        }
+    assert store.head("tiny", "main") == mine
+    # streams by name: 403 for a served model the key may not use
+    assert client.get("/v1/streams/other/main/versions", headers=AUTH_TINY).status_code == 403
+    rollback = client.post(
+        "/v1/streams/other/main/rollback", json={"version": None}, headers=AUTH_TINY
+    )
+    assert rollback.status_code == 403 and store.head("other", "main") == other
+    listed = client.get("/v1/models", headers=AUTH_TINY).json()["models"]
+    assert [m["name"] for m in listed] == ["tiny"]
+    assert other not in json.dumps(listed)

@@ -173,3 +173,47 @@ def test_models_list_streams_and_curvature(client, store, tmp_path, three):
     assert [m["name"] for m in tiny] == ["tiny"]
     assert tiny[0]["curvature_status"] == "cached"
     assert [c["key"] for c in tiny[0]["curvature"]] == [key]
+
+
+def _damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one byte flipped in the tensor data: still valid safetensors, wrong numbers
+        path.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_corrupted_delta_is_a_json_error_not_a_file(client, store, settings, three, how):
+    for version in three:  # served once intact, so the app has hashed and remembered them
+        assert client.get(f"/v1/versions/{version}/delta", headers=AUTH).status_code == 200
+    _damage(store.root / "versions" / three[1] / DELTA_FILE, how)
+    for version, against in ((three[1], "parent"), (three[2], "base"), (three[1], "base")):
+        response = client.get(
+            f"/v1/versions/{version}/delta?against={against}",
+            headers={**AUTH, "If-None-Match": "*"},  # no 304 for a file that fails verification
+        )
+        assert response.status_code == 500, (version, against, response.status_code)
+        assert response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+        assert error["code"] == "corrupt"
+        assert f"versions/{three[1]}/{DELTA_FILE}" in error["message"]
+        for leak in (str(settings.store_dir), "Traceback", "/tmp"):
+            assert leak not in response.text
+    # the undamaged parent is still served
+    assert client.get(f"/v1/versions/{three[0]}/delta", headers=AUTH).status_code == 200
+
+
+def test_a_corrupted_cumulative_cache_is_recomputed_not_served(client, store, settings, three):
+    url = f"/v1/versions/{three[2]}/delta?against=base"
+    first = client.get(url, headers=AUTH)
+    cached = settings.cumulative_cache_dir / f"{three[2]}.safetensors"
+    _damage(cached, "flip")  # same size: only the hash can tell
+    again = client.get(url, headers=AUTH)
+    assert again.status_code == 200
+    assert again.headers["etag"] == first.headers["etag"]
+    assert hashlib.sha256(again.content).hexdigest() == again.headers["etag"].strip('"')
+    assert again.content == first.content
+    _damage(cached, "truncate")
+    third = client.get(url, headers=AUTH)
+    assert hashlib.sha256(third.content).hexdigest() == third.headers["etag"].strip('"')
