@@ -603,6 +603,14 @@ BAD_INPUTS = {
         lambda t, c: _apply(c, c["random_bytes"]),
         ["delta file", "random.safetensors", "corrupt"],
     ),
+    "delta-flipped-byte": (
+        lambda t, c: _apply(c, c["flipped"]),
+        ["delta file", "flipped.safetensors", "corrupt", "sha256"],
+    ),
+    "delta-truncated": (
+        lambda t, c: _apply(c, c["truncated"]),
+        ["delta file", "truncated.safetensors", "corrupt"],
+    ),
     "delta-is-curvature": (
         lambda t, c: _apply(c, c["curvature_file"]),
         ["not a delta file"],
@@ -664,12 +672,18 @@ def bad_ctx(request, tmp_path, monkeypatch, tiny_model_dir, other_model_dir, fac
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     random_bytes = tmp_path / "random.safetensors"
     random_bytes.write_bytes(random.Random(0).randbytes(4096))
+    data = bytearray((edit_run / "delta.safetensors").read_bytes())
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    data[-5] ^= 0x01  # one bit in the last tensor's data: the header still parses
+    (tmp_path / "flipped.safetensors").write_bytes(data)
     ctx = {
         "model": tiny_model_dir,
         "other_model": other_model_dir,
         "facts": facts_file,
         "delta": edit_run / "delta.safetensors",
         "random_bytes": random_bytes,
+        "flipped": tmp_path / "flipped.safetensors",
+        "truncated": tmp_path / "truncated.safetensors",
     }
     case = request.node.callspec.params["case"]
     if case in ("curvature-other-model", "curvature-missing-layer"):
