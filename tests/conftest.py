@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from crispedit.cli import main as crispedit_main
 from crispedit.corpus import read_documents
 
 TINY_VOCAB = 512
@@ -99,3 +100,16 @@ def smollm2():
     from crispedit.models import load_model
 
     return lambda: load_model("smollm2")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the `crispedit` CLI in-process and return (status, stdout, stderr) of that call alone."""
+
+    def run(*args):
+        capsys.readouterr()
+        code = crispedit_main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -57,19 +57,6 @@ def run_cli(*args) -> int:
     return main([str(a) for a in args])
 
 
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process and return (status, stdout, stderr) of that call alone."""
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def write_json(path: Path, data) -> Path:
     path.write_text(json.dumps(data))
     return path

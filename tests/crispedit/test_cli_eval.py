@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from crispedit.cli import main
 from crispedit.corpus import read_documents
 from crispedit.delta import Delta, add_to_weights
 from crispedit.evaluate import perplexity
@@ -27,19 +26,6 @@ FACTS = [
     },
     {"subject": "Danielle Darrieux", "relation": "{} is in", "target": "English"},
 ]
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process and return (status, stdout, stderr) of that call alone."""
-
-    def run(*args):
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 @pytest.fixture(scope="session")
