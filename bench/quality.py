@@ -186,7 +186,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
             chunks.append(chunk)
             log(f"  chunk {len(chunks)}: {chunk}")
     edit_s = time.perf_counter() - started
-    edited = {f"{name}.weight": m.weight.detach().clone() for name, m in _layers(model, layers)}
+    edited = {f"{name}.weight": w for name, w in base_weights(model, layers).items()}
     set_weights(model, base, {})  # evaluate_edit wants the base in the model
     started = time.perf_counter()
     metrics = evaluate_edit(
@@ -204,12 +204,6 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
         "torch": torch.__version__,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-
-
-def _layers(model, layers):
-    from crispedit.models import get_layers
-
-    return get_layers(model, layers).items()
 
 
 def execute(runs: list[Run], mmlu: int | None, generation: bool) -> None:

@@ -63,7 +63,8 @@ def cached_curvature(
 
 
 def base_weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
-    """Copies of the edited layers' weights as loaded: the base every stream version starts from."""
+    """Copies of the layers' weights as they are now (taken right after loading: the base every
+    stream version starts from)."""
     return {name: m.weight.detach().clone() for name, m in get_layers(model, layers).items()}
 
 

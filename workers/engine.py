@@ -13,7 +13,7 @@ from collections.abc import Callable
 from crispedit.curvature import Curvature, plan_curvature
 from crispedit.evaluate import evaluate_edit, swapped_weights
 from crispedit.facts import Fact, parse_facts
-from crispedit.models import get_layers, load_model, parse_layers
+from crispedit.models import load_model, parse_layers
 from crispedit.projector import resolve_method
 from crispedit.sequential import set_weights
 from crispedit.streams import base_weights, cached_curvature, edit_on_stream
@@ -70,10 +70,7 @@ class Engine:
         cheap metrics of `crispedit.evaluate.evaluate_edit` (teacher-forced efficacy,
         generalization and locality, held-out perplexity and KL over 2k tokens, known-fact
         retention), plus `heldout_ppl`, the current model's held-out perplexity."""
-        current = {
-            f"{name}.weight": m.weight.detach().clone()
-            for name, m in get_layers(model, self.layers).items()
-        }
+        current = {f"{name}.weight": w for name, w in base_weights(model, self.layers).items()}
         base = {f"{name}.weight": w for name, w in self.base.items()}
         with swapped_weights(model, base):  # evaluate_edit wants the base in the model
             metrics = evaluate_edit(
