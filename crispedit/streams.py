@@ -112,6 +112,7 @@ def edit_on_stream(
     parent: str | EllipsisType | None = ...,
     curvature_key: str | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
+    job: str | None = None,
     **editor_options,
 ) -> tuple[dict, Delta]:
     """Apply `facts` on top of the stream head and publish the result as a new version.
@@ -119,8 +120,9 @@ def edit_on_stream(
     `base` holds the unedited weights of the edited layers (`base_weights`). `parent`, when
     given, is the head the caller expects (`None` = the base): anything else raises `Conflict`
     before any work. `evaluate(model)`, when given, is measured at the head and after the edit;
-    both land in the version's metrics. Returns the new version's manifest and the delta against
-    its parent.
+    both land in the version's metrics. `job`, the id of the service job doing the edit, is
+    recorded in the manifest, so a job whose worker died after the version was committed can be
+    matched with it. Returns the new version's manifest and the delta against its parent.
     """
     layers = list(base)
     head = store.head(model_name, stream)
@@ -167,6 +169,8 @@ def edit_on_stream(
         },
         "edit_tokens": state.tokens,
     }
+    if job is not None:
+        manifest["job"] = job
     if evaluate is not None:
         manifest["metrics"]["evaluation"] = {"before": before, "after": after}
     files = {DELTA_FILE: stage / DELTA_FILE, STATE_FILE: stage / STATE_FILE}

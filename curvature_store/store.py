@@ -529,6 +529,7 @@ class Store:
                 "created_at": _now(),
             }
             atomic_write_json(work / MANIFEST, doc)
+            _failpoint("curvature:staged")
             trash: Path | None = None
             with self._lock(self.root / "curvature" / LOCK):
                 existing = intact()  # a concurrent put of the same key may have won meanwhile
@@ -559,6 +560,7 @@ class Store:
         if doc is None:
             raise NotFound(f"no curvature {key}")
         path = self._curvature_dir(key) / CURVATURE_FILE
+        _failpoint("curvature:read")
         if verify:
             return self._check_file(path, doc)
         if not path.is_file():

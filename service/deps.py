@@ -54,6 +54,14 @@ def get_store(request: Request) -> Store:
         raise ApiError(503, "unavailable", "the version store is unavailable") from None
 
 
+def get_store_if_open(request: Request) -> Store | None:
+    """The app's store, or None when it cannot be opened (for routes that only consult it)."""
+    try:
+        return open_store(request.app.state)
+    except (StoreError, OSError):
+        return None
+
+
 # auto_error=False: a missing or non-Bearer header must get our 401 shape, not FastAPI's 403
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer KEY`.")
 
@@ -72,6 +80,7 @@ def current_key(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 StoreDep = Annotated[Store, Depends(get_store)]
+MaybeStoreDep = Annotated[Store | None, Depends(get_store_if_open)]
 KeyDep = Annotated[ApiKey, Depends(current_key)]
 
 

@@ -31,11 +31,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
 from rq import Queue
 from rq.job import Dependency, Job, JobStatus
 from rq.results import Result
 
+from curvature_store import Store, StoreError
 from service.config import Settings
 from service.errors import ApiError, scrub
 
@@ -150,6 +151,8 @@ def fetch(redis: Redis, job_id: str) -> Job | None:
     """One of our edit jobs, or None (unknown, expired, or not created by this API)."""
     try:
         job = Job.fetch(job_id, connection=redis)
+    except RedisError:  # Redis is down: a 503, never "no such job"
+        raise
     except Exception:  # NoSuchJobError, or a job whose data no longer deserializes
         return None
     return job if isinstance(job.meta.get("model"), str) else None
@@ -200,13 +203,51 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def job_view(redis: Redis, job: Job) -> dict:
-    """Everything a client may know of a job (the JobView schema of `routers.jobs`)."""
+def committed_version(store: Store, job: Job) -> dict | None:
+    """The manifest of the version that `job` committed on its stream, or None.
+
+    A worker killed after it moved the stream head but before RQ stored the job's result leaves
+    a failed job whose edit is in the store; the version's manifest names its job. Only the
+    versions created since the job started are read (newest first, so the search is short).
+    """
+    started = _iso(job.started_at)
+    if started is None:
+        return None
+    try:
+        version = store.head(job.meta["model"], job.meta["stream"])
+        while version is not None:
+            manifest = store.manifest(version)
+            if manifest.get("job") == job.id:
+                return manifest
+            if manifest["created_at"] < started:  # the same ISO 8601 form on both sides
+                return None
+            version = manifest["parent"]
+    except (StoreError, KeyError):
+        return None
+    return None
+
+
+def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
+    """Everything a client may know of a job (the JobView schema of `routers.jobs`).
+
+    With `store`, a failed job whose version was committed (see `committed_version`) is shown
+    as succeeded, its result read from the version's manifest with `"recovered": true`: the
+    edit is in the stream, and a client that resubmitted it would apply it twice.
+    """
     job.refresh()
     rq_status = job.get_status(refresh=False)
     cancelled = cancel_requested(redis, job)
     value, error = _result(job, rq_status)
     status = _public_status(rq_status, cancelled, value)
+    if status == "failed" and store is not None:
+        manifest = committed_version(store, job)
+        if manifest is not None:
+            status, error = "succeeded", None
+            value = {
+                **{k: manifest[k] for k in ("stream", "number", "parent", "metrics")},
+                "version": manifest["id"],
+                "recovered": True,
+            }
     position = None
     if rq_status == JobStatus.QUEUED:
         position = Queue(job.origin, connection=redis).get_job_position(job.id)

@@ -84,8 +84,10 @@ class Engine:
         request: dict,
         report: Callable[[dict], None] = lambda progress: None,
         cancelled: Callable[[], bool] = lambda: False,
+        job_id: str | None = None,
     ) -> dict:
-        """Run one edit request (see `workers.jobs`) and return the new version's summary."""
+        """Run one edit request (see `workers.jobs`) and return the new version's summary; the
+        version's manifest records `job_id`."""
         started = time.perf_counter()
         if request["model"] != self.name:
             raise ValueError(f"this worker serves {self.name!r}, not {request['model']!r}")
@@ -114,7 +116,7 @@ class Engine:
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, method=method, parent=parent,
-            curvature_key=key, evaluate=evaluate, progress=False, on_epoch=on_epoch,
+            curvature_key=key, evaluate=evaluate, job=job_id, progress=False, on_epoch=on_epoch,
             **editor_options,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})

@@ -11,8 +11,9 @@ its dotted path, so the API never imports torch) with one JSON-able argument:
 While it runs, the job's meta holds `progress` ({phase, epoch, epochs, loss, facts_total,
 facts_done}); the API sets `cancel_requested` in the meta and the key `crispedit:cancel:{id}` to
 stop it before it starts work or at the next epoch. The return value is {version, number, parent,
-stream, metrics, seconds}. A failed or cancelled job publishes
-no version.
+stream, metrics, seconds}, and the version's manifest names the job (`job`). A failed or
+cancelled job publishes no version, except a job whose worker died after committing its version:
+the API then reports the job as succeeded from that manifest (`service.jobqueue.job_view`).
 """
 
 from __future__ import annotations
@@ -59,4 +60,4 @@ def apply_edit(request: dict) -> dict:
         flagged = job.connection.exists(cancel_key(job.id))
         return bool(flagged or job.get_meta(refresh=True).get("cancel_requested"))
 
-    return engine.apply(request, report, cancelled)
+    return engine.apply(request, report, cancelled, job_id=job.id if job is not None else None)

@@ -23,7 +23,7 @@ from rq.job import Job
 
 from service import jobqueue
 from service.config import ApiKey
-from service.deps import KeyDep, RedisDep, SettingsDep
+from service.deps import KeyDep, MaybeStoreDep, RedisDep, SettingsDep, get_store_if_open
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["jobs"])
@@ -72,9 +72,9 @@ def _job_for(redis: Redis, key: ApiKey, job_id: str) -> Job:
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=responses(400, 404))
-def get_job(job_id: str, key: KeyDep, redis: RedisDep) -> dict:
+def get_job(job_id: str, key: KeyDep, redis: RedisDep, store: MaybeStoreDep) -> dict:
     """A job's status, queue position, progress, timings, and its version and metrics or error."""
-    return jobqueue.job_view(redis, _job_for(redis, key, job_id))
+    return jobqueue.job_view(redis, _job_for(redis, key, job_id), store)
 
 
 @router.post(
@@ -115,10 +115,11 @@ async def job_events(
     changes, then `end` after a terminal status. The stream also ends after
     CRISPEDIT_SSE_MAX_S seconds (`timeout` event); comments keep idle connections open."""
     await run_in_threadpool(_job_for, redis, key, job_id)  # errors before the stream starts
+    store = get_store_if_open(request)
 
     def view() -> dict | None:
         job = jobqueue.fetch(redis, job_id)
-        return None if job is None else jobqueue.job_view(redis, job)
+        return None if job is None else jobqueue.job_view(redis, job, store)
 
     async def stream() -> AsyncIterator[str]:
         started = last_sent = time.monotonic()

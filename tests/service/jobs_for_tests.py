@@ -59,3 +59,21 @@ def apply_edit(payload: dict) -> dict:
 def fail_edit(payload: dict) -> dict:
     """Fail the way an engine error would: an exception with a one-line message."""
     raise ValueError("the edit diverged: loss is nan at epoch 3")
+
+
+def commit_then_fail(payload: dict) -> dict:
+    """Publish the version (its manifest naming the job, as the engine's does), then fail: what
+    RQ records when a worker dies right after the commit point."""
+    job = get_current_job()
+    store = Store(os.environ["CRISPEDIT_TEST_STORE"])
+    model, stream = payload["model"], payload["stream"]
+    stage = store.staging_dir()
+    save_file({"layer.weight": np.ones((2, 2), dtype=np.float32)}, stage / "d.safetensors")
+    store.create_version(
+        model,
+        stream,
+        store.head(model, stream),
+        {"delta.safetensors": stage / "d.safetensors"},
+        {"facts": payload["facts"], "method": "ft", "metrics": {"efficacy": 1.0}, "job": job.id},
+    )
+    raise SystemError("worker lost after the commit")

@@ -41,6 +41,27 @@ def test_failed_job_shows_the_last_line_of_its_error(client, redis, settings):
     assert failed["version"] is None
 
 
+def test_failed_job_whose_version_was_committed_shows_as_recovered(client, redis, settings, store):
+    settings.job_function = "jobs_for_tests.commit_then_fail"
+    job_id = client.post("/v1/edits", json=edit_body(), headers=AUTH).json()["job_id"]
+    settings.job_function = "jobs_for_tests.fail_edit"
+    other = client.post("/v1/edits", json=edit_body(), headers=AUTH).json()["job_id"]
+    run_worker(redis)
+    head = store.head("tiny", "main")
+    assert store.manifest(head)["job"] == job_id
+    recovered = client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
+    assert (recovered["status"], recovered["version"], recovered["error"]) == (
+        "succeeded",
+        head,
+        None,
+    )
+    assert recovered["result"]["recovered"] is True
+    assert recovered["metrics"] == {"efficacy": 1.0}
+    # a failed job after it, on the same stream: the committed version is not its own
+    failed = client.get(f"/v1/jobs/{other}", headers=AUTH).json()
+    assert (failed["status"], failed["version"]) == ("failed", None)
+
+
 def test_unknown_and_foreign_jobs_are_404(client, redis):
     assert client.get("/v1/jobs/nosuchjob", headers=AUTH).status_code == 404
     bad = client.get("/v1/jobs/bad$id", headers=AUTH)

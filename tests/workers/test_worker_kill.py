@@ -1,9 +1,18 @@
-"""A worker process killed with SIGKILL in the middle of an edit: the job ends failed (never
-re-queued), the stream head and the store are untouched, and the next job succeeds."""
+"""A worker process killed with SIGKILL at each phase of an edit job: while it reads the stored
+curvature, while it rebuilds and stores curvature, in the optimisation, and at each step of the
+version write. The job ends failed (never re-queued), the stream head is the previous version (or,
+killed after the commit point, the new one, which the API then reports as the job's result), the
+store verifies clean, and the next job on the stream succeeds.
+
+The kills at a store step use the store's own failpoints (`CURVATURE_STORE_FAILPOINT`: the process
+SIGKILLs itself at that line); the kill in the optimisation is a real `kill -9` from outside once
+the job reports its first epoch.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,30 +25,31 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from curvature_store import Store
+from service import jobqueue
+from service.config import Settings
 from workers.jobs import queue_name
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 FACT = [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}]
+HEARTBEAT_S = 0.5
 
 
-def request(epochs: int) -> dict:
-    return {
-        "model": "tiny",
-        "stream": "main",
-        "facts": FACT,
-        "parent_version": None,
-        "check_parent": False,
-        "options": {"epochs": epochs, "lr": 1e-6},  # tiny lr: the loss never stops it early
-        "submitted_at": time.time(),
-        "key_name": "test",
-    }
+def submit(redis: Redis, epochs: int) -> Job:
+    """An edit job on stream tiny/main, enqueued as the API does."""
+    payload = jobqueue.edit_payload(
+        "tiny", "main", FACT, None, False, {"epochs": epochs, "lr": 1e-6}, "test"
+    )  # lr 1e-6: the loss never stops the edit early
+    return jobqueue.submit(redis, Settings(), f"job-{time.monotonic_ns()}", payload)
 
 
-def start_worker(tiny_model_dir, store_dir, *extra) -> subprocess.Popen:
+def start_worker(tiny_model_dir, store_dir, *extra, failpoint=None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "crispedit.cli", "worker", "--model", str(tiny_model_dir),
             "--model-name", "tiny", "--store", str(store_dir), "--redis", REDIS_URL,
-            "--tokens", "300", "--heartbeat", "0.5", *extra]  # fmt: skip
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            "--heartbeat", str(HEARTBEAT_S), *extra]  # fmt: skip
+    if "--tokens" not in extra:
+        argv += ["--tokens", "300"]
+    env = {**os.environ, "CURVATURE_STORE_FAILPOINT": failpoint or ""}
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -47,46 +57,90 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
-def test_killed_worker_leaves_job_failed_and_store_untouched(tmp_path, tiny_model_dir):
+def phase(redis: Redis, job: Job) -> str | None:
+    return (Job.fetch(job.id, connection=redis).get_meta().get("progress") or {}).get("phase")
+
+
+@pytest.fixture(scope="module")
+def prepared_store(tmp_path_factory, tiny_model_dir):
+    """A store with the tiny model's curvature and one version on tiny/main, made by a worker."""
+    store_dir = tmp_path_factory.mktemp("kill") / "store"
+    redis = Redis.from_url(REDIS_URL)
+    redis.flushdb()
+    job = submit(redis, epochs=2)
+    assert start_worker(tiny_model_dir, store_dir, "--burst").wait(timeout=120) == 0
+    assert Job.fetch(job.id, connection=redis).get_status() == JobStatus.FINISHED
+    redis.flushdb()
+    return store_dir
+
+
+# (where the worker dies, extra worker arguments, whether the version was committed by then)
+KILLS = {
+    "curvature:read": ((), False),  # loading the stored curvature
+    "curvature:staged": (("--tokens", "200"), False),  # other tokens: rebuilt, dies storing it
+    "edit": ((), False),  # kill -9 from outside during the optimisation
+    "create:staged": ((), False),  # version folder assembled under tmp/
+    "create:published": ((), False),  # version folder in place, head not moved
+    "create:head_moved": ((), True),  # after the commit point, before RQ has the result
+}
+
+
+@pytest.mark.parametrize("where", list(KILLS))
+def test_worker_killed_mid_job_loses_and_duplicates_nothing(
+    where, prepared_store, tmp_path, tiny_model_dir
+):
+    extra, committed = KILLS[where]
     redis = Redis.from_url(REDIS_URL)
     redis.flushdb()
     store_dir = tmp_path / "store"
-    queue = Queue(queue_name("tiny"), connection=redis)
-    job = queue.enqueue("workers.jobs.apply_edit", request(epochs=100_000), job_timeout=600)
-    worker = start_worker(tiny_model_dir, store_dir)
+    shutil.copytree(prepared_store, store_dir)
+    store = Store(store_dir)
+    previous = store.head("tiny", "main")
+    assert previous is not None
+
+    job = submit(redis, epochs=2 if where.startswith("create") else 100_000)
+    failpoint = None if where == "edit" else where
+    worker = start_worker(tiny_model_dir, store_dir, *extra, failpoint=failpoint)
     try:
-        wait_for(
-            lambda: (
-                (Job.fetch(job.id, connection=redis).get_meta().get("progress") or {}).get("phase")
-                == "edit"
-            ),
-            60,
-            "the edit to start",
-        )
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
+        if where == "edit":
+            wait_for(lambda: phase(redis, job) == "edit", 60, "the edit to start")
+            os.kill(worker.pid, signal.SIGKILL)
+        assert worker.wait(timeout=60) == -signal.SIGKILL
     finally:
         if worker.poll() is None:
             worker.kill()
+    assert phase(redis, job) == ("curvature" if where.startswith("curvature") else "edit")
 
-    assert Job.fetch(job.id, connection=redis).get_status() == JobStatus.STARTED  # not yet noticed
-    time.sleep(2.5)  # three missed beats of 0.5 s, rounded up
+    queue = Queue(queue_name("tiny"), connection=redis)
+    assert Job.fetch(job.id, connection=redis).get_status() == JobStatus.STARTED  # not noticed yet
+    time.sleep(3 * HEARTBEAT_S + 1)  # its heartbeat expires after three missed beats
     StartedJobRegistry(queue=queue).cleanup()
-    assert Job.fetch(job.id, connection=redis).get_status() == JobStatus.FAILED
+    job = Job.fetch(job.id, connection=redis)
+    assert job.get_status() == JobStatus.FAILED
     assert queue.count == 0  # not re-queued
 
-    store = Store(store_dir)
-    assert store.head("tiny", "main") is None
-    assert store.versions("tiny", "main") == []
     assert store.verify() == []
+    view = jobqueue.job_view(redis, job, store)
+    if committed:  # the edit is in the stream: the API reports it, so nobody applies it twice
+        head = store.head("tiny", "main")
+        assert store.manifest(head)["parent"] == previous
+        assert store.manifest(head)["job"] == job.id
+        assert view["status"] == "succeeded"
+        assert view["version"] == head and view["result"]["recovered"] is True
+    else:
+        assert store.head("tiny", "main") == previous
+        assert len(store.versions("tiny", "main")) == 1
+        assert view["status"] == "failed" and view["version"] is None
 
-    nxt = queue.enqueue("workers.jobs.apply_edit", request(epochs=2))
-    again = start_worker(tiny_model_dir, store_dir, "--burst")
-    assert again.wait(timeout=120) == 0
+    head = store.head("tiny", "main")
+    nxt = submit(redis, epochs=2)
+    assert start_worker(tiny_model_dir, store_dir, "--burst").wait(timeout=120) == 0
     nxt = Job.fetch(nxt.id, connection=redis)
     assert nxt.get_status() == JobStatus.FINISHED
     assert store.head("tiny", "main") == nxt.return_value()["version"]
+    assert store.manifest(nxt.return_value()["version"])["parent"] == head
+    assert store.verify() == []
     redis.flushdb()
