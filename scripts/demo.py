@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,69 +25,11 @@ from pathlib import Path
 
 import httpx
 
+from service.local import ensure_redis, free_port, start, wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = ROOT / "crispedit" / "assets" / "demo_facts.json"
 REDIS_DB = 2  # a database of its own: the demo never touches others
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_redis(port: int = 6379) -> None:
-    """Start a throwaway redis-server on 127.0.0.1 when none answers there."""
-    ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
-    if ping.stdout.strip() == "PONG":
-        return
-    print(f"starting redis-server on 127.0.0.1:{port}")
-    subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
-         "--save", "", "--appendonly", "no"],
-        check=True,
-    )  # fmt: skip
-    for _ in range(50):
-        if (
-            subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode
-            == 0
-        ):
-            return
-        time.sleep(0.1)
-    raise SystemExit("redis-server did not start")
-
-
-def start(stack: ExitStack, name: str, argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """Start a subprocess whose output goes to `log`; it is stopped when `stack` closes."""
-    out = log.open("w")
-    proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        out.close()
-
-    stack.callback(stop)
-    print(f"started {name} (pid {proc.pid}, log {log.relative_to(ROOT)})")
-    return proc
-
-
-def wait_ready(client: httpx.Client, procs: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise SystemExit(f"a process exited early (status {p.returncode}); see its log")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("the API did not become ready")
 
 
 def poll(client: httpx.Client, url: str, worker: subprocess.Popen, timeout: float) -> dict:
