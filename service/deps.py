@@ -24,12 +24,16 @@ from service.errors import ApiError
 _STORE_LOCK = threading.Lock()
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies that do no I/O (or only once) are `async def`: FastAPI runs a plain `def` one in its
+# thread pool, and those hops, several per request, dominated latency under load (bench/load.py).
+
+
+async def get_settings(request: Request) -> Settings:
     """The app's settings."""
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     """The app's Redis client (a connection pool; created lazily, so it never blocks startup)."""
     return request.app.state.redis
 
@@ -46,7 +50,7 @@ def open_store(state) -> Store:
         return state.store
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     """The app's store, or 503 when it cannot be opened."""
     try:
         return open_store(request.app.state)
@@ -54,7 +58,7 @@ def get_store(request: Request) -> Store:
         raise ApiError(503, "unavailable", "the version store is unavailable") from None
 
 
-def get_store_if_open(request: Request) -> Store | None:
+async def get_store_if_open(request: Request) -> Store | None:
     """The app's store, or None when it cannot be opened (for routes that only consult it)."""
     try:
         return open_store(request.app.state)
@@ -71,9 +75,9 @@ def current_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
     """The caller's API key grant (401 without a valid key), counted against its rate limit."""
-    settings = get_settings(request)
+    settings = request.app.state.settings
     key = authenticate(settings, credentials.credentials if credentials else None)
-    check_rate_limit(get_redis(request), key, settings.rate_limit_per_minute)
+    check_rate_limit(request.app.state.redis, key, settings.rate_limit_per_minute)
     return key
 
 
@@ -123,7 +127,7 @@ class StreamRef:
     stream: str
 
 
-def stream_ref(model: str, stream: str, settings: SettingsDep, key: KeyDep) -> StreamRef:
+async def stream_ref(model: str, stream: str, settings: SettingsDep, key: KeyDep) -> StreamRef:
     """The path's model and stream: well-formed (400), served (404), allowed for the key (403)."""
     check_name(model, "model")
     check_name(stream, "stream")
@@ -133,7 +137,7 @@ def stream_ref(model: str, stream: str, settings: SettingsDep, key: KeyDep) -> S
 StreamDep = Annotated[StreamRef, Depends(stream_ref)]
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """415 unless the request body is declared as JSON (`application/json` or `...+json`)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):

@@ -109,7 +109,11 @@ def submit(redis: Redis, settings: Settings, job_id: str, payload: dict) -> Job:
     try:
         # The lock makes read-previous / enqueue / write-last one step for concurrent submitters
         # (in any API process); it expires by itself if a process dies holding it.
-        with redis.lock(f"crispedit:lock:{model}:{stream}", timeout=30, blocking_timeout=10):
+        # sleep: redis-py polls a taken lock every 0.1 s by default, which alone would put 100 ms
+        # on a submission that meets another one of its stream; held for ~1 ms, poll it often
+        with redis.lock(
+            f"crispedit:lock:{model}:{stream}", timeout=30, sleep=0.002, blocking_timeout=10
+        ):
             previous = redis.get(_last_key(model, stream))
             previous_id = previous.decode() if previous else None
             depends_on = None
@@ -232,9 +236,9 @@ def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
 
     With `store`, a failed job whose version was committed (see `committed_version`) is shown
     as succeeded, its result read from the version's manifest with `"recovered": true`: the
-    edit is in the stream, and a client that resubmitted it would apply it twice.
+    edit is in the stream, and a client that resubmitted it would apply it twice. `job` is shown
+    as it was fetched (`fetch`; call `job.refresh()` first to show a job held for a while).
     """
-    job.refresh()
     rq_status = job.get_status(refresh=False)
     cancelled = cancel_requested(redis, job)
     value, error = _result(job, rq_status)

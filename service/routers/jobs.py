@@ -92,6 +92,7 @@ def cancel_job(job_id: str, key: KeyDep, redis: RedisDep, response: Response) ->
     job = _job_for(redis, key, job_id)
     if not jobqueue.cancel(redis, job):
         response.status_code = 202
+    job.refresh()
     return jobqueue.job_view(redis, job)
 
 
@@ -115,7 +116,7 @@ async def job_events(
     changes, then `end` after a terminal status. The stream also ends after
     CRISPEDIT_SSE_MAX_S seconds (`timeout` event); comments keep idle connections open."""
     await run_in_threadpool(_job_for, redis, key, job_id)  # errors before the stream starts
-    store = get_store_if_open(request)
+    store = await get_store_if_open(request)
 
     def view() -> dict | None:
         job = jobqueue.fetch(redis, job_id)
