@@ -60,7 +60,7 @@ WORKER_TOKENS = 2048  # a small curvature: the worker is here to keep a core bus
 # from request handling; batch work yields to the latency-sensitive API (run it the same way when
 # co-locating them; in compose they are separate containers)
 WORKER_NICE = 10
-API_WORKERS = 1
+API_WORKERS = 2  # uvicorn processes, as the API image runs (WEB_CONCURRENCY)
 EDIT_OPTIONS = {"epochs": 2}
 RETRIES = 3
 FACT = {"prompt": "The Eiffel Tower is located in", "target": "Rome"}

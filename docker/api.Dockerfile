@@ -46,6 +46,9 @@ USER crispedit
 # Run from an empty home, not /src: the installed package is what gets imported.
 WORKDIR /home/crispedit
 EXPOSE 8000
+# uvicorn's processes: the API's handlers are synchronous Python, so one process holds one core;
+# two kept p99 job polls at 34 ms for 200 clients on 2 cores (bench/load.py). Override per host.
+ENV WEB_CONCURRENCY=2
 
 # Liveness only (the process answers). docker-compose.yml checks /readyz, which also needs Redis
 # and a writable store. Python instead of curl: the slim image has no curl.
