@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from measure import peak_rss_gib, reset_peak_rss
 
 from crispedit import CrispEditor, build_curvature, load_facts, load_model
 from crispedit.corpus import ASSETS, read_documents
@@ -22,18 +23,6 @@ from crispedit.evaluate import perplexity
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = "ft,nullspace:0.9,kfac:0.7,kfac:0.8,kfac:0.9"  # method[:γ], comma-separated
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's high-water mark of this process's RSS (Linux), to measure one phase."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def main() -> None:

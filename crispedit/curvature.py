@@ -58,6 +58,23 @@ class LayerCurvature:
     U_A: torch.Tensor | None = None  # eigenbases the EK-FAC eigenvalues are expressed in
     U_B: torch.Tensor | None = None
     ekfac: torch.Tensor | None = None  # (d_out, d_in) corrected eigenvalues
+    # derived tensors (eigenbases, their copies on a device), see `memo`
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memo(self, key: tuple, source: torch.Tensor, compute: Callable[[], object]) -> object:
+        """`compute()`, remembered under `key` for as long as `source` (one of this layer's
+        tensors) is the same tensor with the same contents.
+
+        A worker keeps its capability curvature resident and builds a projector for every job:
+        the float64 eigendecompositions and the copies on its GPU are then made once, not per job.
+        An in-place change of `source` (its version counter moves) or a new tensor recomputes.
+        """
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is source and hit[1] == source._version:
+            return hit[2]
+        value = compute()
+        self._memo[key] = (source, source._version, value)
+        return value
 
 
 @dataclass
@@ -137,15 +154,15 @@ def next_token_labels(
 class _Capture:
     """Forward hooks that record each layer's input a and the gradient g at its output.
 
-    The lowest layer's output is re-created as a leaf requiring grad: the backward graph begins
-    there. Hooks only keep the tensors of the current batch.
+    With `stop_backward`, the lowest layer's output is re-created as a leaf requiring grad: the
+    backward graph begins there. Hooks only keep the tensors of the current batch.
     """
 
-    def __init__(self, layers: dict[str, nn.Module]):
+    def __init__(self, layers: dict[str, nn.Module], stop_backward: bool = True):
         self.a: dict[str, torch.Tensor] = {}
         self.g: dict[str, torch.Tensor] = {}
         self.handles = []
-        lowest = next(iter(layers))
+        lowest = next(iter(layers)) if stop_backward else None
         for name, module in layers.items():
             self.handles.append(module.register_forward_hook(self._hook(name, name == lowest)))
 
@@ -186,12 +203,16 @@ def collect_curvature(
     seed: int = 0,
     total_tokens: int | None = None,
     progress: bool = True,
+    stop_backward: bool = True,
 ) -> Curvature:
     """Compute K-FAC factors (and EK-FAC eigenvalues when `kind="ekfac"`) over token batches.
 
     `batches` are right-padded `{input_ids, attention_mask}` dicts (see `corpus.pad_batches`); it is
     iterated twice for EK-FAC. `layer_names` must be sorted by depth (as `models.parse_layers`
     returns them). Sums are accumulated in float64 and divided by the number of valid tokens.
+    `stop_backward=False` runs the full backward of a training step instead (every parameter
+    gets a gradient, discarded afterwards): the same factors at a higher cost, kept to measure
+    what stopping at the lowest edited layer saves (bench/perf.py).
     """
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, not {labels!r}")
@@ -205,7 +226,7 @@ def collect_curvature(
     def each_batch(desc: str):
         """Run every batch through the model, yielding (mask, capture) with a, g recorded."""
         generator = torch.Generator().manual_seed(seed)  # same draws in both EK-FAC passes
-        capture = _Capture(layers)
+        capture = _Capture(layers, stop_backward)
         bar = tqdm(total=total_tokens, desc=desc, unit="tok", disable=not progress)
         try:
             for batch in batches:
@@ -217,21 +238,28 @@ def collect_curvature(
             capture.close()
 
     n_tokens = 0
-    with trainable_only(model, []):
-        for mask, capture in each_batch("curvature (K-FAC)"):
-            n_tokens += int(mask.sum())
-            for name in layers:
-                a, g = _rows(capture, name, mask)
-                sums[name][0] += (a.T @ a).double()
-                sums[name][1] += (g.T @ g).double()
-        if n_tokens == 0:
-            raise ValueError("the corpus produced no token with a next-token label")
-        result = {
-            name: LayerCurvature(A=(sA / n_tokens).float(), B=(sB / n_tokens).float())
-            for name, (sA, sB) in sums.items()
-        }
-        if kind == "ekfac":
-            _ekfac_pass(result, layers, each_batch("curvature (EK-FAC)"), n_tokens)
+    # a full backward (measurement only) differentiates every parameter; their .grad is restored
+    differentiated = [] if stop_backward else list(model.parameters())
+    saved_grads = [p.grad for p in differentiated]
+    try:
+        with trainable_only(model, differentiated):
+            for mask, capture in each_batch("curvature (K-FAC)"):
+                n_tokens += int(mask.sum())
+                for name in layers:
+                    a, g = _rows(capture, name, mask)
+                    sums[name][0] += (a.T @ a).double()
+                    sums[name][1] += (g.T @ g).double()
+            if n_tokens == 0:
+                raise ValueError("the corpus produced no token with a next-token label")
+            result = {
+                name: LayerCurvature(A=(sA / n_tokens).float(), B=(sB / n_tokens).float())
+                for name, (sA, sB) in sums.items()
+            }
+            if kind == "ekfac":
+                _ekfac_pass(result, layers, each_batch("curvature (EK-FAC)"), n_tokens)
+    finally:
+        for p, grad in zip(differentiated, saved_grads, strict=True):
+            p.grad = grad
     meta = {
         "labels": labels,
         "seed": seed,

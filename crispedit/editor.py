@@ -35,7 +35,12 @@ from crispedit.models import (
     trainable_only,
 )
 from crispedit.prefix import FastForward
-from crispedit.projector import GAMMA, build_projector, resolve_method
+from crispedit.projector import (
+    GAMMA,
+    build_projector,
+    resolve_method,
+    resolve_projector_dtype,
+)
 from crispedit.targets import target_batches, target_loss
 
 LR = 5e-4
@@ -49,6 +54,9 @@ SEED = 0
 # in the kept subspace.
 PROJECT = "gradient"
 PROJECT_CHOICES = ("gradient", "update")
+# The dtype gradients are projected in: "float32" whatever the model's dtype (a bf16 model on a
+# GPU still rotates its gradients in fp32), or "model" (the model's own dtype).
+PROJECTOR_DTYPE = "float32"
 
 
 class CrispEditor:
@@ -61,7 +69,9 @@ class CrispEditor:
     cancellation hook: an exception it raises aborts the edit). `fast` (default) computes each
     step's loss from the lowest edited block up and the logits only at the target positions,
     where the architecture allows (crispedit.prefix); `fast=False` runs the full model, as does
-    a model in training mode. Both give the same edit up to float rounding.
+    a model in training mode. Both give the same edit up to float rounding. `projector_dtype`
+    is `float32` (default) or `model`: the dtype the projectors live and rotate in, on the
+    model's device.
     """
 
     def __init__(
@@ -80,6 +90,7 @@ class CrispEditor:
         on_epoch: Callable[[dict], None] | None = None,
         fast: bool = True,
         project: str = PROJECT,
+        projector_dtype: str = PROJECTOR_DTYPE,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.method_name, self.method = method, resolve_method(method)
@@ -90,6 +101,8 @@ class CrispEditor:
                 f"project must be one of {', '.join(PROJECT_CHOICES)}, not {project!r}"
             )
         self.project = project
+        weight = next(model.parameters())
+        self.projector_dtype = resolve_projector_dtype(projector_dtype, weight.dtype)
         if self.method != "ft" and curvature is None:
             raise ValueError(f"method {method!r} needs curvature (only 'ft' edits without)")
         if layers is None and curvature is not None:
@@ -101,10 +114,14 @@ class CrispEditor:
             missing = [n for n in self.layers if n not in curvature.layers]
             if missing:
                 raise ValueError(f"the curvature has no factors for layer {missing[0]!r}")
-            device = next(model.parameters()).device
-            for name in self.layers:
-                P = build_projector(curvature.layers[name], self.method, gamma)
-                self.projectors[name] = P.to(device)
+            for name in self.layers:  # built on the model's device, bases kept by `curvature`
+                self.projectors[name] = build_projector(
+                    curvature.layers[name],
+                    self.method,
+                    gamma,
+                    device=weight.device,
+                    dtype=self.projector_dtype,
+                )
         self.fast = FastForward.plan(model, self.layers) if fast else None
 
     def _log(self, message: str) -> None:

@@ -142,6 +142,23 @@ def test_backward_stops_at_lowest_layer(tiny, sequences):
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
+def test_stopped_backward_gives_the_factors_of_a_full_backward(tiny, sequences):
+    """Stopping the backward at the lowest edited layer changes nothing the factors see: the
+    full backward of a training step (every parameter differentiated) gives the same A and B,
+    and leaves every parameter's .grad as it found it."""
+    model, tok = tiny
+    layers = parse_layers(model, "2-3")
+    batches = list(pad_batches(sequences, tok.pad_token_id, 2))
+    stopped = collect_curvature(model, layers, batches, progress=False)
+    full = collect_curvature(model, layers, batches, progress=False, stop_backward=False)
+    assert full.tokens == stopped.tokens
+    for name in layers:
+        for f in ("A", "B"):
+            ours, ref = getattr(stopped.layers[name], f), getattr(full.layers[name], f)
+            assert_factor_close(ours, ref.double())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_ekfac_eigenvalues_equal_brute_force(tiny, sequences):
     model, tok = tiny
     layers = parse_layers(model, "2-3")

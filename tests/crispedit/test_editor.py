@@ -163,3 +163,23 @@ def test_editor_errors(setup):
         CrispEditor(model, tok, curv, layers=layers).edit([])
     with pytest.raises(ValueError, match="unknown method"):
         CrispEditor(model, tok, curv, method="rome")
+
+
+def test_projector_dtype_follows_the_flag_on_a_bf16_model(tiny_tokenizer):
+    """A bf16 model (as loaded on a GPU) projects in fp32 by default, in bf16 on request; the
+    curvature stays fp32 and the edit runs either way (here on the CPU)."""
+    model = make_tiny("llama").to(torch.bfloat16)
+    layers = parse_layers(model, "2-3")
+    curv = curvature_for(model.float(), tiny_tokenizer, layers)
+    model = model.to(torch.bfloat16)
+    assert all(c.A.dtype == torch.float32 for c in curv.layers.values())
+    for choice, dtype in (("float32", torch.float32), ("model", torch.bfloat16)):
+        options = {**FAST, "epochs": 1}
+        editor = CrispEditor(
+            model, tiny_tokenizer, curv, layers=layers, projector_dtype=choice, **options
+        )
+        assert {P.U_A.dtype for P in editor.projectors.values()} == {dtype}
+        delta = editor.edit(FACTS[:1])
+        assert all(t.dtype == torch.float32 for t in delta.tensors.values())
+    with pytest.raises(ValueError, match="projector dtype"):
+        CrispEditor(model, tiny_tokenizer, curv, layers=layers, projector_dtype="fp16")

@@ -7,6 +7,7 @@ from torch import nn
 
 from crispedit.models import (
     ModelError,
+    default_dtype,
     default_target_layers,
     is_conv1d,
     load_model,
@@ -330,3 +331,11 @@ def test_resolve_file_is_an_error(tiny_model_dir):
     with pytest.raises(ModelError, match="is a file, not a model folder") as err:
         resolve_model(str(path))
     assert str(path) in str(err.value)
+
+
+def test_default_dtype_is_fp32_on_cpu_and_bf16_on_an_accelerator():
+    """The choice alone (no GPU needed): the model in bf16 off the CPU, fp32 on it."""
+    assert default_dtype("cpu") == torch.float32
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    assert default_dtype("cuda") == torch.bfloat16
+    assert default_dtype("cuda:1") == torch.bfloat16

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from crispedit import projector
 from crispedit.curvature import LayerCurvature, eigenbasis
-from crispedit.projector import build_projector, energy_threshold, resolve_method
+from crispedit.projector import (
+    KroneckerProjector,
+    build_projector,
+    energy_threshold,
+    kfac_threshold,
+    resolve_method,
+    resolve_projector_dtype,
+)
 
 D_IN, D_OUT = 7, 5
 GAMMAS = (0.3, 0.5, 0.7, 0.9, 0.99)
@@ -128,3 +138,127 @@ def test_methods_and_errors(curvature):
         build_projector(curvature, "kfac", 1.5)
     with pytest.raises(ValueError, match="ekfac"):
         build_projector(LayerCurvature(A=curvature.A, B=curvature.B), "ekfac", 0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths: separable K-FAC threshold, radix select, rectangle cover, resident bases
+
+
+def spectrum(d: int, seed: int, zeros: int = 0, ties: int = 0) -> torch.Tensor:
+    """Ascending float32 eigenvalues with a heavy tail, `zeros` exact zeros and `ties` repeats."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(d, generator=g) ** 6 * 10
+    s[:zeros] = 0
+    if ties:
+        s[-ties:] = s[-ties - 1]
+    return s.sort().values
+
+
+@pytest.mark.parametrize("gamma", (0.0, 0.2, 0.5, 0.8, 0.9, 0.99, 0.999, 1.0))
+@pytest.mark.parametrize("seed", range(3))
+def test_kfac_threshold_equals_the_search_over_all_products(gamma, seed):
+    s_A = spectrum(61, seed, zeros=4, ties=5)
+    s_B = spectrum(23, 100 + seed, zeros=2, ties=3)
+    lam = s_B.double()[:, None] * s_A.double()[None, :]
+    tau, k = kfac_threshold(s_A, s_B, gamma)
+    cols = torch.arange(len(s_A))
+    assert torch.equal(cols[None, :] < k[:, None], lam < tau)  # the counts are the mask
+    total, rel = lam.sum(), 1e-12
+    if gamma == 0.0:
+        assert tau == math.inf
+        return
+    # the smallest top set reaching γ, up to the float64 rounding of the energy sums (the two
+    # searches add the products in different orders: near-equal partial sums may tip apart)
+    assert lam[lam >= tau].sum() >= gamma * total * (1 - rel)
+    assert lam[lam > tau].sum() < gamma * total * (1 + rel)
+    generic = energy_threshold(lambda i, j: lam[i:j], lam.shape[0], gamma)
+    if tau != generic:
+        assert abs(lam[lam >= tau].sum() - lam[lam >= generic].sum()) <= rel * total
+
+
+def test_kept_counts_are_exact_at_every_product():
+    """At τ equal to any product (where rounding would bite) the counts give exactly λ < τ."""
+    s_A = spectrum(61, 7, zeros=4, ties=5)
+    s_B = spectrum(23, 8, zeros=2, ties=3)
+    lam = s_B.double()[:, None] * s_A.double()[None, :]
+    cols = torch.arange(len(s_A))
+    for tau in lam.flatten().unique().tolist():
+        k = projector._kept_counts(s_A.double(), s_B.double(), tau)
+        assert torch.equal(cols[None, :] < k[:, None], lam < tau)
+
+
+def test_kfac_threshold_needs_ascending_eigenvalues():
+    with pytest.raises(ValueError, match="ascending"):
+        kfac_threshold(torch.tensor([2.0, 1.0]), torch.tensor([1.0]), 0.5)
+
+
+@pytest.mark.parametrize("gamma", (0.1, 0.5, 0.9, 0.99, 1.0))
+def test_radix_threshold_over_many_chunks_matches_a_full_sort(monkeypatch, gamma):
+    """Ties, zeros and values far apart in magnitude, read 100 values at a time."""
+    monkeypatch.setattr(projector, "CHUNK_ELEMENTS", 100)
+    g = torch.Generator().manual_seed(1)
+    lam = (torch.rand(37, 29, dtype=torch.float64, generator=g) ** 8).float().double()
+    lam[::3, ::2] = 0.0
+    lam[5] = lam[4]  # ties
+    tau = energy_threshold(lambda i, j: lam[i:j], lam.shape[0], gamma)
+    desc = lam.flatten().sort(descending=True).values
+    k = int((desc.cumsum(0) < gamma * lam.sum()).sum()) + 1
+    if gamma < 1.0:  # γ = 1: the last values cannot change the float64 sum; see the test above
+        assert tau == desc[k - 1]
+    assert lam[lam >= tau].sum() >= gamma * lam.sum() * (1 - 1e-12)
+
+
+def explicit(P: KroneckerProjector, G: torch.Tensor) -> torch.Tensor:
+    """U_B ((U_Bᵀ G U_A) ⊙ M) U_Aᵀ in float64, the definition the fast forms must equal."""
+    U_A, M = P.U_A.double(), P.M.double()
+    if P.U_B is None:
+        return (G.double() @ U_A * M) @ U_A.T
+    U_B = P.U_B.double()
+    return U_B @ ((U_B.T @ G.double() @ U_A) * M) @ U_A.T
+
+
+def test_rectangle_cover_equals_the_definition_at_every_gamma():
+    """A layer large enough for multi-rectangle covers, in both the kept and the blocked form."""
+    d_in, d_out = 96, 40
+    c = LayerCurvature(A=spd(d_in, 31, rank=400), B=spd(d_out, 32, rank=400))
+    G = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(0))
+    forms = set()
+    for gamma in (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0):
+        for method in ("kfac", "nullspace"):
+            P = build_projector(c, method, gamma)
+            forms.add((method, P.form))
+            torch.testing.assert_close(P(G).double(), explicit(P, G), atol=2e-5, rtol=1e-5)
+            assert P.cost <= 1.0
+    assert {("kfac", "kept"), ("kfac", "blocked")} <= forms
+    assert {("nullspace", "kept"), ("nullspace", "blocked")} <= forms
+
+
+def test_a_mask_without_staircase_takes_the_dense_form(curvature):
+    P = build_projector(curvature, "ekfac", 0.7)
+    assert P.form == "dense" and P.cost == 1.0
+    G = torch.randn(D_OUT, D_IN)
+    torch.testing.assert_close(P(G).double(), explicit(P, G), atol=1e-5, rtol=1e-5)
+
+
+def test_eigenbases_are_computed_once_per_factor_value(curvature):
+    """A resident curvature gives every job the same bases; a changed factor new ones."""
+    first = build_projector(curvature, "kfac", 0.8)
+    again = build_projector(curvature, "kfac", 0.9)
+    assert again.U_A is first.U_A and again.U_B is first.U_B
+    curvature.A.mul_(2.0)  # in place: the version counter moves
+    scaled = build_projector(curvature, "kfac", 0.8)
+    assert scaled.U_A is not first.U_A
+    torch.testing.assert_close(scaled.U_A.abs(), first.U_A.abs(), atol=1e-5, rtol=1e-5)
+    curvature.B = curvature.B * 3.0  # a new tensor
+    assert build_projector(curvature, "kfac", 0.8).U_B is not first.U_B
+
+
+def test_projector_dtype_and_device(curvature):
+    P = build_projector(curvature, "kfac", 0.8, device="cpu", dtype=torch.float64)
+    assert P.U_A.dtype == P.U_B.dtype == torch.float64 and P.M.dtype == torch.bool
+    G = torch.randn(D_OUT, D_IN, dtype=torch.bfloat16)
+    assert P(G).dtype == torch.bfloat16  # projected in float64, handed back in G's dtype
+    assert resolve_projector_dtype("float32", torch.bfloat16) == torch.float32
+    assert resolve_projector_dtype("model", torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="projector dtype"):
+        resolve_projector_dtype("fp8", torch.float32)
