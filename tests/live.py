@@ -1,5 +1,6 @@
-"""Real services for tests: a Redis database of the local server, and an ASGI app served by a real
-uvicorn server. (A module, not a conftest: test folders each have their own conftest.)"""
+"""Real services for tests: a Redis database of the local server, an ASGI app served by a real
+uvicorn server, and a bounded wait. (A module, not a conftest: test folders each have their own
+conftest.)"""
 
 from __future__ import annotations
 
@@ -44,3 +45,12 @@ def serve(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05) -> None:
+    """Poll `predicate()` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(every)

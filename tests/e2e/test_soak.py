@@ -10,11 +10,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
-import pytest
-from live import redis_db, serve
+from live import redis_db, serve, wait_for
 from safetensors.numpy import load_file
 
 from curvature_store import Store
@@ -33,14 +31,6 @@ def start_worker(tiny_model_dir, store_dir) -> subprocess.Popen:
             "--model-name", "tiny", "--store", str(store_dir), "--redis", REDIS_URL,
             "--tokens", "300"]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_200_jobs_on_one_stream_survive_a_worker_restart(tmp_path, tiny_model_dir):

@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+from live import wait_for
 from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
@@ -50,14 +51,6 @@ def start_worker(tiny_model_dir, store_dir, *extra, failpoint=None) -> subproces
         argv += ["--tokens", "300"]
     env = {**os.environ, "CURVATURE_STORE_FAILPOINT": failpoint or ""}
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def phase(redis: Redis, job: Job) -> str | None:
