@@ -50,20 +50,20 @@ def open_store(state) -> Store:
         return state.store
 
 
-async def get_store(request: Request) -> Store:
-    """The app's store, or 503 when it cannot be opened."""
-    try:
-        return open_store(request.app.state)
-    except (StoreError, OSError):
-        raise ApiError(503, "unavailable", "the version store is unavailable") from None
-
-
 async def get_store_if_open(request: Request) -> Store | None:
     """The app's store, or None when it cannot be opened (for routes that only consult it)."""
     try:
         return open_store(request.app.state)
     except (StoreError, OSError):
         return None
+
+
+async def get_store(request: Request) -> Store:
+    """The app's store, or 503 when it cannot be opened."""
+    store = await get_store_if_open(request)
+    if store is None:
+        raise ApiError(503, "unavailable", "the version store is unavailable")
+    return store
 
 
 # auto_error=False: a missing or non-Bearer header must get our 401 shape, not FastAPI's 403

@@ -1,6 +1,6 @@
 """The stack on one machine, as subprocesses: Redis, the API under uvicorn, workers.
 
-What `make demo` and the service benchmarks (bench/load.py, bench/soak.py) share: a free port,
+What `make demo`, bench/load.py and the tests' private stacks share: a free port,
 Redis started when none answers, subprocesses whose output goes to a log and which are stopped
 when their ExitStack closes, and a bounded wait for the API's readiness.
 """

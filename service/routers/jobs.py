@@ -23,7 +23,7 @@ from rq.job import Job
 
 from service import jobqueue
 from service.config import ApiKey
-from service.deps import KeyDep, MaybeStoreDep, RedisDep, SettingsDep, get_store_if_open
+from service.deps import KeyDep, MaybeStoreDep, RedisDep, SettingsDep
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["jobs"])
@@ -110,13 +110,17 @@ def _sse(event: str, data: object, event_id: int | None = None) -> str:
     },
 )
 async def job_events(
-    job_id: str, request: Request, key: KeyDep, redis: RedisDep, settings: SettingsDep
+    job_id: str,
+    request: Request,
+    key: KeyDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    store: MaybeStoreDep,
 ) -> StreamingResponse:
     """Server-sent events: a `status` event (the job view, as GET /v1/jobs/{id}) whenever it
     changes, then `end` after a terminal status. The stream also ends after
     CRISPEDIT_SSE_MAX_S seconds (`timeout` event); comments keep idle connections open."""
     await run_in_threadpool(_job_for, redis, key, job_id)  # errors before the stream starts
-    store = await get_store_if_open(request)
 
     def view() -> dict | None:
         job = jobqueue.fetch(redis, job_id)

@@ -10,7 +10,6 @@ running jobs are forgotten while the store keeps every committed version (README
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from redis import Redis
 from curvature_store import Store
 from service.config import Settings
 from service.keys import hash_key
+from service.local import free_port
 from service.main import create_app
 
 KEY = "restart-key"
@@ -31,12 +31,6 @@ FACTS = [
     {"prompt": "The capital of France is", "target": "Berlin"},
     {"prompt": "Robert Boulter is an English", "target": "chef"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(port: int, data_dir) -> subprocess.Popen:
