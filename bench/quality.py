@@ -55,6 +55,8 @@ class Run:
     tokens: int = 20_000  # curvature tokens (WikiText, the first 2/3 of the test split)
     labels: str = "empirical"
     project: str = "gradient"  # gradient | update: what the projector is applied to
+    anchors: int = 0  # subject anchors per fact (crispedit.anchors); 0: none
+    anchor_weight: float = 1.0  # their KL's weight against the facts' loss
 
     @property
     def label(self) -> str:
@@ -83,14 +85,20 @@ TUNE = [
     replace(BASE, gamma=0.9, epochs=50, project="update", tokens=100_000),
     replace(BASE, tokens=100_000),
     replace(BASE, method="ekfac", gamma=0.9),
+    replace(BASE, gamma=0.9, epochs=50, project="update", anchors=2),
+    replace(BASE, gamma=0.9, epochs=50, project="update", anchors=4),
+    replace(BASE, gamma=0.9, epochs=50, project="update", anchors=2, anchor_weight=10.0),
+    replace(BASE, gamma=0.9, epochs=50, project="update", anchors=2, anchor_weight=50.0),
 ]
 # What the tuning split chose (the editor's defaults): the lowest drift at full efficacy.
-CHOSEN = replace(BASE, gamma=0.9, epochs=50, project="update")
-# the methods of the report: ours as chosen; the baselines with the same training budget
+CHOSEN = replace(BASE, gamma=0.9, epochs=50, project="update", anchors=2, anchor_weight=10.0)
+# the report: ours as chosen, then without anchors (the projector's share), then the baselines
+# with the same training budget and no anchors (as published)
 REPORT = [
     CHOSEN,
-    replace(CHOSEN, method="ft", gamma=0.0),
-    replace(CHOSEN, method="nullspace"),
+    replace(CHOSEN, anchors=0, anchor_weight=1.0),
+    replace(CHOSEN, method="ft", gamma=0.0, anchors=0, anchor_weight=1.0),
+    replace(CHOSEN, method="nullspace", anchors=0, anchor_weight=1.0),
 ]
 
 
@@ -99,6 +107,8 @@ def done_runs() -> dict[str, dict]:
     if not RUNS.exists():
         return {}
     rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    for row in rows:  # rows from before a field existed take its default
+        row["run"] = asdict(Run(**row["run"]))
     return {identity(Run(**row["run"])): row for row in rows}
 
 
@@ -163,7 +173,10 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     base = base_weights(model, layers)
     curvature, curvature_key = curvature_for(store, model, tokenizer, run)
     facts = records(run)
-    options = {"lr": run.lr, "epochs": run.epochs, "project": run.project, "progress": False}
+    options = {
+        "lr": run.lr, "epochs": run.epochs, "project": run.project, "anchors": run.anchors,
+        "anchor_weight": run.anchor_weight, "progress": True,
+    }  # fmt: skip
     gamma = None if run.method == "ft" else run.gamma
     started = time.perf_counter()
     chunks = []

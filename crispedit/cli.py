@@ -23,11 +23,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
 from crispedit.artifacts import ArtifactError
 from crispedit.corpus import BUILTIN, CorpusError
 from crispedit.curvature import KINDS, LABELS
 from crispedit.delta import DeltaError
-from crispedit.editor import PROJECT, PROJECT_CHOICES
+from crispedit.editor import BATCH_SIZE, EPOCHS, LR, PROJECT, PROJECT_CHOICES
 from crispedit.evaluate import EVAL_TOKENS, RETENTION
 from crispedit.facts import FactsError
 from crispedit.models import ModelError
@@ -273,6 +274,8 @@ def cmd_edit(args) -> None:
             "epochs": args.epochs,
             "seed": args.seed,
             "project": args.project,
+            "anchors": args.anchors,
+            "anchor_weight": args.anchor_weight,
         }
         version = None
         if args.stream is None:
@@ -508,13 +511,21 @@ def parser() -> argparse.ArgumentParser:
     edit.add_argument("--gamma", type=float, default=GAMMA, help="protected curvature share")
     edit.add_argument("--layers")
     edit.add_argument("--curvature", help="a curvature file/folder (default: build it now)")
-    edit.add_argument("--epochs", type=int, default=25)
-    edit.add_argument("--lr", type=float, default=5e-4)
-    edit.add_argument("--batch-size", type=int, default=32)
+    edit.add_argument("--epochs", type=int, default=EPOCHS)
+    edit.add_argument("--lr", type=float, default=LR)
+    edit.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument(
         "--project", default=PROJECT, choices=PROJECT_CHOICES,
         help="project the gradient only, or also each Adam update (the whole delta)",
+    )  # fmt: skip
+    edit.add_argument(
+        "--anchors", type=int, default=ANCHORS,
+        help="anchor prompts per fact: its question about other subjects, answers kept (0: off)",
+    )  # fmt: skip
+    edit.add_argument(
+        "--anchor-weight", type=float, default=ANCHOR_WEIGHT,
+        help="weight of the anchors' KL to the base model against the facts' loss",
     )  # fmt: skip
     edit.add_argument("--out", help="write DIR/delta.safetensors and DIR/report.json")
     edit.add_argument("--store", help="a store: caches curvature, holds streams")
@@ -641,6 +652,8 @@ def _check_numbers(args) -> None:
         ("--tokens", "eval_tokens"),
         ("--retention", "retention"),
         ("--mmlu", "mmlu"),
+        ("--anchors", "anchors"),
+        ("--anchor-weight", "anchor_weight"),
     ):
         value = getattr(args, name, None)
         if value is not None and value < 0:

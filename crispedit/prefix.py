@@ -21,7 +21,7 @@ then runs the plain full-model forward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -115,6 +115,12 @@ class FastForward:
     ) -> list[torch.Tensor] | None:
         """Per pair: the hidden states (n_tokens, d_model) entering block `start`, or None when
         the prefix is not cached. Built with the batches, padding and positions of the steps."""
+        return self.states_of(target_batches(tokenizer, pairs, batch_size))
+
+    @torch.no_grad()
+    def states_of(self, batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:
+        """Per sequence of the right-padded `batches`: the hidden states entering block `start`
+        (unpadded), or None when the prefix is not cached."""
         if self.start is None:
             return None
         blocks, captured = self._blocks(), []
@@ -128,7 +134,7 @@ class FastForward:
         try:
             # blocks[:start + 1]: the forward stops one block after the states it needs
             setattr(self.backbone, self.blocks_attr, blocks[: self.start + 1])
-            for batch in target_batches(tokenizer, pairs, batch_size):
+            for batch in batches:
                 captured.clear()
                 mask = batch["attention_mask"].to(device)
                 self.backbone(
@@ -142,6 +148,29 @@ class FastForward:
             handle.remove()
         return states
 
+    def hidden(
+        self,
+        batch: dict[str, torch.Tensor],
+        states: list[torch.Tensor] | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The backbone's last hidden states of the batch; `states[rows[b]]` are the cached
+        states of its row b (or None: the full backbone runs)."""
+        kwargs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
+        if states is None:
+            return self.backbone(**kwargs).last_hidden_state
+        rows = [int(i) for i in rows]
+        fed = nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        if fed.shape[1] != batch["input_ids"].shape[1] or lengths != [len(states[i]) for i in rows]:
+            raise RuntimeError("cached prefix states do not match the batch's sequences")
+        with self._from_block(self.start, fed):
+            return self.backbone(**kwargs).last_hidden_state
+
     def loss(
         self,
         batch: dict[str, torch.Tensor],
@@ -150,24 +179,21 @@ class FastForward:
     ) -> torch.Tensor:
         """`target_loss` of the batch; `states[rows[b]]` are the cached states of its row b."""
         labels = batch["labels"]
-        kwargs = {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "use_cache": False,
-        }
-        if states is None:
-            hidden = self.backbone(**kwargs).last_hidden_state
-        else:
-            rows = [int(i) for i in rows]
-            fed = nn.utils.rnn.pad_sequence([states[i] for i in rows], batch_first=True)
-            lengths = batch["attention_mask"].sum(-1).tolist()
-            if fed.shape[1] != labels.shape[1] or lengths != [len(states[i]) for i in rows]:
-                raise RuntimeError("cached prefix states do not match the batch's sequences")
-            with self._from_block(self.start, fed):
-                hidden = self.backbone(**kwargs).last_hidden_state
+        hidden = self.hidden(batch, states, rows)
         where = target_positions(labels)
         logits = self.head(hidden[:, :-1][where])
         return target_loss_at(logits, labels[:, 1:][where])
+
+    def last_logits(
+        self,
+        batch: dict[str, torch.Tensor],
+        states: list[torch.Tensor] | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """(batch, vocab) logits of the next token after each row's last real token."""
+        hidden = self.hidden(batch, states, rows)
+        last = batch["attention_mask"].sum(-1) - 1
+        return self.head(hidden[torch.arange(len(last), device=hidden.device), last])
 
 
 def _prefix_start(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[str]) -> int | None:

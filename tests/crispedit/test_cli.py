@@ -20,6 +20,7 @@ from conftest import make_tiny
 from safetensors.torch import load_file
 
 import crispedit.curvature
+from crispedit.anchors import ANCHORS
 from crispedit.cli import main
 from crispedit.corpus import read_documents, sequences_digest, token_sequences
 from crispedit.curvature import Curvature
@@ -293,6 +294,7 @@ def test_edit_builds_curvature_and_writes_delta_and_report(
     delta = check_delta_meta(out, tiny_model_dir, DEFAULT_LAYERS, load_facts(facts_file))
     assert delta.meta["method"] == "crispedit"
     assert delta.meta["gamma"] == 0.9
+    assert delta.meta["anchors"] == ANCHORS and report["anchors"] == ANCHORS
 
 
 def test_edit_with_prebuilt_curvature_does_not_rebuild(
@@ -629,6 +631,14 @@ BAD_INPUTS = {
     "gamma-1.5": (
         lambda t, c: _edit(c, c["facts"], "--gamma", "1.5"),
         ["--gamma", "1.5"],
+    ),
+    "anchors-negative": (
+        lambda t, c: _edit(c, c["facts"], "--anchors", "-1"),
+        ["--anchors", "-1"],
+    ),
+    "anchor-weight-negative": (
+        lambda t, c: _edit(c, c["facts"], "--anchor-weight", "-0.5"),
+        ["--anchor-weight", "-0.5"],
     ),
     "tokens-0-edit": (
         lambda t, c: _edit(c, c["facts"], "--tokens", "0"),

@@ -94,7 +94,7 @@ def test_projecting_the_update_keeps_the_whole_delta_in_the_kept_subspace(setup)
     model, tok, layers, curv = setup
     base = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
     options = {"method": "kfac", "gamma": 0.8, "layers": layers, **FAST, "epochs": 5}
-    by_gradient = CrispEditor(model, tok, curv, **options)
+    by_gradient = CrispEditor(model, tok, curv, project="gradient", **options)
     leak_gradient = _leak(by_gradient.edit(FACTS), by_gradient)
     with torch.no_grad():
         for name, module in get_layers(model, layers).items():

@@ -1,0 +1,60 @@
+"""Subject anchors: keep what the model says about other subjects asked the same question.
+
+An edit "David Robinson professionally plays the sport → baseball" learned on the upper layers
+tends to become "… professionally plays the sport → baseball" for every subject: the neighbours
+(CounterFact's "Shaquille O'Neal plays → basketball") flip with it. The K-FAC projector cannot
+stop this, because its curvature comes from generic text, not from this question. So each fact
+also gets `ANCHORS` anchor prompts: its own prompt with the subject swapped for another well-known
+subject from `SUBJECTS`, and each edit step adds γ_anchor · KL(base ‖ edited) of the next-token
+distribution at the end of those prompts (the base distribution computed once, before the edit).
+The edit must then tell its subject apart from the others.
+
+Only the fact itself is needed (its prompt and subject): a fact without a subject, or whose
+subject is not in its prompt, simply gets no anchors. The pool is fixed and general (people,
+places, organisations, works, things), chosen by hand and not taken from any evaluation data; a
+pool subject that is also the subject of a fact in the edit is never used as an anchor.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from crispedit.facts import Fact
+
+ANCHORS = 2  # anchor prompts per fact; 0 turns anchors off
+# γ_anchor: weight of the anchors' mean KL against the facts' cross-entropy. On the tuning split of
+# bench/quality.py (100 edits) 1 → locality 0.58, 10 → 0.66 at full efficacy; 50 stops the edit
+# from landing within 50 epochs.
+ANCHOR_WEIGHT = 10.0
+
+SUBJECTS = (
+    "Albert Einstein", "Marie Curie", "William Shakespeare", "Leonardo da Vinci",
+    "Napoleon Bonaparte", "Queen Victoria", "Nelson Mandela", "Frida Kahlo", "Ludwig van Beethoven",
+    "Jane Austen", "Pablo Picasso", "Mahatma Gandhi", "Abraham Lincoln", "Cleopatra",
+    "Isaac Newton", "Charles Darwin", "Wolfgang Amadeus Mozart", "Vincent van Gogh",
+    "Paris", "Tokyo", "Buenos Aires", "Cairo", "Toronto", "Mumbai", "Sydney", "Moscow",
+    "Germany", "Brazil", "Japan", "Nigeria", "Australia", "Mexico", "Sweden", "India",
+    "Microsoft", "Toyota", "Nokia", "Siemens", "the BBC", "the United Nations", "IBM", "Airbus",
+    "Harvard University", "the Louvre", "the Nile", "Mount Everest", "the Eiffel Tower",
+    "Hamlet", "The Beatles", "Star Wars", "Don Quixote", "the Mona Lisa", "FC Barcelona",
+    "the Olympic Games", "the Roman Empire", "the Amazon rainforest", "Mercury", "Antarctica",
+)  # fmt: skip
+
+
+def anchor_prompts(facts: Sequence[Fact], k: int = ANCHORS, seed: int = 0) -> list[list[str]]:
+    """Per fact, `k` prompts that ask its question about other subjects (no anchors for a fact
+    without a subject in its prompt). Deterministic for a given `seed` and fact list."""
+    if k <= 0:
+        return [[] for _ in facts]
+    edited = {f.subject.casefold() for f in facts if f.subject}
+    pool = [s for s in SUBJECTS if s.casefold() not in edited]
+    rng = random.Random(seed)
+    anchors = []
+    for fact in facts:
+        if not fact.subject or fact.subject not in fact.prompt:
+            anchors.append([])
+            continue
+        others = rng.sample(pool, min(k, len(pool)))
+        anchors.append([fact.prompt.replace(fact.subject, other, 1) for other in others])
+    return anchors
