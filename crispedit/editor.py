@@ -185,12 +185,12 @@ class CrispEditor:
             ids += [self.tokenizer(p)["input_ids"] for p in prompts]
         if not ids:
             return owned, ids, None, None
-        pad = self.tokenizer.pad_token_id
-        states = fast.states_of(pad_batches(ids, pad, self.batch_size)) if fast else None
-        base = []
-        for i in range(0, len(ids), self.batch_size):
-            rows = list(range(i, min(i + self.batch_size, len(ids))))
-            batch = next(pad_batches([ids[r] for r in rows], pad, len(rows)))
+        batches = list(pad_batches(ids, self.tokenizer.pad_token_id, self.batch_size))
+        states = fast.states_of(batches) if fast else None
+        base, start = [], 0
+        for batch in batches:
+            rows = list(range(start, start + len(batch["input_ids"])))
+            start += len(rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             base.append(self._last_logits(batch, fast, states, rows).float().log_softmax(-1))
         return owned, ids, states, torch.cat(base)
