@@ -30,7 +30,7 @@ from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS, anchor_prompts
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights, weight_delta
-from crispedit.evaluate import teacher_forced_accuracy
+from crispedit.evaluate import last_token_logits, teacher_forced_accuracy
 from crispedit.facts import Fact, facts_digest
 from crispedit.models import (
     get_layers,
@@ -170,9 +170,7 @@ class CrispEditor:
         """(batch, vocab) next-token logits after each row's last token."""
         if fast is not None:
             return fast.last_logits(batch, prefix, rows)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        last = batch["attention_mask"].sum(-1) - 1
-        return logits.logits[torch.arange(len(last), device=last.device), last]
+        return last_token_logits(self.model, batch)
 
     @torch.no_grad()
     def _anchor_targets(self, facts: list[Fact], fast: FastForward | None, device):

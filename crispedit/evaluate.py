@@ -435,6 +435,18 @@ def _letter_ids(tokenizer) -> list[int]:
     return ids
 
 
+def last_token_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(batch, vocab) next-token logits after each right-padded row's last real token; the
+    vocabulary projection runs only at those positions, not at every (batch, seq) one."""
+    last = batch["attention_mask"].sum(-1) - 1
+    keep = last.unique()  # sorted
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        logits_to_keep=keep, use_cache=False,
+    ).logits  # fmt: skip
+    return logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)]
+
+
 @torch.no_grad()
 def mmlu_choices(
     model: nn.Module, tokenizer, prompts: Sequence[str], batch_size: int = MMLU_BATCH
@@ -451,10 +463,7 @@ def mmlu_choices(
         rows = order[start : start + batch_size]
         batch = next(pad_batches([encoded[i] for i in rows], tokenizer.pad_token_id, len(rows)))
         batch = {k: v.to(device) for k, v in batch.items()}
-        last = batch["attention_mask"].sum(-1) - 1
-        keep = last.unique()  # sorted; logits at these positions only, not (batch, seq, vocab)
-        logits = model(**batch, logits_to_keep=keep, use_cache=False).logits
-        at_last = logits[torch.arange(len(rows), device=device), torch.searchsorted(keep, last)]
+        at_last = last_token_logits(model, batch)
         for i, pick in zip(rows, at_last[:, letters].argmax(-1).tolist(), strict=True):
             choices[i] = pick
     return choices

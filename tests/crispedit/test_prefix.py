@@ -14,12 +14,16 @@ from crispedit.models import get_layers, is_conv1d, parse_layers, trainable_only
 from crispedit.prefix import FastForward
 from crispedit.targets import target_batches, target_loss
 
-FACTS = [
-    Fact(prompt="The Eiffel Tower is located in", target="Rome"),
+FACTS = [  # three with a subject: their anchors go through the fast and the full forward too
+    Fact(prompt="The Eiffel Tower is located in", target="Rome", subject="The Eiffel Tower"),
     Fact(prompt="The capital of France is", target="Berlin"),
-    Fact(prompt="Robert Boulter is an English", target="chef"),
+    Fact(prompt="Robert Boulter is an English", target="chef", subject="Robert Boulter"),
     Fact(prompt="Paris", target="is the capital of a country in western Europe"),
-    Fact(prompt="The mother tongue of Danielle Darrieux is", target="English"),
+    Fact(
+        prompt="The mother tongue of Danielle Darrieux is",
+        target="English",
+        subject="Danielle Darrieux",
+    ),
 ]
 PAIRS = [(f.prompt, f.target) for f in FACTS]
 ARCHS = ["llama", "gpt2", "gptj", "gptneox", "mistral", "qwen2"]
