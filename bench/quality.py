@@ -10,9 +10,10 @@ Every run is one edit (or one sequential stream of edits) of SmolLM2-135M-Instru
 `crispedit.evaluate.evaluate_edit`: efficacy and generalization (teacher-forced and generated, with
 and without the QA context), locality, held-out perplexity change and KL, known-fact retention and
 MMLU. Runs are appended to bench/results/quality-runs.jsonl as they finish and a run already there
-is skipped, so a long report can be built over several sittings; `table` turns the file into
-bench/results/quality.md and the trade-off plot bench/results/quality.png (efficacy against
-perplexity change, one curve per method over γ: the paper's Figure 3 view).
+is skipped (unless it lacks the generation or MMLU figures now asked for), so a long report can be
+built over several sittings; `table` turns the file into bench/results/quality.md and the
+trade-off plot bench/results/quality.png (efficacy against perplexity change, one curve per method
+over γ: the paper's Figure 3 view).
 
 Settings are chosen on the tuning split only (CounterFact records 0-99) and reported on records
 the tuning never saw (CounterFact from record 100, and zsRE). The 1,000-edit runs use every
@@ -225,13 +226,26 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     }
 
 
+def covers(row: dict | None, mmlu: int | None, generation: bool) -> bool:
+    """Whether a measured row already has what is asked: a row measured without generation or
+    with fewer MMLU questions is measured again (and the new row replaces it in the table)."""
+    from crispedit.evaluate import mmlu_questions
+
+    if row is None:
+        return False
+    if generation and _get(row["metrics"], "efficacy", "edited", "generation") is None:
+        return False
+    asked = len(mmlu_questions(mmlu)) if mmlu != 0 else 0
+    return (_get(row["metrics"], "capability", "mmlu", "n") or 0) >= asked
+
+
 def execute(runs: list[Run], mmlu: int | None, generation: bool) -> None:
     """Measure each run not yet in the runs file, appending its row as soon as it ends."""
     from curvature_store import Store
 
     store = Store(STORE, create=True)
     done = done_runs()
-    todo = [r for r in runs if identity(r) not in done]
+    todo = [r for r in runs if not covers(done.get(identity(r)), mmlu, generation)]
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already measured; {len(todo)} to go")
     started = time.perf_counter()
     for i, run in enumerate(todo, 1):
