@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -62,6 +63,17 @@ PROJECT_CHOICES = ("gradient", "update")
 # The dtype gradients are projected in: "float32" whatever the model's dtype (a bf16 model on a
 # GPU still rotates its gradients in fp32), or "model" (the model's own dtype).
 PROJECTOR_DTYPE = "float32"
+
+
+@dataclass
+class Anchors:
+    """An edit's anchor prompts: which belong to which fact, their token ids, their cached prefix
+    states (the fast forward's) and the base model's next-token log-probabilities, a row each."""
+
+    owned: list[list[int]]  # per fact, the indices of its anchor prompts
+    ids: list[list[int]]
+    states: list[torch.Tensor] | None = None
+    base: torch.Tensor | None = None
 
 
 class CrispEditor:
@@ -173,16 +185,16 @@ class CrispEditor:
         return last_token_logits(self.model, batch)
 
     @torch.no_grad()
-    def _anchor_targets(self, facts: list[Fact], fast: FastForward | None, device):
-        """The anchors of the edit: per fact the indices of its anchor prompts, the prompts' token
-        ids, their cached prefix states and the base model's next-token log-probabilities."""
+    def _anchor_targets(self, facts: list[Fact], fast: FastForward | None, device) -> Anchors:
+        """The edit's anchor prompts (crispedit.anchors) and the base model's next-token
+        log-probabilities after each, computed once before the first step."""
         per_fact = anchor_prompts(facts, self.anchors, self.seed)
         owned, ids = [], []
         for prompts in per_fact:
             owned.append(list(range(len(ids), len(ids) + len(prompts))))
             ids += [self.tokenizer(p)["input_ids"] for p in prompts]
         if not ids:
-            return owned, ids, None, None
+            return Anchors(owned, ids)
         batches = list(pad_batches(ids, self.tokenizer.pad_token_id, self.batch_size))
         states = fast.states_of(batches) if fast else None
         base, start = [], 0
@@ -191,18 +203,22 @@ class CrispEditor:
             start += len(rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             base.append(self._last_logits(batch, fast, states, rows).float().log_softmax(-1))
-        return owned, ids, states, torch.cat(base)
+        return Anchors(owned, ids, states, torch.cat(base))
 
-    def _anchor_loss(self, facts_rows, anchors, fast, device) -> torch.Tensor | None:
+    def _anchor_loss(
+        self, facts_rows: list[int], anchors: Anchors, fast: FastForward | None, device
+    ) -> torch.Tensor | None:
         """Mean KL(base ‖ edited) of the next token over the anchors of the batch's facts."""
-        owned, ids, states, base = anchors
-        rows = [a for r in facts_rows for a in owned[r]]
+        rows = [a for r in facts_rows for a in anchors.owned[r]]
         if not rows:
             return None
-        batch = next(pad_batches([ids[r] for r in rows], self.tokenizer.pad_token_id, len(rows)))
+        ids = [anchors.ids[r] for r in rows]
+        batch = next(pad_batches(ids, self.tokenizer.pad_token_id, len(rows)))
         batch = {k: v.to(device) for k, v in batch.items()}
-        logp = self._last_logits(batch, fast, states, rows).float().log_softmax(-1)
-        return torch.nn.functional.kl_div(logp, base[rows], log_target=True, reduction="batchmean")
+        logp = self._last_logits(batch, fast, anchors.states, rows).float().log_softmax(-1)
+        return torch.nn.functional.kl_div(
+            logp, anchors.base[rows], log_target=True, reduction="batchmean"
+        )
 
     def edit(self, facts: Sequence[Fact]) -> Delta:
         """Edit the model in place so it completes each fact's prompt with its target.
