@@ -94,12 +94,13 @@ TUNE = [
 # What the tuning split chose (the editor's defaults): the lowest drift at full efficacy.
 CHOSEN = replace(BASE, gamma=0.9, epochs=50, project="update", anchors=2, anchor_weight=10.0)
 # the report: ours as chosen, then without anchors (the projector's share), then the baselines
-# with the same training budget and no anchors (as published)
+# with the same training budget and no anchors (as published), then ours with EK-FAC curvature
 REPORT = [
     CHOSEN,
     replace(CHOSEN, anchors=0, anchor_weight=1.0),
     replace(CHOSEN, method="ft", gamma=0.0, anchors=0, anchor_weight=1.0),
     replace(CHOSEN, method="nullspace", anchors=0, anchor_weight=1.0),
+    replace(CHOSEN, method="ekfac"),
 ]
 
 
@@ -319,41 +320,63 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _settings(run: dict, *but: str) -> dict:
+    """A run's settings apart from what it edits (data set, records, size) and the fields `but`."""
+    return {k: v for k, v in run.items() if k not in ("dataset", "start", "n", *but)}
+
+
+COLORS = {"ft": "tab:blue", "nullspace": "tab:orange", "kfac": "tab:green", "ekfac": "tab:red"}
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Efficacy against perplexity change, one curve per method over γ (batch runs, default
-    settings otherwise), one panel per data set and size."""
+    """Efficacy against perplexity change, one panel per data set and size of batch runs: a curve
+    per method over γ at the base settings (the tuning sweep, the paper's Figure 3 view) and a
+    marked point for each of the report's methods."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["run"]["chunk"] == 0]
     groups = sorted({(r["run"]["dataset"], r["run"]["start"], r["run"]["n"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
+    base = _settings(asdict(BASE), "method", "gamma")
     for ax, (dataset, start, n) in zip(axes[0], groups, strict=True):
-        for method in ("ft", "nullspace", "kfac", "ekfac"):
-            points = sorted(
-                (Run(**r["run"]).gamma, _get(r["metrics"], "capability", "ppl_change_pct"),
-                 _get(r["metrics"], "efficacy", "edited", "teacher_forced"))
-                for r in rows
-                if (r["run"]["dataset"], r["run"]["start"], r["run"]["n"]) == (dataset, start, n)
-                and r["run"]["method"] == method and r["run"]["chunk"] == 0
-                and all(r["run"][k] == v for k, v in asdict(BASE).items()
-                        if k not in ("dataset", "start", "n", "method", "gamma"))
+        here = [r for r in rows if (r["run"]["dataset"], r["run"]["start"], r["run"]["n"])
+                == (dataset, start, n)]  # fmt: skip
+
+        def xy(row):
+            m = row["metrics"]
+            return (_get(m, "capability", "ppl_change_pct"),
+                    _get(m, "efficacy", "edited", "teacher_forced"))  # fmt: skip
+
+        for method, color in COLORS.items():
+            sweep = sorted(
+                (r["run"]["gamma"], *xy(r)) for r in here
+                if r["run"]["method"] == method and _settings(r["run"], "method", "gamma") == base
             )  # fmt: skip
-            if not points:
+            if not sweep:
                 continue
-            _, xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=method)
-            for gamma, x, y in points:
+            _, xs, ys = zip(*sweep, strict=True)
+            ax.plot(xs, ys, marker="o", color=color, alpha=0.4, label=f"{method} (tuning sweep)")
+            for gamma, x, y in sweep:
                 if method != "ft":
                     ax.annotate(f"{gamma:g}", (x, y), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")  # fmt: skip
+        for method, marker in zip(REPORT, "*sDv^", strict=False):
+            for r in here:
+                if _settings(r["run"]) == _settings(asdict(method)):
+                    name = method.label + (" + anchors" if method.anchors else "")
+                    name += " (default)" if method == CHOSEN else ""
+                    ax.plot(*xy(r), marker=marker, markersize=10, linestyle="none", label=name,
+                            color=COLORS[method.method])  # fmt: skip
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("held-out perplexity change (%)")
         ax.set_ylabel("efficacy (teacher-forced)")
-        ax.set_title(f"{dataset} {start}-{start + n - 1}: {n} edits")
+        split = " (tuning split)" if (dataset, start, n) == ("counterfact", 0, 100) else ""
+        ax.set_title(f"{dataset} {start}-{start + n - 1}: {n} edits{split}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
