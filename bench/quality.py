@@ -354,9 +354,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     rows = [r for r in rows if r["run"]["chunk"] == 0]
     groups = sorted({(r["run"]["dataset"], r["run"]["start"], r["run"]["n"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
+    ncols = min(3, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
     base = _settings(asdict(BASE), "method", "gamma")
-    for ax, (dataset, start, n) in zip(axes[0], groups, strict=True):
+    for ax, (dataset, start, n) in zip(axes.flat, groups, strict=False):
         here = [r for r in rows if (r["run"]["dataset"], r["run"]["start"], r["run"]["n"])
                 == (dataset, start, n)]  # fmt: skip
 
