@@ -238,26 +238,26 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     }
 
 
-def covers(row: dict | None, mmlu: int | None, generation: bool) -> bool:
-    """Whether a measured row already has what is asked: a row measured without generation or
-    with fewer MMLU questions is measured again (and the new row replaces it in the table)."""
-    from crispedit.evaluate import mmlu_questions
-
+def covers(row: dict | None, mmlu_n: int, generation: bool) -> bool:
+    """Whether a measured row already has what is asked (`mmlu_n` MMLU questions, generated
+    answers): one measured without generation or with fewer questions is measured again, and the
+    new row replaces it in the table."""
     if row is None:
         return False
     if generation and _get(row["metrics"], "efficacy", "edited", "generation") is None:
         return False
-    asked = len(mmlu_questions(mmlu)) if mmlu != 0 else 0
-    return (_get(row["metrics"], "capability", "mmlu", "n") or 0) >= asked
+    return (_get(row["metrics"], "capability", "mmlu", "n") or 0) >= mmlu_n
 
 
 def execute(runs: list[Run], mmlu: int | None, generation: bool) -> None:
     """Measure each run not yet in the runs file, appending its row as soon as it ends."""
+    from crispedit.evaluate import mmlu_questions
     from curvature_store import Store
 
     store = Store(STORE, create=True)
     done = done_runs()
-    todo = [r for r in runs if not covers(done.get(identity(r)), mmlu, generation)]
+    mmlu_n = len(mmlu_questions(mmlu)) if mmlu != 0 else 0
+    todo = [r for r in runs if not covers(done.get(identity(r)), mmlu_n, generation)]
     log(f"{len(runs) - len(todo)} of {len(runs)} runs already measured; {len(todo)} to go")
     started = time.perf_counter()
     for i, run in enumerate(todo, 1):
@@ -310,12 +310,17 @@ def summary(row: dict) -> str:
     return ", ".join(f"{h} {_cell(m, p, f)}" for h, p, f in COLUMNS[:1] + COLUMNS[4:7])
 
 
+def _settings(run: dict, *but: str) -> dict:
+    """A run's settings apart from what it edits (data set, records, size) and the fields `but`."""
+    return {k: v for k, v in run.items() if k not in ("dataset", "start", "n", *but)}
+
+
 def _changes(run: Run) -> str:
     """The run's settings that differ from the tuning sweep's base, e.g. `epochs 50, anchors 2`."""
+    base = _settings(asdict(BASE), "chunk", "method", "gamma")
     changed = {
-        k: v for k, v in asdict(run).items()
-        if k not in ("dataset", "start", "n", "chunk", "method", "gamma") and v != getattr(BASE, k)
-    }  # fmt: skip
+        k: v for k, v in _settings(asdict(run), "chunk", "method", "gamma").items() if v != base[k]
+    }
     return ", ".join(f"{k} {v}" for k, v in changed.items()) or "base"
 
 
@@ -335,9 +340,10 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _settings(run: dict, *but: str) -> dict:
-    """A run's settings apart from what it edits (data set, records, size) and the fields `but`."""
-    return {k: v for k, v in run.items() if k not in ("dataset", "start", "n", *but)}
+def _point(row: dict) -> tuple[float | None, float | None]:
+    """A row's place in the trade-off plot: (perplexity change %, teacher-forced efficacy)."""
+    m = row["metrics"]
+    return _get(m, "capability", "ppl_change_pct"), _get(m, "efficacy", "edited", "teacher_forced")
 
 
 COLORS = {"ft": "tab:blue", "nullspace": "tab:orange", "kfac": "tab:green", "ekfac": "tab:red"}
@@ -364,14 +370,9 @@ def plot(rows: list[dict], path: Path) -> None:
         here = [r for r in rows if (r["run"]["dataset"], r["run"]["start"], r["run"]["n"])
                 == (dataset, start, n)]  # fmt: skip
 
-        def xy(row):
-            m = row["metrics"]
-            return (_get(m, "capability", "ppl_change_pct"),
-                    _get(m, "efficacy", "edited", "teacher_forced"))  # fmt: skip
-
         for method, color in COLORS.items():
             sweep = sorted(
-                (r["run"]["gamma"], *xy(r)) for r in here
+                (r["run"]["gamma"], *_point(r)) for r in here
                 if r["run"]["method"] == method and _settings(r["run"], "method", "gamma") == base
             )  # fmt: skip
             if not sweep:
@@ -382,13 +383,13 @@ def plot(rows: list[dict], path: Path) -> None:
                 if method != "ft":
                     ax.annotate(f"{gamma:g}", (x, y), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")  # fmt: skip
-        for method, marker in zip(REPORT, "*sDv^", strict=False):
+        for run, marker in zip(REPORT, "*sDv^", strict=False):
             for r in here:
-                if _settings(r["run"]) == _settings(asdict(method)):
-                    name = method.label + (" + anchors" if method.anchors else "")
-                    name += " (default)" if method == CHOSEN else ""
-                    ax.plot(*xy(r), marker=marker, markersize=10, linestyle="none", label=name,
-                            color=COLORS[method.method])  # fmt: skip
+                if _settings(r["run"]) == _settings(asdict(run)):
+                    name = run.label + (" + anchors" if run.anchors else "")
+                    name += " (default)" if run == CHOSEN else ""
+                    ax.plot(*_point(r), marker=marker, markersize=10, linestyle="none", label=name,
+                            color=COLORS[run.method])  # fmt: skip
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("held-out perplexity change (%)")
         ax.set_ylabel("efficacy (teacher-forced)")
