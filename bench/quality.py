@@ -102,15 +102,26 @@ TUNE += [
     replace(ZSRE, anchors=2, anchor_weight=10.0),
     replace(ZSRE, anchors=2, anchor_weight=10.0, epochs=100),
 ]
-# What the tuning split chose (the editor's defaults): the lowest drift at full efficacy.
-CHOSEN = replace(BASE, gamma=0.9, epochs=50, project="update", anchors=2, anchor_weight=10.0)
-# the report: ours as chosen, then without anchors (the projector's share), then the baselines
-# with the same training budget and no anchors (as published), then ours with EK-FAC curvature
+# anchors that hold zsRE back need more epochs (early stopping ends a converged edit sooner): both
+# splits at 100 epochs, with the anchor weight chosen on CounterFact and a lighter one
+TUNE += [
+    replace(BASE, gamma=0.9, epochs=100, project="update", anchors=2, anchor_weight=10.0),
+    replace(ZSRE, anchors=2, anchor_weight=3.0, epochs=100),
+    replace(BASE, gamma=0.9, epochs=100, project="update", anchors=2, anchor_weight=3.0),
+]
+# What the tuning splits chose (the editor's defaults): full efficacy on both at the lowest drift.
+# Anchors at weight 10 hold zsRE back (0.72 in 50 epochs, 0.98 in 100); weight 3 with 100 epochs
+# lands 0.99 there and keeps CounterFact's locality (0.64 against 0.65 at weight 10).
+CHOSEN = replace(BASE, gamma=0.9, epochs=100, project="update", anchors=2, anchor_weight=3.0)
+# the report: ours as chosen, then the projector alone and the baselines without anchors (as
+# published) at the 50 epochs they were first measured with (each lands 0.98-1.00 of the edits
+# there), then ours with EK-FAC curvature
+PUBLISHED = replace(CHOSEN, epochs=50, anchors=0, anchor_weight=1.0)
 REPORT = [
     CHOSEN,
-    replace(CHOSEN, anchors=0, anchor_weight=1.0),
-    replace(CHOSEN, method="ft", gamma=0.0, anchors=0, anchor_weight=1.0),
-    replace(CHOSEN, method="nullspace", anchors=0, anchor_weight=1.0),
+    PUBLISHED,
+    replace(PUBLISHED, method="ft", gamma=0.0),
+    replace(PUBLISHED, method="nullspace"),
     replace(CHOSEN, method="ekfac"),
 ]
 

@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from crispedit.facts import Fact
 
 ANCHORS = 2  # anchor prompts per fact; 0 turns anchors off
-# γ_anchor: weight of the anchors' mean KL against the facts' cross-entropy. On the tuning split of
-# bench/quality.py (100 edits) 1 → locality 0.58, 10 → 0.66 at full efficacy; 50 stops the edit
-# from landing within 50 epochs.
-ANCHOR_WEIGHT = 10.0
+# γ_anchor: weight of the anchors' mean KL against the facts' cross-entropy. On the tuning splits
+# of bench/quality.py (100 edits, 100 epochs): CounterFact locality 0.36 without anchors (at 50
+# epochs), 0.64 at weight 3, 0.65 at 10, all edits landing; zsRE efficacy 0.99 at weight 3 but
+# 0.98 at 10 (0.72 within 50 epochs), so 3. Weight 50 lands 0.81 of CounterFact's in 50 epochs.
+ANCHOR_WEIGHT = 3.0
 
 SUBJECTS = (
     "Albert Einstein", "Marie Curie", "William Shakespeare", "Leonardo da Vinci",
