@@ -368,6 +368,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator
 
     rows = [r for r in rows if r["run"]["chunk"] == 0]
     groups = sorted({(r["run"]["dataset"], r["run"]["start"], r["run"]["n"]) for r in rows})
@@ -402,6 +403,9 @@ def plot(rows: list[dict], path: Path) -> None:
                     ax.plot(*_point(r), marker=marker, markersize=10, linestyle="none", label=name,
                             color=COLORS[run.method])  # fmt: skip
         ax.set_xscale("symlog", linthresh=0.1)
+        # 1-2-5 ticks: a panel whose points lie within one decade still gets labels
+        ax.xaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=0.1, subs=[1, 2, 5]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.set_xlabel("held-out perplexity change (%)")
         ax.set_ylabel("efficacy (teacher-forced)")
         split = " (tuning split)" if (dataset, start, n) in TUNING_SPLITS else ""
