@@ -101,6 +101,7 @@ TUNE += [
     replace(ZSRE, anchors=2),
     replace(ZSRE, anchors=2, anchor_weight=10.0),
     replace(ZSRE, anchors=2, anchor_weight=10.0, epochs=100),
+    replace(ZSRE, tokens=100_000),  # the curvature-tokens lever on the second split too
 ]
 # anchors that hold zsRE back need more epochs (early stopping ends a converged edit sooner): both
 # splits at 100 epochs, with the anchor weight chosen on CounterFact and a lighter one
