@@ -417,6 +417,35 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_sequential(rows: list[dict], path: Path) -> None:
+    """How many of the first chunk's edits still hold as later chunks land on the stream, a line
+    per sequential run: what forgetting looks like, which the end-of-stream efficacy averages
+    away."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        run = Run(**r["run"])
+        name = run.label + (" + anchors" if run.anchors else "")
+        default = _settings(r["run"], "chunk") == _settings(asdict(CHOSEN), "chunk")
+        name += " (default)" if default else ""
+        edits = [c["edits"] for c in r["chunks"]]
+        held = [c["first_chunk_efficacy"] for c in r["chunks"]]
+        ax.plot(edits, held, marker="o", color=COLORS[run.method], label=name,
+                linestyle="-" if run.anchors else "--")  # fmt: skip
+    ax.set_xlabel(f"edits on the stream (chunks of {rows[0]['run']['chunk']})")
+    ax.set_ylabel("first chunk's edits still holding")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"sequential editing, {rows[0]['run']['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def write_results() -> None:
     rows = list(done_runs().values())
     if not rows:
@@ -454,8 +483,12 @@ def write_results() -> None:
             f"{c['seconds']:.0f} |"
             for c in r["chunks"]
         ]
+    if sequential:
+        lines += ["", "![the first chunk's edits still holding](quality-sequential.png)"]
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     plot(rows, RESULTS / "quality.png")
+    if sequential:
+        plot_sequential(sequential, RESULTS / "quality-sequential.png")
     print("\n".join(lines))
 
 
