@@ -361,6 +361,13 @@ def _point(row: dict) -> tuple[float | None, float | None]:
 COLORS = {"ft": "tab:blue", "nullspace": "tab:orange", "kfac": "tab:green", "ekfac": "tab:red"}
 
 
+def _legend(run: Run) -> str:
+    """A run's name in the plots' legends: method, γ, anchors, and whether it has the editor's
+    default settings (batch or sequential alike)."""
+    default = _settings(asdict(run), "chunk") == _settings(asdict(CHOSEN), "chunk")
+    return run.label + (" + anchors" if run.anchors else "") + (" (default)" if default else "")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Efficacy against perplexity change, one panel per data set and size of batch runs: a curve
     per method over γ at the base settings (the tuning sweep, the paper's Figure 3 view) and a
@@ -399,10 +406,8 @@ def plot(rows: list[dict], path: Path) -> None:
         for run, marker in zip(REPORT, "*sDv^", strict=False):
             for r in here:
                 if _settings(r["run"]) == _settings(asdict(run)):
-                    name = run.label + (" + anchors" if run.anchors else "")
-                    name += " (default)" if run == CHOSEN else ""
-                    ax.plot(*_point(r), marker=marker, markersize=10, linestyle="none", label=name,
-                            color=COLORS[run.method])  # fmt: skip
+                    ax.plot(*_point(r), marker=marker, markersize=10, linestyle="none",
+                            label=_legend(run), color=COLORS[run.method])  # fmt: skip
         ax.set_xscale("symlog", linthresh=0.1)
         # 1-2-5 ticks: a panel whose points lie within one decade still gets labels
         ax.xaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=0.1, subs=[1, 2, 5]))
@@ -429,12 +434,9 @@ def plot_sequential(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in rows:
         run = Run(**r["run"])
-        name = run.label + (" + anchors" if run.anchors else "")
-        default = _settings(r["run"], "chunk") == _settings(asdict(CHOSEN), "chunk")
-        name += " (default)" if default else ""
         edits = [c["edits"] for c in r["chunks"]]
         held = [c["first_chunk_efficacy"] for c in r["chunks"]]
-        ax.plot(edits, held, marker="o", color=COLORS[run.method], label=name,
+        ax.plot(edits, held, marker="o", color=COLORS[run.method], label=_legend(run),
                 linestyle="-" if run.anchors else "--")  # fmt: skip
     ax.set_xlabel(f"edits on the stream (chunks of {rows[0]['run']['chunk']})")
     ax.set_ylabel("first chunk's edits still holding")
