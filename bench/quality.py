@@ -431,17 +431,20 @@ def plot_sequential(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    datasets = sorted({r["run"]["dataset"] for r in rows})
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in rows:
         run = Run(**r["run"])
+        label = _legend(run) if len(datasets) == 1 else f"{run.dataset}: {_legend(run)}"
         edits = [c["edits"] for c in r["chunks"]]
         held = [c["first_chunk_efficacy"] for c in r["chunks"]]
-        ax.plot(edits, held, marker="o", color=COLORS[run.method], label=_legend(run),
+        ax.plot(edits, held, marker="o", color=COLORS[run.method], label=label,
                 linestyle="-" if run.anchors else "--")  # fmt: skip
-    ax.set_xlabel(f"edits on the stream (chunks of {rows[0]['run']['chunk']})")
+    chunks = ", ".join(str(c) for c in sorted({r["run"]["chunk"] for r in rows}))
+    ax.set_xlabel(f"edits on the stream (chunks of {chunks})")
     ax.set_ylabel("first chunk's edits still holding")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"sequential editing, {rows[0]['run']['dataset']}")
+    ax.set_title(f"sequential editing, {', '.join(datasets)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
