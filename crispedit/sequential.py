@@ -9,8 +9,16 @@ applying them) and their token count n. The projector of the next batch is built
 
 β = 1 gives the mean edit token the same weight as the mean capability token, whatever the number
 of edits or corpus tokens: earlier edits stay protected as the stream grows, and capability stays
-protected as edits accumulate. Each batch starts a fresh Adam, so no optimizer moment ever meets a
-changed projector (DESIGN's "re-project Adam's first moment" has nothing to act on).
+protected as edits accumulate.
+
+An EK-FAC capability curvature keeps its eigenbases U_A, U_B (re-estimating its eigenvalues in new
+bases would take another pass over the corpus); the edit set's K-FAC curvature (S_B/n) ⊗ (S_A/n)
+is added to its eigenvalues as its diagonal in those bases, which is the product of two diagonals:
+
+    λ_ij += β · (U_Bᵀ S_B U_B)_ii / n · (U_Aᵀ S_A U_A)_jj / n
+
+Each batch starts a fresh Adam, so no optimizer moment ever meets a changed projector (DESIGN's
+"re-project Adam's first moment" has nothing to act on).
 
 Weights are exact: the model on a stream is always `W_base + D` where D is the cumulative delta of
 the head, summed in fp32 in chain order, the same order the store composes it in; so applying the
@@ -102,11 +110,25 @@ def stream_curvature(capability: Curvature, state: StreamState, beta: float = BE
         return capability
     layers = {}
     for name, c in capability.layers.items():
-        A = c.A.double() + beta * state.S_A[name] / state.tokens
-        B = c.B.double() + beta * state.S_B[name] / state.tokens
-        layers[name] = LayerCurvature(A=A.float(), B=B.float())
+        edit_A = state.S_A[name] / state.tokens
+        edit_B = state.S_B[name] / state.tokens
+        A = c.A.double() + beta * edit_A
+        B = c.B.double() + beta * edit_B
+        layer = LayerCurvature(A=A.float(), B=B.float())
+        if c.ekfac is not None:
+            d_A = _diagonal_in(c.U_A, edit_A)
+            d_B = _diagonal_in(c.U_B, edit_B)
+            layer.U_A, layer.U_B = c.U_A, c.U_B
+            layer.ekfac = (c.ekfac.double() + beta * d_B[:, None] * d_A[None, :]).float()
+        layers[name] = layer
     meta = {**capability.meta, "stream_edit_tokens": state.tokens, "beta": beta}
     return Curvature(layers=layers, tokens=capability.tokens, meta=meta)
+
+
+def _diagonal_in(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """diag(Uᵀ M U) in float64, from one matrix product instead of two."""
+    U = U.double()
+    return ((M @ U) * U).sum(0)
 
 
 def set_weights(

@@ -43,6 +43,7 @@ def setup(tmp_path, tiny_tokenizer):
 def edit(setup, facts, **kwargs):
     store, model, tok, layers, curvature = setup
     base = kwargs.pop("base", None) or base_weights(make_tiny("llama"), layers)
+    curvature = kwargs.pop("capability", curvature)
     return edit_on_stream(
         store, "tiny", "main", model, tok, base, curvature, facts, **FAST, **kwargs
     )
@@ -169,3 +170,25 @@ def test_ft_on_a_stream_needs_no_curvature(setup):
     )
     assert manifest["gamma"] is None and manifest["stream"] == "ft"
     assert store.version_file(manifest["id"], STATE_FILE).is_file()
+
+
+def test_ekfac_on_a_stream_adds_the_edit_set_to_its_eigenvalues(setup):
+    store, model, tok, layers, _ = setup
+    recipe = plan_curvature(model, tok, "wikitext", 400, layers, kind="ekfac", seq_len=64)
+    curvature, _ = cached_curvature(store, model, tok, recipe, progress=False)
+    first, _ = edit(setup, BATCHES[0], capability=curvature, method="ekfac", gamma=0.8)
+    second, _ = edit(setup, BATCHES[1], capability=curvature, method="ekfac", gamma=0.8)
+    assert (first["method"], second["method"]) == ("ekfac", "ekfac")
+
+    state = read_state(store, second["id"])
+    protected = stream_curvature(curvature, state, beta=0.5)
+    assert protected.kind == "ekfac"
+    for name in layers:
+        c, p = curvature.layers[name], protected.layers[name]
+        assert p.U_A is c.U_A and p.U_B is c.U_B
+        # the diagonal, in the capability eigenbases, of the edit set's Kronecker curvature
+        U = torch.kron(c.U_B.double(), c.U_A.double())
+        edit_kron = torch.kron(state.S_B[name], state.S_A[name]) / state.tokens**2
+        expected = c.ekfac.double() + 0.5 * torch.diagonal(U.T @ edit_kron @ U).view_as(c.ekfac)
+        torch.testing.assert_close(p.ekfac.double(), expected, rtol=1e-5, atol=1e-9)
+        assert torch.all(p.ekfac >= c.ekfac) and not torch.equal(p.ekfac, c.ekfac)
