@@ -12,10 +12,14 @@ of edits or corpus tokens: earlier edits stay protected as the stream grows, and
 protected as edits accumulate.
 
 An EK-FAC capability curvature keeps its eigenbases U_A, U_B (re-estimating its eigenvalues in new
-bases would take another pass over the corpus); the edit set's K-FAC curvature (S_B/n) ⊗ (S_A/n)
-is added to its eigenvalues as its diagonal in those bases, which is the product of two diagonals:
+bases would take another pass over the corpus) and gets the same increase the K-FAC rule gives,
+B ⊗ A − B_cap ⊗ A_cap, as its diagonal in those bases. A Kronecker product's diagonal there is
+the product of two diagonals, so with D_A = diag(U_Aᵀ A U_A) and s_A = diag(U_Aᵀ A_cap U_A):
 
-    λ_ij += β · (U_Bᵀ S_B U_B)_ii / n · (U_Aᵀ S_A U_A)_jj / n
+    λ_ij += D_B,i · D_A,j − s_B,i · s_A,j
+
+The increase holds the cross terms β (B_cap ⊗ S_A/n + S_B/n ⊗ A_cap): directions where edit
+tokens' activations meet capability gradients (or the reverse) are protected too, as in K-FAC.
 
 Each batch starts a fresh Adam, so no optimizer moment ever meets a changed projector (DESIGN's
 "re-project Adam's first moment" has nothing to act on).
@@ -116,10 +120,11 @@ def stream_curvature(capability: Curvature, state: StreamState, beta: float = BE
         B = c.B.double() + beta * edit_B
         layer = LayerCurvature(A=A.float(), B=B.float())
         if c.ekfac is not None:
-            d_A = _diagonal_in(c.U_A, edit_A)
-            d_B = _diagonal_in(c.U_B, edit_B)
+            D_A, s_A = _diagonal_in(c.U_A, A), _diagonal_in(c.U_A, c.A.double())
+            D_B, s_B = _diagonal_in(c.U_B, B), _diagonal_in(c.U_B, c.B.double())
+            increase = D_B[:, None] * D_A[None, :] - s_B[:, None] * s_A[None, :]
             layer.U_A, layer.U_B = c.U_A, c.U_B
-            layer.ekfac = (c.ekfac.double() + beta * d_B[:, None] * d_A[None, :]).float()
+            layer.ekfac = (c.ekfac.double() + increase).float()
         layers[name] = layer
     meta = {**capability.meta, "stream_edit_tokens": state.tokens, "beta": beta}
     return Curvature(layers=layers, tokens=capability.tokens, meta=meta)

@@ -186,9 +186,13 @@ def test_ekfac_on_a_stream_adds_the_edit_set_to_its_eigenvalues(setup):
     for name in layers:
         c, p = curvature.layers[name], protected.layers[name]
         assert p.U_A is c.U_A and p.U_B is c.U_B
-        # the diagonal, in the capability eigenbases, of the edit set's Kronecker curvature
+        # the diagonal, in the capability eigenbases, of the increase the K-FAC rule gives
+        # (cross terms B_cap ⊗ S_A and S_B ⊗ A_cap included)
         U = torch.kron(c.U_B.double(), c.U_A.double())
-        edit_kron = torch.kron(state.S_B[name], state.S_A[name]) / state.tokens**2
-        expected = c.ekfac.double() + 0.5 * torch.diagonal(U.T @ edit_kron @ U).view_as(c.ekfac)
+        A_cap, B_cap = c.A.double(), c.B.double()
+        A = A_cap + 0.5 * state.S_A[name] / state.tokens
+        B = B_cap + 0.5 * state.S_B[name] / state.tokens
+        increase = torch.kron(B, A) - torch.kron(B_cap, A_cap)
+        expected = c.ekfac.double() + torch.diagonal(U.T @ increase @ U).view_as(c.ekfac)
         torch.testing.assert_close(p.ekfac.double(), expected, rtol=1e-5, atol=1e-9)
         assert torch.all(p.ekfac >= c.ekfac) and not torch.equal(p.ekfac, c.ekfac)
