@@ -20,6 +20,8 @@ the product of two diagonals, so with D_A = diag(U_Aᵀ A U_A) and s_A = diag(U_
 
 The increase holds the cross terms β (B_cap ⊗ S_A/n + S_B/n ⊗ A_cap): directions where edit
 tokens' activations meet capability gradients (or the reverse) are protected too, as in K-FAC.
+Measured, they change nothing (10 × 100 CounterFact edits keep 0.44 of them with or without):
+the edit curvature's mass lies off the diagonal in these bases, which this rule cannot keep.
 
 Each batch starts a fresh Adam, so no optimizer moment ever meets a changed projector (DESIGN's
 "re-project Adam's first moment" has nothing to act on).
@@ -114,14 +116,13 @@ def stream_curvature(capability: Curvature, state: StreamState, beta: float = BE
         return capability
     layers = {}
     for name, c in capability.layers.items():
-        edit_A = state.S_A[name] / state.tokens
-        edit_B = state.S_B[name] / state.tokens
-        A = c.A.double() + beta * edit_A
-        B = c.B.double() + beta * edit_B
+        A_cap, B_cap = c.A.double(), c.B.double()
+        A = A_cap + beta * state.S_A[name] / state.tokens
+        B = B_cap + beta * state.S_B[name] / state.tokens
         layer = LayerCurvature(A=A.float(), B=B.float())
         if c.ekfac is not None:
-            D_A, s_A = _diagonal_in(c.U_A, A), _diagonal_in(c.U_A, c.A.double())
-            D_B, s_B = _diagonal_in(c.U_B, B), _diagonal_in(c.U_B, c.B.double())
+            D_A, s_A = _diagonal_in(c.U_A, A), _diagonal_in(c.U_A, A_cap)
+            D_B, s_B = _diagonal_in(c.U_B, B), _diagonal_in(c.U_B, B_cap)
             increase = D_B[:, None] * D_A[None, :] - s_B[:, None] * s_A[None, :]
             layer.U_A, layer.U_B = c.U_A, c.U_B
             layer.ekfac = (c.ekfac.double() + increase).float()
