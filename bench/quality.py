@@ -60,6 +60,7 @@ class Run:
     project: str = "gradient"  # gradient | update: what the projector is applied to
     anchors: int = 0  # subject anchors per fact (crispedit.anchors); 0: none
     anchor_weight: float = 1.0  # their KL's weight against the facts' loss
+    loss_stop: float = 0.01  # the editor skips a batch, and stops, below this loss
 
     @property
     def label(self) -> str:
@@ -201,7 +202,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     facts = records(run)
     options = {
         "lr": run.lr, "epochs": run.epochs, "project": run.project, "anchors": run.anchors,
-        "anchor_weight": run.anchor_weight, "progress": True,
+        "anchor_weight": run.anchor_weight, "loss_stop": run.loss_stop, "progress": True,
     }  # fmt: skip
     gamma = None if run.method == "ft" else run.gamma
     started = time.perf_counter()

@@ -54,7 +54,7 @@ BATCH_SIZE = 32
 # At γ 0.9, 25 epochs leave a third of 100 CounterFact edits unlearnt, and with subject anchors
 # zsRE's longer answers need more than 50 (bench/quality.py); a converged edit stops sooner.
 EPOCHS = 100
-LOSS_STOP = 0.01  # skip a batch, and stop after an epoch, below this loss
+LOSS_STOP = 0.01  # skip a batch, and stop after an epoch, below this loss (`loss_stop`)
 SEED = 0
 # What the projector is applied to. "gradient": the gradient before each Adam step (the reference
 # recipe); Adam then rescales each coordinate, so part of every step leaks into blocked
@@ -92,7 +92,8 @@ class CrispEditor:
     is `float32` (default) or `model`: the dtype the projectors live and rotate in, on the
     model's device. `anchors` prompts per fact ask the fact's question about other subjects and
     keep the base model's answer distribution there (crispedit.anchors), weighted by
-    `anchor_weight` against the facts' loss; 0 turns them off.
+    `anchor_weight` against the facts' loss; 0 turns them off. `loss_stop` is the loss below
+    which a batch is skipped and the loop stops after an epoch.
     """
 
     def __init__(
@@ -114,6 +115,7 @@ class CrispEditor:
         projector_dtype: str = PROJECTOR_DTYPE,
         anchors: int = ANCHORS,
         anchor_weight: float = ANCHOR_WEIGHT,
+        loss_stop: float = LOSS_STOP,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.method_name, self.method = method, resolve_method(method)
@@ -127,6 +129,9 @@ class CrispEditor:
         if anchors < 0 or anchor_weight < 0:
             raise ValueError("anchors and anchor_weight must be >= 0")
         self.anchors, self.anchor_weight = anchors, anchor_weight
+        if loss_stop < 0:
+            raise ValueError("loss_stop must be >= 0")
+        self.loss_stop = loss_stop
         weight = next(model.parameters())
         self.projector_dtype = resolve_projector_dtype(projector_dtype, weight.dtype)
         if self.method != "ft" and curvature is None:
@@ -259,7 +264,7 @@ class CrispEditor:
                     rows = perm[b * self.batch_size : (b + 1) * self.batch_size]
                     loss = self._loss(batch, fast, prefix, rows)
                     batch_losses.append(loss.item())
-                    if batch_losses[-1] < LOSS_STOP:
+                    if batch_losses[-1] < self.loss_stop:
                         skipped += 1
                         continue
                     kl = self._anchor_loss(rows, anchors, fast, device) if self.anchors else None
@@ -284,7 +289,7 @@ class CrispEditor:
                 )
                 if self.on_epoch is not None:  # progress reports; raising here aborts the edit
                     self.on_epoch({"epoch": epoch, "epochs": self.epochs, "loss": losses[-1]})
-                if losses[-1] < LOSS_STOP:
+                if losses[-1] < self.loss_stop:
                     break
             optimizer.zero_grad(set_to_none=True)
 
@@ -311,6 +316,7 @@ class CrispEditor:
             "project": self.project,
             "anchors": self.anchors,
             "anchor_weight": self.anchor_weight,
+            "loss_stop": self.loss_stop,
         }
         report = {
             **meta,

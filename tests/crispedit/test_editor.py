@@ -138,6 +138,30 @@ def test_deterministic_under_a_seed(tiny):
     assert deltas[0].meta == deltas[1].meta
 
 
+def test_loss_stop_ends_the_edit_at_its_threshold(setup):
+    """The loop stops after the first epoch whose mean loss is below `loss_stop`: under the same
+    seed a looser stop runs the same epochs, fewer of them, and changes the weights less."""
+    model, tok, layers, _ = setup
+    base = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
+
+    def edit(loss_stop):
+        editor = CrispEditor(
+            model, tok, None, method="ft", layers=layers, loss_stop=loss_stop, **FAST
+        )
+        report = editor.edit(FACTS).report
+        for name, module in get_layers(model, layers).items():  # back to the base for the next
+            module.weight.data.copy_(base[name])
+        return report
+
+    tight = edit(0.0)
+    curve = tight["loss_curve"]
+    assert len(curve) == FAST["epochs"] and curve[9] < curve[8]
+    loose = edit((curve[8] + curve[9]) / 2)
+    assert loose["loss_curve"] == curve[:10] and loose["epochs"] == 10
+    assert loose["loss_stop"] > tight["loss_stop"] == 0.0
+    assert sum(loose["delta_norm"].values()) < sum(tight["delta_norm"].values())
+
+
 def test_delta_file_roundtrip_and_wrong_model(setup, tmp_path):
     model, tok, layers, curv = setup
     delta = CrispEditor(model, tok, curv, layers=layers, **FAST).edit(FACTS)
@@ -161,6 +185,8 @@ def test_editor_errors(setup):
         CrispEditor(model, tok, curv, layers=parse_layers(model, "1-3"))
     with pytest.raises(ValueError, match="no facts"):
         CrispEditor(model, tok, curv, layers=layers).edit([])
+    with pytest.raises(ValueError, match="loss_stop"):
+        CrispEditor(model, tok, curv, layers=layers, loss_stop=-1.0)
     with pytest.raises(ValueError, match="unknown method"):
         CrispEditor(model, tok, curv, method="rome")
 
