@@ -47,7 +47,7 @@ from crispedit.projector import (
     resolve_method,
     resolve_projector_dtype,
 )
-from crispedit.targets import target_batches, target_loss
+from crispedit.targets import target_batches, target_positions, target_token_losses_at
 
 LR = 5e-4
 BATCH_SIZE = 32
@@ -55,6 +55,12 @@ BATCH_SIZE = 32
 # zsRE's longer answers need more than 50 (bench/quality.py); a converged edit stops sooner.
 EPOCHS = 100
 LOSS_STOP = 0.01  # skip a batch, and stop after an epoch, below this loss (`loss_stop`)
+# What LOSS_STOP is compared with. "batch": each batch's mean loss, and each epoch's. "fact": each
+# fact's own loss: a fact below it drops out of the loss (it has landed: pushing it further only
+# grows the weight change), a batch is skipped once all its facts have, the edit stops once all
+# facts have.
+STOP = "batch"
+STOP_CHOICES = ("batch", "fact")
 SEED = 0
 # What the projector is applied to. "gradient": the gradient before each Adam step (the reference
 # recipe); Adam then rescales each coordinate, so part of every step leaks into blocked
@@ -65,6 +71,16 @@ PROJECT_CHOICES = ("gradient", "update")
 # The dtype gradients are projected in: "float32" whatever the model's dtype (a bf16 model on a
 # GPU still rotates its gradients in fp32), or "model" (the model's own dtype).
 PROJECTOR_DTYPE = "float32"
+
+
+def fact_losses(token_losses: torch.Tensor, row_of: torch.Tensor, n: int) -> torch.Tensor:
+    """Each of a batch's `n` facts' mean target-token loss (detached), from its tokens' losses
+    and the row each token belongs to."""
+    total = torch.zeros(n, device=token_losses.device).index_add_(0, row_of, token_losses.detach())
+    count = torch.zeros(n, device=token_losses.device).index_add_(
+        0, row_of, torch.ones_like(token_losses)
+    )
+    return total / count
 
 
 @dataclass
@@ -93,7 +109,8 @@ class CrispEditor:
     model's device. `anchors` prompts per fact ask the fact's question about other subjects and
     keep the base model's answer distribution there (crispedit.anchors), weighted by
     `anchor_weight` against the facts' loss; 0 turns them off. `loss_stop` is the loss below
-    which a batch is skipped and the loop stops after an epoch.
+    which a batch is skipped and the loop stops after an epoch; `stop` says whether a batch's
+    mean loss is compared with it (`batch`) or each fact's own (`fact`, see STOP).
     """
 
     def __init__(
@@ -116,6 +133,7 @@ class CrispEditor:
         anchors: int = ANCHORS,
         anchor_weight: float = ANCHOR_WEIGHT,
         loss_stop: float = LOSS_STOP,
+        stop: str = STOP,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.method_name, self.method = method, resolve_method(method)
@@ -131,7 +149,9 @@ class CrispEditor:
         self.anchors, self.anchor_weight = anchors, anchor_weight
         if loss_stop < 0:
             raise ValueError("loss_stop must be >= 0")
-        self.loss_stop = loss_stop
+        if stop not in STOP_CHOICES:
+            raise ValueError(f"stop must be one of {', '.join(STOP_CHOICES)}, not {stop!r}")
+        self.loss_stop, self.stop = loss_stop, stop
         weight = next(model.parameters())
         self.projector_dtype = resolve_projector_dtype(projector_dtype, weight.dtype)
         if self.method != "ft" and curvature is None:
@@ -178,12 +198,18 @@ class CrispEditor:
             else:
                 W.copy_(before_step[name] + P(step))
 
-    def _loss(self, batch, fast: FastForward | None, prefix, rows: list[int]) -> torch.Tensor:
-        """The batch's `target_loss`: by the fast forward when there is one, else the full one."""
+    def _token_losses(
+        self, batch, fast: FastForward | None, prefix, rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's `target_token_losses_at`: by the fast forward when there is one, else the
+        full one."""
         if fast is not None:
-            return fast.loss(batch, prefix, rows)
+            return fast.token_losses(batch, prefix, rows)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return target_loss(logits.logits, batch["labels"])
+        where = target_positions(batch["labels"])
+        return target_token_losses_at(
+            logits.logits[:, :-1][where], batch["labels"][:, 1:][where], where
+        )
 
     def _last_logits(self, batch, fast: FastForward | None, prefix, rows: list[int]):
         """(batch, vocab) next-token logits after each row's last token."""
@@ -255,16 +281,25 @@ class CrispEditor:
         with trainable_only(self.model, params):
             optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=0.0)
             for epoch in range(1, self.epochs + 1):
-                batch_losses, anchor_kls, skipped = [], [], 0
+                batch_losses, anchor_kls, skipped, worst = [], [], 0, 0.0
                 perm = torch.randperm(len(pairs), generator=order).tolist()
                 shuffled = [pairs[i] for i in perm]
                 batches = list(target_batches(self.tokenizer, shuffled, self.batch_size))
                 for b, batch in enumerate(batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     rows = perm[b * self.batch_size : (b + 1) * self.batch_size]
-                    loss = self._loss(batch, fast, prefix, rows)
+                    token_losses, row_of = self._token_losses(batch, fast, prefix, rows)
+                    loss = token_losses.mean()
                     batch_losses.append(loss.item())
-                    if batch_losses[-1] < self.loss_stop:
+                    if self.stop == "fact":
+                        per_fact = fact_losses(token_losses, row_of, len(rows))
+                        worst = max(worst, float(per_fact.max()))
+                        open_ = per_fact >= self.loss_stop  # the facts not yet landed
+                        if not open_.any():
+                            skipped += 1
+                            continue
+                        loss = token_losses[open_[row_of]].mean()
+                    elif batch_losses[-1] < self.loss_stop:
                         skipped += 1
                         continue
                     kl = self._anchor_loss(rows, anchors, fast, device) if self.anchors else None
@@ -289,7 +324,7 @@ class CrispEditor:
                 )
                 if self.on_epoch is not None:  # progress reports; raising here aborts the edit
                     self.on_epoch({"epoch": epoch, "epochs": self.epochs, "loss": losses[-1]})
-                if losses[-1] < self.loss_stop:
+                if (worst if self.stop == "fact" else losses[-1]) < self.loss_stop:
                     break
             optimizer.zero_grad(set_to_none=True)
 
@@ -317,6 +352,7 @@ class CrispEditor:
             "anchors": self.anchors,
             "anchor_weight": self.anchor_weight,
             "loss_stop": self.loss_stop,
+            "stop": self.stop,
         }
         report = {
             **meta,

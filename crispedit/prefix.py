@@ -30,7 +30,11 @@ import transformers
 from torch import nn
 
 from crispedit.models import transformer_blocks
-from crispedit.targets import target_batches, target_loss_at, target_positions
+from crispedit.targets import (
+    target_batches,
+    target_positions,
+    target_token_losses_at,
+)
 
 # Causal LMs whose logits are exactly `lm_head(backbone(...).last_hidden_state)`, with the name of
 # the block list in the backbone and of the module whose output is the first block's input
@@ -178,11 +182,19 @@ class FastForward:
         rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """`target_loss` of the batch; `states[rows[b]]` are the cached states of its row b."""
+        return self.token_losses(batch, states, rows)[0].mean()
+
+    def token_losses(
+        self,
+        batch: dict[str, torch.Tensor],
+        states: list[torch.Tensor] | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target_token_losses_at` of the batch: each target token's loss and its row."""
         labels = batch["labels"]
         hidden = self.hidden(batch, states, rows)
         where = target_positions(labels)
-        logits = self.head(hidden[:, :-1][where])
-        return target_loss_at(logits, labels[:, 1:][where])
+        return target_token_losses_at(self.head(hidden[:, :-1][where]), labels[:, 1:][where], where)
 
     def last_logits(
         self,

@@ -64,10 +64,15 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE
 
 
-def target_loss_at(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """`target_loss` from the logits at the target positions only: `(n, vocab)` against the
-    `(n,)` target tokens (see `target_positions`)."""
-    return torch.nn.functional.cross_entropy(logits.float(), gold)
+def target_token_losses_at(
+    logits: torch.Tensor, gold: torch.Tensor, where: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each target token's cross-entropy, `(n,)`, and the batch row it belongs to, `(n,)`, from
+    the `(n, vocab)` logits at the target positions `where` (see `target_positions`); their
+    mean is `target_loss`."""
+    return torch.nn.functional.cross_entropy(logits.float(), gold, reduction="none"), (
+        where.nonzero()[:, 0]
+    )
 
 
 def target_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

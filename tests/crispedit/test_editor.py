@@ -9,10 +9,11 @@ from conftest import make_tiny
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
 from crispedit.delta import Delta, DeltaError, apply_delta, revert_delta
-from crispedit.editor import CrispEditor
+from crispedit.editor import CrispEditor, fact_losses
 from crispedit.facts import Fact
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
+from crispedit.targets import IGNORE, target_batches
 
 FACTS = [
     Fact(prompt="The Eiffel Tower is located in", target="Rome"),
@@ -162,6 +163,39 @@ def test_loss_stop_ends_the_edit_at_its_threshold(setup):
     assert sum(loose["delta_norm"].values()) < sum(tight["delta_norm"].values())
 
 
+def fact_losses_now(model, tok, facts) -> torch.Tensor:
+    """Each fact's mean target-token loss under the model as it stands, by a plain loop."""
+    out = []
+    for fact in facts:
+        batch = next(target_batches(tok, [(fact.prompt, fact.target)], 1))
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"]).logits
+        where = batch["labels"][:, 1:] != IGNORE
+        out.append(
+            torch.nn.functional.cross_entropy(logits[:, :-1][where], batch["labels"][:, 1:][where])
+        )
+    return torch.stack(out)
+
+
+def test_fact_losses_are_each_rows_mean():
+    token_losses = torch.tensor([1.0, 3.0, 4.0, 2.0, 6.0])
+    row_of = torch.tensor([0, 0, 1, 2, 2])
+    assert fact_losses(token_losses, row_of, 3).tolist() == [2.0, 4.0, 4.0]
+
+
+def test_a_per_fact_stop_ends_once_every_fact_is_below_it(setup):
+    """`stop="fact"`: the edit ends once every fact's own loss is below `loss_stop` (where the
+    batch mean's rule may leave one above it), well before the epochs run out."""
+    model, tok, layers, _ = setup
+    threshold = float(fact_losses_now(model, tok, FACTS).max()) - 0.45
+    editor = CrispEditor(
+        model, tok, None, method="ft", layers=layers, loss_stop=threshold, stop="fact", **FAST
+    )
+    report = editor.edit(FACTS).report
+    assert report["stop"] == "fact" and report["epochs"] < FAST["epochs"]
+    assert fact_losses_now(model, tok, FACTS).max() < threshold
+
+
 def test_delta_file_roundtrip_and_wrong_model(setup, tmp_path):
     model, tok, layers, curv = setup
     delta = CrispEditor(model, tok, curv, layers=layers, **FAST).edit(FACTS)
@@ -187,6 +221,8 @@ def test_editor_errors(setup):
         CrispEditor(model, tok, curv, layers=layers).edit([])
     with pytest.raises(ValueError, match="loss_stop"):
         CrispEditor(model, tok, curv, layers=layers, loss_stop=-1.0)
+    with pytest.raises(ValueError, match="stop must be one of"):
+        CrispEditor(model, tok, curv, layers=layers, stop="epoch")
     with pytest.raises(ValueError, match="unknown method"):
         CrispEditor(model, tok, curv, method="rome")
 
