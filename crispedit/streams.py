@@ -97,6 +97,19 @@ def check_stream_base(store: Store, head: str | None, fingerprint: str, layers: 
         raise StoreError(f"stream edits layers {manifest.get('layers')}, not {layers}")
 
 
+# the editor's settings a version's manifest records under "options"
+EDITOR_OPTIONS = (
+    "lr",
+    "batch_size",
+    "seed",
+    "project",
+    "anchors",
+    "anchor_weight",
+    "loss_stop",
+    "stop",
+)
+
+
 def edit_on_stream(
     store: Store,
     model_name: str,
@@ -163,7 +176,7 @@ def edit_on_stream(
         "base_fingerprint": base_fingerprint,
         "weights_fingerprint": model_fingerprint(model, layers),
         "curvature_key": curvature_key,
-        "options": {k: report[k] for k in ("lr", "batch_size", "seed", "project")},
+        "options": {k: report[k] for k in EDITOR_OPTIONS},
         "metrics": {
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },

@@ -112,7 +112,11 @@ class Engine:
 
         evaluate = (lambda model: self.evaluate(model, facts)) if options.get("evaluate") else None
         parent = request.get("parent_version") if request.get("check_parent") else ...
-        editor_options = {k: options[k] for k in ("gamma", "epochs", "lr") if options.get(k)}
+        editor_options = {
+            k: options[k]
+            for k in ("gamma", "epochs", "lr", "anchors", "anchor_weight")
+            if options.get(k) is not None  # 0 is a choice (gamma 0, no anchors), None is not
+        }
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, method=method, parent=parent,

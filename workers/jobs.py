@@ -4,7 +4,8 @@ The API enqueues, on the RQ queue `crispedit:{model}`, the function `workers.job
 its dotted path, so the API never imports torch) with one JSON-able argument:
 
     {"model", "stream", "facts": [records in crispedit.facts' own form], "parent_version": id|None,
-     "check_parent": bool, "options": {method?, gamma?, layers?, epochs?, lr?, evaluate?},
+     "check_parent": bool,
+     "options": {method?, gamma?, layers?, epochs?, lr?, anchors?, anchor_weight?, evaluate?},
      "submitted_at", "key_name"}
 
 `check_parent` true means the head must be `parent_version` (None: the base) when the job runs.

@@ -64,6 +64,15 @@ class EditOptions(BaseModel):
     )
     epochs: int | None = Field(default=None, ge=1, le=100)
     lr: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    anchors: int | None = Field(
+        default=None,
+        ge=0,
+        le=8,
+        description="Subject anchors per fact (default 2): the fact's question asked about other "
+        "subjects, whose answers the edit keeps. 0 turns them off: they keep statement-style "
+        "edits (CounterFact) local but cost drift on question-style ones (zsRE); see the README.",
+    )
+    anchor_weight: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     evaluate: bool | None = None
 
 

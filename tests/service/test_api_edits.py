@@ -18,7 +18,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
     body = edit_body(
         2,
         stream="team-a",
-        options={"method": "kfac", "gamma": 0.8, "epochs": 5, "evaluate": True},
+        options={"method": "kfac", "gamma": 0.8, "epochs": 5, "anchors": 0, "evaluate": True},
     )
     body["facts"][1] = {"prompt": "The Eiffel Tower is in", "object": " Rome ", "paraphrases": []}
     response = client.post("/v1/edits", json=body, headers=AUTH)
@@ -43,7 +43,13 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
         "key_name",
     }
     assert (payload["model"], payload["stream"], payload["key_name"]) == ("tiny", "team-a", "all")
-    assert payload["options"] == {"method": "kfac", "gamma": 0.8, "epochs": 5, "evaluate": True}
+    assert payload["options"] == {
+        "method": "kfac",
+        "gamma": 0.8,
+        "epochs": 5,
+        "anchors": 0,  # a zero the client set is kept
+        "evaluate": True,
+    }
     assert (payload["parent_version"], payload["check_parent"]) == (None, False)
     # facts arrive as the engine's canonical records; P36 became its template
     assert payload["facts"][0] == {
@@ -149,6 +155,9 @@ def test_a_failed_job_does_not_block_the_next_one_on_its_stream(client, redis, s
         (edit_body(options={"method": "rome"}), "options.method", "invalid_request"),
         (edit_body(options={"epochs": 0}), "options.epochs", "invalid_request"),
         (edit_body(options={"lr": 0}), "options.lr", "invalid_request"),
+        (edit_body(options={"anchors": 9}), "options.anchors", "invalid_request"),
+        (edit_body(options={"anchors": 1.5}), "options.anchors", "invalid_request"),
+        (edit_body(options={"anchor_weight": -1}), "options.anchor_weight", "invalid_request"),
     ],
 )
 def test_invalid_bodies_are_422_with_the_field_and_enqueue_nothing(

@@ -13,6 +13,7 @@ from live import redis_db
 from rq import Queue
 from rq.job import Job, JobStatus
 
+from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, load_model
 from workers import jobs
@@ -94,6 +95,22 @@ def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir
         assert torch.equal(
             get_layers(fresh, [name])[name].weight, get_layers(engine.model, [name])[name].weight
         )
+
+
+def test_the_clients_options_reach_the_editor_and_the_version(redis, engine):
+    """Options the client set, zeros included, are the version's; the rest are the defaults."""
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
+    queue.enqueue("workers.jobs.apply_edit", request(FACTS[1], anchors=0, anchor_weight=5.0))
+    run_burst(redis)
+    newest_first = engine.store.versions("tiny", "main")
+    chosen, default = (engine.store.manifest(v["id"]) for v in newest_first)
+    assert (default["options"]["anchors"], default["options"]["anchor_weight"]) == (
+        ANCHORS,
+        ANCHOR_WEIGHT,
+    )
+    assert (chosen["options"]["anchors"], chosen["options"]["anchor_weight"]) == (0, 5.0)
+    assert chosen["options"]["lr"] == 0.03 and chosen["options"]["stop"] == "batch"
 
 
 def test_progress_is_reported_per_epoch(redis, engine, monkeypatch):
