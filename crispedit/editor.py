@@ -76,11 +76,8 @@ PROJECTOR_DTYPE = "float32"
 def fact_losses(token_losses: torch.Tensor, row_of: torch.Tensor, n: int) -> torch.Tensor:
     """Each of a batch's `n` facts' mean target-token loss (detached), from its tokens' losses
     and the row each token belongs to."""
-    total = torch.zeros(n, device=token_losses.device).index_add_(0, row_of, token_losses.detach())
-    count = torch.zeros(n, device=token_losses.device).index_add_(
-        0, row_of, torch.ones_like(token_losses)
-    )
-    return total / count
+    total = torch.bincount(row_of, weights=token_losses.detach(), minlength=n)
+    return total / torch.bincount(row_of, minlength=n)
 
 
 @dataclass

@@ -175,22 +175,14 @@ class FastForward:
         with self._from_block(self.start, fed):
             return self.backbone(**kwargs).last_hidden_state
 
-    def loss(
-        self,
-        batch: dict[str, torch.Tensor],
-        states: list[torch.Tensor] | None = None,
-        rows: Sequence[int] | None = None,
-    ) -> torch.Tensor:
-        """`target_loss` of the batch; `states[rows[b]]` are the cached states of its row b."""
-        return self.token_losses(batch, states, rows)[0].mean()
-
     def token_losses(
         self,
         batch: dict[str, torch.Tensor],
         states: list[torch.Tensor] | None = None,
         rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`target_token_losses_at` of the batch: each target token's loss and its row."""
+        """`target_token_losses_at` of the batch (their mean is its `target_loss`): each target
+        token's loss and its row; `states[rows[b]]` are the cached states of its row b."""
         labels = batch["labels"]
         hidden = self.hidden(batch, states, rows)
         where = target_positions(labels)

@@ -13,7 +13,7 @@ from crispedit.editor import CrispEditor, fact_losses
 from crispedit.facts import Fact
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
-from crispedit.targets import IGNORE, target_batches
+from crispedit.targets import target_batches, target_loss
 
 FACTS = [
     Fact(prompt="The Eiffel Tower is located in", target="Rome"),
@@ -164,16 +164,12 @@ def test_loss_stop_ends_the_edit_at_its_threshold(setup):
 
 
 def fact_losses_now(model, tok, facts) -> torch.Tensor:
-    """Each fact's mean target-token loss under the model as it stands, by a plain loop."""
+    """Each fact's `target_loss` under the model as it stands, one fact at a time."""
     out = []
     for fact in facts:
         batch = next(target_batches(tok, [(fact.prompt, fact.target)], 1))
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"]).logits
-        where = batch["labels"][:, 1:] != IGNORE
-        out.append(
-            torch.nn.functional.cross_entropy(logits[:, :-1][where], batch["labels"][:, 1:][where])
-        )
+            out.append(target_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"]))
     return torch.stack(out)
 
 

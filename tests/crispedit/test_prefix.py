@@ -95,7 +95,9 @@ def check_step(model, tok, layers, start):
         return target_loss(out.logits, batch["labels"])
 
     loss, grads = losses_and_grads(model, layers, full)
-    fast_loss, fast_grads = losses_and_grads(model, layers, lambda: fast.loss(batch, states, rows))
+    fast_loss, fast_grads = losses_and_grads(
+        model, layers, lambda: fast.token_losses(batch, states, rows)[0].mean()
+    )
     torch.testing.assert_close(fast_loss, loss, rtol=1e-6, atol=1e-6)
     for g, fg in zip(grads, fast_grads, strict=True):
         assert g.abs().max() > 0
@@ -240,6 +242,6 @@ def test_training_mode_runs_the_full_model(tiny_tokenizer, monkeypatch):
     model = make_model("llama")
     editor = CrispEditor(model, tiny_tokenizer, None, "ft", layers="2-3", **EDIT)
     monkeypatch.setattr(editor.fast, "prefix_states", lambda *a: pytest.fail("cached"))
-    monkeypatch.setattr(editor.fast, "loss", lambda *a: pytest.fail("fast step"))
+    monkeypatch.setattr(editor.fast, "token_losses", lambda *a: pytest.fail("fast step"))
     model.train()
     editor.edit(FACTS[:2])
