@@ -9,14 +9,22 @@ ReadyJobRegistry, then a WATCH-guarded push puts them on the queue. When two wor
 at the same moment, one push loses the WATCH race and RQ leaves that job in the registry until its
 next maintenance pass (every 10 minutes), which would stall a stream. `ResidentWorker` drains the
 ready registries itself, after every job and every couple of seconds while it waits.
+
+RQ's warm shutdown raises out of the signal handler when the worker is not marked busy, and a
+worker is not marked busy between popping a job and starting it: a SIGTERM that lands there leaves
+the job in RQ's intermediate queue, unrun, and the stream behind it stalls until RQ's maintenance
+fails the job minutes later. `ResidentWorker`'s stop only raises a flag, and its idle wait wakes
+every `stop_poll_s` seconds to look at it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
 import threading
 import time
+from datetime import datetime, timezone
 
 from redis import Redis
 from rq import Queue, SimpleWorker
@@ -27,6 +35,7 @@ from workers.jobs import queue_name, register
 
 HEARTBEAT_S = 10.0
 READY_SWEEP_S = 2.0
+STOP_POLL_S = 1
 log = logging.getLogger(__name__)
 
 
@@ -42,6 +51,7 @@ class ResidentWorker(SimpleWorker):
 
     heartbeat_interval: float = HEARTBEAT_S
     ready_sweep_interval: float = READY_SWEEP_S
+    stop_poll_s: int = STOP_POLL_S
 
     def work(self, *args, **kwargs) -> bool:
         stop = threading.Event()
@@ -60,6 +70,34 @@ class ResidentWorker(SimpleWorker):
         finally:
             stop.set()
             sweeper.join()
+
+    def request_stop(self, signum, frame) -> None:
+        """Warm shutdown: finish what was taken, take nothing new (a second signal: cold).
+
+        Only flags are set here: a signal handler must not raise between a job's pop and its start,
+        and must not use Redis, whose connection pool the interrupted code may hold locked.
+        """
+        self._shutdown_requested_date = datetime.now(timezone.utc)
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+        self.handle_warm_shutdown_request()
+        self._stop_requested = True
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """RQ's dequeue, in waits of `stop_poll_s` seconds with a look at the stop flag between.
+
+        Returns (job, queue), or None when stopped, idle for `max_idle_time` seconds, or (with no
+        `timeout`: a burst) when the queues are empty.
+        """
+        idle_since = time.monotonic()
+        while not self._stop_requested:
+            wait = None if timeout is None else self.stop_poll_s
+            result = super().dequeue_job_and_maintain_ttl(wait, max_idle_time=wait)
+            if result is not None or timeout is None:
+                return result
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                return None
+        return None
 
     def drain_ready(self, tries: int = 20) -> int:
         """Push the jobs left in this worker's queues' ready registries onto the queues.

@@ -3,6 +3,9 @@ heartbeats and cancellation; a failed job publishes nothing."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -239,3 +242,40 @@ def test_drain_ready_pushes_every_parked_job_once(redis):
     assert worker.drain_ready() == 0
     assert sorted(queue.job_ids) == sorted(j.id for j in parked)
     assert all(j.get_status() == JobStatus.QUEUED for j in parked)
+
+
+@pytest.fixture
+def restore_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
+def test_a_stop_signal_just_after_a_dequeue_still_runs_the_job(
+    redis, engine, monkeypatch, restore_signals
+):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    job = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
+    original = ResidentWorker.reorder_queues
+
+    def signalled(self, reference_queue):
+        original(self, reference_queue)
+        self.request_stop(signal.SIGTERM, None)  # RQ has popped the job; it has not started
+
+    monkeypatch.setattr(ResidentWorker, "reorder_queues", signalled)
+    worker = ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}")
+    worker.work()  # not a burst: only the stop request can end it
+
+    assert Job.fetch(job.id, connection=redis).get_status() == JobStatus.FINISHED
+    assert queue.intermediate_queue.get_job_ids() == []
+    assert engine.store.head("tiny", "main") is not None
+
+
+def test_an_idle_worker_stops_soon_after_a_stop_signal(redis, restore_signals):
+    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    worker = ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}")
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    worker.work()  # blocks on the empty queue until the signal
+    assert time.monotonic() - started < 0.5 + 10 * worker.stop_poll_s
