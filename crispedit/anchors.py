@@ -9,10 +9,13 @@ subject from `SUBJECTS`, and each edit step adds γ_anchor · KL(base ‖ edited
 distribution at the end of those prompts (the base distribution computed once, before the edit).
 The edit must then tell its subject apart from the others.
 
-Only the fact itself is needed (its prompt and subject): a fact without a subject, or whose
-subject is not in its prompt, simply gets no anchors. The pool is fixed and general (people,
-places, organisations, works, things), chosen by hand and not taken from any evaluation data; a
-pool subject that is also the subject of a fact in the edit is never used as an anchor.
+Only the fact itself is needed (its prompt and subject): a fact without a subject, or whose subject
+is not in its prompt, simply gets no anchors. Nor, by default, does a question (a prompt ending in
+"?", as zsRE's): what follows a question is the answer's phrasing as much as its content, so holding
+it there constrains the edit without protecting the neighbours (see ANCHOR_QUESTIONS). The pool is
+fixed and general (people, places, organisations, works, things), chosen by hand and not taken from
+any evaluation data; a pool subject that is also the subject of a fact in the edit is never used as
+an anchor.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ ANCHORS = 2  # anchor prompts per fact; 0 turns anchors off
 # epochs), 0.64 at weight 3, 0.65 at 10, all edits landing; zsRE efficacy 0.99 at weight 3 but
 # 0.98 at 10 (0.72 within 50 epochs), so 3. Weight 50 lands 0.81 of CounterFact's in 50 epochs.
 ANCHOR_WEIGHT = 3.0
+# Questions too? On the zsRE tuning split (100 edits, all questions) anchors at weight 3 took
+# generalization from 0.45 to 0.33 and the perplexity change from +0.11 % to +0.45 %, locality
+# 0.88 either way (CounterFact's prompts, never questions, are where anchors help). So no.
+ANCHOR_QUESTIONS = False
 
 SUBJECTS = (
     "Albert Einstein", "Marie Curie", "William Shakespeare", "Leonardo da Vinci",
@@ -43,9 +50,17 @@ SUBJECTS = (
 )  # fmt: skip
 
 
-def anchor_prompts(facts: Sequence[Fact], k: int = ANCHORS, seed: int = 0) -> list[list[str]]:
-    """Per fact, `k` prompts that ask its question about other subjects (no anchors for a fact
-    without a subject in its prompt). Deterministic for a given `seed` and fact list."""
+def is_question(prompt: str) -> bool:
+    """Whether a prompt is a question (ends in "?", trailing spaces aside)."""
+    return prompt.rstrip().endswith("?")
+
+
+def anchor_prompts(
+    facts: Sequence[Fact], k: int = ANCHORS, seed: int = 0, questions: bool = ANCHOR_QUESTIONS
+) -> list[list[str]]:
+    """Per fact, `k` prompts that ask its question about other subjects (none for a fact without
+    a subject in its prompt, nor for a question unless `questions`). Deterministic for a given
+    `seed` and fact list."""
     if k <= 0:
         return [[] for _ in facts]
     edited = {f.subject.casefold() for f in facts if f.subject}
@@ -53,7 +68,8 @@ def anchor_prompts(facts: Sequence[Fact], k: int = ANCHORS, seed: int = 0) -> li
     rng = random.Random(seed)
     anchors = []
     for fact in facts:
-        if not fact.subject or fact.subject not in fact.prompt:
+        skipped = not questions and is_question(fact.prompt)
+        if skipped or not fact.subject or fact.subject not in fact.prompt:
             anchors.append([])
             continue
         others = rng.sample(pool, min(k, len(pool)))

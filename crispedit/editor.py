@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS, anchor_prompts
+from crispedit.anchors import ANCHOR_QUESTIONS, ANCHOR_WEIGHT, ANCHORS, anchor_prompts
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights, weight_delta
@@ -105,7 +105,8 @@ class CrispEditor:
     is `float32` (default) or `model`: the dtype the projectors live and rotate in, on the
     model's device. `anchors` prompts per fact ask the fact's question about other subjects and
     keep the base model's answer distribution there (crispedit.anchors), weighted by
-    `anchor_weight` against the facts' loss; 0 turns them off. `loss_stop` is the loss below
+    `anchor_weight` against the facts' loss; 0 turns them off; questions get none unless
+    `anchor_questions`. `loss_stop` is the loss below
     which a batch is skipped and the loop stops after an epoch; `stop` says whether a batch's
     mean loss is compared with it (`batch`) or each fact's own (`fact`, see STOP).
     """
@@ -129,6 +130,7 @@ class CrispEditor:
         projector_dtype: str = PROJECTOR_DTYPE,
         anchors: int = ANCHORS,
         anchor_weight: float = ANCHOR_WEIGHT,
+        anchor_questions: bool = ANCHOR_QUESTIONS,
         loss_stop: float = LOSS_STOP,
         stop: str = STOP,
     ):
@@ -144,6 +146,7 @@ class CrispEditor:
         if anchors < 0 or anchor_weight < 0:
             raise ValueError("anchors and anchor_weight must be >= 0")
         self.anchors, self.anchor_weight = anchors, anchor_weight
+        self.anchor_questions = anchor_questions
         if loss_stop < 0:
             raise ValueError("loss_stop must be >= 0")
         if stop not in STOP_CHOICES:
@@ -218,7 +221,7 @@ class CrispEditor:
     def _anchor_targets(self, facts: list[Fact], fast: FastForward | None, device) -> Anchors:
         """The edit's anchor prompts (crispedit.anchors) and the base model's next-token
         log-probabilities after each, computed once before the first step."""
-        per_fact = anchor_prompts(facts, self.anchors, self.seed)
+        per_fact = anchor_prompts(facts, self.anchors, self.seed, self.anchor_questions)
         owned, ids = [], []
         for prompts in per_fact:
             owned.append(list(range(len(ids), len(ids) + len(prompts))))
@@ -348,6 +351,7 @@ class CrispEditor:
             "project": self.project,
             "anchors": self.anchors,
             "anchor_weight": self.anchor_weight,
+            "anchor_questions": self.anchor_questions,
             "loss_stop": self.loss_stop,
             "stop": self.stop,
         }

@@ -68,9 +68,10 @@ class EditOptions(BaseModel):
         default=None,
         ge=0,
         le=8,
-        description="Subject anchors per fact (default 2): the fact's question asked about other "
-        "subjects, whose answers the edit keeps. 0 turns them off: they keep statement-style "
-        "edits (CounterFact) local but cost drift on question-style ones (zsRE); see the README.",
+        description="Subject anchors per fact (default 2): the fact's prompt asked about other "
+        "subjects, whose answers the edit keeps. They keep statement-style edits (CounterFact) "
+        "local; a question (a prompt ending in '?', as zsRE's) gets none, where they only cost "
+        "drift. 0 turns them off; see the README.",
     )
     anchor_weight: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     evaluate: bool | None = None

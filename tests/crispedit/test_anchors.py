@@ -57,6 +57,23 @@ def test_no_anchors_without_a_subject_in_the_prompt_and_never_an_edited_subject(
         assert not prompt.startswith(("Albert Einstein ", "Toyota "))
 
 
+def test_questions_get_anchors_only_when_asked_for():
+    question = Fact(prompt="Which city is Toyota based in? ", target="Oslo", subject="Toyota")
+    facts = [question, FACTS[0]]
+    assert [len(a) for a in anchor_prompts(facts, k=2, seed=0)] == [0, 2]
+    anchors = anchor_prompts(facts, k=2, seed=0, questions=True)
+    assert [len(a) for a in anchors] == [2, 2]
+    assert all(p.startswith("Which city is ") and p.endswith("? ") for p in anchors[0])
+
+
+def test_the_editor_anchors_questions_only_when_told(tiny_tokenizer):
+    model = make_tiny("llama")
+    question = Fact(prompt="Which city is Toyota based in?", target="Oslo", subject="Toyota")
+    for asked, expected in ((False, 0), (True, 2)):
+        editor = CrispEditor(model, tiny_tokenizer, **EDIT, anchors=2, anchor_questions=asked)
+        assert len(editor._anchor_targets([question], None, "cpu").ids) == expected
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fast_last_logits_equal_the_full_model(arch, tiny_tokenizer):
     model = make_tiny(arch)
