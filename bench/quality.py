@@ -548,7 +548,12 @@ def parse_run(text: str) -> Run:
     for item in fields:
         key, _, value = item.partition("=")
         kind = type(getattr(BASE, key))
-        run = replace(run, **{key: kind(value)})
+        if kind is bool:  # bool("false") is True
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"{key} must be true or false, not {value!r}")
+            run = replace(run, **{key: value.lower() == "true"})
+        else:
+            run = replace(run, **{key: kind(value)})
     return run
 
 
