@@ -503,8 +503,9 @@ def write_results() -> None:
     ]
     sequential = [r for r in rows if r["chunks"]]
     for r in sequential:
-        lines += ["", f"Sequential {Run(**r['run']).label}, {r['run']['dataset']}, chunks of "
-                  f"{r['run']['chunk']}:", "",
+        run = Run(**r["run"])
+        lines += ["", f"Sequential {run.label} ({_changes(run)}), {run.dataset}, {run.n} edits "
+                  f"in chunks of {run.chunk}:", "",
                   "| edits | chunk efficacy | first chunk still holding | seconds |",
                   "|---|---|---|---|"]  # fmt: skip
         lines += [
