@@ -106,9 +106,9 @@ class CrispEditor:
     model's device. `anchors` prompts per fact ask the fact's question about other subjects and
     keep the base model's answer distribution there (crispedit.anchors), weighted by
     `anchor_weight` against the facts' loss; 0 turns them off; questions get none unless
-    `anchor_questions`. `loss_stop` is the loss below
-    which a batch is skipped and the loop stops after an epoch; `stop` says whether a batch's
-    mean loss is compared with it (`batch`) or each fact's own (`fact`, see STOP).
+    `anchor_questions`. `loss_stop` is the loss below which a batch is skipped and the loop stops
+    after an epoch; `stop` says whether a batch's mean loss is compared with it (`batch`) or each
+    fact's own (`fact`, see STOP).
     """
 
     def __init__(
