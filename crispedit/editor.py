@@ -42,6 +42,7 @@ from crispedit.models import (
 )
 from crispedit.prefix import FastForward
 from crispedit.projector import (
+    CLIP,
     GAMMA,
     build_projector,
     resolve_method,
@@ -108,7 +109,8 @@ class CrispEditor:
     `anchor_weight` against the facts' loss; 0 turns them off; questions get none unless
     `anchor_questions`. `loss_stop` is the loss below which a batch is skipped and the loop stops
     after an epoch; `stop` says whether a batch's mean loss is compared with it (`batch`) or each
-    fact's own (`fact`, see STOP).
+    fact's own (`fact`, see STOP). `clip` winsorizes each factor's eigenvalues before the energy
+    rule (crispedit.projector.winsorize: a rule robust to outlier eigenvalues).
     """
 
     def __init__(
@@ -133,10 +135,12 @@ class CrispEditor:
         anchor_questions: bool = ANCHOR_QUESTIONS,
         loss_stop: float = LOSS_STOP,
         stop: str = STOP,
+        clip: float = CLIP,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.method_name, self.method = method, resolve_method(method)
         self.gamma, self.lr, self.batch_size, self.epochs = gamma, lr, batch_size, epochs
+        self.clip = clip
         self.seed, self.progress, self.on_epoch = seed, progress, on_epoch
         if project not in PROJECT_CHOICES:
             raise ValueError(
@@ -172,6 +176,7 @@ class CrispEditor:
                     gamma,
                     device=weight.device,
                     dtype=self.projector_dtype,
+                    clip=clip,
                 )
         self.fast = FastForward.plan(model, self.layers) if fast else None
 
@@ -354,6 +359,7 @@ class CrispEditor:
             "anchor_questions": self.anchor_questions,
             "loss_stop": self.loss_stop,
             "stop": self.stop,
+            "clip": self.clip,
         }
         report = {
             **meta,

@@ -11,6 +11,12 @@ The mask blocks the smallest set of top-curvature directions holding a share γ 
 energy Σλ and keeps the rest (M_ij = 1 where λ_ij < λ_γ): γ is the protected fraction, so γ = 0
 is plain fine-tuning and γ → 1 moves only along directions the capability loss cannot see.
 
+One outlier eigenvalue can hold nearly all of a factor's energy (the residual stream's massive
+activations: in SmolLM2's layer 11 one input direction holds 99.8 % of A's), and the energy rule
+then blocks that direction alone. `clip` makes the rule robust to such outliers: each factor's
+top `clip` share of eigenvalues counts at the value of the largest one below them (winsorized),
+so they are still blocked, and γ is then the share of the energy the rest carries.
+
 Two things keep this cheap at Llama-3-8B shapes (d_in 14336, d_out 4096: 58.7 M products a layer):
 
 - the K-FAC threshold is found from the two eigenvalue vectors alone: with both sorted, the
@@ -41,6 +47,7 @@ ALIASES = {"crispedit": "kfac"}  # our default, the best setting of the quality 
 # anchors, γ 0.9 lands 1.00 and 0.99 of them at +0.29 % and +0.45 % perplexity (γ 0.8 with 25
 # epochs, no anchors: 0.94 of the CounterFact edits at +0.82 %).
 GAMMA = 0.9
+CLIP = 0.0  # share of each factor's eigenvalues winsorized before the energy rule; 0: none
 CHUNK_ELEMENTS = 1 << 20  # λ values (8 MiB of float64) held at once by the generic search
 RADIX_BITS = 16  # bits of the float64 pattern the generic search decides per pass (4 passes)
 # The rectangle cover of a staircase mask: at most this many candidate column boundaries, and a
@@ -76,6 +83,25 @@ def resolve_projector_dtype(choice: str, model_dtype: torch.dtype) -> torch.dtyp
 def _check_gamma(gamma: float) -> None:
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], not {gamma}")
+
+
+def _check_clip(clip: float) -> None:
+    if not 0.0 <= clip < 1.0:
+        raise ValueError(f"clip must be in [0, 1), not {clip}")
+
+
+def winsorize(s: torch.Tensor, clip: float) -> torch.Tensor:
+    """Ascending eigenvalues `s` with the top `clip` share (rounded down to whole values) lowered
+    to the largest value below them: the energy rule's view of a factor with outliers.
+
+    The map never lowers a value below another one, so the order, and K-FAC's staircase mask,
+    survive; a winsorized value ties with the cap and is blocked whenever the cap is.
+    """
+    _check_clip(clip)
+    n = math.floor(clip * len(s))
+    if n == 0:
+        return s
+    return s.clamp_max(s[-n - 1])
 
 
 def _bits(x: float) -> int:
@@ -172,7 +198,7 @@ def _kept_counts(s_A: torch.Tensor, s_B: torch.Tensor, tau: float) -> torch.Tens
 
 
 def kfac_threshold(
-    s_A: torch.Tensor, s_B: torch.Tensor, gamma: float
+    s_A: torch.Tensor, s_B: torch.Tensor, gamma: float, clip: float = CLIP
 ) -> tuple[float, torch.Tensor]:
     """λ_γ of the K-FAC products s_B[i]·s_A[j], and the kept count k_i of each row.
 
@@ -180,7 +206,8 @@ def kfac_threshold(
     columns 0..k_i-1 and blocks the rest, whose energy is s_B[i] times a suffix sum of s_A. The
     blocked energy at any τ thus costs d_out binary searches, and a bisection over the float64
     bit patterns of τ (at most 64 steps) finds the same λ_γ as `energy_threshold` over the
-    materialised products, in milliseconds and O(d_in + d_out) memory at any layer size.
+    materialised products, in milliseconds and O(d_in + d_out) memory at any layer size. With
+    `clip`, both vectors are winsorized first (`winsorize`), and λ_γ is a product of theirs.
     """
     _check_gamma(gamma)
     s_A = s_A.detach().to("cpu", torch.float64).clamp_min(0.0)
@@ -188,6 +215,7 @@ def kfac_threshold(
     for s in (s_A, s_B):
         if len(s) > 1 and bool((s[1:] < s[:-1]).any()):
             raise ValueError("kfac_threshold needs ascending eigenvalues (as eigh returns them)")
+    s_A, s_B = winsorize(s_A, clip), winsorize(s_B, clip)
     # suffix[k] = Σ_{j ≥ k} s_A[j]; suffix[d_in] = 0
     suffix = torch.cat([s_A.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
 
@@ -406,26 +434,31 @@ def build_projector(
     gamma: float = GAMMA,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    clip: float = CLIP,
 ) -> KroneckerProjector | None:
     """The projector of one layer for `method` at γ, on `device` in `dtype`; None for `ft`.
 
-    The eigendecompositions and their copies on `device` are remembered by `curvature` (see
-    `LayerCurvature.memo`): a worker that keeps its curvature resident builds each job's
-    projector from them in milliseconds.
+    `clip` winsorizes each factor's eigenvalues before the energy rule (`winsorize`; K-FAC and
+    nullspace, whose eigenvalues come per factor). The eigendecompositions and their copies on
+    `device` are remembered by `curvature` (see `LayerCurvature.memo`): a worker that keeps its
+    curvature resident builds each job's projector from them in milliseconds.
     """
     method = resolve_method(method)
     _check_gamma(gamma)
+    _check_clip(clip)
     if method == "ft":
         return None
+    if method == "ekfac" and clip > 0.0:
+        raise ValueError("clip applies to 'kfac' and 'nullspace', not to 'ekfac'")
     s_A, U_A = _eigen(curvature, "A")
     if method == "nullspace":
-        lam_A = s_A.double().unsqueeze(0)
+        lam_A = winsorize(s_A.double().clamp_min(0.0), clip).unsqueeze(0)
         tau = energy_threshold(lambda i, j: lam_A[i:j], 1, gamma)
         U_A = _resident(curvature, "U_A", curvature.A, U_A, device, dtype)
         return KroneckerProjector(U_A, None, (lam_A < tau).to(device))
     if method == "kfac":
         s_B, U_B = _eigen(curvature, "B")
-        _, k = kfac_threshold(s_A, s_B, gamma)
+        _, k = kfac_threshold(s_A, s_B, gamma, clip)
         cols = torch.arange(len(s_A), device=device)
         M = cols[None, :] < k.to(device)[:, None]  # row i keeps its k_i smallest products
         U_A = _resident(curvature, "U_A", curvature.A, U_A, device, dtype)

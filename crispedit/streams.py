@@ -107,6 +107,7 @@ EDITOR_OPTIONS = (
     "anchor_weight",
     "loss_stop",
     "stop",
+    "clip",
 )
 
 

@@ -207,6 +207,19 @@ def test_delta_file_roundtrip_and_wrong_model(setup, tmp_path):
         apply_delta(model, back)  # already edited: its base is no longer this model
 
 
+def test_clip_reaches_the_projectors_and_the_report(setup):
+    model, tok, layers, curv = setup
+    plain = CrispEditor(model, tok, curv, layers=layers, **FAST)
+    clipped = CrispEditor(model, tok, curv, layers=layers, clip=0.2, **FAST)
+    for name in layers:
+        expected = build_projector(curv.layers[name], "kfac", clipped.gamma, clip=0.2)
+        assert torch.equal(clipped.projectors[name].M, expected.M)
+    assert any(not torch.equal(plain.projectors[n].M, clipped.projectors[n].M) for n in layers)
+    assert clipped.edit(FACTS[:1]).meta["clip"] == 0.2
+    with pytest.raises(ValueError, match="clip"):
+        CrispEditor(model, tok, curv, layers=layers, clip=1.0)
+
+
 def test_editor_errors(setup):
     model, tok, layers, curv = setup
     with pytest.raises(ValueError, match="needs curvature"):

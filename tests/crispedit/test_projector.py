@@ -16,6 +16,7 @@ from crispedit.projector import (
     kfac_threshold,
     resolve_method,
     resolve_projector_dtype,
+    winsorize,
 )
 
 D_IN, D_OUT = 7, 5
@@ -138,6 +139,63 @@ def test_methods_and_errors(curvature):
         build_projector(curvature, "kfac", 1.5)
     with pytest.raises(ValueError, match="ekfac"):
         build_projector(LayerCurvature(A=curvature.A, B=curvature.B), "ekfac", 0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule robust to outlier eigenvalues (clip)
+
+
+def test_winsorize_caps_the_top_share_at_the_value_below_it():
+    s = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 50.0, 900.0], dtype=torch.float64)
+    assert torch.equal(winsorize(s, 0.0), s)
+    assert torch.equal(winsorize(s, 0.1), s)  # 0.7 of a value rounds down to none
+    assert winsorize(s, 0.2).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 50.0, 50.0]
+    assert winsorize(s, 0.3).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 4.0, 4.0]
+    for clip in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="clip"):
+            winsorize(s, clip)
+
+
+def outlier_curvature(d_in: int = 20, d_out: int = D_OUT) -> LayerCurvature:
+    """A whose top eigenvalue holds 99.8 % of its trace (a massive activation), B spread."""
+    s_A = torch.linspace(1.0, 2.0, d_in, dtype=torch.float64)
+    s_A[-1] = 0.998 / 0.002 * float(s_A[:-1].sum())
+    U_A = random_orthogonal(d_in, 7).double()
+    return LayerCurvature(A=(U_A * s_A) @ U_A.T, B=spd(d_out, 2).double())
+
+
+def test_clip_blocks_more_than_the_outlier_direction():
+    """Plain energy rule: the outlier direction alone reaches γ, so every other input direction
+    is kept; with clip what it blocked stays blocked, along with the most curved of the others."""
+    c = outlier_curvature()
+    plain = build_projector(c, "kfac", 0.9).M
+    clipped = build_projector(c, "kfac", 0.9, clip=0.05).M
+    assert plain[:, :-1].all() and not plain[:, -1].all()  # ascending: the outlier is last
+    assert (~clipped).sum() > 3 * (~plain).sum()
+    assert not (clipped & ~plain).any()  # what the plain rule blocks stays blocked
+
+
+@pytest.mark.parametrize("clip", (0.05, 0.1, 0.3))
+@pytest.mark.parametrize("gamma", (0.5, 0.9, 0.99))
+def test_clipped_masks_are_the_energy_rule_on_winsorized_eigenvalues(clip, gamma):
+    c = outlier_curvature()
+    s_A, _ = eigenbasis(c.A)
+    s_B, _ = eigenbasis(c.B)
+    s_A, s_B = winsorize(s_A.double(), clip), winsorize(s_B.double(), clip)
+    lam = s_B[:, None] * s_A[None, :]
+    tau = energy_threshold(lambda i, j: lam[i:j], len(lam), gamma)
+    assert torch.equal(build_projector(c, "kfac", gamma, clip=clip).M, lam < tau)
+    lam_A = s_A.unsqueeze(0)
+    tau_A = energy_threshold(lambda i, j: lam_A[i:j], 1, gamma)
+    assert torch.equal(build_projector(c, "nullspace", gamma, clip=clip).M, lam_A < tau_A)
+
+
+def test_clip_errors(curvature):
+    with pytest.raises(ValueError, match="clip"):
+        build_projector(curvature, "kfac", 0.9, clip=1.0)
+    with pytest.raises(ValueError, match="not to 'ekfac'"):
+        build_projector(curvature, "ekfac", 0.9, clip=0.1)
+    assert build_projector(curvature, "ekfac", 0.9, clip=0.0) is not None
 
 
 # ---------------------------------------------------------------------------------------------
