@@ -32,7 +32,7 @@ from crispedit.editor import BATCH_SIZE, EPOCHS, LR, PROJECT, PROJECT_CHOICES
 from crispedit.evaluate import EVAL_TOKENS, RETENTION
 from crispedit.facts import FactsError
 from crispedit.models import ModelError
-from crispedit.projector import ALIASES, GAMMA, METHODS
+from crispedit.projector import ALIASES, CLIP, GAMMA, METHODS, resolve_method
 from curvature_store import StoreError
 
 DEFAULT_TOKENS = 20_000
@@ -243,7 +243,6 @@ def cmd_edit(args) -> None:
     from crispedit.editor import CrispEditor
     from crispedit.facts import load_facts
     from crispedit.models import load_model, parse_layers
-    from crispedit.projector import resolve_method
     from crispedit.streams import base_weights, edit_on_stream
 
     if args.stream is not None and args.store is None:
@@ -276,6 +275,7 @@ def cmd_edit(args) -> None:
             "project": args.project,
             "anchors": args.anchors,
             "anchor_weight": args.anchor_weight,
+            "clip": args.clip,
         }
         version = None
         if args.stream is None:
@@ -527,6 +527,11 @@ def parser() -> argparse.ArgumentParser:
         "--anchor-weight", type=float, default=ANCHOR_WEIGHT,
         help="weight of the anchors' KL to the base model against the facts' loss",
     )  # fmt: skip
+    edit.add_argument(
+        "--clip", type=float, default=CLIP,
+        help="share of each factor's eigenvalues winsorized before the γ rule (outlier "
+        "activations, e.g. middle layers; 0: off)",
+    )  # fmt: skip
     edit.add_argument("--out", help="write DIR/delta.safetensors and DIR/report.json")
     edit.add_argument("--store", help="a store: caches curvature, holds streams")
     edit.add_argument("--stream", help="edit on top of this stream's head; publish a version")
@@ -661,6 +666,11 @@ def _check_numbers(args) -> None:
     gamma = getattr(args, "gamma", None)
     if gamma is not None and not 0.0 <= gamma <= 1.0:
         raise CLIError(f"--gamma must be between 0 and 1, not {gamma}")
+    clip = getattr(args, "clip", None)
+    if clip is not None and not 0.0 <= clip < 1.0:
+        raise CLIError(f"--clip must be at least 0 and below 1, not {clip}")
+    if clip and resolve_method(args.method) == "ekfac":
+        raise CLIError("--clip applies to kfac and nullspace, not to ekfac")
     lr = getattr(args, "lr", None)
     if lr is not None and not lr > 0:
         raise CLIError(f"--lr must be positive, not {lr}")

@@ -27,6 +27,7 @@ from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
 from crispedit.facts import facts_digest, load_facts
 from crispedit.models import load_model, model_fingerprint
+from crispedit.projector import GAMMA, build_projector
 
 ASSETS = Path(__file__).resolve().parents[2] / "crispedit" / "assets"
 COUNTERFACT = ASSETS / "counterfact-edit-1k.json"
@@ -357,6 +358,25 @@ def test_edit_each_projected_method(
     assert delta.meta["gamma"] == 0.5
 
 
+def test_edit_clip_winsorizes_the_rule_and_is_recorded(
+    cli, tmp_path, tiny_model_dir, facts_file, curv_kfac
+):
+    out = tmp_path / "edit"
+    code, _, err = cli(
+        "edit", "--model", tiny_model_dir, "--facts", facts_file, "--curvature", curv_kfac,
+        "--layers", "2-3", "--clip", "0.25", *EDIT_BUDGET, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    report = report_of(out)
+    assert report["clip"] == 0.25
+    curvature = Curvature.load(curv_kfac)
+    for name, kept in report["kept_fraction"].items():
+        assert (
+            kept == build_projector(curvature.layers[name], "kfac", GAMMA, clip=0.25).kept_fraction
+        )
+        assert kept < build_projector(curvature.layers[name], "kfac", GAMMA).kept_fraction
+
+
 def test_edit_ekfac_builds_ekfac_curvature_on_request(cli, tmp_path, tiny_model_dir, facts_file):
     out = tmp_path / "edit"
     args = ["--facts", facts_file, "--method", "ekfac", "--kind", "ekfac"]
@@ -631,6 +651,14 @@ BAD_INPUTS = {
     "gamma-1.5": (
         lambda t, c: _edit(c, c["facts"], "--gamma", "1.5"),
         ["--gamma", "1.5"],
+    ),
+    "clip-1": (
+        lambda t, c: _edit(c, c["facts"], "--clip", "1"),
+        ["--clip", "below 1", "1.0"],
+    ),
+    "clip-ekfac": (
+        lambda t, c: _edit(c, c["facts"], "--method", "ekfac", "--clip", "0.1"),
+        ["--clip", "not to ekfac"],
     ),
     "anchors-negative": (
         lambda t, c: _edit(c, c["facts"], "--anchors", "-1"),
