@@ -8,7 +8,7 @@ The job contract (the worker in `workers/` implements the other side):
   `edit_payload`: `{"model", "stream", "facts", "parent_version", "check_parent", "options",
   "submitted_at", "key_name"}` where `facts` are `crispedit.facts.fact_to_record` records and
   `options` holds only what the client set (method, gamma, layers, epochs, lr, anchors,
-  anchor_weight, evaluate).
+  anchor_weight, clip, evaluate).
 - job.meta written by the API at submission: `model`, `stream`, `key_name`, `submitted_at`,
   `n_facts`, `after` (the stream's previous job id, or None). The worker writes
   `meta["progress"]` (a JSON object: phase, epoch, loss, facts_done... shown as is).

@@ -114,7 +114,7 @@ class Engine:
         parent = request.get("parent_version") if request.get("check_parent") else ...
         editor_options = {
             k: options[k]
-            for k in ("gamma", "epochs", "lr", "anchors", "anchor_weight")
+            for k in ("gamma", "epochs", "lr", "anchors", "anchor_weight", "clip")
             if options.get(k) is not None  # 0 is a choice (gamma 0, no anchors), None is not
         }
         manifest, _ = edit_on_stream(

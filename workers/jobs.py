@@ -5,7 +5,8 @@ its dotted path, so the API never imports torch) with one JSON-able argument:
 
     {"model", "stream", "facts": [records in crispedit.facts' own form], "parent_version": id|None,
      "check_parent": bool,
-     "options": {method?, gamma?, layers?, epochs?, lr?, anchors?, anchor_weight?, evaluate?},
+     "options": {method?, gamma?, layers?, epochs?, lr?, anchors?, anchor_weight?, clip?,
+                 evaluate?},
      "submitted_at", "key_name"}
 
 `check_parent` true means the head must be `parent_version` (None: the base) when the job runs.

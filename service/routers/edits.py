@@ -12,7 +12,7 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from curvature_store.store import NAME_RE, VERSION_RE
 from service import idempotency, jobqueue
@@ -74,7 +74,23 @@ class EditOptions(BaseModel):
         "drift. 0 turns them off; see the README.",
     )
     anchor_weight: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    clip: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Share of each curvature factor's eigenvalues winsorized before the gamma "
+        "rule (default 0: none), for layers with outlier activations; kfac and nullspace only. "
+        "See the README.",
+    )
     evaluate: bool | None = None
+
+    @field_validator("clip")
+    @classmethod
+    def _clip_method(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value and info.data.get("method") == "ekfac":
+            raise ValueError("clip applies to kfac and nullspace, not to ekfac")
+        return value
 
 
 class EditRequest(BaseModel):

@@ -18,7 +18,14 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
     body = edit_body(
         2,
         stream="team-a",
-        options={"method": "kfac", "gamma": 0.8, "epochs": 5, "anchors": 0, "evaluate": True},
+        options={
+            "method": "kfac",
+            "gamma": 0.8,
+            "epochs": 5,
+            "anchors": 0,
+            "clip": 0.005,
+            "evaluate": True,
+        },
     )
     body["facts"][1] = {"prompt": "The Eiffel Tower is in", "object": " Rome ", "paraphrases": []}
     response = client.post("/v1/edits", json=body, headers=AUTH)
@@ -48,6 +55,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
         "gamma": 0.8,
         "epochs": 5,
         "anchors": 0,  # a zero the client set is kept
+        "clip": 0.005,
         "evaluate": True,
     }
     assert (payload["parent_version"], payload["check_parent"]) == (None, False)
@@ -158,6 +166,8 @@ def test_a_failed_job_does_not_block_the_next_one_on_its_stream(client, redis, s
         (edit_body(options={"anchors": 9}), "options.anchors", "invalid_request"),
         (edit_body(options={"anchors": 1.5}), "options.anchors", "invalid_request"),
         (edit_body(options={"anchor_weight": -1}), "options.anchor_weight", "invalid_request"),
+        (edit_body(options={"clip": 1}), "options.clip", "invalid_request"),
+        (edit_body(options={"method": "ekfac", "clip": 0.1}), "options.clip", "invalid_request"),
     ],
 )
 def test_invalid_bodies_are_422_with_the_field_and_enqueue_nothing(

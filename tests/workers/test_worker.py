@@ -19,6 +19,7 @@ from rq.job import Job, JobStatus
 from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, load_model
+from crispedit.projector import CLIP
 from workers import jobs
 from workers.engine import Engine
 from workers.worker import ResidentWorker
@@ -104,7 +105,9 @@ def test_the_clients_options_reach_the_editor_and_the_version(redis, engine):
     """Options the client set, zeros included, are the version's; the rest are the defaults."""
     queue = Queue(jobs.queue_name("tiny"), connection=redis)
     queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
-    queue.enqueue("workers.jobs.apply_edit", request(FACTS[1], anchors=0, anchor_weight=5.0))
+    queue.enqueue(
+        "workers.jobs.apply_edit", request(FACTS[1], anchors=0, anchor_weight=5.0, clip=0.2)
+    )
     run_burst(redis)
     newest_first = engine.store.versions("tiny", "main")
     chosen, default = (engine.store.manifest(v["id"]) for v in newest_first)
@@ -114,6 +117,7 @@ def test_the_clients_options_reach_the_editor_and_the_version(redis, engine):
     )
     assert (chosen["options"]["anchors"], chosen["options"]["anchor_weight"]) == (0, 5.0)
     assert chosen["options"]["lr"] == 0.03 and chosen["options"]["stop"] == "batch"
+    assert (chosen["options"]["clip"], default["options"]["clip"]) == (0.2, CLIP)
 
 
 def test_progress_is_reported_per_epoch(redis, engine, monkeypatch):
