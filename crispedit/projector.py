@@ -11,11 +11,11 @@ The mask blocks the smallest set of top-curvature directions holding a share γ 
 energy Σλ and keeps the rest (M_ij = 1 where λ_ij < λ_γ): γ is the protected fraction, so γ = 0
 is plain fine-tuning and γ → 1 moves only along directions the capability loss cannot see.
 
-One outlier eigenvalue can hold nearly all of a factor's energy (the residual stream's massive
-activations: in SmolLM2's layer 11 one input direction holds 99.8 % of A's), and the energy rule
-then blocks that direction alone. `clip` makes the rule robust to such outliers: each factor's
-top `clip` share of eigenvalues counts at the value of the largest one below them (winsorized),
-so they are still blocked, and γ is then the share of the energy the rest carries.
+One outlier eigenvalue can hold nearly all of a factor's energy (a massive activation: in SmolLM2's
+layer 11 one input direction of the down projection holds 99.9 % of A's), and the energy rule then
+blocks that direction alone. `clip` makes the rule robust to such outliers: each factor's top
+`clip` share of eigenvalues counts at the value of the largest one below them (winsorized), so they
+are still blocked, and γ is then the share of the energy the rest carries.
 
 Two things keep this cheap at Llama-3-8B shapes (d_in 14336, d_out 4096: 58.7 M products a layer):
 
