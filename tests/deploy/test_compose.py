@@ -12,7 +12,7 @@ fail, unless CRISPEDIT_SKIP_COMPOSE=1 is set. The Dockerfile checks always run.
 
 from __future__ import annotations
 
-import ast
+import argparse
 import fnmatch
 import json
 import os
@@ -284,22 +284,15 @@ def test_api_runs_the_app_factory(services):
 
 
 def _worker_flags() -> tuple[set[str], set[str]]:
-    """The options of `crispedit worker` and the required ones, read from crispedit/cli.py."""
-    tree = ast.parse((ROOT / "crispedit" / "cli.py").read_text())
-    options, required = set(), set()
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "add_argument"
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id == "worker"
-        ):
-            flag = node.args[0].value
-            options.add(flag)
-            if any(k.arg == "required" and k.value.value is True for k in node.keywords):
-                required.add(flag)
-    assert options, "no worker.add_argument(...) in crispedit/cli.py"
+    """The options of `crispedit worker` and the required ones, read from the CLI's own parser
+    (crispedit_cli/main.py), so flags added by shared helpers (`--device`, `--dtype`) count."""
+    from crispedit_cli.main import parser
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in commands.choices["worker"]._actions if a.option_strings]
+    options = {flag for a in actions for flag in a.option_strings} - {"-h", "--help"}
+    required = {a.option_strings[0] for a in actions if a.required}
+    assert options, "no options on `crispedit worker`"
     return options, required
 
 

@@ -92,7 +92,7 @@ def test_queued_jobs_survive_a_redis_crash(tmp_path, tiny_model_dir):
             assert [http.get(f"/v1/jobs/{j}").json()["status"] for j in jobs] == ["queued"] * 3
 
             worker = subprocess.run(
-                [sys.executable, "-m", "crispedit.cli", "worker", "--model", str(tiny_model_dir),
+                [sys.executable, "-m", "crispedit_cli", "worker", "--model", str(tiny_model_dir),
                  "--model-name", "tiny", "--store", str(settings.store_dir),
                  "--redis", redis_url, "--tokens", "300", "--burst"],
                 stdout=subprocess.DEVNULL, timeout=180,

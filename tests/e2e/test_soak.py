@@ -27,7 +27,7 @@ JOBS = 200
 
 
 def start_worker(tiny_model_dir, store_dir) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "crispedit.cli", "worker", "--model", str(tiny_model_dir),
+    argv = [sys.executable, "-m", "crispedit_cli", "worker", "--model", str(tiny_model_dir),
             "--model-name", "tiny", "--store", str(store_dir), "--redis", REDIS_URL,
             "--tokens", "300"]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

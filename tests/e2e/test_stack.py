@@ -47,7 +47,7 @@ def stack(tmp_path, tiny_model_dir):
 @contextmanager
 def workers(n: int, tiny_model_dir, settings):
     """`n` long-running `crispedit worker` processes, stopped (SIGTERM) on exit."""
-    argv = [sys.executable, "-m", "crispedit.cli", "worker", "--model", str(tiny_model_dir),
+    argv = [sys.executable, "-m", "crispedit_cli", "worker", "--model", str(tiny_model_dir),
             "--model-name", "tiny", "--store", str(settings.store_dir), "--redis", REDIS_URL,
             "--tokens", "300"]  # fmt: skip
     procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL) for _ in range(n)]

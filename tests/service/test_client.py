@@ -10,7 +10,7 @@ import pytest
 from api_helpers import KEY_ALL, KEY_TINY, make_version, run_worker
 from safetensors.numpy import load_file
 
-from crispedit.cli import main
+from crispedit_cli.main import main
 from service.client import ApiError, CrispEditClient
 
 FACTS = [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}]

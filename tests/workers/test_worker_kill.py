@@ -44,7 +44,7 @@ def submit(redis: Redis, epochs: int) -> Job:
 
 
 def start_worker(tiny_model_dir, store_dir, *extra, failpoint=None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "crispedit.cli", "worker", "--model", str(tiny_model_dir),
+    argv = [sys.executable, "-m", "crispedit_cli", "worker", "--model", str(tiny_model_dir),
             "--model-name", "tiny", "--store", str(store_dir), "--redis", REDIS_URL,
             "--heartbeat", str(HEARTBEAT_S), *extra]  # fmt: skip
     if "--tokens" not in extra:

@@ -49,26 +49,16 @@ def delta_file(tmp_path_factory, tiny_model_dir) -> Path:
     return Delta(tensors=tensors, meta=meta).save(tmp_path_factory.mktemp("eval-delta"))
 
 
-@pytest.fixture(scope="session")
-def other_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny model with other weights in blocks 2-3: a delta of the tiny model does not fit."""
-    model, tokenizer = load_model(str(tiny_model_dir))
-    with torch.no_grad():
-        for name in LAYERS:
-            dict(model.named_modules())[name].weight.add_(0.01)
-    path = tmp_path_factory.mktemp("tiny-llama-other")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_eval_writes_metrics_with_counts(cli, tmp_path, tiny_model_dir, delta_file, facts_file):
     out = tmp_path / "eval.json"
     args = ["--model", tiny_model_dir, "--delta", delta_file, "--facts", facts_file, *FAST]
     code, stdout, err = cli("eval", *args, "--json", out)
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert list(result) == ["efficacy", "generalization", "locality", "capability"]
+    groups = ["efficacy", "generalization", "locality", "capability"]
+    assert list(result) == [*groups, "device", "dtype"]
+    auto = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+    assert (result["device"], result["dtype"]) == auto
     for group, n in (("efficacy", 2), ("generalization", 2)):
         assert result[group]["n"] == n
         for side in ("base", "edited"):

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-
 from crispedit.cli import main
+
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, load_model
 from curvature_store import Store

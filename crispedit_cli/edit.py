@@ -1,0 +1,207 @@
+"""The commands that make and use an edit on this machine: `edit`, `apply` and `demo`.
+
+    crispedit edit --model smollm2 --facts facts.json --method crispedit --gamma 0.9 --out runs/e1
+    crispedit apply --model smollm2 --delta runs/e1/delta.safetensors --out runs/edited-model
+    crispedit demo
+
+The model loads on `--device` in `--dtype`. A delta is float32 whatever the model's dtype (the
+edit's report records both); `apply` saves the edited model in the dtype it was loaded in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
+from crispedit.editor import BATCH_SIZE, EPOCHS, LR, PROJECT, PROJECT_CHOICES
+from crispedit.projector import ALIASES, CLIP, GAMMA, METHODS, resolve_method
+from crispedit_cli.common import (
+    CLIError,
+    add_placement_args,
+    load_model_of,
+    open_store,
+    placement_record,
+    staged_output,
+    store_model_name,
+)
+from crispedit_cli.curvature import add_curvature_args, edit_curvature
+
+# ---------------------------------------------------------------------------------------------
+# Edit
+
+
+def _edit_store(args: argparse.Namespace):
+    """The store an edit uses (None without `--store`), after checking where the edit goes."""
+    if args.stream is not None and args.store is None:
+        raise CLIError("--stream needs --store")
+    if args.out is None and args.stream is None:
+        raise CLIError("--out is required (unless the edit goes to a --stream)")
+    return open_store(args.store) if args.store else None
+
+
+def _expected_parent(args: argparse.Namespace, store):
+    """The parent `edit_on_stream` must find (a version id, None for base, `...` for any), after
+    checking `--parent` against the stream's head so a conflict fails before the model loads."""
+    if args.stream is None:
+        return ...
+    head = store.head(store_model_name(args), args.stream)  # also validates both names
+    if args.parent is None:
+        return ...
+    parent = None if args.parent == "base" else args.parent
+    if parent != head:
+        raise CLIError(f"--parent {args.parent}: the head of {args.stream} is {head or 'base'}")
+    return parent
+
+
+def _editor_options(args: argparse.Namespace) -> dict:
+    """The editor's keyword arguments from the command's flags."""
+    names = ("method", "gamma", "lr", "batch_size", "epochs", "seed", "project", "anchors")
+    return {
+        **{name: getattr(args, name) for name in names},
+        "anchor_weight": args.anchor_weight,
+        "clip": args.clip,
+    }
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    """`crispedit edit`: a delta (and report) into `--out`, and/or a version on `--stream`."""
+    from crispedit.editor import CrispEditor
+    from crispedit.facts import load_facts
+    from crispedit.models import parse_layers
+    from crispedit.streams import base_weights, edit_on_stream
+
+    store = _edit_store(args)
+    facts = load_facts(args.facts, limit=args.limit)  # before the model: bad input fails fast
+    parent = _expected_parent(args, store)
+    method = resolve_method(args.method)
+    model, tokenizer = load_model_of(args)
+    layers = parse_layers(model, args.layers)
+    base = base_weights(model, layers)
+    with staged_output(args.out) as stage:
+        started = time.perf_counter()
+        curvature, curvature_key = None, None
+        if method != "ft":
+            curvature, curvature_key = edit_curvature(model, tokenizer, args, layers, store)
+        curvature_seconds = time.perf_counter() - started
+        options, version = _editor_options(args), None
+        if args.stream is None:
+            delta = CrispEditor(model, tokenizer, curvature, layers=layers, **options).edit(facts)
+        else:
+            version, delta = edit_on_stream(
+                store, store_model_name(args), args.stream, model, tokenizer, base, curvature,
+                facts, beta=args.beta, parent=parent, curvature_key=curvature_key, **options,
+            )  # fmt: skip
+        report = {
+            **delta.report,
+            "time_s": {"curvature": round(curvature_seconds, 3), **delta.report["time_s"]},
+            "curvature_tokens": curvature.tokens if curvature else None,
+            "version": version and {k: version[k] for k in ("id", "number", "parent", "stream")},
+            **placement_record(args),
+        }
+        if stage is not None:
+            delta.save(stage)
+            (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    where = [f"version {version['id']} (#{version['number']}) on {args.stream}"] if version else []
+    where += [f"{Path(args.out) / 'delta.safetensors'} and report.json"] if args.out else []
+    print(
+        f"{report['n_edits']} edits with {report['method']}: efficacy "
+        f"{report['efficacy_before']:.2f} -> {report['efficacy']:.2f} in {report['epochs']} "
+        f"epochs; wrote {' and '.join(where)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Apply and demo
+
+
+def cmd_apply(args: argparse.Namespace) -> None:
+    """`crispedit apply`: the model plus (or, `--revert`, minus) a delta, saved in its dtype."""
+    from crispedit.delta import Delta, apply_delta, revert_delta
+
+    delta = Delta.load(args.delta)
+    model, tokenizer = load_model_of(args)
+    (revert_delta if args.revert else apply_delta)(model, delta)
+    with staged_output(args.out) as stage:
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+    action = "reverted" if args.revert else "applied"
+    print(f"{action} delta of {len(delta.layers)} layers; wrote the model to {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """`crispedit demo`: `crispedit.demo.run_demo` with the command's flags."""
+    from crispedit.demo import run_demo
+
+    run_demo(
+        model=args.model, out=args.out, tokens=args.tokens, device=args.device, dtype=args.dtype
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_edit(sub: argparse._SubParsersAction) -> None:
+    """`crispedit edit`."""
+    edit = sub.add_parser("edit", help="apply fact edits; write delta.safetensors + report.json")
+    edit.add_argument("--model", required=True)
+    edit.add_argument("--facts", required=True, help="our JSON/JSONL, CounterFact or zsRE file")
+    edit.add_argument("--limit", type=int, help="use only the first N facts")
+    edit.add_argument("--method", default="crispedit", choices=[*ALIASES, *METHODS])
+    edit.add_argument("--gamma", type=float, default=GAMMA, help="protected curvature share")
+    edit.add_argument("--layers")
+    edit.add_argument("--curvature", help="a curvature file/folder (default: build it now)")
+    edit.add_argument("--epochs", type=int, default=EPOCHS)
+    edit.add_argument("--lr", type=float, default=LR)
+    edit.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument(
+        "--project", default=PROJECT, choices=PROJECT_CHOICES,
+        help="project the gradient only, or also each Adam update (the whole delta)",
+    )  # fmt: skip
+    edit.add_argument(
+        "--anchors", type=int, default=ANCHORS,
+        help="anchor prompts per fact: its question about other subjects, answers kept (0: off)",
+    )  # fmt: skip
+    edit.add_argument(
+        "--anchor-weight", type=float, default=ANCHOR_WEIGHT,
+        help="weight of the anchors' KL to the base model against the facts' loss",
+    )  # fmt: skip
+    edit.add_argument(
+        "--clip", type=float, default=CLIP,
+        help="share of each factor's eigenvalues winsorized before the γ rule (outlier "
+        "activations, e.g. middle layers; 0: off)",
+    )  # fmt: skip
+    edit.add_argument("--out", help="write DIR/delta.safetensors and DIR/report.json")
+    edit.add_argument("--store", help="a store: caches curvature, holds streams")
+    edit.add_argument("--stream", help="edit on top of this stream's head; publish a version")
+    edit.add_argument("--model-name", help="the model's name in the store (default: alias/folder)")
+    edit.add_argument("--parent", help="expected head (a version id or 'base'); else a conflict")
+    edit.add_argument("--beta", type=float, default=1.0, help="weight of earlier edits' curvature")
+    add_curvature_args(edit)
+    add_placement_args(edit)
+    edit.set_defaults(func=cmd_edit)
+
+
+def add_apply(sub: argparse._SubParsersAction) -> None:
+    """`crispedit apply`."""
+    apply = sub.add_parser("apply", help="write an edited HF model folder from a delta")
+    apply.add_argument("--model", required=True)
+    apply.add_argument("--delta", required=True)
+    apply.add_argument("--out", required=True)
+    apply.add_argument("--revert", action="store_true", help="subtract the delta instead")
+    add_placement_args(apply)
+    apply.set_defaults(func=cmd_apply)
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    """`crispedit demo`."""
+    demo = sub.add_parser("demo", help="edit SmolLM2 on three facts and show before/after")
+    demo.add_argument("--model", default="smollm2")
+    demo.add_argument("--tokens", type=int, default=8192, help="curvature corpus tokens")
+    demo.add_argument("--out", default="runs/demo")
+    add_placement_args(demo)
+    demo.set_defaults(func=cmd_demo)

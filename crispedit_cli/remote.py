@@ -1,0 +1,153 @@
+"""The commands that talk to the service: `submit`, `status` and `download` call the REST API,
+`worker` serves its queue.
+
+    crispedit submit --model smollm2 --facts facts.json --wait
+    crispedit download V --out delta.safetensors
+    crispedit worker --model smollm2 --store /data/store --redis redis://redis:6379/0
+
+This is the one module of the command line that imports `service` and `workers`, and only inside
+the commands, so the engine and the local commands run without the service's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from crispedit.projector import ALIASES, METHODS
+from crispedit_cli.common import DEFAULT_TOKENS, CLIError, add_placement_args, store_model_name
+
+
+@contextmanager
+def api_client(args: argparse.Namespace) -> Iterator:
+    """A client of the API at `--api` with `--key`; API and connection errors become CLIErrors."""
+    import httpx
+
+    from service.client import ApiError, CrispEditClient
+
+    if not args.key:
+        raise CLIError("no API key: pass --key or set CRISPEDIT_API_KEY")
+    try:
+        with CrispEditClient(args.api, args.key) as client:
+            yield client
+    except ApiError as err:
+        raise CLIError(f"API: {err}") from err
+    except httpx.HTTPError as err:
+        raise CLIError(f"cannot reach the API at {args.api}: {err}") from err
+
+
+def _show_progress(job: dict) -> None:
+    p = job.get("progress") or {}
+    epoch = (
+        f" epoch {p['epoch']}/{p.get('epochs', '?')} loss {p['loss']:.4f}" if "epoch" in p else ""
+    )
+    print(f"{job['status']:<9} {p.get('phase', '')}{epoch}", file=sys.stderr, flush=True)
+
+
+def _job_summary(job: dict) -> str:
+    if job["status"] == "succeeded":
+        return f"job {job['job_id']} succeeded: version {job['version']}, metrics {job['metrics']}"
+    if job["status"] in ("failed", "cancelled"):
+        return f"job {job['job_id']} {job['status']}: {job.get('error')}"
+    return f"job {job['job_id']} {job['status']}"
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    """`crispedit submit`: post the facts as one edit job (and, `--wait`, follow it)."""
+    from crispedit.facts import fact_to_record, load_facts
+
+    facts = [fact_to_record(f) for f in load_facts(args.facts, limit=args.limit)]
+    options = {k: v for k, v in (("method", args.method), ("gamma", args.gamma)) if v is not None}
+    with api_client(args) as client:
+        accepted = client.submit(
+            args.model, facts, args.stream, args.parent, options, args.idempotency_key
+        )
+        print(f"submitted {len(facts)} facts: job {accepted['job_id']}", flush=True)
+        if args.wait:
+            job = client.wait(accepted["job_id"], timeout=args.timeout, on_progress=_show_progress)
+            print(_job_summary(job))
+            if job["status"] != "succeeded":
+                raise CLIError(f"job {job['status']}: {job.get('error')}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    """`crispedit status`: a job's state (and, `--wait`, its end)."""
+    with api_client(args) as client:
+        if args.wait:
+            job = client.wait(args.job, timeout=args.timeout, on_progress=_show_progress)
+        else:
+            job = client.job(args.job)
+    print(_job_summary(job))
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    """`crispedit download`: a version's delta, its sha256 checked against the API's ETag."""
+    with api_client(args) as client:
+        path = client.download_delta(args.version, args.out, against=args.against)
+    print(f"delta of {args.version} against {args.against} -> {path} (sha256 verified)")
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    """`crispedit worker`: `workers.worker.run_worker` with the model on `--device`/`--dtype`."""
+    from workers.worker import run_worker
+
+    run_worker(
+        args.model_name or store_model_name(args), args.store, args.redis, burst=args.burst,
+        heartbeat_s=args.heartbeat, model_path=args.model, corpus=args.corpus,
+        tokens=args.tokens, layers=args.layers, device=args.device, dtype=args.dtype,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_worker(sub: argparse._SubParsersAction) -> None:
+    """`crispedit worker`."""
+    worker = sub.add_parser("worker", help="serve edit jobs from Redis with the model resident")
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--model-name", help="name in the API and the store (default: alias)")
+    worker.add_argument("--store", required=True)
+    worker.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    worker.add_argument("--layers")
+    worker.add_argument("--corpus", default="wikitext")
+    worker.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="curvature tokens")
+    add_placement_args(worker)
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--heartbeat", type=float, default=10.0, help="seconds between beats")
+    worker.set_defaults(func=cmd_worker)
+
+
+def _api_parser(sub: argparse._SubParsersAction, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--api", default=os.environ.get("CRISPEDIT_API_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--key", default=os.environ.get("CRISPEDIT_API_KEY"), help="or env")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds for --wait")
+    return p
+
+
+def add_api_commands(sub: argparse._SubParsersAction) -> None:
+    """`crispedit submit`, `status` and `download`."""
+    submit = _api_parser(sub, "submit", "post fact edits to the API")
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--facts", required=True)
+    submit.add_argument("--limit", type=int)
+    submit.add_argument("--stream", default="main")
+    submit.add_argument("--parent", help="expected head version")
+    submit.add_argument("--method", choices=[*ALIASES, *METHODS])
+    submit.add_argument("--gamma", type=float)
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--wait", action="store_true", help="poll until the job ends")
+    submit.set_defaults(func=cmd_submit)
+    status = _api_parser(sub, "status", "show (or --wait for) a job")
+    status.add_argument("job")
+    status.add_argument("--wait", action="store_true")
+    status.set_defaults(func=cmd_status)
+    download = _api_parser(sub, "download", "download a version's delta")
+    download.add_argument("version")
+    download.add_argument("--out", required=True, help="a .safetensors file")
+    download.add_argument("--against", choices=["parent", "base"], default="parent")
+    download.set_defaults(func=cmd_download)

@@ -1,0 +1,151 @@
+"""The commands on a store's contents: curvature artifacts and edit streams.
+
+    crispedit curvature ls --store runs/store
+    crispedit stream ls --store runs/store --model-name smollm2 --stream main
+    crispedit stream materialize --store runs/store --model smollm2 --version V --out runs/m
+
+Only `stream materialize` loads a model (on `--device`, in `--dtype`, the dtype it is saved in);
+the others read and write the store alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from crispedit_cli.common import add_placement_args, load_model_of, open_store, staged_output
+
+# ---------------------------------------------------------------------------------------------
+# Curvature artifacts
+
+
+def cmd_curvature_ls(args: argparse.Namespace) -> None:
+    """`crispedit curvature ls`: one line per stored curvature artifact."""
+    for m in open_store(args.store, create=False).list_curvature():
+        k = m["key_fields"]
+        print(
+            f"{m['key']}  {k['kind']:<5} {k['labels']:<11} {k['tokens']:>8} tok  "
+            f"{m['bytes'] / 2**20:8.1f} MiB  {len(k['layers'])} layers  {k['model_fingerprint']}"
+        )
+
+
+def cmd_curvature_verify(args: argparse.Namespace) -> None:
+    """`crispedit curvature verify`: check the sha256 of the given (or all) artifacts."""
+    store = open_store(args.store, create=False)
+    keys = args.keys or [m["key"] for m in store.list_curvature()]
+    for key in keys:
+        store.verify_curvature(key)
+    print(f"{len(keys)} curvature artifacts verified")
+
+
+def cmd_curvature_rm(args: argparse.Namespace) -> None:
+    """`crispedit curvature rm`: remove the given artifacts."""
+    store = open_store(args.store, create=False)
+    for key in args.keys:
+        store.remove_curvature(key)
+    print(f"removed {len(args.keys)} curvature artifacts")
+
+
+# ---------------------------------------------------------------------------------------------
+# Edit streams
+
+
+def cmd_stream_ls(args: argparse.Namespace) -> None:
+    """`crispedit stream ls`: the head, then the versions, newest first (x: off the lineage)."""
+    store = open_store(args.store, create=False)
+    head = store.head(args.model_name, args.stream)
+    print(f"{args.model_name}/{args.stream}: head {head or 'base'}")
+    for m in store.versions(args.model_name, args.stream):
+        mark = "*" if m["id"] == head else (" " if m["in_lineage"] else "x")
+        metrics = m.get("metrics", {})
+        print(
+            f"{mark} {m['id']}  #{m['number']:<4} parent {m['parent'] or 'base':<27} "
+            f"{m.get('method')} γ={m.get('gamma')}  {metrics.get('n_edits')} facts  "
+            f"efficacy {metrics.get('efficacy')}  {m['created_at']}"
+        )
+
+
+def cmd_stream_rollback(args: argparse.Namespace) -> None:
+    """`crispedit stream rollback`: move the head back to a version of its lineage, or base."""
+    store = open_store(args.store, create=False)
+    target = None if args.to == "base" else args.to
+    info = store.rollback(args.model_name, args.stream, target)
+    print(f"{args.model_name}/{args.stream}: head is now {info['version'] or 'base'}")
+
+
+def cmd_stream_delta(args: argparse.Namespace) -> None:
+    """`crispedit stream delta`: a version's delta against its parent or the base."""
+    store = open_store(args.store, create=False)
+    out = Path(args.out)
+    if args.against == "base":
+        store.write_cumulative_delta(args.version, out)
+    else:
+        from curvature_store import atomic_write_bytes
+
+        atomic_write_bytes(out, store.version_file(args.version).read_bytes())
+    print(f"delta of {args.version} against {args.against} -> {out}")
+
+
+def cmd_stream_materialize(args: argparse.Namespace) -> None:
+    """`crispedit stream materialize`: the full model at a version, saved in its dtype."""
+    from crispedit.streams import materialize
+
+    store = open_store(args.store, create=False)
+    store.manifest(args.version)  # fails before the model loads when the version is unknown
+    model, tokenizer = load_model_of(args)
+    materialize(store, args.version, model)
+    with staged_output(args.out) as stage:
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+    print(f"model at version {args.version} -> {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_curvature_store(curv_sub: argparse._SubParsersAction) -> None:
+    """`crispedit curvature ls|verify|rm`."""
+    ls = curv_sub.add_parser("ls", help="list the curvature artifacts of a store")
+    ls.add_argument("--store", required=True)
+    ls.set_defaults(func=cmd_curvature_ls)
+    verify = curv_sub.add_parser("verify", help="check sha256 of stored curvature")
+    verify.add_argument("--store", required=True)
+    verify.add_argument("keys", nargs="*", help="artifact keys (default: all)")
+    verify.set_defaults(func=cmd_curvature_verify)
+    rm = curv_sub.add_parser("rm", help="remove curvature artifacts from a store")
+    rm.add_argument("--store", required=True)
+    rm.add_argument("keys", nargs="+")
+    rm.set_defaults(func=cmd_curvature_rm)
+
+
+def add_stream(sub: argparse._SubParsersAction) -> None:
+    """`crispedit stream ls|rollback|delta|materialize`."""
+    stream = sub.add_parser("stream", help="edit streams and their versions in a store")
+    stream_sub = stream.add_subparsers(dest="stream_command", required=True)
+    for name, func, help_text in (
+        ("ls", cmd_stream_ls, "list a stream's versions, newest first"),
+        ("rollback", cmd_stream_rollback, "move the head back (nothing is deleted)"),
+    ):
+        p = stream_sub.add_parser(name, help=help_text)
+        p.add_argument("--store", required=True)
+        p.add_argument("--model-name", required=True)
+        p.add_argument("--stream", required=True)
+        p.set_defaults(func=func)
+        if name == "rollback":
+            p.add_argument(
+                "--to", required=True, help="a version id of the head's lineage, or base"
+            )
+    delta = stream_sub.add_parser("delta", help="write a version's delta")
+    delta.add_argument("--store", required=True)
+    delta.add_argument("--version", required=True)
+    delta.add_argument("--against", choices=["parent", "base"], default="parent")
+    delta.add_argument("--out", required=True, help="a .safetensors file")
+    delta.set_defaults(func=cmd_stream_delta)
+    mat = stream_sub.add_parser("materialize", help="write the full model at a version")
+    mat.add_argument("--store", required=True)
+    mat.add_argument("--model", required=True, help="the stream's base model")
+    mat.add_argument("--version", required=True)
+    mat.add_argument("--out", required=True)
+    add_placement_args(mat)
+    mat.set_defaults(func=cmd_stream_materialize)
