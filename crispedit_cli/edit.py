@@ -58,9 +58,15 @@ def _expected_parent(args: argparse.Namespace, store):
 
 def _editor_options(args: argparse.Namespace) -> dict:
     """The editor's keyword arguments from the command's flags."""
-    names = ("method", "gamma", "lr", "batch_size", "epochs", "seed", "project", "anchors")
     return {
-        **{name: getattr(args, name) for name in names},
+        "method": args.method,
+        "gamma": args.gamma,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "project": args.project,
+        "anchors": args.anchors,
         "anchor_weight": args.anchor_weight,
         "clip": args.clip,
     }
