@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from crispedit.cli import main
 
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, load_model
+from crispedit_cli.main import main
 from curvature_store import Store
 
 BUDGET = ["--tokens", "300"]

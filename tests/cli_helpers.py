@@ -1,4 +1,4 @@
-"""Constants and small helpers of the CLI tests (the fixtures are in this folder's conftest)."""
+"""Constants and helpers of the CLI tests in tests/crispedit_cli (fixtures: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from crispedit_cli.main import main
 
-ASSETS = Path(__file__).resolve().parents[2] / "crispedit" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "crispedit" / "assets"
 COUNTERFACT = ASSETS / "counterfact-edit-1k.json"
 
 BLOCK = "model.layers.{}.mlp.down_proj"
