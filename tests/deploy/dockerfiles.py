@@ -109,6 +109,12 @@ def copied_files(instructions: Instructions) -> dict[str, str]:
     return placed
 
 
+def requirement_file(path: Path) -> list[Requirement]:
+    """The requirements of a pip requirements file (comments and blank lines dropped)."""
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return [Requirement(line) for line in lines if line]
+
+
 @dataclass
 class PipInstall:
     """One `pip install` of a RUN: what it names, where it ran, and whether deps come along."""

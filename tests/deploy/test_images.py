@@ -54,6 +54,7 @@ from dockerfiles import (
     dockerfile,
     healthcheck_argv,
     pip_installs,
+    requirement_file,
 )
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -139,12 +140,6 @@ def _install_project(image: Image, folder: str, extras: set[str], no_deps: bool)
     assert not unknown, f"pip install {folder}{sorted(unknown)}: no such extra in pyproject.toml"
     names = project["project"]["dependencies"] + [r for e in sorted(extras) for r in optional[e]]
     return [Requirement(r) for r in names]
-
-
-def requirement_file(path: Path) -> list[Requirement]:
-    """The requirements of a pip requirements file (comments and blank lines dropped)."""
-    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-    return [Requirement(line) for line in lines if line]
 
 
 def closure(requirements: list[Requirement]) -> set[str]:
