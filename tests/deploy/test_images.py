@@ -78,9 +78,8 @@ IMPORT_STRING = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):[A-Za-z_][\w.]*")
 NEVER_CALLED = {
     "api": {},
     "worker": {
-        # `crispedit submit/jobs/...` talk to the API from a user's machine (httpx); the worker
-        # image runs `crispedit worker` only.
-        "crispedit.cli.api_client": "the API client commands are not run in a worker container",
+        # httpx: `crispedit submit/jobs/...` talk to the API from a user's machine
+        "crispedit.cli.api_client": "the container runs `crispedit worker`, never the API client",
     },
 }
 
@@ -194,7 +193,10 @@ def entries(image: Image) -> tuple[list[Entry], list[str]]:
     return found, problems
 
 
-def _program_entries(image: Image, argv: list[str], why: str, found: list, problems: list):
+def _program_entries(
+    image: Image, argv: list[str], why: str, found: list[Entry], problems: list[str]
+) -> None:
+    """Append to `found` the Python that `argv` runs in the image; to `problems` what is amiss."""
     program, args = argv[0], argv[1:]
     why = f"{why}: {shlex.join(argv)}"
     if program in {"sh", "/bin/sh"} and args[:1] == ["-c"]:
