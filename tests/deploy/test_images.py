@@ -17,7 +17,8 @@ Each import must be the standard library, a module of a package the image instal
 of a distribution in the image's closure. The rules:
 - every import of a module that the image loads counts, at module level or inside a function:
   any function of a loaded module may run in the container (a CLI's every command is reachable
-  from the same program);
+  from the same program), except in the few functions NEVER_CALLED names for an image, each
+  with its reason;
 - except the imports under `if TYPE_CHECKING:`, which never run, and those in a `try` whose
   handlers catch ImportError or ModuleNotFoundError (and the fallbacks in those handlers): the
   code is written to run without them;
