@@ -36,8 +36,8 @@ from crispedit.corpus import (
     BATCH_SIZE,
     SEQ_LEN,
     CorpusError,
+    iter_documents,
     pad_batches,
-    read_documents,
     sequences_digest,
     token_sequences,
 )
@@ -347,7 +347,7 @@ def plan_curvature(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     layers = parse_layers(model, layers)
-    sequences = token_sequences(tokenizer, read_documents(corpus), tokens, seq_len)
+    sequences = token_sequences(tokenizer, iter_documents(corpus), tokens, seq_len)
     if not sequences:
         raise CorpusError(f"corpus {corpus} yields no sequence of 2 or more tokens")
     return CurvatureRecipe(
