@@ -14,10 +14,12 @@ rule, CUDA's:
 - its results live where its inputs do; a factory (`torch.zeros(..., device=)`) and `.to(device)`
   put them on the device named.
 
-Values are computed on the CPU in the same dtype, so a test under `accelerator()` checks the same
-numbers as the plain test. `torch.tensor(data, device=ACCELERATOR)` builds its tensor below the
-dispatcher, where no values can be kept: an op that meets such a tensor raises rather than compute
-on garbage (an empty one, as a KV cache starts with, is taken as the empty tensor it is).
+Values are computed on the CPU in the same dtype, so a test under `accelerator()` checks the
+numbers of the plain test, to rounding: a composite op may take another path on another device
+(attention decomposes into plain matmuls on `meta`). `torch.tensor(data, device=ACCELERATOR)`
+builds its tensor below the dispatcher, where no values can be kept: an op that meets such a
+tensor raises rather than compute on garbage (an empty one, as a KV cache starts with, is taken
+as the empty tensor it is).
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def run_op(func, args: tuple, kwargs: dict):
     if target is not None:
         target = torch.device(target)
         kwargs = {**kwargs, "device": CPU if target == ACCELERATOR else target}
-    elif func in (aten.copy_.default,):
+    elif func in (aten.copy_.default, aten.copy.default):  # a copy lands where its `self` is
         target = device_of(args[0])
     else:
         target = ACCELERATOR if ACCELERATOR in devices else CPU
