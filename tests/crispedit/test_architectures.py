@@ -122,9 +122,14 @@ def test_curvature_equals_brute_force(arch, tiny_tokenizer, sequences):
         assert_factor_close(curv.layers[name].B, B[name])
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_projected_edit_changes_only_its_layers(arch, tiny_tokenizer, sequences):
-    model = make_tiny(arch)
+@pytest.mark.parametrize(
+    ("arch", "dtype"),
+    [(arch, torch.float32) for arch in TINY_ARCHS]
+    # bf16, as on a GPU: the architectures with a path of their own
+    + [(arch, torch.bfloat16) for arch in ("opt", "gemma3-vision", "mixtral")],
+)
+def test_projected_edit_changes_only_its_layers(arch, dtype, tiny_tokenizer, sequences):
+    model = make_tiny(arch).to(dtype)
     layers = edited_layers(model, arch)
     batches = pad_batches(sequences, tiny_tokenizer.pad_token_id, 2)
     curv = collect_curvature(model, layers, batches, progress=False)
@@ -133,7 +138,7 @@ def test_projected_edit_changes_only_its_layers(arch, tiny_tokenizer, sequences)
     delta = editor.edit(FACTS)
     assert delta.report["loss_curve"][-1] < delta.report["loss_curve"][0]
 
-    fresh = make_tiny(arch)
+    fresh = make_tiny(arch).to(dtype)
     assert model_fingerprint(fresh, layers) == delta.meta["base_fingerprint"]
     edited = {f"{name}.weight" for name in layers}
     for (name, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters(), strict=True):
