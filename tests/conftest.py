@@ -79,9 +79,12 @@ def make_tiny(arch: str, seed: int = 0):
         "gemma2": (hf.Gemma2Config, hf.Gemma2ForCausalLM),
         "gemma3": (hf.Gemma3TextConfig, hf.Gemma3ForCausalLM),
     }
+    # Gemma 3 alternates local (sliding-window) and global attention, each with its own rotary
+    # table; a window shorter than the test sentences makes the difference count.
+    gemma3 = {"layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": 4}
     if arch in llama_like:
         config_cls, model_cls = llama_like[arch]
-        model = model_cls(config_cls(**decoder))
+        model = model_cls(config_cls(**decoder, **(gemma3 if arch == "gemma3" else {})))
     elif arch == "gemma3-vision":
         vision = {
             "hidden_size": 32,
@@ -91,7 +94,8 @@ def make_tiny(arch: str, seed: int = 0):
             "image_size": 32,
             "patch_size": 8,
         }
-        config = hf.Gemma3Config(text_config=decoder, vision_config=vision, mm_tokens_per_image=4)
+        text = {**decoder, **gemma3}
+        config = hf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
         model = hf.Gemma3ForConditionalGeneration(config)
     elif arch == "phi3":
         model = hf.Phi3ForCausalLM(hf.Phi3Config(**decoder))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_ARCHS, make_tiny
 from test_curvature import assert_factor_close, brute_force
+from test_prefix import check_step
 
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
@@ -23,7 +24,7 @@ from crispedit.models import (
     weight_matrix,
 )
 from crispedit.prefix import FastForward
-from crispedit.targets import target_batches, target_loss
+from crispedit.targets import target_batches
 
 # The default layer of each tiny model (4 blocks: block 3, the last) and its (d_out, d_in).
 DEFAULT_LAYER = {
@@ -152,22 +153,14 @@ def test_projected_edit_changes_only_its_layers(arch, dtype, tiny_tokenizer, seq
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_fast_forward_matches_the_full_forward_or_is_declined(arch, tiny_tokenizer):
+    """Same loss and edited-layer gradients as the full model, on a padded, shuffled batch fed
+    prefix states cached under another batching (test_prefix's check), or no plan at all."""
     model = make_tiny(arch)
     layers = edited_layers(model, arch)
-    fast = FastForward.plan(model, layers)
-    if arch not in FAST:
-        assert fast is None
-        return
-    assert fast.start == 2
-    pairs = [(f.prompt, f.target) for f in FACTS] + [("Paris", "is the capital of France")]
-    states = fast.prefix_states(tiny_tokenizer, pairs, 1)  # cached under another batching
-    rows = [2, 0, 1]
-    batch = next(target_batches(tiny_tokenizer, [pairs[i] for i in rows], len(rows)))
-    assert batch["attention_mask"].sum(-1).unique().numel() > 1  # really padded
-    with torch.no_grad():
-        full = target_loss(model(**batch).logits, batch["labels"])
-        losses, _ = fast.token_losses(batch, states, rows)
-    torch.testing.assert_close(losses.mean(), full, rtol=1e-5, atol=1e-6)
+    if arch in FAST:
+        check_step(model, tiny_tokenizer, layers, start=2)
+    else:
+        assert FastForward.plan(model, layers) is None
 
 
 def test_fingerprint_tells_architectures_and_seeds_apart():
