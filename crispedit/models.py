@@ -150,7 +150,7 @@ def load_model(
 # Target layers
 
 
-def language_model(model: nn.Module) -> tuple[str, nn.Module]:
+def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
     """Return the dotted name and the module of the stack that turns token ids into the states the
     LM head reads: `model.get_decoder()` where transformers provides it (the text tower of a
     multimodal model such as Gemma 3 4B+, OPT's `model.decoder`), else the whole model ("")."""
@@ -169,7 +169,7 @@ def language_model(model: nn.Module) -> tuple[str, nn.Module]:
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return the dotted name and the list of transformer blocks of a HF causal LM, searched in
     its language model first so that a vision tower's blocks are never taken for them."""
-    root, decoder = language_model(model)
+    root, decoder = _language_model(model)
     for tower in ((root, decoder), ("", model)):
         for name, module in tower[1].named_modules():
             if isinstance(module, nn.ModuleList) and name.endswith(("layers", "h", "blocks")):
