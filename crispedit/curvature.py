@@ -167,17 +167,21 @@ class _Capture:
         self.a: dict[str, torch.Tensor] = {}
         self.g: dict[str, torch.Tensor] = {}
         self.handles = []
+        self.grid: tuple[int, ...] = ()  # (batch, T) of the batch in flight, set before its forward
         lowest = next(iter(layers)) if stop_backward else None
         for name, module in layers.items():
             self.handles.append(module.register_forward_hook(self._hook(name, name == lowest)))
 
     def _hook(self, name: str, is_lowest: bool) -> Callable:
         def hook(module, inputs, output):
-            self.a[name] = inputs[0].detach()
+            # kept as (batch, T, d) even where a block runs its MLP on flattened rows (OPT)
+            self.a[name] = inputs[0].detach().reshape(*self.grid, -1)
             if is_lowest:
                 output = output.detach().requires_grad_(True)
             if output.requires_grad:
-                output.register_hook(lambda g: self.g.__setitem__(name, g.detach()))
+                output.register_hook(
+                    lambda g: self.g.__setitem__(name, g.detach().reshape(*self.grid, -1))
+                )
             return output
 
         return hook
@@ -191,6 +195,7 @@ def _batch_pass(model, batch, capture, labels, generator) -> torch.Tensor:
     """One forward + stopped backward; returns the mask of the tokens that count."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    capture.grid = tuple(batch["input_ids"].shape)
     logits = model(**batch, use_cache=False).logits
     mask = valid_label_mask(batch["attention_mask"])
     y = next_token_labels(batch, logits, labels, generator)
