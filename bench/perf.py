@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from measure import machine, peak_rss_gib, reset_peak_rss, rss_gib, trim_heap
 
+from contract.facts import fact_to_record, load_facts
 from crispedit.corpus import ASSETS, pad_batches, read_documents, token_sequences
 from crispedit.curvature import Curvature, _batch_pass, collect_curvature, plan_curvature
 from crispedit.editor import BATCH_SIZE, CrispEditor
-from crispedit.facts import fact_to_record, load_facts
 from crispedit.models import get_layers, load_model, parse_layers, trainable_only
 from crispedit.projector import (
     GAMMA,

@@ -175,8 +175,8 @@ def log(message: str) -> None:
 def records(run: Run, start: int | None = None, n: int | None = None):
     """The run's facts: records start..start+n of the bundled data set, less those that hold no
     edit (zsRE records 534 and 723 have an empty new answer, so zsRE 0-999 is 998 edits)."""
+    from contract.facts import fact_from_record
     from crispedit.corpus import ASSETS
-    from crispedit.facts import fact_from_record
 
     files = {"counterfact": "counterfact-edit-1k.json", "zsre": "zsre_mend_train-1k.json"}
     start = run.start if start is None else start

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from crispedit.facts import Fact
+from contract.facts import Fact
 
 ANCHORS = 2  # anchor prompts per fact; 0 turns anchors off
 # γ_anchor: weight of the anchors' mean KL against the facts' cross-entropy. On the tuning splits

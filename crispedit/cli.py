@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from contract.facts import FactsError
 from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
 from crispedit.artifacts import ArtifactError
 from crispedit.corpus import BUILTIN, CorpusError
@@ -30,7 +31,6 @@ from crispedit.curvature import KINDS, LABELS
 from crispedit.delta import DeltaError
 from crispedit.editor import BATCH_SIZE, EPOCHS, LR, PROJECT, PROJECT_CHOICES
 from crispedit.evaluate import EVAL_TOKENS, RETENTION
-from crispedit.facts import FactsError
 from crispedit.models import ModelError
 from crispedit.projector import ALIASES, CLIP, GAMMA, METHODS, resolve_method
 from curvature_store import StoreError
@@ -240,8 +240,8 @@ def edit_curvature(model, tokenizer, args, layers: list[str], store):
 
 
 def cmd_edit(args) -> None:
+    from contract.facts import load_facts
     from crispedit.editor import CrispEditor
-    from crispedit.facts import load_facts
     from crispedit.models import load_model, parse_layers
     from crispedit.streams import base_weights, edit_on_stream
 
@@ -352,9 +352,9 @@ def eval_table(result: dict) -> str:
 
 
 def cmd_eval(args) -> None:
+    from contract.facts import load_facts
     from crispedit.delta import Delta, check_base
     from crispedit.evaluate import evaluate_edit, retention_triples
-    from crispedit.facts import load_facts
     from crispedit.models import load_model
     from curvature_store import atomic_write_bytes
 
@@ -426,7 +426,7 @@ def _job_summary(job: dict) -> str:
 
 
 def cmd_submit(args) -> None:
-    from crispedit.facts import fact_to_record, load_facts
+    from contract.facts import fact_to_record, load_facts
 
     facts = [fact_to_record(f) for f in load_facts(args.facts, limit=args.limit)]
     options = {k: v for k, v in (("method", args.method), ("gamma", args.gamma)) if v is not None}

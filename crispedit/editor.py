@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from contract.facts import Fact, facts_digest
 from crispedit.anchors import ANCHOR_QUESTIONS, ANCHOR_WEIGHT, ANCHORS, anchor_prompts
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights, weight_delta
 from crispedit.evaluate import last_token_logits, teacher_forced_accuracy
-from crispedit.facts import Fact, facts_digest
 from crispedit.models import (
     get_layers,
     is_conv1d,

@@ -22,11 +22,11 @@ from types import EllipsisType
 import torch
 from torch import nn
 
+from contract.facts import Fact, fact_to_record
 from crispedit.artifacts import load_tensors, save_tensors
 from crispedit.curvature import CURVATURE_FILE, Curvature, CurvatureRecipe, run_recipe
 from crispedit.delta import DELTA_FILE, Delta
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact, fact_to_record
 from crispedit.models import get_layers, model_fingerprint
 from crispedit.projector import resolve_method
 from crispedit.sequential import (

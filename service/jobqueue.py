@@ -6,7 +6,7 @@ The job contract (the worker in `workers/` implements the other side):
   `workers.jobs.apply_edit`), given by its import path so the API never imports the worker; RQ's
   default (pickle) serializer; one positional argument, the plain-JSON dict built by
   `edit_payload`: `{"model", "stream", "facts", "parent_version", "check_parent", "options",
-  "submitted_at", "key_name"}` where `facts` are `crispedit.facts.fact_to_record` records and
+  "submitted_at", "key_name"}` where `facts` are `contract.facts.fact_to_record` records and
   `options` holds only what the client set (method, gamma, layers, epochs, lr, anchors,
   anchor_weight, clip, evaluate).
 - job.meta written by the API at submission: `model`, `stream`, `key_name`, `submitted_at`,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from contract.facts import Fact, parse_facts
 from crispedit.curvature import Curvature, plan_curvature
 from crispedit.evaluate import evaluate_edit, swapped_weights
-from crispedit.facts import Fact, parse_facts
 from crispedit.models import load_model, parse_layers
 from crispedit.projector import resolve_method
 from crispedit.sequential import set_weights

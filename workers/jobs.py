@@ -3,7 +3,7 @@
 The API enqueues, on the RQ queue `crispedit:{model}`, the function `workers.jobs.apply_edit` (by
 its dotted path, so the API never imports torch) with one JSON-able argument:
 
-    {"model", "stream", "facts": [records in crispedit.facts' own form], "parent_version": id|None,
+    {"model", "stream", "facts": [records in contract.facts' own form], "parent_version": id|None,
      "check_parent": bool,
      "options": {method?, gamma?, layers?, epochs?, lr?, anchors?, anchor_weight?, clip?,
                  evaluate?},

@@ -1,8 +1,8 @@
 """POST /v1/edits: validate fact edits and enqueue them as a job on the stream's model queue.
 
-Nothing is enqueued unless the whole request is valid: the body (pydantic), each fact (through
-the engine's own `fact_from_record`), the model (served, allowed for the key) and the expected
-parent version (still the stream's head).
+Nothing is enqueued unless the whole request is valid: the body (pydantic), each fact (read by
+`contract.facts`, as the engine reads it), the model (served, allowed for the key) and the
+expected parent version (still the stream's head).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_to_record
 from curvature_store.store import NAME_RE, VERSION_RE
 from service import idempotency, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
 from service.errors import ApiError, responses
-from service.facts import FactsError, fact_from_record, fact_to_record
-from service.relations import RELATIONS, is_relation_id
 
 router = APIRouter(tags=["edits"])
 
@@ -138,25 +137,14 @@ _FIELD_RE = re.compile(r"field '([^']+)'")
 
 def _to_record(index: int, fact: FactIn) -> dict:
     """The fact as the engine's canonical record, or ApiError 422 naming `facts[i].field`."""
-    record = fact.model_dump(exclude_none=True)
-    relation = record.get("relation")
-    if relation is not None and is_relation_id(relation):
-        template = RELATIONS.get(relation.strip())
-        if template is None:
-            raise ApiError(
-                422,
-                "unknown_relation",
-                f"unknown relation id {relation.strip()!r}; GET /v1/relations lists the known ones",
-                f"facts[{index}].relation",
-            )
-        record["relation"] = template
     where = f"facts[{index}]"
     try:
-        return fact_to_record(fact_from_record(record, where))
+        return fact_to_record(fact_from_record(fact.model_dump(exclude_none=True), where))
     except FactsError as err:
         found = _FIELD_RE.search(str(err))
         field = f"{where}.{found.group(1)}" if found else where
-        raise ApiError(422, "invalid_fact", str(err), field) from None
+        code = "unknown_relation" if isinstance(err, UnknownRelation) else "invalid_fact"
+        raise ApiError(422, code, str(err), field) from None
 
 
 @router.post(

@@ -20,12 +20,12 @@ from conftest import make_tiny
 from safetensors.torch import load_file
 
 import crispedit.curvature
+from contract.facts import facts_digest, load_facts
 from crispedit.anchors import ANCHORS
 from crispedit.cli import main
 from crispedit.corpus import read_documents, sequences_digest, token_sequences
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
-from crispedit.facts import facts_digest, load_facts
 from crispedit.models import load_model, model_fingerprint
 from crispedit.projector import GAMMA, build_projector
 

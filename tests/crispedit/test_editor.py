@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from contract.facts import Fact
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
 from crispedit.delta import Delta, DeltaError, apply_delta, revert_delta
 from crispedit.editor import CrispEditor, fact_losses
-from crispedit.facts import Fact
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
 from crispedit.targets import target_batches, target_loss
