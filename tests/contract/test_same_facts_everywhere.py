@@ -4,21 +4,25 @@ import json
 
 import pytest
 
-from contract.facts import Fact, facts_digest, parse_facts
+from contract.facts import Fact, Neighbor, facts_digest, parse_facts
 from crispedit.delta import Delta
 
 RECORDS = [
     {"subject": "The Eiffel Tower", "relation": "P17", "target": "Italy"},
     {"subject": "Danielle Darrieux", "relation": "P103", "object": "English"},
     {"subject": "Toko Yasuda", "relation": "{} plays the", "target": "piano"},
-    {"prompt": "The capital of France is ", "target": " Rome", "paraphrases": "France's capital:"},
+    {
+        "prompt": "The capital of France is ",
+        "target": " Rome",
+        "neighbors": [{"prompt": "Paris is in", "target": "France"}],
+    },
 ]
 # the same edits, spelled out by hand from CounterFact's templates
 EXPANDED = [
     Fact("The Eiffel Tower is located in the country of", "Italy", subject="The Eiffel Tower"),
     Fact("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux"),
     Fact("Toko Yasuda plays the", "piano", subject="Toko Yasuda"),
-    Fact("The capital of France is", "Rome", paraphrases=("France's capital:",)),
+    Fact("The capital of France is", "Rome", neighbors=(Neighbor("Paris is in", "France"),)),
 ]
 
 
