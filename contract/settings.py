@@ -130,10 +130,10 @@ class EditSettings:
         """Settings from a dict of options (an API request's, a manifest's "options"): a key
         missing or None takes its default. An unknown key or a bad value raises SettingsError."""
         options = dict(options or {})
-        names = {field.name for field in dataclasses.fields(cls)}
         for key in options:
-            if key not in names:
-                raise SettingsError(str(key), f"unknown; known options: {', '.join(sorted(names))}")
+            if key not in OPTION_NAMES:
+                known = ", ".join(OPTION_NAMES)
+                raise SettingsError(str(key), f"is not an edit option (known: {known})")
         return cls(**{key: value for key, value in options.items() if value is not None})
 
     def to_options(self) -> dict[str, Any]:
@@ -205,10 +205,11 @@ def _check(field: dataclasses.Field, value: Any) -> None:
 def _check_layers(value: Any) -> None:
     if value is None or (isinstance(value, str) and value.strip()):
         return
-    if isinstance(value, list | tuple) and value:
-        if all(isinstance(name, str) and name.strip() for name in value):
-            return
+    names = isinstance(value, list | tuple) and value
+    if names and all(isinstance(name, str) and name.strip() for name in value):
+        return
     raise SettingsError("layers", "must be a layer spec or a non-empty list of layer names")
 
 
 DEFAULTS = EditSettings()
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(EditSettings))
