@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from contract.names import CURVATURE_FILE
 from crispedit.artifacts import ArtifactError, artifact_path, load_tensors, save_tensors
 from crispedit.corpus import (
     BATCH_SIZE,
@@ -46,7 +47,6 @@ from crispedit.models import get_layers, model_fingerprint, parse_layers, traina
 LABELS = ("empirical", "sampled")
 KINDS = ("kfac", "ekfac")
 FORMAT_VERSION = 1
-CURVATURE_FILE = "curvature.safetensors"
 
 
 @dataclass

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from contract.facts import Fact, fact_to_record
+from contract.names import CURVATURE_FILE, DELTA_FILE, STATE_FILE
 from contract.settings import DEFAULTS, OPTION_NAMES, EditSettings
 from crispedit.artifacts import load_tensors, save_tensors
-from crispedit.curvature import CURVATURE_FILE, Curvature, CurvatureRecipe, run_recipe
-from crispedit.delta import DELTA_FILE, Delta
+from crispedit.curvature import Curvature, CurvatureRecipe, run_recipe
+from crispedit.delta import Delta
 from crispedit.editor import CrispEditor
 from crispedit.models import get_layers, model_fingerprint
 from crispedit.projector import resolve_method
@@ -38,8 +39,6 @@ from crispedit.sequential import (
     stream_curvature,
 )
 from curvature_store import Conflict, Store, StoreError
-
-STATE_FILE = "state.safetensors"
 
 
 def cached_curvature(

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_to_record
-from curvature_store.store import NAME_RE, VERSION_RE
+from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from service import idempotency, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
 from service.errors import ApiError, responses
@@ -110,18 +110,15 @@ class EditRequest(BaseModel):
     @field_validator("stream")
     @classmethod
     def _stream_name(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError(
-                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, "
-                "and no '..'"
-            )
+        if not is_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("parent_version")
     @classmethod
     def _version_id(cls, value: str | None) -> str | None:
-        if value is not None and not VERSION_RE.match(value):
-            raise ValueError("expected a version id: 'v' followed by 26 hex digits")
+        if value is not None and not is_version_id(value):
+            raise ValueError(f"not a version id: {VERSION_RULE}")
         return value
 
 
