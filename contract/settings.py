@@ -66,8 +66,10 @@ class EditSettings:
     )
     # at γ 0.9, 25 epochs leave a third of 100 CounterFact edits unlearnt, and with anchors
     # zsRE's longer answers need more than 50
-    epochs: int = _option(100, "Epochs at most; a converged edit stops sooner.", ge=1, api_le=100)
-    lr: float = _option(5e-4, "Adam's learning rate.", gt=0.0, api_le=1.0)
+    epochs: int = _option(
+        100, "Epochs at most; a converged edit stops sooner.", ge=1, api=True, api_le=100
+    )
+    lr: float = _option(5e-4, "Adam's learning rate.", gt=0.0, api=True, api_le=1.0)
     batch_size: int = _option(32, "Facts per step.", ge=1)
     seed: int = _option(0, "Seed of each epoch's shuffle of the facts.", ge=0)
     # "gradient" is the reference recipe, but Adam then rescales each coordinate and part of every
@@ -91,11 +93,12 @@ class EditSettings:
         "whose answers the edit keeps. They keep statement-style edits (CounterFact) local; a "
         "question (a prompt ending in '?', as zsRE's) gets none, where they only cost drift. "
         "0 turns them off; see the README.",
-        ge=0, api_le=8,
+        ge=0, api=True, api_le=8,
     )  # fmt: skip
     anchor_weight: float = _option(
-        3.0, "Weight of the anchors' KL against the facts' loss.", ge=0.0, api_le=100.0
-    )
+        3.0, "Weight of the anchors' KL against the facts' loss.",
+        ge=0.0, api=True, api_le=100.0,
+    )  # fmt: skip
     anchor_questions: bool = _option(False, "Whether questions get anchors too.")
     # "fact": a fact below loss_stop drops out of the loss (it has landed: pushing it further
     # only grows the weight change); "batch": each batch's mean loss is compared

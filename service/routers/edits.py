@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_to_record
+from contract.jobs import edit_payload
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
+from contract.settings import DEFAULTS, EditSettings, SettingsError, option_rules
 from service import idempotency, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
 from service.errors import ApiError, responses
@@ -52,43 +54,48 @@ class FactIn(BaseModel):
     ground_truth: Text | None = Field(default=None, description="The old answer, if known")
 
 
+def _option(name: str) -> Any:
+    """The request field of EditSettings option `name`: null (the worker's default) or a value
+    within the option's bounds, and the service's own upper limit where it is stricter."""
+    rules = option_rules(name)
+    bounds = {rule: rules[rule] for rule in ("ge", "gt", "le", "lt") if rule in rules}
+    if "api_le" in rules:
+        bounds["le"] = rules["api_le"]
+    if isinstance(getattr(DEFAULTS, name), float):
+        bounds["allow_inf_nan"] = False
+    return Field(default=None, description=rules["doc"], **bounds)
+
+
 class EditOptions(BaseModel):
-    """Editor options; what is not set is left to the worker's defaults."""
+    """Editor options (`contract.settings.EditSettings`, where each is defined with its default
+    and bounds); what is not set is left to the worker's defaults."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["crispedit", "kfac", "ekfac", "nullspace", "ft"] | None = None
-    gamma: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    method: Literal[option_rules("method")["choices"]] | None = _option("method")  # type: ignore[valid-type]
+    gamma: float | None = _option("gamma")
     layers: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        default=None, min_length=1, max_length=256
+        default=None, min_length=1, max_length=256, description=option_rules("layers")["doc"]
     )
-    epochs: int | None = Field(default=None, ge=1, le=100)
-    lr: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    anchors: int | None = Field(
-        default=None,
-        ge=0,
-        le=8,
-        description="Subject anchors per fact (default 2): the fact's prompt asked about other "
-        "subjects, whose answers the edit keeps. They keep statement-style edits (CounterFact) "
-        "local; a question (a prompt ending in '?', as zsRE's) gets none, where they only cost "
-        "drift. 0 turns them off; see the README.",
-    )
-    anchor_weight: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
-    clip: float | None = Field(
-        default=None,
-        ge=0,
-        lt=1,
-        allow_inf_nan=False,
-        description="Share of each curvature factor's eigenvalues winsorized before the gamma "
-        "rule (default 0: none), for layers with outlier activations; kfac and nullspace only. "
-        "See the README.",
-    )
-    evaluate: bool | None = None
+    epochs: int | None = _option("epochs")
+    lr: float | None = _option("lr")
+    anchors: int | None = _option("anchors")
+    anchor_weight: float | None = _option("anchor_weight")
+    clip: float | None = _option("clip")
+    evaluate: bool | None = Field(
+        default=None, description="Measure the edit (efficacy, locality, perplexity) before and "
+        "after; the results land in the version's metrics.",
+    )  # fmt: skip
 
     @field_validator("clip")
     @classmethod
     def _clip_method(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value and info.data.get("method") == "ekfac":
-            raise ValueError("clip applies to kfac and nullspace, not to ekfac")
+        # the rule that ties clip to the method is EditSettings'; bounds were checked above
+        method = info.data.get("method") or DEFAULTS.method
+        if value is not None:
+            try:
+                EditSettings(method=method, clip=value)
+            except SettingsError as err:
+                raise ValueError(str(err)) from None
         return value
 
 
@@ -209,7 +216,7 @@ def submit_edit(
                     "parent_version",
                     head=head,
                 )
-        payload = jobqueue.edit_payload(
+        payload = edit_payload(
             model=model,
             stream=body.stream,
             facts=records,
