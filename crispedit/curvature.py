@@ -182,8 +182,10 @@ class _Capture:
             h.remove()
 
 
-def _batch_pass(model, batch, capture, labels, generator) -> torch.Tensor:
-    """One forward + stopped backward; returns the mask of the tokens that count."""
+def batch_pass(model, batch, capture, labels: str, generator) -> torch.Tensor:
+    """One forward and backward of the loss `collect_curvature` differentiates (`capture`, a
+    `_Capture` or None, records the factors' inputs and gradients); returns the mask of the tokens
+    that count. Public so that bench/perf.py can time the pass without the collection."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     logits = model(**batch, use_cache=False).logits
@@ -230,7 +232,7 @@ def collect_curvature(
         bar = tqdm(total=total_tokens, desc=desc, unit="tok", disable=not progress)
         try:
             for batch in batches:
-                mask = _batch_pass(model, batch, capture, labels, generator)
+                mask = batch_pass(model, batch, capture, labels, generator)
                 yield mask, capture
                 bar.update(int(batch["attention_mask"].sum()))
         finally:
