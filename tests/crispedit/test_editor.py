@@ -252,5 +252,5 @@ def test_projector_dtype_follows_the_flag_on_a_bf16_model(tiny_tokenizer):
         assert {P.U_A.dtype for P in editor.projectors.values()} == {dtype}
         delta = editor.edit(FACTS[:1])
         assert all(t.dtype == torch.float32 for t in delta.tensors.values())
-    with pytest.raises(ValueError, match="projector.dtype"):
+    with pytest.raises(ValueError, match="projector_dtype must be one of"):
         CrispEditor(model, tiny_tokenizer, curv, layers=layers, projector_dtype="fp16")
