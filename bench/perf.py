@@ -403,7 +403,7 @@ def spd(d: int, seed: int) -> torch.Tensor:
 
 class TimedProjector:
     """A projector that adds the wall time of each call, synchronised on `device`, to the shared
-    total `spent[0]`."""
+    total `spent[0]`; anything else (its mask, cost, kept fraction) is the projector's."""
 
     def __init__(self, projector: KroneckerProjector, device: str, spent: list[float]):
         self.projector, self.device, self.spent = projector, device, spent
@@ -415,6 +415,9 @@ class TimedProjector:
         sync(self.device)
         self.spent[0] += time.perf_counter() - started
         return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.projector, name)
 
 
 def edit_steps(
@@ -463,7 +466,7 @@ def edit_steps(
     step = statistics.median(b - a for a, b in itertools.pairwise(stamps)) / steps_per_epoch
     projection = statistics.median(b - a for a, b in itertools.pairwise(projected))
     projection /= steps_per_epoch
-    costs = [P.projector.cost for P in editor.projectors.values()]
+    costs = [P.cost for P in editor.projectors.values()]
     return {
         "step": step,
         "projection": projection,
