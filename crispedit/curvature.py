@@ -37,8 +37,8 @@ from crispedit.corpus import (
     BATCH_SIZE,
     SEQ_LEN,
     CorpusError,
+    iter_documents,
     pad_batches,
-    read_documents,
     sequences_digest,
     token_sequences,
 )
@@ -118,11 +118,16 @@ class Curvature:
 
 
 def eigenbasis(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending, tiny negatives clamped to 0) and eigenvectors of a symmetric factor.
+    """Eigenvalues (ascending, tiny negatives clamped to 0) and eigenvectors of a symmetric factor,
+    on its device and in its dtype.
 
-    Computed in float64, where `eigh` is accurate for the near-singular factors text produces.
+    Computed in float64, where `eigh` is accurate for the near-singular factors text produces, on
+    the factor's device: move a factor to the GPU first, where a large `eigh` is many times faster.
     """
-    s, U = torch.linalg.eigh(M.double())
+    # MPS has no float64 at all: there float32 is the best it can do (its small eigenvalues are
+    # less exact, but they are the ones every mask keeps)
+    work = torch.float32 if M.device.type == "mps" else torch.float64
+    s, U = torch.linalg.eigh(M.to(work))
     return s.clamp_min(0).to(M.dtype), U.to(M.dtype)
 
 
@@ -283,7 +288,8 @@ def _ekfac_pass(result: dict[str, LayerCurvature], layers, passes, n_tokens: int
     for c in result.values():
         _, c.U_A = eigenbasis(c.A)
         _, c.U_B = eigenbasis(c.B)
-        c.ekfac = torch.zeros(c.B.shape[0], c.A.shape[0], dtype=torch.float64)
+        # on the device of the factors, which is the model's: the batches' terms are added there
+        c.ekfac = torch.zeros(c.B.shape[0], c.A.shape[0], dtype=torch.float64, device=c.A.device)
     for mask, capture in passes:
         m = mask.unsqueeze(-1).float()
         for name, c in result.items():
@@ -343,7 +349,7 @@ def plan_curvature(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     layers = parse_layers(model, layers)
-    sequences = token_sequences(tokenizer, read_documents(corpus), tokens, seq_len)
+    sequences = token_sequences(tokenizer, iter_documents(corpus), tokens, seq_len)
     if not sequences:
         raise CorpusError(f"corpus {corpus} yields no sequence of 2 or more tokens")
     return CurvatureRecipe(

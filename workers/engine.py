@@ -17,7 +17,12 @@ from crispedit.curvature import Curvature, plan_curvature
 from crispedit.evaluate import evaluate_edit, swapped_weights
 from crispedit.models import load_model, parse_layers
 from crispedit.sequential import set_weights
-from crispedit.streams import base_weights, cached_curvature, edit_on_stream
+from crispedit.streams import (
+    StreamCurvatureCache,
+    base_weights,
+    cached_curvature,
+    edit_on_stream,
+)
 from curvature_store import Store
 
 CURVATURE_TOKENS = 20_000
@@ -49,6 +54,7 @@ class Engine:
         self.base = base_weights(self.model, self.layers)
         self.corpus, self.tokens = corpus, tokens
         self._curvature: dict[str, tuple[Curvature, str]] = {}
+        self._stream_curvatures = StreamCurvatureCache()  # a job from a known head skips the eigh
 
     def curvature(self, kind: str) -> tuple[Curvature, str]:
         """The capability curvature of `kind` and its store key: memory, else store, else built."""
@@ -114,7 +120,7 @@ class Engine:
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, parent=parent, curvature_key=key, evaluate=evaluate, job=job_id,
-            settings=settings, progress=False, on_epoch=on_epoch,
+            cache=self._stream_curvatures, settings=settings, progress=False, on_epoch=on_epoch,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
         return edit_result(manifest, time.perf_counter() - started)
