@@ -428,7 +428,9 @@ def edit_steps(
     gamma: float = GAMMA,
 ) -> dict:
     """Time the steps of a `facts`-fact edit (one batch) over STEP_EPOCHS epochs: wall time per
-    step (forward, backward, projection, Adam) from the second epoch on, and the projector's."""
+    step (forward, backward, projection, Adam) from the second epoch on, and the projector's:
+    every call of it, on the gradient and, with the default `project="update"`, on the update
+    (before the bench went through the public projectors, only the gradient's was timed)."""
     model, tokenizer = ctx.model
     stamps, projected, spent = [], [], [0.0]  # per epoch: its end, the projection time so far
 
