@@ -9,7 +9,8 @@ the service's own upper limit where it is stricter than the engine's (`api_le`):
 model is built from these, so it cannot drift from the engine.
 
 The defaults were chosen by bench/quality.py on its tuning splits; bench/results/ holds the
-figures behind each one (γ, epochs, the projected update, the anchors, clip).
+figures behind each one (γ, epochs, the projected update, the anchors, clip), and the comments
+below say only which way each choice went.
 
 Standard library only: the API imports this without torch.
 """
@@ -55,8 +56,8 @@ class EditSettings:
         "crispedit", "kfac (alias crispedit), ekfac, nullspace, or ft (no projection)",
         choices=(*ALIASES, *METHODS), api=True,
     )  # fmt: skip
-    # γ 0.9 with 100 epochs, the update projected and subject anchors lands 1.00 of 100
-    # CounterFact and 0.99 of 100 zsRE tuning edits (bench/results/)
+    # with 100 epochs, the update projected and subject anchors, γ 0.9 lands nearly every tuning
+    # edit of both data sets at the least drift
     gamma: float = _option(
         0.9, "Protected share of the curvature energy (0: plain fine-tuning).",
         ge=0.0, le=1.0, api=True,
@@ -64,8 +65,8 @@ class EditSettings:
     layers: str | tuple[str, ...] | None = _option(
         None, "The edited layers (default: the worker's).", api=True
     )
-    # at γ 0.9, 25 epochs leave a third of 100 CounterFact edits unlearnt, and with anchors
-    # zsRE's longer answers need more than 50
+    # at γ 0.9 fewer epochs leave many CounterFact edits unlearnt, and with anchors zsRE's longer
+    # answers need more than 50; a converged edit stops sooner anyway
     epochs: int = _option(
         100, "Epochs at most; a converged edit stops sooner.", ge=1, api=True, api_le=100
     )
@@ -84,9 +85,9 @@ class EditSettings:
         "float32", "The dtype gradients are rotated in: float32, or the model's own.",
         choices=PROJECTOR_DTYPES,
     )  # fmt: skip
-    # anchors keep a statement's neighbours from flipping with it (CounterFact locality 0.36 ->
-    # 0.64 at weight 3); weight 10 costs zsRE efficacy; questions get none: on zsRE they cost
-    # generalization and drift and protect no neighbour
+    # anchors keep a statement's neighbours from flipping with it; a higher weight costs zsRE
+    # efficacy; questions get none: on zsRE they cost generalization and drift and protect no
+    # neighbour
     anchors: int = _option(
         2,
         "Subject anchors per fact (default 2): the fact's prompt asked about other subjects, "
@@ -109,8 +110,8 @@ class EditSettings:
         "batch", "Compare loss_stop with each batch's mean loss, or each fact's own.",
         choices=STOP_CHOICES,
     )  # fmt: skip
-    # 0.005 makes SmolLM2's middle layers 10-14, with a massive activation, drift 7x less, and
-    # layers 20-24, without outliers, a little more: so off by default
+    # clipping helps layers with a massive activation (SmolLM2's middle ones) and costs a little
+    # drift on layers without outliers: so off by default
     clip: float = _option(
         0.0,
         "Share of each curvature factor's eigenvalues winsorized before the gamma rule "
