@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from contract.settings import OPTION_NAMES, EditSettings
+
 RESULTS = Path(__file__).parent / "results"
 DATASETS = ("counterfact", "zsre")
 RUNS = RESULTS / "quality-runs.jsonl"
@@ -44,7 +46,12 @@ STORE = Path.home() / ".cache" / "crispedit" / "bench-store"  # cached curvature
 
 @dataclass(frozen=True)
 class Run:
-    """One measured configuration; its fields are also its identity in the runs file."""
+    """One measured configuration; its fields are also its identity in the runs file.
+
+    The editor options among them are `EditSettings`' (`settings()`), with the defaults of the
+    grid's BASE configuration, which the levers are measured against: the editor's own defaults
+    (contract.settings) are the ones this grid chose.
+    """
 
     dataset: str = "counterfact"  # counterfact | zsre (the bundled 1k records)
     start: int = 0  # first record
@@ -64,6 +71,13 @@ class Run:
     loss_stop: float = 0.01  # the editor skips a batch, and stops, below this loss
     stop: str = "batch"  # batch | fact: whose loss is compared with loss_stop (crispedit.editor)
     clip: float = 0.0  # share of each factor's eigenvalues winsorized (crispedit.projector)
+
+    def settings(self) -> EditSettings:
+        """The editor settings this run edits with (its layers are given to the editor apart)."""
+        fields = asdict(self)
+        return EditSettings.from_options(
+            {name: fields[name] for name in OPTION_NAMES if name in fields and name != "layers"}
+        )
 
     @property
     def label(self) -> str:
@@ -175,8 +189,8 @@ def log(message: str) -> None:
 def records(run: Run, start: int | None = None, n: int | None = None):
     """The run's facts: records start..start+n of the bundled data set, less those that hold no
     edit (zsRE records 534 and 723 have an empty new answer, so zsRE 0-999 is 998 edits)."""
+    from contract.facts import fact_from_record
     from crispedit.corpus import ASSETS
-    from crispedit.facts import fact_from_record
 
     files = {"counterfact": "counterfact-edit-1k.json", "zsre": "zsre_mend_train-1k.json"}
     start = run.start if start is None else start
@@ -230,19 +244,11 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     base = base_weights(model, layers)
     curvature, curvature_key = curvature_for(store, model, tokenizer, run)
     facts = records(run)
-    options = {
-        "lr": run.lr, "epochs": run.epochs, "project": run.project, "anchors": run.anchors,
-        "anchor_weight": run.anchor_weight, "anchor_questions": run.anchor_questions,
-        "loss_stop": run.loss_stop, "stop": run.stop, "clip": run.clip, "progress": True,
-    }  # fmt: skip
-    gamma = None if run.method == "ft" else run.gamma
+    settings = run.settings()
     started = time.perf_counter()
     chunks = []
     if run.chunk == 0:
-        CrispEditor(
-            model, tokenizer, curvature, method=run.method, gamma=gamma or 0.0, layers=layers,
-            **options,
-        ).edit(facts)  # fmt: skip
+        CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings).edit(facts)
     else:
         stream = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
         first = [(f.prompt, f.target) for f in facts[: run.chunk]]
@@ -250,7 +256,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
             t = time.perf_counter()
             edit_on_stream(
                 store, MODEL, stream, model, tokenizer, base, curvature, facts[i : i + run.chunk],
-                method=run.method, gamma=gamma, curvature_key=curvature_key, **options,
+                curvature_key=curvature_key, settings=settings,
             )  # fmt: skip
             chunk = {
                 "edits": i + run.chunk,

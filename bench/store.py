@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from contract.names import STATE_FILE
 from crispedit import load_facts, load_model, parse_layers
 from crispedit.corpus import ASSETS
 from crispedit.curvature import plan_curvature
-from crispedit.streams import STATE_FILE, base_weights, cached_curvature, edit_on_stream
+from crispedit.streams import base_weights, cached_curvature, edit_on_stream
 from curvature_store import Store
 
 RESULTS = Path(__file__).parent / "results"

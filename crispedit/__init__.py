@@ -8,10 +8,10 @@ The library behind the service, usable alone (see README "Python API"):
     delta = editor.edit(load_facts("facts.json"))
 """
 
+from contract.facts import Fact, Neighbor, load_facts
 from crispedit.curvature import Curvature, LayerCurvature, build_curvature, collect_curvature
 from crispedit.delta import Delta, apply_delta, revert_delta
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact, Neighbor, load_facts
 from crispedit.models import load_model, model_fingerprint, parse_layers
 from crispedit.projector import KroneckerProjector, build_projector
 

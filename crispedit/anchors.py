@@ -23,18 +23,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from crispedit.facts import Fact
+from contract.facts import Fact
+from contract.settings import DEFAULTS
 
-ANCHORS = 2  # anchor prompts per fact; 0 turns anchors off
-# γ_anchor: weight of the anchors' mean KL against the facts' cross-entropy. On the tuning splits
-# of bench/quality.py (100 edits, 100 epochs): CounterFact locality 0.36 without anchors (at 50
-# epochs), 0.64 at weight 3, 0.65 at 10, all edits landing; zsRE efficacy 0.99 at weight 3 but
-# 0.98 at 10 (0.72 within 50 epochs), so 3. Weight 50 lands 0.81 of CounterFact's in 50 epochs.
-ANCHOR_WEIGHT = 3.0
-# Questions too? On the zsRE tuning split (100 edits, all questions) anchors at weight 3 took
-# generalization from 0.45 to 0.33 and the perplexity change from +0.11 % to +0.45 %, locality
-# 0.88 either way (CounterFact's prompts, never questions, are where anchors help). So no.
-ANCHOR_QUESTIONS = False
+# the defaults and why they were chosen: contract.settings
+ANCHORS, ANCHOR_WEIGHT = DEFAULTS.anchors, DEFAULTS.anchor_weight
+ANCHOR_QUESTIONS = DEFAULTS.anchor_questions
 
 SUBJECTS = (
     "Albert Einstein", "Marie Curie", "William Shakespeare", "Leonardo da Vinci",

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from curvature_store.store import atomic_write_bytes  # one atomic write for the whole project
+from curvature_store.files import atomic_write_bytes  # one atomic write for the whole project
 
 META_KEY = "crispedit"
 DIGEST_KEY = "crispedit.sha256"

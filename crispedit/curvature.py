@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from contract.names import CURVATURE_FILE
 from crispedit.artifacts import ArtifactError, artifact_path, load_tensors, save_tensors
 from crispedit.corpus import (
     BATCH_SIZE,
@@ -46,7 +47,6 @@ from crispedit.models import get_layers, model_fingerprint, parse_layers, traina
 LABELS = ("empirical", "sampled")
 KINDS = ("kfac", "ekfac")
 FORMAT_VERSION = 1
-CURVATURE_FILE = "curvature.safetensors"
 
 
 @dataclass
@@ -191,8 +191,10 @@ class _Capture:
             h.remove()
 
 
-def _batch_pass(model, batch, capture, labels, generator) -> torch.Tensor:
-    """One forward + stopped backward; returns the mask of the tokens that count."""
+def batch_pass(model, batch, capture, labels: str, generator) -> torch.Tensor:
+    """One forward and backward of the loss `collect_curvature` differentiates (`capture`, a
+    `_Capture` or None, records the factors' inputs and gradients); returns the mask of the tokens
+    that count. Public so that bench/perf.py can time the pass without the collection."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     capture.grid = tuple(batch["input_ids"].shape)
@@ -240,7 +242,7 @@ def collect_curvature(
         bar = tqdm(total=total_tokens, desc=desc, unit="tok", disable=not progress)
         try:
             for batch in batches:
-                mask = _batch_pass(model, batch, capture, labels, generator)
+                mask = batch_pass(model, batch, capture, labels, generator)
                 yield mask, capture
                 bar.update(int(batch["attention_mask"].sum()))
         finally:

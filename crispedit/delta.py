@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contract.names import DELTA_FILE
 from crispedit.artifacts import artifact_path, load_tensors, save_tensors
 from crispedit.models import get_layers, model_fingerprint
 
-DELTA_FILE = "delta.safetensors"
 FORMAT_VERSION = 1
 
 

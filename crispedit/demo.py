@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from contract.facts import load_facts
 from crispedit.corpus import read_documents
 from crispedit.curvature import build_curvature
 from crispedit.delta import Delta, apply_delta
 from crispedit.editor import CrispEditor
 from crispedit.evaluate import perplexity
-from crispedit.facts import load_facts
 from crispedit.models import load_model, parse_layers
 
 DEMO_FACTS = Path(__file__).parent / "assets" / "demo_facts.json"

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crispedit.anchors import ANCHOR_QUESTIONS, ANCHOR_WEIGHT, ANCHORS, anchor_prompts
+from contract.facts import Fact, facts_digest
+from contract.settings import DEFAULTS, EditSettings
+from contract.settings import PROJECT_CHOICES as PROJECT_CHOICES  # re-exported for the CLI
+from contract.settings import STOP_CHOICES as STOP_CHOICES
+from crispedit.anchors import anchor_prompts
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights, weight_delta
 from crispedit.evaluate import last_token_logits, teacher_forced_accuracy
-from crispedit.facts import Fact, facts_digest
 from crispedit.models import (
     get_layers,
     is_conv1d,
@@ -42,36 +45,16 @@ from crispedit.models import (
 )
 from crispedit.prefix import FastForward
 from crispedit.projector import (
-    CLIP,
-    GAMMA,
     build_projector,
     resolve_method,
     resolve_projector_dtype,
 )
 from crispedit.targets import target_batches, target_positions, target_token_losses_at
 
-LR = 5e-4
-BATCH_SIZE = 32
-# At γ 0.9, 25 epochs leave a third of 100 CounterFact edits unlearnt, and with subject anchors
-# zsRE's longer answers need more than 50 (bench/quality.py); a converged edit stops sooner.
-EPOCHS = 100
-LOSS_STOP = 0.01  # skip a batch, and stop after an epoch, below this loss (`loss_stop`)
-# What LOSS_STOP is compared with. "batch": each batch's mean loss, and each epoch's. "fact": each
-# fact's own loss: a fact below it drops out of the loss (it has landed: pushing it further only
-# grows the weight change), a batch is skipped once all its facts have, the edit stops once all
-# facts have.
-STOP = "batch"
-STOP_CHOICES = ("batch", "fact")
-SEED = 0
-# What the projector is applied to. "gradient": the gradient before each Adam step (the reference
-# recipe); Adam then rescales each coordinate, so part of every step leaks into blocked
-# directions. "update" (default: less drift at the same efficacy in bench/quality.py): the
-# gradient and also each step's weight change, so the whole edit stays in the kept subspace.
-PROJECT = "update"
-PROJECT_CHOICES = ("gradient", "update")
-# The dtype gradients are projected in: "float32" whatever the model's dtype (a bf16 model on a
-# GPU still rotates its gradients in fp32), or "model" (the model's own dtype).
-PROJECTOR_DTYPE = "float32"
+# The editor's defaults, each written once in contract.settings (with why it was chosen)
+LR, BATCH_SIZE, EPOCHS, SEED = DEFAULTS.lr, DEFAULTS.batch_size, DEFAULTS.epochs, DEFAULTS.seed
+LOSS_STOP, STOP = DEFAULTS.loss_stop, DEFAULTS.stop
+PROJECT, PROJECTOR_DTYPE = DEFAULTS.project, DEFAULTS.projector_dtype
 
 
 def fact_losses(token_losses: torch.Tensor, row_of: torch.Tensor, n: int) -> torch.Tensor:
@@ -110,7 +93,9 @@ class CrispEditor:
     `anchor_questions`. `loss_stop` is the loss below which a batch is skipped and the loop stops
     after an epoch; `stop` says whether a batch's mean loss is compared with it (`batch`) or each
     fact's own (`fact`, see STOP). `clip` winsorizes each factor's eigenvalues before the energy
-    rule (crispedit.projector.winsorize: a rule robust to outlier eigenvalues).
+    rule (crispedit.projector.winsorize: a rule robust to outlier eigenvalues). `settings`
+    (`contract.settings.EditSettings`) gives every option at once, with the defaults and valid
+    ranges written there; an option also passed as a keyword overrides it.
     """
 
     def __init__(
@@ -118,46 +103,49 @@ class CrispEditor:
         model: nn.Module,
         tokenizer,
         curvature: Curvature | None = None,
-        method: str = "crispedit",
-        gamma: float = GAMMA,
+        method: str | None = None,
+        gamma: float | None = None,
         layers: list[str] | str | None = None,
-        lr: float = LR,
-        batch_size: int = BATCH_SIZE,
-        epochs: int = EPOCHS,
-        seed: int = SEED,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        epochs: int | None = None,
+        seed: int | None = None,
         progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None,
         fast: bool = True,
-        project: str = PROJECT,
-        projector_dtype: str = PROJECTOR_DTYPE,
-        anchors: int = ANCHORS,
-        anchor_weight: float = ANCHOR_WEIGHT,
-        anchor_questions: bool = ANCHOR_QUESTIONS,
-        loss_stop: float = LOSS_STOP,
-        stop: str = STOP,
-        clip: float = CLIP,
+        project: str | None = None,
+        projector_dtype: str | None = None,
+        anchors: int | None = None,
+        anchor_weight: float | None = None,
+        anchor_questions: bool | None = None,
+        loss_stop: float | None = None,
+        stop: str | None = None,
+        clip: float | None = None,
+        settings: EditSettings = DEFAULTS,
     ):
+        # an option given as a keyword (not None) overrides `settings`; the result is validated
+        settings = settings.override(
+            method=method, gamma=gamma, lr=lr, batch_size=batch_size, epochs=epochs, seed=seed,
+            project=project, projector_dtype=projector_dtype, anchors=anchors,
+            anchor_weight=anchor_weight, anchor_questions=anchor_questions, loss_stop=loss_stop,
+            stop=stop, clip=clip,
+        )  # fmt: skip
+        self.settings = settings
         self.model, self.tokenizer = model, tokenizer
+        method, gamma, clip = settings.method, settings.gamma, settings.clip
         self.method_name, self.method = method, resolve_method(method)
-        self.gamma, self.lr, self.batch_size, self.epochs = gamma, lr, batch_size, epochs
+        self.gamma, self.lr = gamma, settings.lr
+        self.batch_size, self.epochs = settings.batch_size, settings.epochs
         self.clip = clip
-        self.seed, self.progress, self.on_epoch = seed, progress, on_epoch
-        if project not in PROJECT_CHOICES:
-            raise ValueError(
-                f"project must be one of {', '.join(PROJECT_CHOICES)}, not {project!r}"
-            )
-        self.project = project
-        if anchors < 0 or anchor_weight < 0:
-            raise ValueError("anchors and anchor_weight must be >= 0")
-        self.anchors, self.anchor_weight = anchors, anchor_weight
-        self.anchor_questions = anchor_questions
-        if loss_stop < 0:
-            raise ValueError("loss_stop must be >= 0")
-        if stop not in STOP_CHOICES:
-            raise ValueError(f"stop must be one of {', '.join(STOP_CHOICES)}, not {stop!r}")
-        self.loss_stop, self.stop = loss_stop, stop
+        self.seed, self.progress, self.on_epoch = settings.seed, progress, on_epoch
+        self.project = settings.project
+        self.anchors, self.anchor_weight = settings.anchors, settings.anchor_weight
+        self.anchor_questions = settings.anchor_questions
+        self.loss_stop, self.stop = settings.loss_stop, settings.stop
+        if layers is None and settings.layers is not None:
+            layers = settings.layers if isinstance(settings.layers, str) else list(settings.layers)
         weight = next(model.parameters())
-        self.projector_dtype = resolve_projector_dtype(projector_dtype, weight.dtype)
+        self.projector_dtype = resolve_projector_dtype(settings.projector_dtype, weight.dtype)
         if self.method != "ft" and curvature is None:
             raise ValueError(f"method {method!r} needs curvature (only 'ft' edits without)")
         if layers is None and curvature is not None:

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contract.facts import Fact, load_facts
 from crispedit.corpus import ASSETS, BATCH_SIZE, pad_batches, read_documents, token_sequences
 from crispedit.curvature import valid_label_mask
 from crispedit.delta import add_to_weights
-from crispedit.facts import Fact, load_facts
 from crispedit.models import get_layers
 from crispedit.targets import IGNORE, target_batches, target_hits
 

@@ -38,19 +38,12 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.settings import ALIASES as ALIASES  # re-exported: the CLI reads them here
+from contract.settings import DEFAULTS, PROJECTOR_DTYPES, resolve_method
+from contract.settings import METHODS as METHODS
 from crispedit.curvature import LayerCurvature, eigenbasis
 
-METHODS = ("ft", "nullspace", "kfac", "ekfac")
-ALIASES = {"crispedit": "kfac"}  # our default, the best setting of the quality benchmark
-# Default protected share, chosen by bench/quality.py on its tuning splits (SmolLM2 layers 20-24,
-# 100 CounterFact and 100 zsRE edits): with 100 epochs, the Adam update projected and subject
-# anchors, γ 0.9 lands 1.00 and 0.99 of them at +0.29 % and +0.45 % perplexity (γ 0.8 with 25
-# epochs, no anchors: 0.94 of the CounterFact edits at +0.82 %).
-GAMMA = 0.9
-# Share of each factor's eigenvalues winsorized before the energy rule (`winsorize`). 0: none, the
-# default; bench/quality.py: at 0.005 the middle layers 10-14 of SmolLM2 drift 7x less (+3.29 % ->
-# +0.47 % at 100 edits), layers 20-24, without outliers, a little more (+0.29 % -> +0.42 %).
-CLIP = 0.0
+GAMMA, CLIP = DEFAULTS.gamma, DEFAULTS.clip  # the defaults and why: contract.settings
 CHUNK_ELEMENTS = 1 << 20  # λ values (8 MiB of float64) held at once by the generic search
 RADIX_BITS = 16  # bits of the float64 pattern the generic search decides per pass (4 passes)
 # The rectangle cover of a staircase mask: at most this many candidate column boundaries, and a
@@ -58,16 +51,6 @@ RADIX_BITS = 16  # bits of the float64 pattern the generic search decides per pa
 # does not split into slivers whose small matmuls run below the BLAS peak.
 COVER_BOUNDARIES = 64
 COVER_OVERHEAD = 0.01
-PROJECTOR_DTYPES = ("float32", "model")  # what `CrispEditor(projector_dtype=...)` accepts
-
-
-def resolve_method(method: str) -> str:
-    """Map a method name or alias (`crispedit`) to one of `METHODS`."""
-    method = ALIASES.get(method, method)
-    if method not in METHODS:
-        names = ", ".join([*ALIASES, *METHODS])
-        raise ValueError(f"unknown method {method!r}: one of {names}")
-    return method
 
 
 def resolve_projector_dtype(choice: str, model_dtype: torch.dtype) -> torch.dtype:

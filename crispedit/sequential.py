@@ -41,14 +41,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from contract.facts import Fact
+from contract.settings import DEFAULTS
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature, LayerCurvature, collect_curvature, eigenbasis
 from crispedit.delta import Delta, add_to_weights
-from crispedit.facts import Fact
 from crispedit.models import get_layers
 from crispedit.targets import encode_pair
 
-BETA = 1.0
+BETA = DEFAULTS.beta  # the weight of earlier edits: contract.settings
 EDIT_BATCH = 16
 
 

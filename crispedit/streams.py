@@ -23,15 +23,16 @@ from types import EllipsisType
 import torch
 from torch import nn
 
+from contract.facts import Fact, fact_to_record
+from contract.names import CURVATURE_FILE, DELTA_FILE, STATE_FILE
+from contract.settings import DEFAULTS, OPTION_NAMES, EditSettings
 from crispedit.artifacts import load_tensors, save_tensors
-from crispedit.curvature import CURVATURE_FILE, Curvature, CurvatureRecipe, run_recipe
-from crispedit.delta import DELTA_FILE, Delta
+from crispedit.curvature import Curvature, CurvatureRecipe, run_recipe
+from crispedit.delta import Delta
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact, fact_to_record
 from crispedit.models import get_layers, model_fingerprint
 from crispedit.projector import resolve_method
 from crispedit.sequential import (
-    BETA,
     StreamState,
     accumulate,
     edit_set_factors,
@@ -40,7 +41,6 @@ from crispedit.sequential import (
 )
 from curvature_store import Conflict, Store, StoreError
 
-STATE_FILE = "state.safetensors"
 HEADS_CACHED = 2
 
 
@@ -139,20 +139,6 @@ class StreamCurvatureCache:
         return hit[1]
 
 
-# the editor's settings a version's manifest records under "options"
-EDITOR_OPTIONS = (
-    "lr",
-    "batch_size",
-    "seed",
-    "project",
-    "anchors",
-    "anchor_weight",
-    "loss_stop",
-    "stop",
-    "clip",
-)
-
-
 def edit_on_stream(
     store: Store,
     model_name: str,
@@ -162,17 +148,23 @@ def edit_on_stream(
     base: dict[str, torch.Tensor],
     capability: Curvature | None,
     facts: Sequence[Fact],
-    method: str = "crispedit",
+    method: str | None = None,
     gamma: float | None = None,
-    beta: float = BETA,
+    beta: float | None = None,
     parent: str | EllipsisType | None = ...,
     curvature_key: str | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
     job: str | None = None,
     cache: StreamCurvatureCache | None = None,
+    settings: EditSettings = DEFAULTS,
     **editor_options,
 ) -> tuple[dict, Delta]:
     """Apply `facts` on top of the stream head and publish the result as a new version.
+
+    The edit runs with `settings`; `method`, `gamma`, `beta` and any option of EditSettings in
+    `editor_options` override it (None: keep), and the rest of `editor_options` (`progress`,
+    `on_epoch`, `fast`) go to the CrispEditor as they are. The manifest records the settings
+    under "options" (`EditSettings.to_options`, with the stream's layers).
 
     `base` holds the unedited weights of the edited layers (`base_weights`). `parent`, when
     given, is the head the caller expects (`None` = the base): anything else raises `Conflict`
@@ -183,6 +175,9 @@ def edit_on_stream(
     earlier job started from the eigendecompositions of its projectors. Returns the new version's
     manifest and the delta against its parent.
     """
+    overrides = {k: v for k, v in editor_options.items() if k in OPTION_NAMES}
+    runtime = {k: v for k, v in editor_options.items() if k not in OPTION_NAMES}
+    settings = settings.override(method=method, gamma=gamma, beta=beta, **overrides)
     layers = list(base)
     head = store.head(model_name, stream)
     if parent is not ... and parent != head:
@@ -196,16 +191,14 @@ def edit_on_stream(
     set_weights(model, base, cumulative)
     before = evaluate(model) if evaluate is not None else None
     curvature = None
-    if resolve_method(method) != "ft":
+    if resolve_method(settings.method) != "ft":
         device = next(model.parameters()).device  # the projectors' and their curvature's
+        beta = settings.beta
         if cache is None or head is None:  # from the base: the capability's own memo serves
             curvature = stream_curvature(capability, state, beta, device)
         else:
             curvature = cache.stream_curvature(head, capability, state, beta, device)
-    options = {} if gamma is None else {"gamma": gamma}
-    editor = CrispEditor(
-        model, tokenizer, curvature, method=method, layers=layers, **options, **editor_options
-    )
+    editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings, **runtime)
     delta = editor.edit(facts)
     cumulative = accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
@@ -221,12 +214,12 @@ def edit_on_stream(
         "method": report["method"],
         "projector": report["projector"],
         "gamma": report["gamma"],
-        "beta": beta,
+        "beta": settings.beta,
         "layers": layers,
         "base_fingerprint": base_fingerprint,
         "weights_fingerprint": model_fingerprint(model, layers),
         "curvature_key": curvature_key,
-        "options": {k: report[k] for k in EDITOR_OPTIONS},
+        "options": {**settings.to_options(), "layers": layers},
         "metrics": {
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },

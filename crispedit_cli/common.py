@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from contract.facts import FactsError
 from crispedit.artifacts import ArtifactError
 from crispedit.corpus import CorpusError
 from crispedit.delta import DeltaError
-from crispedit.facts import FactsError
 from crispedit.models import DTYPES, ModelError, load_model, resolve_device, resolve_dtype
 from crispedit.projector import resolve_method
 from curvature_store import StoreError

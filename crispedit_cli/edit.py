@@ -74,8 +74,8 @@ def _editor_options(args: argparse.Namespace) -> dict:
 
 def cmd_edit(args: argparse.Namespace) -> None:
     """`crispedit edit`: a delta (and report) into `--out`, and/or a version on `--stream`."""
+    from contract.facts import load_facts
     from crispedit.editor import CrispEditor
-    from crispedit.facts import load_facts
     from crispedit.models import parse_layers
     from crispedit.streams import base_weights, edit_on_stream
 

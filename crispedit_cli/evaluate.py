@@ -50,9 +50,9 @@ def eval_table(result: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """`crispedit eval`: `evaluate_edit` on the facts, printed as a table and written as JSON."""
+    from contract.facts import load_facts
     from crispedit.delta import Delta, check_base
     from crispedit.evaluate import evaluate_edit, retention_triples
-    from crispedit.facts import load_facts
     from curvature_store import atomic_write_bytes
 
     out = Path(args.json)

@@ -57,7 +57,7 @@ def _job_summary(job: dict) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> None:
     """`crispedit submit`: post the facts as one edit job (and, `--wait`, follow it)."""
-    from crispedit.facts import fact_to_record, load_facts
+    from contract.facts import fact_to_record, load_facts
 
     facts = [fact_to_record(f) for f in load_facts(args.facts, limit=args.limit)]
     options = {k: v for k, v in (("method", args.method), ("gamma", args.gamma)) if v is not None}

@@ -1,8 +1,9 @@
 """The persistent artifact layer: capability curvature, edit streams and versioned deltas.
 
 Everything lives in one directory ROOT (a shared volume when workers run on several hosts) as
-safetensors files plus JSON manifests. The package imports only the standard library, numpy and
-`safetensors.numpy` — never torch — because the web API reads the store on its request path.
+safetensors files plus JSON manifests. The package imports only the standard library, numpy,
+`safetensors.numpy` and `contract` (the name rules and file names) — never torch — because the
+web API reads the store on its request path.
 
 Layout::
 
@@ -29,16 +30,8 @@ so a process killed at any point leaves the store readable with the previous hea
 `curvature_store.store` for the details.
 """
 
-from curvature_store.store import (
-    Conflict,
-    Corrupt,
-    NotFound,
-    Store,
-    StoreError,
-    atomic_write_bytes,
-    atomic_write_json,
-    sha256_file,
-)
+from curvature_store.files import atomic_write_bytes, atomic_write_json, sha256_file
+from curvature_store.store import Conflict, Corrupt, NotFound, Store, StoreError
 
 __all__ = [
     "Conflict",

@@ -4,7 +4,8 @@ Three rules keep it safe with several processes (and hosts) on one directory:
 
 1. *Nothing half-written is ever visible.* A file is written to a temp name in its final folder,
    fsynced and renamed; a version or curvature folder is assembled under `tmp/` (files moved in,
-   hashed, fsynced, manifest written) and renamed into place as a whole.
+   hashed, fsynced, manifest written) and renamed into place as a whole (`curvature_store.files`
+   holds the atomic writes, fsyncs and hashing).
 2. *The head moves last, under a lock.* Creating a version or rolling back takes the stream's
    flock, re-reads HEAD.json, refuses when the caller's expected parent is not the head
    (`Conflict`), and only then publishes the version folder and rewrites HEAD.json. Readers never
@@ -22,7 +23,6 @@ tests kill a writer (an environment variable turns one on; otherwise they do not
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -30,7 +30,6 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import stat
 import tempfile
@@ -46,22 +45,37 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from contract.names import (
+    CURVATURE_FILE,
+    DELTA_FILE,
+    FILE_RE,
+    KEY_RE,
+    NAME_RE,
+    NAME_RULE,
+    VERSION_RE,
+    VERSION_RULE,
+    is_name,
+    is_version_id,
+)
+from contract.names import HEAD_FILE as HEAD
+from contract.names import MANIFEST_FILE as MANIFEST
+from curvature_store.files import (
+    age_s,
+    atomic_write_json,
+    fsync_dir,
+    hash_and_sync,
+    move_file,
+    remove,
+    sha256_file,
+)
+
 STORE_FORMAT = 1
-DELTA_FILE = "delta.safetensors"
-STATE_FILE = "state.safetensors"
-CURVATURE_FILE = "curvature.safetensors"
-MANIFEST = "manifest.json"
-HEAD = "HEAD.json"
 LOG = "log.jsonl"
 LOCK = ".lock"
 META_KEY = "crispedit"  # the safetensors metadata key the engine uses for its JSON header
 CUMULATIVE_FORMAT = 1  # format_version of a cumulative delta file (the engine's delta format)
 GARBAGE_AGE_S = 3600.0
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^v[0-9a-f]{26}$")
-KEY_RE = re.compile(r"^[0-9a-f]{32}$")
-FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.safetensors$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 CURVATURE_FIELDS = (
@@ -129,81 +143,17 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sha256_file(path: str | Path) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _hash_and_sync(path: Path) -> dict:
-    """`{"sha256", "bytes"}` of a file the store now owns, after fsyncing it to disk.
-
-    The file came from the caller, who may not have fsynced it; it must be durable before any
-    manifest or head points at it.
-    """
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(f.fileno())
-    return {"sha256": digest.hexdigest(), "bytes": size}
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync, rename, fsync the folder.
-
-    A reader sees the old content or the new one, never part of either; a crash leaves at most a
-    stray `.NAME.*.tmp` file, which `Store.garbage` lists.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented, key-sorted JSON with `atomic_write_bytes` (NaN is refused)."""
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text.encode())
-
-
 def _check_name(value: object, field: str) -> str:
     """A model or stream name, or StoreError naming the field (the path-traversal guard)."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
-        raise StoreError(
-            f"invalid {field} name {_show(value)}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, and no '..'"
-        )
+    if not is_name(value):
+        raise StoreError(f"invalid {field} name {_show(value)}: {NAME_RULE}")
     return value
 
 
 def _check_version_id(value: object, field: str = "version id") -> str:
     """A well-formed version id (`v` + 26 hex digits), or StoreError."""
-    if not isinstance(value, str) or not VERSION_RE.match(value):
-        raise StoreError(f"invalid {field} {_show(value)}: expected 'v' followed by 26 hex digits")
+    if not is_version_id(value):
+        raise StoreError(f"invalid {field} {_show(value)}: {VERSION_RULE}")
     return value
 
 
@@ -235,38 +185,6 @@ def _source_file(path: str | Path, label: str) -> Path:
     if path.is_symlink() or not path.is_file():
         raise StoreError(f"{label} ({path.name}) is not a regular file")
     return path
-
-
-def _move_file(src: Path, dst: Path) -> None:
-    """Move a caller's file into the store: a rename, or copy + delete across filesystems."""
-    try:
-        os.replace(src, dst)
-    except OSError as err:
-        if err.errno != errno.EXDEV:
-            raise
-        shutil.copyfile(src, dst)
-        src.unlink()
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or a folder tree, ignoring what is already gone."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _age_s(path: Path) -> float:
-    """Seconds since `path` (or, for a folder, anything directly in it) was last modified."""
-    try:
-        newest = path.lstat().st_mtime
-        if path.is_dir() and not path.is_symlink():
-            for child in path.iterdir():
-                with contextlib.suppress(OSError):
-                    newest = max(newest, child.lstat().st_mtime)
-    except OSError:
-        return 0.0
-    return time.time() - newest
 
 
 # --- the store -------------------------------------------------------------------------------
@@ -518,8 +436,8 @@ class Store:
             if existing is not None:
                 return {**existing, "cache_hit": True}
             work = self._tmp_dir("curvature")
-            _move_file(src, work / CURVATURE_FILE)
-            record = _hash_and_sync(work / CURVATURE_FILE)
+            move_file(src, work / CURVATURE_FILE)
+            record = hash_and_sync(work / CURVATURE_FILE)
             doc = {
                 "key": key,
                 "key_fields": fields,
@@ -539,15 +457,15 @@ class Store:
                     trash = self._tmp_dir("trash")
                     os.rename(final, trash / key)
                 os.rename(work, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             if trash is not None:
-                _remove(trash)
+                remove(trash)
             self._remember(final / CURVATURE_FILE, record)
             return {**doc, "cache_hit": False}
         finally:
             src.unlink(missing_ok=True)
             if work is not None:
-                _remove(work)  # already renamed away on success
+                remove(work)  # already renamed away on success
             self._drop_empty_staging([src])
 
     def find_curvature(self, **key_fields: Any) -> dict | None:
@@ -593,8 +511,8 @@ class Store:
                 raise NotFound(f"no curvature {key}")
             trash = self._tmp_dir("trash")
             os.rename(final, trash / key)
-            _fsync_dir(final.parent)
-        _remove(trash)
+            fsync_dir(final.parent)
+        remove(trash)
 
     # --- streams: HEAD and log (private) ---
 
@@ -641,7 +559,7 @@ class Store:
         finally:
             os.close(fd)
         if size == 0:
-            _fsync_dir(sdir)
+            fsync_dir(sdir)
 
     def _repair_log(self, sdir: Path, info: dict) -> None:
         """Log the head move a crash kept out of the log (it died between HEAD.json and log).
@@ -674,8 +592,8 @@ class Store:
         info = {"version": version, "count": count, "moves": old["moves"] + 1, "moved_at": _now()}
         atomic_write_json(sdir / HEAD, info)
         if old["moves"] == 0:  # a new stream: make its folders' own entries durable too
-            _fsync_dir(sdir.parent)
-            _fsync_dir(sdir.parent.parent)
+            fsync_dir(sdir.parent)
+            fsync_dir(sdir.parent.parent)
         _failpoint(f"{op}:head_moved")
         entry = {
             "op": op,
@@ -836,8 +754,8 @@ class Store:
             work = self._tmp_dir("version")
             records = {}
             for name, src in sources.items():
-                _move_file(src, work / name)
-                records[name] = _hash_and_sync(work / name)
+                move_file(src, work / name)
+                records[name] = hash_and_sync(work / name)
             self._drop_empty_staging(list(sources.values()))  # now, so a crash leaves less behind
             doc = {
                 **manifest,
@@ -861,14 +779,14 @@ class Store:
                 self._repair_log(sdir, info)
                 final = self._version_dir(version_id)
                 os.rename(work, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 _failpoint("create:published")
                 self._move_head(sdir, info, version_id, number, "create")
         finally:
             for src in sources.values():
                 src.unlink(missing_ok=True)  # moved in already, unless we failed before that
             if work is not None:
-                _remove(work)  # renamed away on success
+                remove(work)  # renamed away on success
             self._drop_empty_staging(list(sources.values()))
         with contextlib.suppress(OSError):  # only a cache: the version is committed either way
             for name, record in records.items():
@@ -1040,7 +958,7 @@ class Store:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return out
 
     # --- whole-store checks and garbage ---
@@ -1131,7 +1049,7 @@ class Store:
         """
         removed = []
         for path in self.garbage():
-            if _age_s(path) < max_age_s:
+            if age_s(path) < max_age_s:
                 continue
             if path.parent == self.root / "versions":
                 try:
@@ -1139,10 +1057,10 @@ class Store:
                     with self._lock(self._stream_dir(doc["model"], doc["stream"]) / LOCK):
                         if path.name in self._referenced_versions(doc["model"], doc["stream"]):
                             continue
-                        _remove(path)
+                        remove(path)
                 except StoreError:
                     continue
             else:
-                _remove(path)
+                remove(path)
             removed.append(path)
         return removed

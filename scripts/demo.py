@@ -59,9 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
 
+    from contract.facts import fact_to_record, load_facts
     from crispedit.delta import Delta, apply_delta
     from crispedit.demo import complete
-    from crispedit.facts import fact_to_record, load_facts
     from crispedit.models import load_model
 
     run_dir = ROOT / "runs" / "demo-service"

@@ -18,6 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.jobs import JOB_FUNCTION
+
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -58,9 +60,7 @@ class Settings(BaseSettings):
     max_facts: int = Field(default=100, ge=1)
     rate_limit_per_minute: int = Field(default=600, ge=0)  # per API key; 0 turns it off
 
-    job_function: str = (
-        "workers.jobs.apply_edit"  # import path the worker resolves (tests override)
-    )
+    job_function: str = JOB_FUNCTION  # import path the worker resolves (tests override)
     job_timeout_s: int = Field(default=3600, ge=1)
     result_ttl_s: int = Field(default=7 * 86400, ge=1)  # how long finished jobs stay readable
     failure_ttl_s: int = Field(default=7 * 86400, ge=1)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from contract.names import DELTA_FILE
 from curvature_store import Store, atomic_write_json, sha256_file
-from curvature_store.store import DELTA_FILE
 
 
 def version_delta(store: Store, version_id: str) -> tuple[Path, str]:

@@ -15,8 +15,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 
+from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from curvature_store import Store, StoreError
-from curvature_store.store import NAME_RE, VERSION_RE
 from service.auth import authenticate, check_rate_limit
 from service.config import ApiKey, Settings
 from service.errors import ApiError
@@ -90,23 +90,15 @@ KeyDep = Annotated[ApiKey, Depends(current_key)]
 
 def check_name(value: str, field: str) -> str:
     """A model or stream name as the store accepts it, or 400 naming the field (path traversal)."""
-    if not NAME_RE.match(value) or ".." in value:
-        raise ApiError(
-            400,
-            "invalid_name",
-            f"invalid {field} name: use 1-128 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit, and no '..'",
-            field,
-        )
+    if not is_name(value):
+        raise ApiError(400, "invalid_name", f"invalid {field} name: {NAME_RULE}", field)
     return value
 
 
 def check_version_id(value: str, field: str = "version_id") -> str:
     """A well-formed version id (`v` + 26 hex digits), or 400 naming the field."""
-    if not VERSION_RE.match(value):
-        raise ApiError(
-            400, "invalid_id", "invalid version id: expected 'v' followed by 26 hex digits", field
-        )
+    if not is_version_id(value):
+        raise ApiError(400, "invalid_id", f"invalid version id: {VERSION_RULE}", field)
     return value
 
 

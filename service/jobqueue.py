@@ -1,28 +1,18 @@
-"""Edit jobs on RQ: the contract with the worker, submission in stream order, status, cancel.
+"""Edit jobs on RQ: submission in stream order, status, cancel.
 
-The job contract (the worker in `workers/` implements the other side):
-
-- queue `crispedit:{model}`, one per served model; function `Settings.job_function` (default
-  `workers.jobs.apply_edit`), given by its import path so the API never imports the worker; RQ's
-  default (pickle) serializer; one positional argument, the plain-JSON dict built by
-  `edit_payload`: `{"model", "stream", "facts", "parent_version", "check_parent", "options",
-  "submitted_at", "key_name"}` where `facts` are `crispedit.facts.fact_to_record` records and
-  `options` holds only what the client set (method, gamma, layers, epochs, lr, anchors,
-  anchor_weight, clip, evaluate).
-- job.meta written by the API at submission: `model`, `stream`, `key_name`, `submitted_at`,
-  `n_facts`, `after` (the stream's previous job id, or None). The worker writes
-  `meta["progress"]` (a JSON object: phase, epoch, loss, facts_done... shown as is).
-- cancel: the API sets `meta["cancel_requested"] = True` and the Redis key
-  `crispedit:cancel:{job_id}` (which survives a worker's `save_meta` of a stale meta). The worker
-  checks either before it starts and between steps, and then ends the job without publishing,
-  by raising (the job fails; shown as `cancelled`) or returning `{"cancelled": True}`.
-- return value: a dict with at least `version` (the new version id) and `metrics` (a dict).
+The job contract with the worker (queue and key names, the payload, the result, cancellation)
+is written once in `contract.jobs`; this module is the API's side of it. The job function is
+`Settings.job_function` (default `contract.jobs.JOB_FUNCTION`), with RQ's default (pickle)
+serializer. job.meta written by the API at submission: `model`, `stream`, `key_name`,
+`submitted_at`, `n_facts`, `after` (the stream's previous job id, or None); the worker writes
+`meta["progress"]` (shown as is). A cancelled job ends without publishing, by raising (the job
+fails; shown as `cancelled`) or returning `{"cancelled": True}`.
 
 Ordering: every job of a (model, stream) depends on the stream's previous job while that one has
 not ended (`Dependency(allow_failure=True)`: a failed edit does not block the next one), so the
 jobs of one stream run one after another in submission order, whichever worker takes them. The
-previous job id is kept under `crispedit:last:{model}:{stream}`, read and replaced under a Redis
-lock so that concurrent submissions form one chain.
+previous job id is kept under `contract.jobs.last_key`, read and replaced under a Redis lock
+(`lock_key`) so that concurrent submissions form one chain.
 """
 
 from __future__ import annotations
@@ -37,22 +27,13 @@ from rq import Queue
 from rq.job import Dependency, Job, JobStatus
 from rq.results import Result
 
+from contract.jobs import EditPayload, cancel_key, last_key, lock_key, now_iso, queue_name
 from curvature_store import Store, StoreError
 from service.config import Settings
 from service.errors import ApiError, scrub
 
 RQ_TERMINAL = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 TERMINAL = {"succeeded", "failed", "cancelled"}
-
-
-def queue_name(model: str) -> str:
-    """The RQ queue of a model's edit jobs."""
-    return f"crispedit:{model}"
-
-
-def now_iso() -> str:
-    """The current UTC time as ISO 8601 with milliseconds and a `Z`."""
-    return _iso(datetime.now(timezone.utc))
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -64,43 +45,7 @@ def _iso(moment: datetime | None) -> str | None:
     return text.replace("+00:00", "Z")
 
 
-def _last_key(model: str, stream: str) -> str:
-    return f"crispedit:last:{model}:{stream}"
-
-
-def _cancel_key(job_id: str) -> str:
-    return f"crispedit:cancel:{job_id}"
-
-
-def edit_payload(
-    model: str,
-    stream: str,
-    facts: list[dict],
-    parent_version: str | None,
-    check_parent: bool,
-    options: dict,
-    key_name: str,
-) -> dict:
-    """The job's one argument (plain JSON; see the module docstring).
-
-    `check_parent` says whether the client gave `parent_version` (`None` then means "the base"):
-    the API checked it against the head at submission, and the worker must check it again when
-    the job runs (an earlier job of the stream may have moved the head meanwhile) and fail the job
-    on a mismatch. Without `check_parent` the edit applies on whatever the head is then.
-    """
-    return {
-        "model": model,
-        "stream": stream,
-        "facts": facts,
-        "parent_version": parent_version,
-        "check_parent": check_parent,
-        "options": options,
-        "submitted_at": now_iso(),
-        "key_name": key_name,
-    }
-
-
-def submit(redis: Redis, settings: Settings, job_id: str, payload: dict) -> Job:
+def submit(redis: Redis, settings: Settings, job_id: str, payload: EditPayload) -> Job:
     """Enqueue the edit job `job_id` after the stream's previous unfinished job; the Job.
 
     Raises ApiError 503 when the stream's submission lock cannot be taken in time.
@@ -112,10 +57,8 @@ def submit(redis: Redis, settings: Settings, job_id: str, payload: dict) -> Job:
         # (in any API process); it expires by itself if a process dies holding it.
         # sleep: redis-py polls a taken lock every 0.1 s by default, which alone would put 100 ms
         # on a submission that meets another one of its stream; held for ~1 ms, poll it often
-        with redis.lock(
-            f"crispedit:lock:{model}:{stream}", timeout=30, sleep=0.002, blocking_timeout=10
-        ):
-            previous = redis.get(_last_key(model, stream))
+        with redis.lock(lock_key(model, stream), timeout=30, sleep=0.002, blocking_timeout=10):
+            previous = redis.get(last_key(model, stream))
             previous_id = previous.decode() if previous else None
             depends_on = None
             if previous_id is not None and _unfinished(redis, previous_id):
@@ -138,7 +81,7 @@ def submit(redis: Redis, settings: Settings, job_id: str, payload: dict) -> Job:
                     "after": previous_id,
                 },
             )
-            redis.set(_last_key(model, stream), job.id, ex=settings.result_ttl_s)
+            redis.set(last_key(model, stream), job.id, ex=settings.result_ttl_s)
     except LockError:
         raise ApiError(
             503, "unavailable", f"stream {model}/{stream} is busy; retry the request"
@@ -165,7 +108,7 @@ def fetch(redis: Redis, job_id: str) -> Job | None:
 
 def cancel_requested(redis: Redis, job: Job) -> bool:
     """Whether a cancel was requested for the job."""
-    return bool(job.meta.get("cancel_requested")) or bool(redis.exists(_cancel_key(job.id)))
+    return bool(job.meta.get("cancel_requested")) or bool(redis.exists(cancel_key(job.id)))
 
 
 def _result(job: Job, rq_status: JobStatus) -> tuple[Any, str | None]:
@@ -303,7 +246,7 @@ def cancel(redis: Redis, job: Job) -> bool:
         status = _public_status(rq_status, cancel_requested(redis, job), _result(job, rq_status)[0])
         raise ApiError(409, "job_ended", f"job {job.id} has already ended ({status})")
     # Flag first: a worker that dequeues the job right now sees the request when it starts.
-    redis.set(_cancel_key(job.id), "1", ex=max(job.result_ttl or 0, 86400 * 7))
+    redis.set(cancel_key(job.id), "1", ex=max(job.result_ttl or 0, 86400 * 7))
     job.get_meta(refresh=True)  # re-read, so the worker's latest progress is not overwritten
     job.meta["cancel_requested"] = True
     job.meta["cancel_requested_at"] = now_iso()

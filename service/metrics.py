@@ -24,7 +24,7 @@ from rq.registry import (
     StartedJobRegistry,
 )
 
-from service.jobqueue import queue_name
+from contract.jobs import queue_name
 
 _REGISTRIES = {
     "deferred": DeferredJobRegistry,

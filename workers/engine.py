@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import torch
 
+from contract.facts import Fact, parse_facts
+from contract.jobs import EditPayload, EditResult, edit_result, job_settings
+from contract.settings import resolve_method
 from crispedit.curvature import Curvature, plan_curvature
 from crispedit.evaluate import evaluate_edit, swapped_weights
-from crispedit.facts import Fact, parse_facts
 from crispedit.models import load_model, parse_layers
-from crispedit.projector import resolve_method
 from crispedit.sequential import set_weights
 from crispedit.streams import (
     StreamCurvatureCache,
@@ -90,55 +91,39 @@ class Engine:
 
     def apply(
         self,
-        request: dict,
+        request: EditPayload,
         report: Callable[[dict], None] = lambda progress: None,
         cancelled: Callable[[], bool] = lambda: False,
         job_id: str | None = None,
-    ) -> dict:
-        """Run one edit request (see `workers.jobs`) and return the new version's summary; the
-        version's manifest records `job_id`."""
+    ) -> EditResult:
+        """Run one edit request (`contract.jobs`) and return the new version's summary; the
+        version's manifest records `job_id`. Bad options raise SettingsError before any work."""
         started = time.perf_counter()
         if request["model"] != self.name:
             raise ValueError(f"this worker serves {self.name!r}, not {request['model']!r}")
-        options = dict(request.get("options") or {})
-        if options.get("layers") not in (None, [], self.layers):
-            raise ValueError(f"this worker edits layers {self.layers}, not {options['layers']}")
+        settings, measure = job_settings(request.get("options"))
+        if settings.layers is not None and list(settings.layers) != self.layers:
+            raise ValueError(f"this worker edits layers {self.layers}, not {settings.layers}")
         facts = parse_facts(request["facts"], source="request")
         if cancelled():
             raise JobCancelled("cancelled before it started; no version was published")
-        method = options.get("method") or "crispedit"
+        method = resolve_method(settings.method)
         capability, key = None, None
-        if resolve_method(method) != "ft":
+        if method != "ft":
             report({"phase": "curvature", "facts_total": len(facts)})
-            capability, key = self.curvature(
-                "ekfac" if resolve_method(method) == "ekfac" else "kfac"
-            )
+            capability, key = self.curvature("ekfac" if method == "ekfac" else "kfac")
 
         def on_epoch(info: dict) -> None:
             if cancelled():
                 raise JobCancelled("cancelled by request; no version was published")
             report({"phase": "edit", "facts_total": len(facts), **info})
 
-        evaluate = (lambda model: self.evaluate(model, facts)) if options.get("evaluate") else None
+        evaluate = (lambda model: self.evaluate(model, facts)) if measure else None
         parent = request.get("parent_version") if request.get("check_parent") else ...
-        editor_options = {
-            k: options[k]
-            for k in ("gamma", "epochs", "lr", "anchors", "anchor_weight", "clip")
-            if options.get(k) is not None  # 0 is a choice (gamma 0, no anchors), None is not
-        }
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
-            capability, facts, method=method, parent=parent,
-            curvature_key=key, evaluate=evaluate, job=job_id, cache=self._stream_curvatures,
-            progress=False, on_epoch=on_epoch,
-            **editor_options,
+            capability, facts, parent=parent, curvature_key=key, evaluate=evaluate, job=job_id,
+            cache=self._stream_curvatures, settings=settings, progress=False, on_epoch=on_epoch,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
-        return {
-            "version": manifest["id"],
-            "number": manifest["number"],
-            "parent": manifest["parent"],
-            "stream": manifest["stream"],
-            "metrics": manifest["metrics"],
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        return edit_result(manifest, time.perf_counter() - started)

@@ -1,19 +1,7 @@
-"""The job contract between the API and the workers.
+"""The worker's side of the job contract (`contract.jobs`): the RQ job function `apply_edit`.
 
-The API enqueues, on the RQ queue `crispedit:{model}`, the function `workers.jobs.apply_edit` (by
-its dotted path, so the API never imports torch) with one JSON-able argument:
-
-    {"model", "stream", "facts": [records in crispedit.facts' own form], "parent_version": id|None,
-     "check_parent": bool,
-     "options": {method?, gamma?, layers?, epochs?, lr?, anchors?, anchor_weight?, clip?,
-                 evaluate?},
-     "submitted_at", "key_name"}
-
-`check_parent` true means the head must be `parent_version` (None: the base) when the job runs.
-While it runs, the job's meta holds `progress` ({phase, epoch, epochs, loss, facts_total,
-facts_done}); the API sets `cancel_requested` in the meta and the key `crispedit:cancel:{id}` to
-stop it before it starts work or at the next epoch. The return value is {version, number, parent,
-stream, metrics, seconds}, and the version's manifest names the job (`job`). A failed or
+It finds this process's resident engine for the payload's model, reports progress into the job's
+meta, and checks for a cancellation request before work and between epochs. A failed or
 cancelled job publishes no version, except a job whose worker died after committing its version:
 the API then reports the job as succeeded from that manifest (`service.jobqueue.job_view`).
 """
@@ -22,19 +10,10 @@ from __future__ import annotations
 
 from rq import get_current_job
 
+from contract.jobs import EditPayload, EditResult, cancel_key
 from workers.engine import Engine
 
 _ENGINES: dict[str, Engine] = {}
-
-
-def queue_name(model: str) -> str:
-    """The RQ queue of a served model."""
-    return f"crispedit:{model}"
-
-
-def cancel_key(job_id: str) -> str:
-    """The Redis key the API sets when a job's cancellation is requested."""
-    return f"crispedit:cancel:{job_id}"
 
 
 def register(engine: Engine) -> None:
@@ -42,7 +21,7 @@ def register(engine: Engine) -> None:
     _ENGINES[engine.name] = engine
 
 
-def apply_edit(request: dict) -> dict:
+def apply_edit(request: EditPayload) -> EditResult:
     """RQ job: apply an edit request with this process's resident engine (see module doc)."""
     engine = _ENGINES.get(request.get("model"))
     if engine is None:

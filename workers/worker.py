@@ -30,8 +30,9 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.worker import WorkerStatus
 
+from contract.jobs import queue_name
 from workers.engine import Engine
-from workers.jobs import queue_name, register
+from workers.jobs import register
 
 HEARTBEAT_S = 10.0
 READY_SWEEP_S = 2.0

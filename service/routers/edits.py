@@ -1,25 +1,26 @@
 """POST /v1/edits: validate fact edits and enqueue them as a job on the stream's model queue.
 
-Nothing is enqueued unless the whole request is valid: the body (pydantic), each fact (through
-the engine's own `fact_from_record`), the model (served, allowed for the key) and the expected
-parent version (still the stream's head).
+Nothing is enqueued unless the whole request is valid: the body (pydantic), each fact (read by
+`contract.facts`, as the engine reads it), the model (served, allowed for the key) and the
+expected parent version (still the stream's head).
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from curvature_store.store import NAME_RE, VERSION_RE
+from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_to_record
+from contract.jobs import edit_payload
+from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
+from contract.settings import DEFAULTS, EditSettings, SettingsError, option_rules
 from service import idempotency, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
 from service.errors import ApiError, responses
-from service.facts import FactsError, fact_from_record, fact_to_record
-from service.relations import RELATIONS, is_relation_id
 
 router = APIRouter(tags=["edits"])
 
@@ -53,43 +54,48 @@ class FactIn(BaseModel):
     ground_truth: Text | None = Field(default=None, description="The old answer, if known")
 
 
+def _option(name: str) -> Any:
+    """The request field of EditSettings option `name`: null (the worker's default) or a value
+    within the option's bounds, and the service's own upper limit where it is stricter."""
+    rules = option_rules(name)
+    bounds = {rule: rules[rule] for rule in ("ge", "gt", "le", "lt") if rule in rules}
+    if "api_le" in rules:
+        bounds["le"] = rules["api_le"]
+    if isinstance(getattr(DEFAULTS, name), float):
+        bounds["allow_inf_nan"] = False
+    return Field(default=None, description=rules["doc"], **bounds)
+
+
 class EditOptions(BaseModel):
-    """Editor options; what is not set is left to the worker's defaults."""
+    """Editor options (`contract.settings.EditSettings`, where each is defined with its default
+    and bounds); what is not set is left to the worker's defaults."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["crispedit", "kfac", "ekfac", "nullspace", "ft"] | None = None
-    gamma: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    method: Literal[option_rules("method")["choices"]] | None = _option("method")  # type: ignore[valid-type]
+    gamma: float | None = _option("gamma")
     layers: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        default=None, min_length=1, max_length=256
+        default=None, min_length=1, max_length=256, description=option_rules("layers")["doc"]
     )
-    epochs: int | None = Field(default=None, ge=1, le=100)
-    lr: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    anchors: int | None = Field(
-        default=None,
-        ge=0,
-        le=8,
-        description="Subject anchors per fact (default 2): the fact's prompt asked about other "
-        "subjects, whose answers the edit keeps. They keep statement-style edits (CounterFact) "
-        "local; a question (a prompt ending in '?', as zsRE's) gets none, where they only cost "
-        "drift. 0 turns them off; see the README.",
-    )
-    anchor_weight: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
-    clip: float | None = Field(
-        default=None,
-        ge=0,
-        lt=1,
-        allow_inf_nan=False,
-        description="Share of each curvature factor's eigenvalues winsorized before the gamma "
-        "rule (default 0: none), for layers with outlier activations; kfac and nullspace only. "
-        "See the README.",
-    )
-    evaluate: bool | None = None
+    epochs: int | None = _option("epochs")
+    lr: float | None = _option("lr")
+    anchors: int | None = _option("anchors")
+    anchor_weight: float | None = _option("anchor_weight")
+    clip: float | None = _option("clip")
+    evaluate: bool | None = Field(
+        default=None, description="Measure the edit (efficacy, locality, perplexity) before and "
+        "after; the results land in the version's metrics.",
+    )  # fmt: skip
 
     @field_validator("clip")
     @classmethod
     def _clip_method(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value and info.data.get("method") == "ekfac":
-            raise ValueError("clip applies to kfac and nullspace, not to ekfac")
+        # the rule that ties clip to the method is EditSettings'; bounds were checked above
+        method = info.data.get("method") or DEFAULTS.method
+        if value is not None:
+            try:
+                EditSettings(method=method, clip=value)
+            except SettingsError as err:
+                raise ValueError(str(err)) from None
         return value
 
 
@@ -111,18 +117,15 @@ class EditRequest(BaseModel):
     @field_validator("stream")
     @classmethod
     def _stream_name(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError(
-                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, "
-                "and no '..'"
-            )
+        if not is_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
     @field_validator("parent_version")
     @classmethod
     def _version_id(cls, value: str | None) -> str | None:
-        if value is not None and not VERSION_RE.match(value):
-            raise ValueError("expected a version id: 'v' followed by 26 hex digits")
+        if value is not None and not is_version_id(value):
+            raise ValueError(f"not a version id: {VERSION_RULE}")
         return value
 
 
@@ -138,25 +141,14 @@ _FIELD_RE = re.compile(r"field '([^']+)'")
 
 def _to_record(index: int, fact: FactIn) -> dict:
     """The fact as the engine's canonical record, or ApiError 422 naming `facts[i].field`."""
-    record = fact.model_dump(exclude_none=True)
-    relation = record.get("relation")
-    if relation is not None and is_relation_id(relation):
-        template = RELATIONS.get(relation.strip())
-        if template is None:
-            raise ApiError(
-                422,
-                "unknown_relation",
-                f"unknown relation id {relation.strip()!r}; GET /v1/relations lists the known ones",
-                f"facts[{index}].relation",
-            )
-        record["relation"] = template
     where = f"facts[{index}]"
     try:
-        return fact_to_record(fact_from_record(record, where))
+        return fact_to_record(fact_from_record(fact.model_dump(exclude_none=True), where))
     except FactsError as err:
         found = _FIELD_RE.search(str(err))
         field = f"{where}.{found.group(1)}" if found else where
-        raise ApiError(422, "invalid_fact", str(err), field) from None
+        code = "unknown_relation" if isinstance(err, UnknownRelation) else "invalid_fact"
+        raise ApiError(422, code, str(err), field) from None
 
 
 @router.post(
@@ -224,7 +216,7 @@ def submit_edit(
                     "parent_version",
                     head=head,
                 )
-        payload = jobqueue.edit_payload(
+        payload = edit_payload(
             model=model,
             stream=body.stream,
             facts=records,

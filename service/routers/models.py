@@ -10,10 +10,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from contract.jobs import queue_name
 from curvature_store import Store, StoreError
 from service.config import ServedModel
 from service.deps import KeyDep, SettingsDep, StoreDep
-from service.jobqueue import queue_name
 
 router = APIRouter(tags=["models"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from service.relations import RELATIONS
+from contract.relations import RELATIONS
 
 router = APIRouter(tags=["relations"])
 

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from contract.names import DELTA_FILE, VERSION_RE
 from curvature_store import Conflict, NotFound, StoreError
-from curvature_store.store import DELTA_FILE, VERSION_RE
 from service.deps import KeyDep, StoreDep, StreamDep, require_json
 from service.errors import ApiError, responses
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from contract.facts import Fact
 from crispedit.anchors import SUBJECTS, anchor_prompts
 from crispedit.corpus import pad_batches
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact
 from crispedit.models import get_layers, parse_layers
 from crispedit.prefix import FastForward
 

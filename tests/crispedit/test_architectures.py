@@ -10,11 +10,11 @@ from conftest import TINY_ARCHS, make_tiny
 from test_curvature import assert_factor_close, brute_force
 from test_prefix import check_step
 
+from contract.facts import Fact
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
 from crispedit.delta import apply_delta
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact
 from crispedit.models import (
     ModelError,
     default_target_layers,

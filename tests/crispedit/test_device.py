@@ -11,11 +11,11 @@ import torch
 from conftest import make_tiny
 from devices import accelerator, on_accelerator
 
+from contract.facts import Fact
 from crispedit import projector
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import Curvature, LayerCurvature, collect_curvature, plan_curvature
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact
 from crispedit.models import parse_layers
 from crispedit.projector import build_projector, energy_threshold, kfac_threshold
 from crispedit.sequential import StreamState, stream_curvature

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from contract.facts import Fact
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
 from crispedit.delta import Delta, DeltaError, apply_delta, revert_delta
 from crispedit.editor import CrispEditor, fact_losses
-from crispedit.facts import Fact
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
 from crispedit.targets import target_batches, target_loss
@@ -252,5 +252,5 @@ def test_projector_dtype_follows_the_flag_on_a_bf16_model(tiny_tokenizer):
         assert {P.U_A.dtype for P in editor.projectors.values()} == {dtype}
         delta = editor.edit(FACTS[:1])
         assert all(t.dtype == torch.float32 for t in delta.tensors.values())
-    with pytest.raises(ValueError, match="projector dtype"):
+    with pytest.raises(ValueError, match="projector_dtype must be one of"):
         CrispEditor(model, tiny_tokenizer, curv, layers=layers, projector_dtype="fp16")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.facts import Fact, Neighbor, load_facts
 from crispedit.corpus import read_documents
 from crispedit.delta import add_to_weights
 from crispedit.evaluate import (
@@ -39,7 +40,6 @@ from crispedit.evaluate import (
     swapped_weights,
     teacher_forced_accuracy,
 )
-from crispedit.facts import Fact, Neighbor, load_facts
 from crispedit.models import default_target_layers, get_layers, load_model
 from crispedit.targets import encode_pair
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import TINY_VOCAB, make_tiny
 
+from contract.facts import Fact
 from crispedit.delta import apply_delta
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact
 from crispedit.models import get_layers, is_conv1d, parse_layers, trainable_only, transformer_blocks
 from crispedit.prefix import FastForward
 from crispedit.targets import target_batches, target_loss

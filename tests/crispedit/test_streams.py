@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from contract.facts import Fact
 from crispedit.curvature import plan_curvature
 from crispedit.delta import add_to_weights
-from crispedit.facts import Fact
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
 from crispedit.sequential import StreamState, stream_curvature

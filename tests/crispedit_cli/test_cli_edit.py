@@ -22,10 +22,10 @@ from cli_helpers import (
     write_jsonl,
 )
 
+from contract.facts import facts_digest, load_facts
 from crispedit.anchors import ANCHORS
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
-from crispedit.facts import facts_digest, load_facts
 from crispedit.models import load_model, model_fingerprint
 from crispedit.projector import GAMMA, build_projector
 

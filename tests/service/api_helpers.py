@@ -9,8 +9,8 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from safetensors.numpy import save_file
 
+from contract.jobs import queue_name
 from curvature_store import Store
-from service.jobqueue import queue_name
 
 REDIS_URL = redis_url(15)
 KEY_ALL = "key-for-every-model"

@@ -11,7 +11,7 @@ from jobs_for_tests import ORDER_KEY
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from service.jobqueue import queue_name
+from contract.jobs import queue_name
 
 
 def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):

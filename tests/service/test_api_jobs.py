@@ -9,7 +9,7 @@ import httpx
 from api_helpers import AUTH, AUTH_TINY, edit_body, job_count, run_worker
 from rq import Queue
 
-from service.jobqueue import queue_name
+from contract.jobs import queue_name
 
 
 def test_status_from_queued_to_succeeded(client, redis, store):

@@ -9,7 +9,7 @@ import pytest
 from api_helpers import AUTH, AUTH_TINY, make_version
 from safetensors.numpy import load
 
-from curvature_store.store import DELTA_FILE
+from contract.names import DELTA_FILE
 
 
 @pytest.fixture

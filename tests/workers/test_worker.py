@@ -16,6 +16,7 @@ from live import redis_db, redis_url
 from rq import Queue
 from rq.job import Job, JobStatus
 
+from contract.jobs import cancel_key, queue_name
 from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, load_model
@@ -59,12 +60,12 @@ def request(facts, stream="main", **options):
 
 
 def run_burst(redis) -> None:
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}").work(burst=True)
 
 
 def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     first = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
     second = queue.enqueue(
         "workers.jobs.apply_edit", request(FACTS[1], evaluate=True), depends_on=first
@@ -103,7 +104,7 @@ def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir
 
 def test_the_clients_options_reach_the_editor_and_the_version(redis, engine):
     """Options the client set, zeros included, are the version's; the rest are the defaults."""
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
     queue.enqueue(
         "workers.jobs.apply_edit", request(FACTS[1], anchors=0, anchor_weight=5.0, clip=0.2)
@@ -129,7 +130,7 @@ def test_progress_is_reported_per_epoch(redis, engine, monkeypatch):
         save_meta(job)
 
     monkeypatch.setattr(Job, "save_meta", spy)
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     queue.enqueue("workers.jobs.apply_edit", request(FACTS[0], epochs=4))
     run_burst(redis)
     phases = [p.get("phase") for p in seen]
@@ -140,13 +141,13 @@ def test_progress_is_reported_per_epoch(redis, engine, monkeypatch):
 
 @pytest.mark.parametrize("how", ["meta", "key"])
 def test_cancelled_job_publishes_nothing(redis, engine, how):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     job = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
     if how == "meta":
         job.meta["cancel_requested"] = True
         job.save_meta()
     else:
-        redis.set(jobs.cancel_key(job.id), 1)
+        redis.set(cancel_key(job.id), 1)
     run_burst(redis)
     job = Job.fetch(job.id, connection=redis)
     assert job.get_status() == JobStatus.FAILED
@@ -156,7 +157,7 @@ def test_cancelled_job_publishes_nothing(redis, engine, how):
 
 
 def test_stale_parent_fails_and_the_next_job_succeeds(redis, engine):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
     run_burst(redis)
     head = engine.store.head("tiny", "main")
@@ -185,14 +186,14 @@ def test_heartbeats_beat_while_a_job_runs(redis, engine, monkeypatch):
         original(self, job, execution)
 
     monkeypatch.setattr(ResidentWorker, "maintain_heartbeats", counted)
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     queue.enqueue("time.sleep", 0.5)
     run_burst(redis)
     assert len(beats) >= 5
 
 
 def test_a_request_for_another_model_fails_clearly(redis, engine):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     job = queue.enqueue("workers.jobs.apply_edit", {**request(FACTS[0]), "model": "other"})
     run_burst(redis)
     job = Job.fetch(job.id, connection=redis)
@@ -211,7 +212,7 @@ def park_in_ready(redis, queue: Queue, job: Job) -> None:
 
 
 def test_a_released_job_left_in_the_ready_registry_still_runs(redis, engine):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     first = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0], stream="a"))
     blocker = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0], stream="x"))
     parked = queue.enqueue(
@@ -232,7 +233,7 @@ def test_a_released_job_left_in_the_ready_registry_still_runs(redis, engine):
 
 
 def test_drain_ready_pushes_every_parked_job_once(redis):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     blocker = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
     parked = [
         queue.enqueue("workers.jobs.apply_edit", request(f, stream=s), depends_on=blocker)
@@ -259,7 +260,7 @@ def restore_signals():
 def test_a_stop_signal_just_after_a_dequeue_still_runs_the_job(
     redis, engine, monkeypatch, restore_signals
 ):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     job = queue.enqueue("workers.jobs.apply_edit", request(FACTS[0]))
     original = ResidentWorker.reorder_queues
 
@@ -277,7 +278,7 @@ def test_a_stop_signal_just_after_a_dequeue_still_runs_the_job(
 
 
 def test_an_idle_worker_stops_soon_after_a_stop_signal(redis, restore_signals):
-    queue = Queue(jobs.queue_name("tiny"), connection=redis)
+    queue = Queue(queue_name("tiny"), connection=redis)
     worker = ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}")
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
     started = time.monotonic()

@@ -25,10 +25,10 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
+from contract.jobs import edit_payload, queue_name
 from curvature_store import Store
 from service import jobqueue
 from service.config import Settings
-from workers.jobs import queue_name
 
 REDIS_URL = redis_url(13)
 FACT = [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}]
@@ -37,7 +37,7 @@ HEARTBEAT_S = 0.5
 
 def submit(redis: Redis, epochs: int) -> Job:
     """An edit job on stream tiny/main, enqueued as the API does."""
-    payload = jobqueue.edit_payload(
+    payload = edit_payload(
         "tiny", "main", FACT, None, False, {"epochs": epochs, "lr": 1e-6}, "test"
     )  # lr 1e-6: the loss never stops the edit early
     return jobqueue.submit(redis, Settings(), f"job-{time.monotonic_ns()}", payload)

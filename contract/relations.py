@@ -1,7 +1,8 @@
 """CounterFact relations: Wikidata property ids and the prompt templates they stand for.
 
-A fact may name its relation by id (`"relation": "P36"`); the API replaces the id with the
-template, where `{}` marks the subject. The templates are CounterFact's (ROME, Meng et al. 2022).
+A fact may name its relation by id (`"relation": "P36"`); `contract.facts` replaces the id with
+the template, where `{}` marks the subject, wherever facts are read (engine, CLI, API, bench). The
+templates are CounterFact's (ROME, Meng et al. 2022).
 """
 
 from __future__ import annotations

@@ -5,16 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from crispedit.facts import (
+from contract.facts import (
     Fact,
     FactsError,
     Neighbor,
+    UnknownRelation,
     fact_from_record,
     fact_to_record,
     facts_digest,
     load_facts,
     parse_facts,
 )
+from contract.relations import RELATIONS
 
 ASSETS = Path(__file__).resolve().parents[2] / "crispedit" / "assets"
 COUNTERFACT = ASSETS / "counterfact-edit-1k.json"
@@ -256,6 +258,33 @@ def test_relation_phrase_follows_the_subject():
     fact = fact_from_record(record)
     assert fact.prompt == "Eiffel Tower is located in"
     assert fact.subject == "Eiffel Tower"
+
+
+def test_relation_id_is_replaced_by_its_template():
+    record = {"subject": "The Eiffel Tower", "relation": " P17 ", "target": "Italy"}
+    fact = fact_from_record(record)
+    assert fact.prompt == "The Eiffel Tower is located in the country of"
+    assert fact.prompt == RELATIONS["P17"].replace("{}", "The Eiffel Tower")
+
+
+def test_every_relation_id_expands_around_its_subject():
+    for relation, template in RELATIONS.items():
+        fact = fact_from_record({"subject": "S", "relation": relation, "target": "T"})
+        before, _, after = template.partition("{}")
+        assert fact.prompt == (before + "S" + after).rstrip(), relation
+
+
+def test_unknown_relation_id_names_the_field():
+    with pytest.raises(UnknownRelation) as caught:
+        parse_facts([EIFFEL, {"subject": "S", "relation": "P9999", "target": "T"}], "facts.json")
+    assert isinstance(caught.value, FactsError)
+    assert str(caught.value).startswith("facts.json: record 1: field 'relation': unknown relation")
+    assert "'P9999'" in str(caught.value)
+
+
+def test_a_phrase_that_only_starts_like_an_id_is_a_phrase():
+    fact = fact_from_record({"subject": "S", "relation": "P17 is near", "target": "T"})
+    assert fact.prompt == "S P17 is near"
 
 
 @pytest.mark.parametrize("relation", ["{} is located in", "is located in"])

@@ -6,7 +6,9 @@ edit text is prompt + " " + target. Three record shapes are accepted, and each r
 recognised by its own keys, so one file may mix them:
 
 - ours:        prompt (or relation + subject), target (or object), subject?, paraphrases?,
-               neighbors?, ground_truth?
+               neighbors?, ground_truth?; a relation is a template with `{}` for the subject,
+               a phrase that follows the subject, or a Wikidata property id such as "P17"
+               (`contract.relations`)
 - CounterFact, EasyEdit's flat form (has "target_new"): prompt, target_new, subject,
                ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth
 - zsRE, MEND/ROME form (has "src" and "alt"): src, alt, subject, answers, pred, rephrase,
@@ -16,6 +18,10 @@ Files are .json (a list of records, one record, or {"facts": [...]}) or .jsonl (
 line). Any problem raises a FactsError that names the file, the record and the field: a bad
 record is never skipped, because a silently smaller edit set would skew every metric after it.
 Keys we do not know are ignored, since other tools add their own.
+
+This module is the one place that turns records into facts: the engine, its CLI, the API and the
+bench all read facts through it, so the same record means the same edit everywhere. It is
+standard library only, because the API's request path must not import torch.
 """
 
 import hashlib
@@ -24,9 +30,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.relations import RELATIONS, is_relation_id
+
 
 class FactsError(ValueError):
     """A fact file or record is malformed; the message names the file/record index and the field."""
+
+
+class UnknownRelation(FactsError):
+    """A record names a relation id (`P…`) that `contract.relations.RELATIONS` does not know."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,17 @@ def _neighbors(value: object, where: str) -> tuple[Neighbor, ...]:
     return tuple(neighbors)
 
 
+def _relation(value: object, where: str) -> str:
+    """The relation as a template or phrase: a relation id is replaced by its template."""
+    relation = _text(value, where, "relation").strip()
+    if not is_relation_id(relation):
+        return relation
+    if relation not in RELATIONS:
+        problem = f"unknown relation id {relation!r} (the known ids: GET /v1/relations)"
+        raise UnknownRelation(f"{where}: field 'relation': {problem}")
+    return RELATIONS[relation]
+
+
 # -----------------------------------------------------------------------------
 # one record of each format
 
@@ -136,7 +159,7 @@ def _from_ours(record: dict, where: str) -> Fact:
     if has_prompt and has_relation:
         raise _error(where, "prompt", "give either 'prompt' or 'relation', not both")
     if has_relation:
-        relation = _text(record["relation"], where, "relation").strip()
+        relation = _relation(record["relation"], where)
         if subject is None:
             raise _error(where, "subject", "is required to fill in 'relation'")
         # a template says where the subject goes ("{} is located in"); a plain phrase follows it

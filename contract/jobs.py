@@ -1,0 +1,125 @@
+"""The job contract between the API and the workers: queue and key names, payload and result.
+
+The API enqueues, on the RQ queue `queue_name(model)`, the function `JOB_FUNCTION` (by its dotted
+path, so the API never imports torch) with one plain-JSON argument, an `EditPayload` built by
+`edit_payload`. `facts` are `contract.facts.fact_to_record` records; `options` holds only what
+the client set: options of `contract.settings.EditSettings`, and `evaluate`, which is the job's
+own (measure the edit), not the editor's. `check_parent` true means the head must be
+`parent_version` (None: the base) when the job runs.
+
+While it runs, the job's meta holds `progress` ({phase, epoch, epochs, loss, facts_total,
+facts_done}); the API sets `cancel_requested` in the meta and the key `cancel_key(id)` (which
+survives a worker's save of a stale meta) to stop it before it starts work or at the next epoch.
+The worker returns an `EditResult` (`edit_result`), and the version's manifest names the job
+(`job`). The jobs of one stream are chained through `last_key` under the lock `lock_key`.
+
+Standard library only, like the rest of `contract`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, TypedDict
+
+from contract.settings import EditSettings
+
+JOB_FUNCTION = "workers.jobs.apply_edit"
+JOB_OPTIONS = ("evaluate",)  # a request's options that are the job's, not the editor's
+PREFIX = "crispedit"
+
+
+def queue_name(model: str) -> str:
+    """The RQ queue of a served model's edit jobs."""
+    return f"{PREFIX}:{model}"
+
+
+def cancel_key(job_id: str) -> str:
+    """The Redis key the API sets when a job's cancellation is requested."""
+    return f"{PREFIX}:cancel:{job_id}"
+
+
+def last_key(model: str, stream: str) -> str:
+    """The Redis key holding the id of the stream's last submitted job."""
+    return f"{PREFIX}:last:{model}:{stream}"
+
+
+def lock_key(model: str, stream: str) -> str:
+    """The Redis lock that makes a stream's submissions one chain."""
+    return f"{PREFIX}:lock:{model}:{stream}"
+
+
+class EditPayload(TypedDict):
+    """The edit job's one argument."""
+
+    model: str
+    stream: str
+    facts: list[dict]
+    parent_version: str | None
+    check_parent: bool
+    options: dict[str, Any]
+    submitted_at: str
+    key_name: str
+
+
+class EditResult(TypedDict):
+    """What an edit job returns: the new version's summary and the job's duration."""
+
+    version: str
+    number: int
+    parent: str | None
+    stream: str
+    metrics: dict
+    seconds: float
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with milliseconds and a `Z`."""
+    text = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def edit_payload(
+    model: str,
+    stream: str,
+    facts: list[dict],
+    parent_version: str | None,
+    check_parent: bool,
+    options: dict[str, Any],
+    key_name: str,
+) -> EditPayload:
+    """The job's argument, stamped with the submission time. `options` must be valid
+    (`job_settings` reads them back); `check_parent` says whether the client gave
+    `parent_version`: the worker must then check it again when the job runs (an earlier job of
+    the stream may have moved the head meanwhile). Raises SettingsError for bad options."""
+    job_settings(options)
+    return EditPayload(
+        model=model,
+        stream=stream,
+        facts=facts,
+        parent_version=parent_version,
+        check_parent=check_parent,
+        options=options,
+        submitted_at=now_iso(),
+        key_name=key_name,
+    )
+
+
+def job_settings(options: Mapping[str, Any] | None) -> tuple[EditSettings, bool]:
+    """A payload's options as (the editor's settings, whether to evaluate the edit).
+    Raises SettingsError naming an unknown or bad option."""
+    options = dict(options or {})
+    evaluate = bool(options.pop("evaluate", None))
+    return EditSettings.from_options(options), evaluate
+
+
+def edit_result(manifest: Mapping[str, Any], seconds: float) -> EditResult:
+    """The job's return value for the version `manifest` it published in `seconds`."""
+    return EditResult(
+        version=manifest["id"],
+        number=manifest["number"],
+        parent=manifest["parent"],
+        stream=manifest["stream"],
+        metrics=manifest["metrics"],
+        seconds=round(seconds, 3),
+    )

@@ -1,0 +1,36 @@
+"""Names and ids the store, the engine and the API share: their rules and the artifact file names.
+
+A model or stream name becomes a folder of the store, so its rule is also the guard against path
+traversal: the store refuses a bad name before any filesystem access, and the API answers 400 (or
+422 in a body) with the same words. Standard library only.
+"""
+
+from __future__ import annotations
+
+import re
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RULE = (
+    "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, and no '..'"
+)
+# `v` + 12 hex digits of the creation time in milliseconds + 14 random ones: ids sort by age
+VERSION_RE = re.compile(r"^v[0-9a-f]{26}$")
+VERSION_RULE = "expected 'v' followed by 26 hex digits"
+KEY_RE = re.compile(r"^[0-9a-f]{32}$")  # a curvature key: a digest of its key fields
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.safetensors$")  # a file of a version
+
+DELTA_FILE = "delta.safetensors"  # a version's change against its parent
+STATE_FILE = "state.safetensors"  # a version's stream state (the edit set's curvature sums)
+CURVATURE_FILE = "curvature.safetensors"
+MANIFEST_FILE = "manifest.json"  # of a version or a curvature artifact
+HEAD_FILE = "HEAD.json"  # a stream's head pointer
+
+
+def is_name(value: object) -> bool:
+    """Whether `value` is a valid model or stream name (NAME_RULE)."""
+    return isinstance(value, str) and bool(NAME_RE.match(value)) and ".." not in value
+
+
+def is_version_id(value: object) -> bool:
+    """Whether `value` is a well-formed version id (VERSION_RULE)."""
+    return isinstance(value, str) and bool(VERSION_RE.match(value))

@@ -1,0 +1,219 @@
+"""Edit settings: every editor option, its default and its valid values, written once.
+
+`EditSettings` is what an edit is run with, wherever it comes from: the CLI's flags, an API
+request's `options`, a worker's job, the bench's grid. A version's manifest records
+`to_options()` under "options", and `from_options` reads such a dict back, so a recorded edit can
+be rerun with exactly its settings. Each field's metadata holds its bounds (`ge`, `gt`, `le`,
+`lt`), its `choices`, and, for the options a client of the shared service may set, `api` with
+the service's own upper limit where it is stricter than the engine's (`api_le`): the API's request
+model is built from these, so it cannot drift from the engine.
+
+The defaults were chosen by bench/quality.py on its tuning splits; bench/results/ holds the
+figures behind each one (γ, epochs, the projected update, the anchors, clip), and the comments
+below say only which way each choice went.
+
+Standard library only: the API imports this without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("ft", "nullspace", "kfac", "ekfac")
+ALIASES = {"crispedit": "kfac"}  # our default, the best setting of the quality benchmark
+PROJECT_CHOICES = ("gradient", "update")
+STOP_CHOICES = ("batch", "fact")
+PROJECTOR_DTYPES = ("float32", "model")
+
+
+class SettingsError(ValueError):
+    """An edit option is unknown or out of range; `field` names it as `EditSettings` spells it,
+    and the message starts with it ("clip must be below 1.0, not 1.5")."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+
+
+def _option(default: Any, doc: str, **rules: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"doc": doc, **rules})
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """How one edit is run: every option of the projected editor, with its default.
+
+    Construction validates every field (`SettingsError` naming the first bad one), so an
+    EditSettings that exists is one the editor accepts. `layers` is None (the curvature's
+    layers, or the model's default block), a layer spec such as "20-24", or a tuple of names.
+    """
+
+    method: str = _option(
+        "crispedit", "kfac (alias crispedit), ekfac, nullspace, or ft (no projection)",
+        choices=(*ALIASES, *METHODS), api=True,
+    )  # fmt: skip
+    # with 100 epochs, the update projected and subject anchors, γ 0.9 lands nearly every tuning
+    # edit of both data sets at the least drift
+    gamma: float = _option(
+        0.9, "Protected share of the curvature energy (0: plain fine-tuning).",
+        ge=0.0, le=1.0, api=True,
+    )  # fmt: skip
+    layers: str | tuple[str, ...] | None = _option(
+        None, "The edited layers (default: the worker's).", api=True
+    )
+    # at γ 0.9 fewer epochs leave many CounterFact edits unlearnt, and with anchors zsRE's longer
+    # answers need more than 50; a converged edit stops sooner anyway
+    epochs: int = _option(
+        100, "Epochs at most; a converged edit stops sooner.", ge=1, api=True, api_le=100
+    )
+    lr: float = _option(5e-4, "Adam's learning rate.", gt=0.0, api=True, api_le=1.0)
+    batch_size: int = _option(32, "Facts per step.", ge=1)
+    seed: int = _option(0, "Seed of each epoch's shuffle of the facts.", ge=0)
+    # "gradient" is the reference recipe, but Adam then rescales each coordinate and part of every
+    # step leaks into blocked directions; "update" keeps the whole edit in the kept subspace
+    project: str = _option(
+        "update",
+        "What the projector is applied to: the gradient alone, or also each step's update.",
+        choices=PROJECT_CHOICES,
+    )
+    # a bf16 rotation loses about 3 significant digits of the kept gradient, hence float32
+    projector_dtype: str = _option(
+        "float32", "The dtype gradients are rotated in: float32, or the model's own.",
+        choices=PROJECTOR_DTYPES,
+    )  # fmt: skip
+    # anchors keep a statement's neighbours from flipping with it; a higher weight costs zsRE
+    # efficacy; questions get none: on zsRE they cost generalization and drift and protect no
+    # neighbour
+    anchors: int = _option(
+        2,
+        "Subject anchors per fact (default 2): the fact's prompt asked about other subjects, "
+        "whose answers the edit keeps. They keep statement-style edits (CounterFact) local; a "
+        "question (a prompt ending in '?', as zsRE's) gets none, where they only cost drift. "
+        "0 turns them off; see the README.",
+        ge=0, api=True, api_le=8,
+    )  # fmt: skip
+    anchor_weight: float = _option(
+        3.0, "Weight of the anchors' KL against the facts' loss.",
+        ge=0.0, api=True, api_le=100.0,
+    )  # fmt: skip
+    anchor_questions: bool = _option(False, "Whether questions get anchors too.")
+    # "fact": a fact below loss_stop drops out of the loss (it has landed: pushing it further
+    # only grows the weight change); "batch": each batch's mean loss is compared
+    loss_stop: float = _option(
+        0.01, "A batch below this loss is skipped; the edit stops below it.", ge=0.0
+    )
+    stop: str = _option(
+        "batch", "Compare loss_stop with each batch's mean loss, or each fact's own.",
+        choices=STOP_CHOICES,
+    )  # fmt: skip
+    # clipping helps layers with a massive activation (SmolLM2's middle ones) and costs a little
+    # drift on layers without outliers: so off by default
+    clip: float = _option(
+        0.0,
+        "Share of each curvature factor's eigenvalues winsorized before the gamma rule "
+        "(default 0: none), for layers with outlier activations; kfac and nullspace only. "
+        "See the README.",
+        ge=0.0, lt=1.0, api=True,
+    )  # fmt: skip
+    beta: float = _option(1.0, "Weight of a stream's earlier edits' curvature.", ge=0.0)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check(field, getattr(self, field.name))
+        if isinstance(self.layers, list):  # a JSON list: frozen settings keep a tuple
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.clip and resolve_method(self.method) == "ekfac":
+            raise SettingsError("clip", "applies to kfac and nullspace, not to ekfac")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> EditSettings:
+        """Settings from a dict of options (an API request's, a manifest's "options"): a key
+        missing or None takes its default. An unknown key or a bad value raises SettingsError."""
+        options = dict(options or {})
+        for key in options:
+            if key not in OPTION_NAMES:
+                known = ", ".join(OPTION_NAMES)
+                raise SettingsError(str(key), f"is not an edit option (known: {known})")
+        return cls(**{key: value for key, value in options.items() if value is not None})
+
+    def to_options(self) -> dict[str, Any]:
+        """Every option as plain JSON (layers as a list), as a version's manifest records it;
+        `from_options` reads it back into equal settings."""
+        options = dataclasses.asdict(self)
+        if isinstance(self.layers, tuple):
+            options["layers"] = list(self.layers)
+        return options
+
+    def override(self, **changes: Any) -> EditSettings:
+        """These settings with the options in `changes` that are not None changed (a caller's
+        keyword arguments over its settings); validated like the constructor."""
+        kept = {key: value for key, value in changes.items() if value is not None}
+        return dataclasses.replace(self, **kept)
+
+
+def resolve_method(method: str) -> str:
+    """Map a method name or alias (`crispedit`) to one of `METHODS`; ValueError otherwise."""
+    resolved = ALIASES.get(method, method)
+    if resolved not in METHODS:
+        names = ", ".join([*ALIASES, *METHODS])
+        raise ValueError(f"unknown method {method!r}: one of {names}")
+    return resolved
+
+
+def option_rules(name: str) -> dict[str, Any]:
+    """The metadata of option `name`: doc, bounds, choices, and `api`/`api_le` for the service.
+    Raises KeyError for a name that is not an option."""
+    for field in dataclasses.fields(EditSettings):
+        if field.name == name:
+            return dict(field.metadata)
+    raise KeyError(name)
+
+
+def _check(field: dataclasses.Field, value: Any) -> None:
+    """Raise SettingsError unless `value` has the field's type and respects its rules."""
+    name, rules = field.name, field.metadata
+    kind = type(field.default)
+    if name == "layers":
+        _check_layers(value)
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise SettingsError(name, f"must be a finite {kind.__name__}, got {value!r}")
+    if "choices" in rules and value not in rules["choices"]:
+        problem = f"must be one of {', '.join(rules['choices'])}, not {value!r}"
+        if name == "method":
+            problem += f" (unknown method {value!r})"
+        raise SettingsError(name, problem)
+    for rule, holds, words in (
+        ("ge", lambda v, b: v >= b, "at least"),
+        ("gt", lambda v, b: v > b, "above"),
+        ("le", lambda v, b: v <= b, "at most"),
+        ("lt", lambda v, b: v < b, "below"),
+    ):
+        if rule in rules and not holds(value, rules[rule]):
+            raise SettingsError(name, f"must be {words} {rules[rule]}, not {value!r}")
+
+
+def _check_layers(value: Any) -> None:
+    if value is None or (isinstance(value, str) and value.strip()):
+        return
+    names = isinstance(value, list | tuple) and value
+    if names and all(isinstance(name, str) and name.strip() for name in value):
+        return
+    raise SettingsError("layers", "must be a layer spec or a non-empty list of layer names")
+
+
+DEFAULTS = EditSettings()
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(EditSettings))

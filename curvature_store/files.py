@@ -1,0 +1,113 @@
+"""File safety: the store's writes are atomic and durable, and its reads are hashed.
+
+A file is written to a temp name in its final folder, fsynced and renamed, and the folder is
+fsynced so that the rename survives a power loss; a reader sees the old content or the new one,
+never part of either. These helpers are the only place the project writes a file that another
+process may read at the same time (crispedit's artifacts use them too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_and_sync(path: Path) -> dict:
+    """`{"sha256", "bytes"}` of a file the store now owns, after fsyncing it to disk.
+
+    The file came from the caller, who may not have fsynced it; it must be durable before any
+    manifest or head points at it.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync, rename, fsync the folder.
+
+    A reader sees the old content or the new one, never part of either; a crash leaves at most a
+    stray `.NAME.*.tmp` file, which `Store.garbage` lists.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented, key-sorted JSON with `atomic_write_bytes` (NaN is refused)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """Move a caller's file into the store: a rename, or copy + delete across filesystems."""
+    try:
+        os.replace(src, dst)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(src, dst)
+        src.unlink()
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree, ignoring what is already gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def age_s(path: Path) -> float:
+    """Seconds since `path` (or, for a folder, anything directly in it) was last modified."""
+    try:
+        newest = path.lstat().st_mtime
+        if path.is_dir() and not path.is_symlink():
+            for child in path.iterdir():
+                with contextlib.suppress(OSError):
+                    newest = max(newest, child.lstat().st_mtime)
+    except OSError:
+        return 0.0
+    return time.time() - newest

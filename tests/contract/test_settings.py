@@ -1,0 +1,104 @@
+"""EditSettings: the one definition of the editor's options, and everything built from it."""
+
+import dataclasses
+import math
+
+import pytest
+
+from contract.settings import (
+    DEFAULTS,
+    OPTION_NAMES,
+    EditSettings,
+    SettingsError,
+    option_rules,
+    resolve_method,
+)
+
+
+def test_defaults_are_valid_and_round_trip_through_options():
+    assert EditSettings.from_options(DEFAULTS.to_options()) == DEFAULTS
+    assert EditSettings.from_options(None) == DEFAULTS
+    chosen = EditSettings(method="ekfac", gamma=0.5, layers=["a.b", "c.d"], anchors=0)
+    assert chosen.layers == ("a.b", "c.d")  # frozen settings keep a tuple of a JSON list
+    assert chosen.to_options()["layers"] == ["a.b", "c.d"]
+    assert EditSettings.from_options(chosen.to_options()) == chosen
+    assert hash(chosen) == hash(EditSettings.from_options(chosen.to_options()))
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"gamma": 1.5}, "gamma"),
+        ({"gamma": -0.1}, "gamma"),
+        ({"gamma": math.nan}, "gamma"),
+        ({"gamma": "0.9"}, "gamma"),
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"epochs": True}, "epochs"),
+        ({"lr": 0.0}, "lr"),
+        ({"anchors": -1}, "anchors"),
+        ({"anchor_weight": math.inf}, "anchor_weight"),
+        ({"clip": 1.0}, "clip"),
+        ({"method": "rome"}, "method"),
+        ({"project": "weights"}, "project"),
+        ({"stop": "epoch"}, "stop"),
+        ({"projector_dtype": "fp16"}, "projector_dtype"),
+        ({"anchor_questions": 1}, "anchor_questions"),
+        ({"layers": []}, "layers"),
+        ({"layers": ["ok", ""]}, "layers"),
+        ({"method": "ekfac", "clip": 0.1}, "clip"),
+        ({"momentum": 0.9}, "momentum"),
+    ],
+)
+def test_a_bad_option_names_its_field(options, field):
+    with pytest.raises(SettingsError) as caught:
+        EditSettings.from_options(options)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field} ")
+
+
+def test_limits_are_inclusive_or_exclusive_as_written():
+    assert EditSettings(gamma=0.0).gamma == 0.0 and EditSettings(gamma=1.0).gamma == 1.0
+    assert EditSettings(clip=0.0, method="ekfac").clip == 0.0  # clip 0 is no clip at all
+    assert EditSettings(lr=1e-12).lr == 1e-12
+    assert EditSettings(epochs=1000).epochs == 1000  # the engine has no upper limit; the API has
+
+
+def test_override_keeps_what_is_none_and_validates_the_rest():
+    assert DEFAULTS.override(gamma=None, clip=None) == DEFAULTS
+    assert DEFAULTS.override(gamma=0.5).gamma == 0.5
+    with pytest.raises(SettingsError, match="gamma"):
+        DEFAULTS.override(gamma=2.0)
+
+
+def test_every_option_has_a_doc_and_rules_that_its_default_meets():
+    for field in dataclasses.fields(EditSettings):
+        rules = option_rules(field.name)
+        assert rules["doc"], field.name
+        if "choices" in rules:
+            assert getattr(DEFAULTS, field.name) in rules["choices"]
+    assert tuple(f.name for f in dataclasses.fields(EditSettings)) == OPTION_NAMES
+    with pytest.raises(KeyError):
+        option_rules("momentum")
+
+
+def test_method_aliases():
+    assert resolve_method("crispedit") == "kfac" == resolve_method("kfac")
+    with pytest.raises(ValueError, match="unknown method 'rome'"):
+        resolve_method("rome")
+
+
+def test_the_editor_defaults_are_the_settings_defaults():
+    # the engine's names for its defaults are re-exports, never second definitions
+    import crispedit.anchors as anchors
+    import crispedit.editor as editor
+    import crispedit.projector as projector
+    import crispedit.sequential as sequential
+
+    assert (
+        DEFAULTS.lr, DEFAULTS.epochs, DEFAULTS.batch_size, DEFAULTS.seed,
+    ) == (editor.LR, editor.EPOCHS, editor.BATCH_SIZE, editor.SEED)  # fmt: skip
+    assert (
+        DEFAULTS.gamma, DEFAULTS.clip, DEFAULTS.beta,
+    ) == (projector.GAMMA, projector.CLIP, sequential.BETA)  # fmt: skip
+    assert (DEFAULTS.anchors, DEFAULTS.anchor_weight) == (anchors.ANCHORS, anchors.ANCHOR_WEIGHT)
