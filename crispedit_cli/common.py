@@ -9,6 +9,7 @@ writes nothing to its `--out` (`staged_output` moves results in only once they a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -18,11 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from contract.facts import FactsError
+from contract.settings import DEFAULTS, OPTION_NAMES, EditSettings, SettingsError
 from crispedit.artifacts import ArtifactError
 from crispedit.corpus import CorpusError
 from crispedit.delta import DeltaError
 from crispedit.models import DTYPES, ModelError, load_model, resolve_device, resolve_dtype
-from crispedit.projector import resolve_method
 from curvature_store import StoreError
 
 DEFAULT_TOKENS = 20_000
@@ -120,7 +121,7 @@ def load_model_of(args: argparse.Namespace):
 
 def check_numbers(args: argparse.Namespace) -> None:
     """Raise CLIError for a numeric flag out of its range (whichever command defines it)."""
-    for name in ("tokens", "epochs", "batch_size", "limit", "seq_len", "curvature_batch"):
+    for name in ("tokens", "limit", "seq_len", "curvature_batch"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
@@ -128,20 +129,51 @@ def check_numbers(args: argparse.Namespace) -> None:
         ("--tokens", "eval_tokens"),
         ("--retention", "retention"),
         ("--mmlu", "mmlu"),
-        ("--anchors", "anchors"),
-        ("--anchor-weight", "anchor_weight"),
     ):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise CLIError(f"{flag} must not be negative, not {value}")
-    gamma = getattr(args, "gamma", None)
-    if gamma is not None and not 0.0 <= gamma <= 1.0:
-        raise CLIError(f"--gamma must be between 0 and 1, not {gamma}")
-    clip = getattr(args, "clip", None)
-    if clip is not None and not 0.0 <= clip < 1.0:
-        raise CLIError(f"--clip must be at least 0 and below 1, not {clip}")
-    if clip and resolve_method(args.method) == "ekfac":
-        raise CLIError("--clip applies to kfac and nullspace, not to ekfac")
-    lr = getattr(args, "lr", None)
-    if lr is not None and not lr > 0:
-        raise CLIError(f"--lr must be positive, not {lr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Edit settings: one flag per option of contract.settings.EditSettings
+
+FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_settings_args(p: argparse.ArgumentParser, api_only: bool = False) -> None:
+    """A flag per editor option of `EditSettings` (`--anchor-weight` for anchor_weight), its
+    help, choices and default from there, so the CLI cannot drift from the engine and the API.
+    Every flag defaults to None ("not given"): `settings_from_args` fills in the defaults.
+    `api_only` keeps the options a client of the service may set (`crispedit submit`)."""
+    group = p.add_argument_group("edit settings")
+    for field in dataclasses.fields(EditSettings):
+        if field.name == "layers" or (api_only and not field.metadata.get("api")):
+            continue  # every command that edits takes --layers itself
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{field.metadata['doc']} (default: {getattr(DEFAULTS, field.name)})"
+        if field.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(
+                flag, type=FLAG_TYPES[field.type], choices=field.metadata.get("choices"),
+                help=help_text,
+            )  # fmt: skip
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The edit options the command line gave (those of `add_settings_args` not left out)."""
+    return {
+        name: getattr(args, name)
+        for name in OPTION_NAMES
+        if name != "layers" and getattr(args, name, None) is not None
+    }
+
+
+def settings_from_args(args: argparse.Namespace) -> EditSettings:
+    """The edit's settings from its flags; a bad value is a CLIError naming the flag."""
+    try:
+        return EditSettings.from_options(given_options(args))
+    except SettingsError as err:
+        flag = "--" + err.field.replace("_", "-")
+        raise CLIError(flag + str(err).removeprefix(err.field)) from err

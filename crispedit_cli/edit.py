@@ -15,15 +15,15 @@ import json
 import time
 from pathlib import Path
 
-from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
-from crispedit.editor import BATCH_SIZE, EPOCHS, LR, PROJECT, PROJECT_CHOICES
-from crispedit.projector import ALIASES, CLIP, GAMMA, METHODS, resolve_method
+from contract.settings import resolve_method
 from crispedit_cli.common import (
     CLIError,
     add_placement_args,
+    add_settings_args,
     load_model_of,
     open_store,
     placement_record,
+    settings_from_args,
     staged_output,
     store_model_name,
 )
@@ -56,22 +56,6 @@ def _expected_parent(args: argparse.Namespace, store):
     return parent
 
 
-def _editor_options(args: argparse.Namespace) -> dict:
-    """The editor's keyword arguments from the command's flags."""
-    return {
-        "method": args.method,
-        "gamma": args.gamma,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "project": args.project,
-        "anchors": args.anchors,
-        "anchor_weight": args.anchor_weight,
-        "clip": args.clip,
-    }
-
-
 def cmd_edit(args: argparse.Namespace) -> None:
     """`crispedit edit`: a delta (and report) into `--out`, and/or a version on `--stream`."""
     from contract.facts import load_facts
@@ -80,9 +64,11 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from crispedit.streams import base_weights, edit_on_stream
 
     store = _edit_store(args)
+    settings = settings_from_args(args)
+    args.seed = settings.seed  # sampled curvature labels take the edit's seed
     facts = load_facts(args.facts, limit=args.limit)  # before the model: bad input fails fast
     parent = _expected_parent(args, store)
-    method = resolve_method(args.method)
+    method = resolve_method(settings.method)
     model, tokenizer = load_model_of(args)
     layers = parse_layers(model, args.layers)
     base = base_weights(model, layers)
@@ -92,13 +78,14 @@ def cmd_edit(args: argparse.Namespace) -> None:
         if method != "ft":
             curvature, curvature_key = edit_curvature(model, tokenizer, args, layers, store)
         curvature_seconds = time.perf_counter() - started
-        options, version = _editor_options(args), None
+        version = None
         if args.stream is None:
-            delta = CrispEditor(model, tokenizer, curvature, layers=layers, **options).edit(facts)
+            editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings)
+            delta = editor.edit(facts)
         else:
             version, delta = edit_on_stream(
                 store, store_model_name(args), args.stream, model, tokenizer, base, curvature,
-                facts, beta=args.beta, parent=parent, curvature_key=curvature_key, **options,
+                facts, settings=settings, parent=parent, curvature_key=curvature_key,
             )  # fmt: skip
         report = {
             **delta.report,
@@ -156,37 +143,14 @@ def add_edit(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--model", required=True)
     edit.add_argument("--facts", required=True, help="our JSON/JSONL, CounterFact or zsRE file")
     edit.add_argument("--limit", type=int, help="use only the first N facts")
-    edit.add_argument("--method", default="crispedit", choices=[*ALIASES, *METHODS])
-    edit.add_argument("--gamma", type=float, default=GAMMA, help="protected curvature share")
     edit.add_argument("--layers")
     edit.add_argument("--curvature", help="a curvature file/folder (default: build it now)")
-    edit.add_argument("--epochs", type=int, default=EPOCHS)
-    edit.add_argument("--lr", type=float, default=LR)
-    edit.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument(
-        "--project", default=PROJECT, choices=PROJECT_CHOICES,
-        help="project the gradient only, or also each Adam update (the whole delta)",
-    )  # fmt: skip
-    edit.add_argument(
-        "--anchors", type=int, default=ANCHORS,
-        help="anchor prompts per fact: its question about other subjects, answers kept (0: off)",
-    )  # fmt: skip
-    edit.add_argument(
-        "--anchor-weight", type=float, default=ANCHOR_WEIGHT,
-        help="weight of the anchors' KL to the base model against the facts' loss",
-    )  # fmt: skip
-    edit.add_argument(
-        "--clip", type=float, default=CLIP,
-        help="share of each factor's eigenvalues winsorized before the γ rule (outlier "
-        "activations, e.g. middle layers; 0: off)",
-    )  # fmt: skip
     edit.add_argument("--out", help="write DIR/delta.safetensors and DIR/report.json")
     edit.add_argument("--store", help="a store: caches curvature, holds streams")
     edit.add_argument("--stream", help="edit on top of this stream's head; publish a version")
     edit.add_argument("--model-name", help="the model's name in the store (default: alias/folder)")
     edit.add_argument("--parent", help="expected head (a version id or 'base'); else a conflict")
-    edit.add_argument("--beta", type=float, default=1.0, help="weight of earlier edits' curvature")
+    add_settings_args(edit)
     add_curvature_args(edit)
     add_placement_args(edit)
     edit.set_defaults(func=cmd_edit)

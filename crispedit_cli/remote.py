@@ -17,8 +17,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from crispedit.projector import ALIASES, METHODS
-from crispedit_cli.common import DEFAULT_TOKENS, CLIError, add_placement_args, store_model_name
+from crispedit_cli.common import (
+    DEFAULT_TOKENS,
+    CLIError,
+    add_placement_args,
+    add_settings_args,
+    given_options,
+    store_model_name,
+)
 
 
 @contextmanager
@@ -60,7 +66,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
     from contract.facts import fact_to_record, load_facts
 
     facts = [fact_to_record(f) for f in load_facts(args.facts, limit=args.limit)]
-    options = {k: v for k, v in (("method", args.method), ("gamma", args.gamma)) if v is not None}
+    options = given_options(args)  # the API applies its defaults and its own limits
     with api_client(args) as client:
         accepted = client.submit(
             args.model, facts, args.stream, args.parent, options, args.idempotency_key
@@ -137,8 +143,7 @@ def add_api_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--limit", type=int)
     submit.add_argument("--stream", default="main")
     submit.add_argument("--parent", help="expected head version")
-    submit.add_argument("--method", choices=[*ALIASES, *METHODS])
-    submit.add_argument("--gamma", type=float)
+    add_settings_args(submit, api_only=True)
     submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", action="store_true", help="poll until the job ends")
     submit.set_defaults(func=cmd_submit)

@@ -357,3 +357,36 @@ def test_console_script_bad_input_exits_2(tmp_path, tiny_model_dir):
     assert result.stderr.count("\n") == 1
     assert "'target'" in result.stderr
     assert_nothing_written(out)
+
+
+def test_every_edit_setting_is_a_flag_of_edit_and_the_api_ones_of_submit():
+    """The flags come from contract.settings.EditSettings: an option added there is a flag
+    here, parsed into the same settings the engine runs with."""
+    import dataclasses
+
+    from contract.settings import DEFAULTS, EditSettings
+    from crispedit_cli.common import settings_from_args
+    from crispedit_cli.main import parser
+
+    changed = {
+        "method": "nullspace", "gamma": 0.7, "epochs": 7, "lr": 0.01, "batch_size": 4,
+        "seed": 3, "project": "gradient", "projector_dtype": "model", "anchors": 1,
+        "anchor_weight": 0.5, "anchor_questions": True, "loss_stop": 0.2, "stop": "fact",
+        "clip": 0.01, "beta": 2.0,
+    }  # fmt: skip
+    names = {f.name for f in dataclasses.fields(EditSettings)} - {"layers"}
+    assert set(changed) == names, "a new option needs a non-default value here"
+    argv = ["edit", "--model", "m", "--facts", "f", "--out", "o"]
+    for name, value in changed.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    settings = settings_from_args(parser().parse_args(argv))
+    assert settings == EditSettings(**changed)
+    assert settings != DEFAULTS
+    unset = settings_from_args(parser().parse_args(argv[:7]))
+    assert unset == DEFAULTS
+
+    api = {f.name for f in dataclasses.fields(EditSettings) if f.metadata.get("api")}
+    submit = parser().parse_args(["submit", "--model", "m", "--facts", "f", "--gamma", "0.5"])
+    assert {n for n in names if hasattr(submit, n)} == api - {"layers"}
+    assert submit.gamma == 0.5
