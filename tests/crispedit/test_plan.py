@@ -17,6 +17,7 @@ from crispedit.facts import Fact
 from crispedit.models import parse_layers
 from crispedit.plan import (
     Workload,
+    _backward,
     load_config,
     main,
     meta_model,
@@ -158,3 +159,41 @@ def test_main_prints_a_table_and_json(capsys):
 def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_activation_estimate_is_near_what_the_backward_saves():
+    """Activations are an estimate (kernels choose what they save): within 20 % of the bytes a
+    curvature batch's backward holds, counted by autograd's saved-tensor hooks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",  # as `load_model` gets it, and a GPU's fused kernels save
+    )
+    model = LlamaForCausalLM(config).eval()
+    shape = model_shape(model, "5-6")
+    batch_size, seq_len = 4, 128
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages, alive = {}, []  # kept alive, so that no storage address is reused
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:  # frozen layers save their weight
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            alive.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        collect_curvature(model, list(shape.layers), [batch], progress=False)
+    w = Workload(dtype=torch.float32, batch_size=batch_size, seq_len=seq_len)
+    tokens = batch_size * seq_len
+    planned = _backward(shape, w, tokens, grads=False) + tokens * shape.vocab * 4  # + log-softmax
+    assert abs(sum(storages.values()) / planned - 1) < 0.2
