@@ -187,6 +187,7 @@ class Workload:
     host_copies: bool = False
     staircase_mask: bool = False
     free_model_grads: bool = False  # the weights' own gradients freed once cast to fp32
+    state_on_host: bool = False  # the stream state stays on the host while the editor runs
     eigh_fp32: bool = False
 
     @property
@@ -204,7 +205,9 @@ LEVERS = {
     "curvature build": [FP32_SUMS, ("build layer by layer", {"layer_by_layer": True})],
     "steady editing": [
         DROP_FACTORS,
+        FP32_SUMS,
         ("projector in the model's dtype (projector_dtype='model')", {"projector_dtype": "model"}),
+        ("[more] the stream state on the host while the editor runs", {"state_on_host": True}),
         SMALL_BATCHES,
         HOST_COPIES,
         ("[more] K-FAC mask as its staircase's row counts", {"staircase_mask": True}),
@@ -408,6 +411,7 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
         *_common(s, w),
         *_factors(s, w, "capability curvature"),
         *_memo(s, w),
+        *([] if w.state_on_host else [_state(s, w, "stream state (alive through the edit)")]),
         *_factors(s, w, "stream curvature"),
         *_projector(s, w),
         Item("edit-start copies W_before", 0 if w.host_copies else s.weights * w.e,
@@ -441,7 +445,7 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
 
 def _state(s: ModelShape, w: Workload, what: str) -> Item:
     sums = FP32 if w.fp32_sums else FP64
-    return Item(f"{what} S_A, S_B ({_dt_bytes(sums)})", _held_squares(s, w) * sums,
+    return Item(f"{what}: S_A, S_B ({_dt_bytes(sums)})", _held_squares(s, w) * sums,
                 "sequential.py StreamState")  # fmt: skip
 
 
