@@ -389,9 +389,19 @@ def _projector(s: ModelShape, w: Workload) -> list[Item]:
 
 
 def _factors(s: ModelShape, w: Workload, what: str) -> list[Item]:
+    """A curvature's factors A, B (and, for EK-FAC, its bases and eigenvalue matrix), fp32."""
     if w.drop_factors:
         return []
-    return [Item(f"{what} A, B (fp32)", s.sum_squares * FP32, "curvature.py LayerCurvature")]
+    items = [Item(f"{what} A, B (fp32)", s.sum_squares * FP32, "curvature.py LayerCurvature")]
+    if w.kind == "ekfac":
+        items.append(
+            Item(
+                f"{what} EK-FAC U_A, U_B and eigenvalues (fp32)",
+                s.sum_squares * FP32 + s.weights * FP32,
+                "curvature.py LayerCurvature",
+            )
+        )
+    return items  # fmt: skip
 
 
 def _memo(s: ModelShape, w: Workload) -> list[Item]:
