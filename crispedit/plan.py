@@ -108,17 +108,24 @@ def load_config(model: str):
         data = json.loads(shipped.read_text())
         return AutoConfig.for_model(**data)
     try:
-        return AutoConfig.from_pretrained(resolve_model(model))
+        path = resolve_model(model)
     except ModelError as err:
         raise PlanError(f"{err}; or a shipped config: {', '.join(shipped_configs())}") from err
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # a config transformers cannot read or does not know
+        raise PlanError(f"cannot read the config of {model!r}: {err}") from err
 
 
 def meta_model(config) -> nn.Module:
     """The causal LM of `config` on the `meta` device: every shape, no storage."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as err:  # no causal LM of this architecture in transformers
+        raise PlanError(f"cannot build a causal LM from this config: {err}") from err
 
 
 def model_shape(
@@ -133,8 +140,14 @@ def model_shape(
     modules = dict(model.named_modules())
     shapes = {n: _matrix_shape(modules[n]) for n in names}
     prefix, blocks = transformer_blocks(model)
+    # a layer outside the blocks (the head, say): the backward then crosses every block
     lowest = min(
-        int(n.removeprefix(prefix + ".").split(".")[0]) for n in names if n.startswith(prefix + ".")
+        (
+            int(n.removeprefix(prefix + ".").split(".")[0])
+            for n in names
+            if n.startswith(prefix + ".")
+        ),
+        default=-1,
     )
     heads = config.num_attention_heads
     return ModelShape(

@@ -161,6 +161,12 @@ def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_config_transformers_does_not_know_exits_2(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "cannot read the config" in capsys.readouterr().err
+
+
 def test_activation_estimate_is_near_what_the_backward_saves():
     """Activations are an estimate (kernels choose what they save): within 20 % of the bytes a
     curvature batch's backward holds, counted by autograd's saved-tensor hooks."""
