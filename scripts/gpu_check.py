@@ -12,9 +12,9 @@ exposes and a CPU run hides:
 - every edited weight, the curvature and the projector the next job would build sit on the
   model's device;
 - each version's delta has almost no component in the subspace its projector blocks (rebuilt
-  from the same curvature and stream state; in float64 on the host, so the check itself is
-  exact): a share above `BLOCKED_SHARE_MAX` is a leak, a bf16 rounding that escaped the
-  projection;
+  from the same curvature, stream state, γ and clip, applied in float64 on the model's device,
+  so the check itself errs by about 1e-7): a share above `BLOCKED_SHARE_MAX` is a leak, a bf16
+  rounding that escaped the projection;
 - the edits land (efficacy rose), and the materialized head is the weights the engine left;
 
 and records `torch.cuda.max_memory_allocated` per phase. Results go to
@@ -123,11 +123,16 @@ def off_device(tensors: dict[str, torch.Tensor | None], device: torch.device) ->
     ]
 
 
-def blocked_share(delta: torch.Tensor, curvature_layer, gamma: float | None) -> float:
-    """‖δ − P(δ)‖ / ‖δ‖ with P the layer's K-FAC projector, rebuilt in float64 on the host."""
-    options = {} if gamma is None else {"gamma": gamma}
-    projector = build_projector(curvature_layer, "kfac", dtype=torch.float64, **options)
-    d = delta.to("cpu", torch.float64)
+def blocked_share(delta: torch.Tensor, curvature_layer, manifest: dict, device) -> float:
+    """‖δ − P(δ)‖ / ‖δ‖ with P the K-FAC projector the version's manifest describes, rebuilt in
+    float64 on `device` (an 8B layer's fp64 rotations take minutes on a CPU, a second on a GPU)."""
+    options = {"clip": manifest["options"]["clip"]}
+    if manifest["gamma"] is not None:
+        options["gamma"] = manifest["gamma"]
+    projector = build_projector(
+        curvature_layer, "kfac", device=device, dtype=torch.float64, **options
+    )
+    d = delta.to(device, torch.float64)
     return float((d - projector(d)).norm() / d.norm().clamp_min(1e-30))
 
 
@@ -205,8 +210,9 @@ def _check_versions(record: Check, engine: Engine, capability, versions: list[di
         state = read_state(engine.store, manifest["parent"])  # what the edit was protected by
         curvature = stream_curvature(capability, state, manifest["beta"])
         delta = Delta.load(engine.store.version_file(summary["version"], DELTA_FILE))
+        device = next(engine.model.parameters()).device
         shares = {
-            key: blocked_share(d, curvature.layers[key.removesuffix(".weight")], manifest["gamma"])
+            key: blocked_share(d, curvature.layers[key.removesuffix(".weight")], manifest, device)
             for key, d in delta.tensors.items()
         }
         worst = max(shares.values())
