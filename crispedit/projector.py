@@ -131,7 +131,9 @@ def energy_threshold(rows: Callable[[int, int], torch.Tensor], n_rows: int, gamm
     _check_gamma(gamma)
     if n_rows == 0:
         return math.inf
-    step = max(1, CHUNK_ELEMENTS // max(1, rows(0, 1).numel()))
+    first = rows(0, 1)
+    step = max(1, CHUNK_ELEMENTS // max(1, first.numel()))
+    device = first.device  # the histograms live with the values: one bincount per chunk adds there
 
     def chunks():
         for i in range(0, n_rows, step):
@@ -149,8 +151,8 @@ def energy_threshold(rows: Callable[[int, int], torch.Tensor], n_rows: int, gamm
     buckets = 1 << RADIX_BITS
     prefix, above = 0, 0.0  # bits decided so far; energy of the values above that prefix
     for shift in range(64 - RADIX_BITS, -1, -RADIX_BITS):
-        hist = torch.zeros(buckets, dtype=torch.float64)
-        count = torch.zeros(buckets, dtype=torch.int64)
+        hist = torch.zeros(buckets, dtype=torch.float64, device=device)
+        count = torch.zeros(buckets, dtype=torch.int64, device=device)
         for lam in chunks():
             bits = lam.view(torch.int64)
             if shift + RADIX_BITS < 64:
@@ -160,7 +162,7 @@ def energy_threshold(rows: Callable[[int, int], torch.Tensor], n_rows: int, gamm
             hist += torch.bincount(digit, weights=lam, minlength=buckets)
             count += torch.bincount(digit, minlength=buckets)
         from_top = hist.flip(0).cumsum(0) + above  # energy of the digits ≥ each one, high first
-        i = int(torch.searchsorted(from_top, torch.tensor([target], dtype=torch.float64)))
+        i = int(torch.searchsorted(from_top, target))
         # rounding can leave the sum a hair below the target: then the lowest occupied digit
         i = min(i, buckets - 1 - int(torch.nonzero(count).min()))
         digit = buckets - 1 - i
@@ -417,10 +419,14 @@ class KroneckerProjector:
         return float(self.M.float().mean())
 
 
-def _eigen(curvature: LayerCurvature, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eigenbasis of factor `which` ("A" or "B"), computed once per factor value."""
-    factor = getattr(curvature, which)
-    return curvature.memo(("eigen", which), factor, lambda: eigenbasis(factor))
+def _eigen(
+    curvature: LayerCurvature, which: str, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenbasis of factor `which` ("A" or "B") on `device`, computed there (the model's
+    device, where the float64 `eigh` runs fastest) once per factor value."""
+    factor, device = getattr(curvature, which), torch.device(device)
+    key = ("eigen", which, str(device))
+    return curvature.memo(key, factor, lambda: eigenbasis(factor.to(device)))
 
 
 def _resident(
@@ -442,9 +448,10 @@ def build_projector(
     """The projector of one layer for `method` at γ, on `device` in `dtype`; None for `ft`.
 
     `clip` winsorizes each factor's eigenvalues before the energy rule (`winsorize`; K-FAC and
-    nullspace, whose eigenvalues come per factor). The eigendecompositions and their copies on
-    `device` are remembered by `curvature` (see `LayerCurvature.memo`): a worker that keeps its
-    curvature resident builds each job's projector from them in milliseconds.
+    nullspace, whose eigenvalues come per factor). The eigendecompositions, computed on `device`
+    wherever the curvature lives, and their copies there are remembered by `curvature` (see
+    `LayerCurvature.memo`): a worker that keeps its curvature resident builds each job's projector
+    from them in milliseconds. EK-FAC's bases come with the curvature: it needs no `eigh`.
     """
     method = resolve_method(method)
     _check_gamma(gamma)
@@ -453,14 +460,15 @@ def build_projector(
         return None
     if method == "ekfac" and clip > 0.0:
         raise ValueError("clip applies to 'kfac' and 'nullspace', not to 'ekfac'")
-    s_A, U_A = _eigen(curvature, "A")
     if method == "nullspace":
+        s_A, U_A = _eigen(curvature, "A", device)
         lam_A = winsorize(s_A.double().clamp_min(0.0), clip).unsqueeze(0)
         tau = energy_threshold(lambda i, j: lam_A[i:j], 1, gamma)
         U_A = _resident(curvature, "U_A", curvature.A, U_A, device, dtype)
         return KroneckerProjector(U_A, None, (lam_A < tau).to(device))
     if method == "kfac":
-        s_B, U_B = _eigen(curvature, "B")
+        s_A, U_A = _eigen(curvature, "A", device)
+        s_B, U_B = _eigen(curvature, "B", device)
         _, k = kfac_threshold(s_A, s_B, gamma, clip)
         cols = torch.arange(len(s_A), device=device)
         M = cols[None, :] < k.to(device)[:, None]  # row i keeps its k_i smallest products

@@ -99,41 +99,65 @@ class StreamState:
 def edit_set_factors(
     model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact]
 ) -> StreamState:
-    """K-FAC sums of the `prompt target` texts of `facts` on the model as it is now."""
+    """K-FAC sums of the `prompt target` texts of `facts` on the model as it is now, on the CPU
+    (where a stream state is added up and stored, whatever the model's device)."""
     sequences = [encode_pair(tokenizer, f.prompt, f.target)[0] for f in facts]
     curvature = collect_curvature(
         model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH), progress=False
     )
     n = curvature.tokens
     return StreamState(
-        S_A={name: c.A.double() * n for name, c in curvature.layers.items()},
-        S_B={name: c.B.double() * n for name, c in curvature.layers.items()},
+        S_A={name: (c.A.double() * n).cpu() for name, c in curvature.layers.items()},
+        S_B={name: (c.B.double() * n).cpu() for name, c in curvature.layers.items()},
         tokens=n,
     )
 
 
-def stream_curvature(capability: Curvature, state: StreamState, beta: float = BETA) -> Curvature:
-    """The curvature that protects capability and the stream's previous edits (see module doc)."""
+def stream_curvature(
+    capability: Curvature,
+    state: StreamState,
+    beta: float = BETA,
+    device: torch.device | str | None = None,
+) -> Curvature:
+    """The curvature that protects capability and the stream's previous edits (see module doc),
+    on `device`: the model's, where its projectors are built (default: the capability's).
+
+    The capability's factors and the state's sums, wherever they live (the capability on the
+    device that built it or on the CPU that read it from the store, the state on the CPU), are
+    moved there once per layer, and EK-FAC's eigendecompositions run there.
+    """
     if state.tokens == 0 or beta == 0:
         return capability
     layers = {}
     for name, c in capability.layers.items():
-        A_cap, B_cap = c.A.double(), c.B.double()
-        A = A_cap + beta * state.S_A[name] / state.tokens
-        B = B_cap + beta * state.S_B[name] / state.tokens
-        layer = LayerCurvature(A=A.float(), B=B.float())
-        if c.ekfac is not None:
-            e_A, U_A = eigenbasis(A)
-            e_B, U_B = eigenbasis(B)
-            R_A, R_B = U_A.T @ c.U_A.double(), U_B.T @ c.U_B.double()
-            capability_part = (R_B * R_B) @ c.ekfac.double() @ (R_A * R_A).T
-            s_A, s_B = _diagonal_in(U_A, A_cap), _diagonal_in(U_B, B_cap)
-            increase = e_B[:, None] * e_A[None, :] - s_B[:, None] * s_A[None, :]
-            layer.U_A, layer.U_B = U_A.float(), U_B.float()
-            layer.ekfac = (capability_part + increase).clamp_min(0).float()
-        layers[name] = layer
+        target = c.A.device if device is None else torch.device(device)
+        layers[name] = _stream_layer(
+            c, state.S_A[name], state.S_B[name], state.tokens, beta, target
+        )
     meta = {**capability.meta, "stream_edit_tokens": state.tokens, "beta": beta}
     return Curvature(layers=layers, tokens=capability.tokens, meta=meta)
+
+
+def _stream_layer(
+    c: LayerCurvature, S_A: torch.Tensor, S_B: torch.Tensor, n: int, beta: float, device
+) -> LayerCurvature:
+    """One layer's A = A_cap + β·S_A/n, B likewise, and for EK-FAC its eigenvalues re-expressed in
+    the eigenbases of A and B (module doc), computed in float64 on `device`."""
+    on_device = lambda t: t.to(device, torch.float64)  # noqa: E731
+    A_cap, B_cap = on_device(c.A), on_device(c.B)
+    A = A_cap + beta * on_device(S_A) / n
+    B = B_cap + beta * on_device(S_B) / n
+    layer = LayerCurvature(A=A.float(), B=B.float())
+    if c.ekfac is not None:
+        e_A, U_A = eigenbasis(A)
+        e_B, U_B = eigenbasis(B)
+        R_A, R_B = U_A.T @ on_device(c.U_A), U_B.T @ on_device(c.U_B)
+        capability_part = (R_B * R_B) @ on_device(c.ekfac) @ (R_A * R_A).T
+        s_A, s_B = _diagonal_in(U_A, A_cap), _diagonal_in(U_B, B_cap)
+        increase = e_B[:, None] * e_A[None, :] - s_B[:, None] * s_A[None, :]
+        layer.U_A, layer.U_B = U_A.float(), U_B.float()
+        layer.ekfac = (capability_part + increase).clamp_min(0).float()
+    return layer
 
 
 def _diagonal_in(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,13 @@ RUN groupadd --gid "${UID}" crispedit \
 
 WORKDIR /src
 # Dependencies in their own layer, read from pyproject.toml so the list lives in one place; only a
-# change of pyproject.toml reinstalls them. The constraint pins torch to the base image's build:
-# pip then never swaps the CUDA torch for another one, and fails if it is out of our range.
+# change of pyproject.toml reinstalls them: the engine's dependencies and the `worker` extra (the
+# queue: redis, rq). The constraint pins torch to the base image's build: pip then never swaps
+# the CUDA torch for another one, and fails if it is out of our range.
 COPY pyproject.toml ./
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" \
         > /tmp/constraints.txt \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" \
         > /tmp/requirements.txt \
     && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
 
@@ -40,8 +41,11 @@ COPY crispedit ./crispedit
 COPY curvature_store ./curvature_store
 COPY service ./service
 COPY workers ./workers
-RUN pip install -c /tmp/constraints.txt . \
+# `.[worker]`: the worker imports redis and rq, and so does its health check (tests/deploy checks
+# that every module the image runs imports here); the build tries those imports too.
+RUN pip install -c /tmp/constraints.txt ".[worker]" \
     && python -c "from transformers.utils import is_torch_available; assert is_torch_available(), 'transformers cannot use this torch'" \
+    && python -c "import redis, rq, workers.worker" \
     && crispedit worker --help > /dev/null
 
 COPY docker/worker-entrypoint.sh /usr/local/bin/crispedit-worker

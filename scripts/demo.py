@@ -2,7 +2,7 @@
 
     python scripts/demo.py          (what `make demo` runs)
 
-Starts Redis when it is not running, the API (uvicorn) and one worker (`crispedit worker`) as
+Starts a private redis-server, the API (uvicorn) and one worker (`crispedit worker`) as
 subprocesses on a fresh store under runs/demo-service, submits the demo facts with `POST /v1/edits`,
 polls the job while the worker reports progress, downloads the version's delta (checking its
 sha256 against the ETag), applies it to a local copy of SmolLM2 and prints before/after answers.
@@ -25,11 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from service.local import ensure_redis, free_port, start, wait_ready
+from service.local import free_port, private_redis, start, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = ROOT / "crispedit" / "assets" / "demo_facts.json"
-REDIS_DB = 2  # a database of its own: the demo never touches others
 
 
 def poll(client: httpx.Client, url: str, worker: subprocess.Popen, timeout: float) -> dict:
@@ -68,18 +67,15 @@ def main() -> None:
     run_dir = ROOT / "runs" / "demo-service"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    ensure_redis()
     key = "demo-" + secrets.token_hex(16)
     env = {
         **os.environ,
         "CRISPEDIT_STORE_DIR": str(run_dir / "store"),
-        "CRISPEDIT_REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "CRISPEDIT_MODELS": json.dumps({"smollm2": {}}),
         "CRISPEDIT_API_KEYS": json.dumps(
             {hashlib.sha256(key.encode()).hexdigest(): {"name": "demo", "models": ["smollm2"]}}
         ),
     }
-    subprocess.run(["redis-cli", "-n", str(REDIS_DB), "flushdb"], check=True, capture_output=True)
     facts = load_facts(FACTS)
     model, tokenizer = load_model("smollm2")
     prompts = [("edit", f.prompt, f.target) for f in facts]
@@ -90,6 +86,7 @@ def main() -> None:
     port = free_port()
     bin_dir = Path(sys.executable).parent
     with ExitStack() as stack:
+        env["CRISPEDIT_REDIS_URL"] = private_redis(stack, run_dir / "redis") + "/0"
         api = start(stack, "API", [str(bin_dir / "uvicorn"), "--factory", "service.main:create_app",
                                    "--host", "127.0.0.1", "--port", str(port)],
                     env, run_dir / "api.log")  # fmt: skip

@@ -1,7 +1,7 @@
 """The stack on one machine, as subprocesses: Redis, the API under uvicorn, workers.
 
-What `make demo`, bench/load.py and the tests' private stacks share: a free port,
-Redis started when none answers, subprocesses whose output goes to a log and which are stopped
+What `make demo`, bench/load.py and the tests' private stacks share: a free port, a private
+redis-server, subprocesses whose output goes to a log and which are stopped
 when their ExitStack closes, and a bounded wait for the API's readiness.
 """
 
@@ -25,25 +25,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_redis(port: int = 6379) -> None:
-    """Start a throwaway redis-server on 127.0.0.1 when none answers there."""
-    ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
-    if ping.stdout.strip() == "PONG":
-        return
-    print(f"starting redis-server on 127.0.0.1:{port}")
-    subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
-         "--save", "", "--appendonly", "no"],
-        check=True,
-    )  # fmt: skip
-    for _ in range(50):
-        if (
-            subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode
-            == 0
-        ):
-            return
-        time.sleep(0.1)
-    raise SystemExit("redis-server did not start")
+def start_redis(port: int, data_dir: Path, persist: bool = False) -> subprocess.Popen:
+    """Start a private redis-server on 127.0.0.1:`port` keeping its files in `data_dir`, and
+    wait until it answers; the caller stops it.
+
+    Private, never the Redis on 6379: that one may be a developer's own, and demos and tests
+    flush their databases. `persist` turns on an fsynced append-only file (as docker-compose.yml
+    runs Redis), so a SIGKILLed server restarted on the same `data_dir` comes back with its data.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else [
+        "--appendonly", "no"]  # fmt: skip
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--save", "", *persistence]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server on port {port} exited (status {proc.returncode})")
+        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True)
+        if ping.stdout.strip() == b"PONG":
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server on port {port} did not answer within 10 s")
+
+
+def private_redis(stack: ExitStack, data_dir: Path) -> str:
+    """A private redis-server on a free port, stopped when `stack` closes; returns its URL."""
+    port = free_port()
+    proc = start_redis(port, data_dir)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    stack.callback(stop)
+    print(f"started a private redis-server (pid {proc.pid}, port {port})")
+    return f"redis://127.0.0.1:{port}"
 
 
 def start(stack: ExitStack, name: str, argv: list[str], env: dict, log: Path) -> subprocess.Popen:

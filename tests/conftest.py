@@ -32,40 +32,97 @@ def tiny_tokenizer(tmp_path_factory):
     return fast
 
 
+# The architectures `make_tiny` builds, each a few blocks of width 32: dense decoders, GPT-style
+# models, OPT (MLP layers directly in the block), the text tower of the multimodal Gemma 3
+# (`gemma3-vision`) and a mixture of experts (Mixtral).
+TINY_ARCHS = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3-vision",
+    "phi3",
+    "gpt2",
+    "gptj",
+    "gptneox",
+    "opt",
+    "mixtral",
+)
+
+
 def make_tiny(arch: str, seed: int = 0):
-    """A small randomly initialised causal LM of the given architecture (4 blocks)."""
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        GPTJConfig,
-        GPTJForCausalLM,
-        GPTNeoXConfig,
-        GPTNeoXForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    """A small randomly initialised causal LM of the given architecture (4 blocks), in eval mode
+    and float32. `arch` is one of TINY_ARCHS."""
+    import transformers as hf
 
     torch.manual_seed(seed)
     common = {"vocab_size": TINY_VOCAB, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
-    if arch == "llama":
-        config = LlamaConfig(
+    decoder = {  # the Llama-style shape most architectures share
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 256,
+        **common,
+    }
+    llama_like = {
+        "llama": (hf.LlamaConfig, hf.LlamaForCausalLM),
+        "mistral": (hf.MistralConfig, hf.MistralForCausalLM),
+        "qwen2": (hf.Qwen2Config, hf.Qwen2ForCausalLM),
+        "qwen3": (hf.Qwen3Config, hf.Qwen3ForCausalLM),
+        "gemma": (hf.GemmaConfig, hf.GemmaForCausalLM),
+        "gemma2": (hf.Gemma2Config, hf.Gemma2ForCausalLM),
+        "gemma3": (hf.Gemma3TextConfig, hf.Gemma3ForCausalLM),
+    }
+    # Gemma 3 alternates local (sliding-window) and global attention, each with its own rotary
+    # table; a window shorter than the test sentences makes the difference count.
+    gemma3 = {"layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": 4}
+    if arch in llama_like:
+        config_cls, model_cls = llama_like[arch]
+        model = model_cls(config_cls(**decoder, **(gemma3 if arch == "gemma3" else {})))
+    elif arch == "gemma3-vision":
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        }
+        text = {**decoder, **gemma3}
+        config = hf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+        model = hf.Gemma3ForConditionalGeneration(config)
+    elif arch == "phi3":
+        model = hf.Phi3ForCausalLM(hf.Phi3Config(**decoder))
+    elif arch == "mixtral":
+        config = hf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **decoder)
+        model = hf.MixtralForCausalLM(config)
+    elif arch == "opt":
+        config = hf.OPTConfig(
             hidden_size=32,
-            intermediate_size=48,
+            ffn_dim=48,
             num_hidden_layers=4,
             num_attention_heads=4,
-            num_key_value_heads=2,
+            word_embed_proj_dim=32,
             max_position_embeddings=256,
             **common,
         )
-        model = LlamaForCausalLM(config)
+        model = hf.OPTForCausalLM(config)
     elif arch == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **common)
-        model = GPT2LMHeadModel(config)
+        config = hf.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=256, **common)
+        model = hf.GPT2LMHeadModel(config)
     elif arch == "gptj":
-        config = GPTJConfig(n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=256, **common)
-        model = GPTJForCausalLM(config)
+        config = hf.GPTJConfig(
+            n_embd=32, n_layer=4, n_head=4, rotary_dim=4, n_positions=256, **common
+        )
+        model = hf.GPTJForCausalLM(config)
     elif arch == "gptneox":
-        config = GPTNeoXConfig(
+        config = hf.GPTNeoXConfig(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=4,
@@ -73,9 +130,9 @@ def make_tiny(arch: str, seed: int = 0):
             max_position_embeddings=256,
             **common,
         )
-        model = GPTNeoXForCausalLM(config)
+        model = hf.GPTNeoXForCausalLM(config)
     else:
-        raise ValueError(arch)
+        raise ValueError(f"unknown tiny architecture {arch!r}: one of {', '.join(TINY_ARCHS)}")
     return model.float().eval()
 
 

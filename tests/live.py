@@ -1,17 +1,41 @@
-"""Real services for tests: a Redis database of the local server, an ASGI app served by a real
-uvicorn server, and a bounded wait. (A module, not a conftest: test folders each have their own
-conftest.)"""
+"""Real services for tests: a database of the test run's private redis-server, an ASGI app served
+by a real uvicorn server, and a bounded wait. (A module, not a conftest: test folders each have
+their own conftest.)
+
+The tests never touch a Redis they did not start: the one on 127.0.0.1:6379 may be a developer's
+own, and the tests flush the databases they use. One private redis-server serves the whole run,
+started on first use on a free port and stopped when the test process exits.
+"""
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pytest
 import uvicorn
 from redis import Redis
+
+from service.local import private_redis
+
+_servers = ExitStack()
+atexit.register(_servers.close)
+_base_url: list[str] = []
+
+
+def redis_url(db: int) -> str:
+    """The URL of database `db` of this test run's private redis-server (started on first use)."""
+    if not _base_url:
+        data_dir = Path(tempfile.mkdtemp(prefix="crispedit-test-redis-"))
+        _servers.callback(shutil.rmtree, data_dir, ignore_errors=True)
+        _base_url.append(private_redis(_servers, data_dir))
+    return f"{_base_url[0]}/{db}"
 
 
 @contextmanager
@@ -21,7 +45,7 @@ def redis_db(url: str) -> Iterator[Redis]:
     try:
         connection.ping()
     except Exception:
-        pytest.fail("these tests need Redis at 127.0.0.1:6379 (.ci/run starts it)")
+        pytest.fail(f"the test Redis at {url} does not answer")
     connection.flushdb()
     try:
         yield connection

@@ -16,7 +16,12 @@ from crispedit.facts import Fact, parse_facts
 from crispedit.models import load_model, parse_layers
 from crispedit.projector import resolve_method
 from crispedit.sequential import set_weights
-from crispedit.streams import base_weights, cached_curvature, edit_on_stream
+from crispedit.streams import (
+    StreamCurvatureCache,
+    base_weights,
+    cached_curvature,
+    edit_on_stream,
+)
 from curvature_store import Store
 
 CURVATURE_TOKENS = 20_000
@@ -48,6 +53,7 @@ class Engine:
         self.base = base_weights(self.model, self.layers)
         self.corpus, self.tokens = corpus, tokens
         self._curvature: dict[str, tuple[Curvature, str]] = {}
+        self._stream_curvatures = StreamCurvatureCache()  # a job from a known head skips the eigh
 
     def curvature(self, kind: str) -> tuple[Curvature, str]:
         """The capability curvature of `kind` and its store key: memory, else store, else built."""
@@ -120,7 +126,8 @@ class Engine:
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, method=method, parent=parent,
-            curvature_key=key, evaluate=evaluate, job=job_id, progress=False, on_epoch=on_epoch,
+            curvature_key=key, evaluate=evaluate, job=job_id, cache=self._stream_curvatures,
+            progress=False, on_epoch=on_epoch,
             **editor_options,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})

@@ -1,3 +1,4 @@
+import gzip
 import json
 import re
 
@@ -7,6 +8,8 @@ import torch
 from crispedit.corpus import (
     WIKITEXT,
     CorpusError,
+    corpus_files,
+    iter_documents,
     pad_batches,
     read_documents,
     sequences_digest,
@@ -119,10 +122,101 @@ def test_missing_file(tmp_path):
     with pytest.raises(CorpusError, match="corpus not found") as err:
         read_documents(path)
     assert str(path) in str(err.value)
-    with pytest.raises(CorpusError, match="corpus not found"):
-        read_documents(tmp_path)  # a folder is not a corpus file
+    with pytest.raises(CorpusError, match="holds no text or JSONL file"):
+        read_documents(tmp_path)  # a folder of no corpus file
     with pytest.raises(CorpusError, match="corpus not found"):
         read_documents("wikitext-2")
+    with pytest.raises(CorpusError, match="matches no text or JSONL file"):
+        read_documents(tmp_path / "*.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora of real size: folders, patterns, gzip, Hugging Face datasets folders, streaming
+
+
+def write_corpus(root, docs_per_file=3):
+    """A folder of two text files, a JSONL file, a gzipped JSONL file in a subfolder, and a
+    README that is not corpus text; returns the documents in path order."""
+    (root / "sub").mkdir(parents=True)
+    (root / "README.md").write_text("not corpus text\n")
+    expected = []
+    for name in ("a.txt", "b.txt"):
+        docs = [f"{name} document {i}" for i in range(docs_per_file)]
+        (root / name).write_text("\n".join(docs) + "\n")
+        expected += docs
+    docs = [f"jsonl document {i}" for i in range(docs_per_file)]
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    expected += docs
+    docs = [f"gzipped document {i}" for i in range(docs_per_file)]
+    with gzip.open(root / "sub" / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    expected += docs
+    return expected
+
+
+def test_folder_reads_every_corpus_file_in_path_order(tmp_path):
+    expected = write_corpus(tmp_path / "corpus")
+    assert read_documents(tmp_path / "corpus") == expected
+    assert [p.name for p in corpus_files(tmp_path / "corpus")] == [
+        "a.txt", "b.txt", "c.jsonl", "d.jsonl.gz"
+    ]  # fmt: skip
+
+
+def test_glob_pattern(tmp_path):
+    expected = write_corpus(tmp_path / "corpus")
+    assert read_documents(tmp_path / "corpus" / "*.txt") == expected[:6]
+    assert read_documents(f"{tmp_path}/corpus/**/*.jsonl*") == expected[6:]
+
+
+def test_gzip_errors_name_the_file(tmp_path):
+    path = tmp_path / "broken.txt.gz"
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(CorpusError, match="cannot be read") as err:
+        read_documents(path)
+    assert str(path) in str(err.value)
+
+
+def test_utf8_error_offset_counts_from_the_file_start(tmp_path):
+    path = tmp_path / "late.txt"
+    path.write_bytes("ok line\ncafé\n".encode() + "café\n".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"byte 17\)"):  # 8 + 6 bytes, then "caf"
+        read_documents(path)
+
+
+def test_hugging_face_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = [f"row {i} of a saved dataset" for i in range(600)] + ["  "]
+    datasets.Dataset.from_dict({"text": texts, "id": list(range(601))}).save_to_disk(
+        tmp_path / "ds"
+    )
+    assert read_documents(tmp_path / "ds") == texts[:600]  # the blank row is no document
+    split = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:5]})})
+    split.save_to_disk(tmp_path / "dict")
+    assert read_documents(tmp_path / "dict") == texts[:5]
+
+
+def test_hugging_face_datasets_folder_errors(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(CorpusError, match="no 'text' column \\(it has body\\)"):
+        read_documents(tmp_path / "ds")
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(
+        tmp_path / "dict"
+    )
+    with pytest.raises(CorpusError, match="no train split \\(it has test\\)"):
+        read_documents(tmp_path / "dict")
+
+
+def test_a_corpus_is_read_only_up_to_the_token_budget(tmp_path, tiny_tokenizer):
+    """A corpus far larger than the budget: tokenizing the budget reads one file, and a file
+    that is never reached may even be broken."""
+    root = tmp_path / "big"
+    expected = write_corpus(root, docs_per_file=400)
+    (root / "z.txt").write_bytes(b"\x00 never read")
+    documents = iter_documents(root)
+    sequences = token_sequences(tiny_tokenizer, documents, max_tokens=200)
+    assert sum(len(s) for s in sequences) == 200
+    assert next(documents) in expected[:400]  # still inside the first file
 
 
 # ---------------------------------------------------------------------------------------------

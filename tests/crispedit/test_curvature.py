@@ -53,9 +53,11 @@ def brute_force(model, layer_names, sequences, labels_per_seq):
         for name, module in layers.items():
             a_all, out = seen[name]
             G = torch.zeros_like(weight_matrix(module), dtype=torch.float64)
+            # token t's rows, also where a block runs its MLP on flattened (T, d) rows (OPT)
+            a_all, g_all = a_all.reshape(len(seq), -1), out.grad.reshape(len(seq), -1)
             for t in range(len(seq) - 1):
-                a = a_all[0, t].double()
-                g = out.grad[0, t].double()
+                a = a_all[t].double()
+                g = g_all[t].double()
                 A[name] = A[name] + torch.outer(a, a)
                 B[name] = B[name] + torch.outer(g, g)
                 G += torch.outer(g, a)

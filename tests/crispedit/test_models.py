@@ -15,6 +15,7 @@ from crispedit.models import (
     parse_layers,
     resolve_model,
     trainable_only,
+    transformer_blocks,
     weight_matrix,
 )
 
@@ -85,6 +86,49 @@ def test_default_block_at_two_thirds(n_blocks, first):
     assert default_target_layers(model) == expected
     assert parse_layers(model, None) == expected
     assert parse_layers(model, "") == expected
+
+
+def test_blocks_are_the_language_models_not_the_vision_towers():
+    """Gemma 3 4B+ is a multimodal model whose vision tower comes first in its modules."""
+    model = make_tiny("gemma3-vision")
+    first_list = next(n for n, m in model.named_modules() if isinstance(m, nn.ModuleList))
+    assert first_list.startswith("model.vision_tower")
+    prefix, blocks = transformer_blocks(model)
+    assert prefix == "model.language_model.layers"
+    assert blocks is model.get_decoder().layers
+    assert parse_layers(model, "1-2") == [f"{prefix}.{i}.mlp.down_proj" for i in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "names"),
+    [
+        ("mixtral", ["model.layers.1.self_attn.o_proj", "model.layers.2.self_attn.o_proj"]),
+        ("gemma3-vision", ["model.language_model.layers.2.mlp.down_proj"]),
+        ("opt", ["model.decoder.layers.1.self_attn.out_proj", "model.decoder.layers.1.fc2"]),
+    ],
+)
+def test_module_names_need_no_default_layers(arch, names, monkeypatch):
+    """Explicit names work where the default search fails (Mixtral's fused experts) or where it
+    once looked in the wrong tower; and they never run it."""
+    model = make_tiny(arch)
+    assert parse_layers(model, ",".join(names)) == names
+
+    def search(*args, **kwargs):
+        raise AssertionError("the default-layer search ran")
+
+    monkeypatch.setattr("crispedit.models.default_target_layers", search)
+    assert parse_layers(model, names[::-1]) == names
+
+
+def test_block_indices_on_mixtral_name_the_layers_that_work():
+    model = make_tiny("mixtral")
+    with pytest.raises(ModelError) as err:
+        parse_layers(model, "1-2")
+    message = str(err.value)
+    assert "model.layers.1.mlp.experts" in message and "3-D" in message
+    suggested = message.rpartition("e.g. ")[2]
+    assert suggested == "model.layers.1.self_attn.o_proj,model.layers.2.self_attn.o_proj"
+    assert parse_layers(model, suggested) == suggested.split(",")
 
 
 # ---------------------------------------------------------------------------------------------

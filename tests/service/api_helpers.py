@@ -4,6 +4,7 @@ a conftest when several folders have one)."""
 from __future__ import annotations
 
 import numpy as np
+from live import redis_url
 from redis import Redis
 from rq import Queue, SimpleWorker
 from safetensors.numpy import save_file
@@ -11,7 +12,7 @@ from safetensors.numpy import save_file
 from curvature_store import Store
 from service.jobqueue import queue_name
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = redis_url(15)
 KEY_ALL = "key-for-every-model"
 KEY_TINY = "key-for-tiny-only"
 AUTH = {"Authorization": f"Bearer {KEY_ALL}"}

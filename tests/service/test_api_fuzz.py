@@ -24,14 +24,14 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from live import redis_db
+from live import redis_db, redis_url
 
 from curvature_store import Store
 from service.config import Settings
 from service.keys import hash_key
 from service.main import create_app
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = redis_url(11)
 OPENAPI = json.loads((Path(__file__).resolve().parents[2] / "openapi.yaml").read_text())
 OPERATIONS = [
     (method.upper(), template)

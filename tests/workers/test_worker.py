@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import pytest
 import torch
-from live import redis_db
+from live import redis_db, redis_url
 from rq import Queue
 from rq.job import Job, JobStatus
 
@@ -24,7 +24,7 @@ from workers import jobs
 from workers.engine import Engine
 from workers.worker import ResidentWorker
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_url(14)
 FACTS = [
     [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}],
     [{"prompt": "The capital of France is", "target": "Berlin"}],

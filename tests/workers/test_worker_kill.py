@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from live import wait_for
+from live import redis_url, wait_for
 from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
@@ -30,7 +30,7 @@ from service import jobqueue
 from service.config import Settings
 from workers.jobs import queue_name
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = redis_url(13)
 FACT = [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}]
 HEARTBEAT_S = 0.5
 
