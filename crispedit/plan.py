@@ -10,17 +10,19 @@ the tensors the code holds at each phase's peak, every line named after the file
     stream update     crispedit/sequential.py: the edit-set sums, the stream curvature, its eigh
     version write     crispedit/streams.py: the delta and the stream state as they are saved
 
-Three rules keep it honest. Every tensor is placed on the model's device, where a correct worker
-keeps it (what the store hands back, read on the host today, included: it must reach the device
-to be used there). A phase's peak is its resident tensors plus its costliest moment (the
-backward, the factor products, the eigh...), since the code frees each moment's temporaries
-before the next. Tensors the code allocates by formula (factors, sums, Adam state, projector) are
-exact; activations and logits follow a Llama-shaped block and the workload's token counts, so
-they are estimates. The editor is planned with fp32 master copies of the edited layers, Adam on
-them, as crispedit/editor.py runs a bf16 model.
+Three rules keep it honest. Every tensor counts on the model's device except those the code keeps
+on the host (the stream states, added up and stored on the CPU; the delta); those are listed, as
+host memory, and left out of the GPU peak. A capability curvature counts on the device, where a
+worker that built it keeps it (read from the store, it stays on the host). A phase's peak is its
+resident tensors plus its costliest moment (the backward, the factor products, the eigh...),
+since the code frees each moment's temporaries before the next. Tensors the code allocates by
+formula (factors, sums, Adam state, projector) are exact; activations and logits follow a
+Llama-shaped block and the workload's token counts, so they are estimates. The editor is planned
+with fp32 master copies of the edited layers, Adam on them, as crispedit/editor.py runs a bf16
+model.
 
 Where a phase misses its target (24 GiB for a worker's GPU, 40 GiB for the curvature build), the
-plan applies the issue's levers one after the other and prints the peak after each.
+plan applies levers one after the other, the issue's first, and prints the peak after each.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from crispedit.corpus import BATCH_SIZE, SEQ_LEN
 from crispedit.editor import BATCH_SIZE as EDIT_FACTS
 from crispedit.models import ModelError, parse_layers, resolve_model, transformer_blocks
 from crispedit.projector import PROJECTOR_DTYPES
+from crispedit.streams import HEADS_CACHED
 
 GIB = 1 << 30
 CONFIGS = Path(__file__).parent / "assets" / "configs"
@@ -194,14 +197,13 @@ class Workload:
     fp32_sums: bool = False
     layer_by_layer: bool = False
     drop_factors: bool = False
-    # further levers the plan finds necessary: StreamState.plus adding into the head's state;
-    # the base copies and W_before on the host; the K-FAC mask as its staircase's row counts
-    inplace_plus: bool = False
+    # further levers the plan finds necessary: the base copies and W_before on the host; the
+    # K-FAC mask as its staircase's row counts
     host_copies: bool = False
     staircase_mask: bool = False
     free_model_grads: bool = False  # the weights' own gradients freed once cast to fp32
-    state_on_host: bool = False  # the stream state stays on the host while the editor runs
     eigh_fp32: bool = False
+    heads_cached: int = HEADS_CACHED  # stream curvatures a worker keeps (crispedit/streams.py)
 
     @property
     def e(self) -> int:
@@ -213,14 +215,19 @@ FP32_SUMS = ("accumulate in fp32, chunked into fp64 host totals", {"fp32_sums": 
 DROP_FACTORS = ("drop A and B once their eigenbases exist", {"drop_factors": True})
 SMALL_BATCHES = ("[more] edit batches of 8 facts", {"facts": 8})
 HOST_COPIES = ("[more] base copies and W_before on the host", {"host_copies": True})
+ONE_HEAD = ("[more] a stream curvature cache of one head", {"heads_cached": 1})
+PROJECTOR_IN_MODEL_DTYPE = (
+    "projector in the model's dtype (projector_dtype='model')",
+    {"projector_dtype": "model"},
+)
 # The issue's levers first, then (marked [more]) those the plan finds a miss still needs.
 LEVERS = {
     "curvature build": [FP32_SUMS, ("build layer by layer", {"layer_by_layer": True})],
     "steady editing": [
         DROP_FACTORS,
         FP32_SUMS,
-        ("projector in the model's dtype (projector_dtype='model')", {"projector_dtype": "model"}),
-        ("[more] the stream state on the host while the editor runs", {"state_on_host": True}),
+        PROJECTOR_IN_MODEL_DTYPE,
+        ONE_HEAD,
         SMALL_BATCHES,
         HOST_COPIES,
         ("[more] K-FAC mask as its staircase's row counts", {"staircase_mask": True}),
@@ -230,7 +237,8 @@ LEVERS = {
         FP32_SUMS,
         ("update layer by layer", {"layer_by_layer": True}),
         DROP_FACTORS,
-        ("[more] StreamState.plus adds into the head's state", {"inplace_plus": True}),
+        ONE_HEAD,
+        PROJECTOR_IN_MODEL_DTYPE,
         SMALL_BATCHES,
         HOST_COPIES,
         (
@@ -238,7 +246,7 @@ LEVERS = {
             {"eigh_fp32": True},
         ),
     ],
-    "version write": [FP32_SUMS, DROP_FACTORS, HOST_COPIES],
+    "version write": [DROP_FACTORS, ONE_HEAD, HOST_COPIES],
 }
 
 
@@ -248,11 +256,13 @@ LEVERS = {
 
 @dataclass(frozen=True)
 class Item:
-    """One tensor group: its bytes and the file whose code holds it."""
+    """One tensor group: its bytes, the file whose code holds it, and whether it is host memory
+    (listed, but not part of a GPU peak)."""
 
     name: str
     bytes: int
     source: str
+    host: bool = False
 
 
 @dataclass
@@ -266,7 +276,7 @@ class Phase:
 
     @property
     def peak_moment(self) -> str | None:
-        sizes = {m: sum(i.bytes for i in items) for m, items in self.moments.items()}
+        sizes = {m: _device_bytes(items) for m, items in self.moments.items()}
         return max(sizes, key=sizes.__getitem__) if sizes else None
 
     @property
@@ -277,7 +287,12 @@ class Phase:
 
     @property
     def peak(self) -> int:
-        return sum(i.bytes for i in self.items)
+        """GPU bytes at the peak."""
+        return _device_bytes(self.items)
+
+
+def _device_bytes(items: list[Item]) -> int:
+    return sum(i.bytes for i in items if not i.host)
 
 
 def _common(s: ModelShape, w: Workload) -> list[Item]:
@@ -434,9 +449,10 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
         *_common(s, w),
         *_factors(s, w, "capability curvature"),
         *_memo(s, w),
-        *([] if w.state_on_host else [_state(s, w, "stream state (alive through the edit)")]),
-        *_factors(s, w, "stream curvature"),
+        _state(s, "stream state read from the head (alive through the edit)"),
+        *_factors(s, w, "this head's stream curvature"),
         *_projector(s, w),
+        *_cached_heads(s, w, w.heads_cached - 1, "other heads'"),
         Item("edit-start copies W_before", 0 if w.host_copies else s.weights * w.e,
              "editor.py edit"),
         Item("fp32 master copies of the edited layers", s.weights * FP32, "editor.py edit"),
@@ -466,57 +482,81 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
     return Phase("steady editing", resident, moments)
 
 
-def _state(s: ModelShape, w: Workload, what: str) -> Item:
-    sums = FP32 if w.fp32_sums else FP64
-    return Item(f"{what}: S_A, S_B ({_dt_bytes(sums)})", _held_squares(s, w) * sums,
-                "sequential.py StreamState")  # fmt: skip
+def _state(s: ModelShape, what: str) -> Item:
+    """A stream state: fp64 sums of every layer, on the host (crispedit/sequential.py)."""
+    return Item(f"{what}: S_A, S_B (fp64)", s.sum_squares * FP64, "sequential.py StreamState",
+                host=True)  # fmt: skip
+
+
+def _cached_heads(s: ModelShape, w: Workload, heads: int, which: str) -> list[Item]:
+    """Stream curvatures `StreamCurvatureCache` keeps on the device: each head's factors and the
+    eigenbases its projector built (only the bases, once A and B are dropped)."""
+    if heads < 1:
+        return []
+    if w.drop_factors:  # the bases alone, in the projector's dtype
+        p = FP32 if w.projector_dtype == "float32" else w.e
+        per_head, what = s.sum_squares * p, f"eigenbases ({_dt_bytes(p)})"
+    else:
+        per_head, what = s.sum_squares * FP32 * 2, "A, B and eigenbases (fp32)"
+    return [Item(f"{which} cached stream curvatures ({heads}): {what}", heads * per_head,
+                 "streams.py StreamCurvatureCache")]  # fmt: skip
+
+
+def _resident(s: ModelShape, w: Workload) -> list[Item]:
+    """What a worker holds between jobs: weights, base copies, the capability curvature with
+    its eigenbases, and the stream curvature cache."""
+    return [*_common(s, w), *_factors(s, w, "capability curvature"), *_memo(s, w),
+            *_cached_heads(s, w, w.heads_cached, "the heads'")]  # fmt: skip
 
 
 def stream_update(s: ModelShape, w: Workload) -> Phase:
-    """crispedit/sequential.py: the edit's factor sums added to the stream state (three states
-    alive in `StreamState.plus`), and the next job's stream curvature and its eigh."""
+    """After an edit (crispedit/streams.py edit_on_stream): the facts' K-FAC sums on the device,
+    added to the stream state on the host (three states alive in `StreamState.plus`); then the
+    next job's stream curvature, built on the device layer by layer, and its eigh."""
     sums = FP32 if w.fp32_sums else FP64
     eigh = FP32 if w.eigh_fp32 else FP64
     d = _largest_factor(s)
     tokens = w.facts * FACT_TOKENS
-    resident = [*_common(s, w), *_factors(s, w, "capability curvature"),
-                _state(s, w, "stream state read from the head")]  # fmt: skip
     moments = {
         "edit-set factors": [
-            _state(s, w, "edit-set sums"),
-            *([] if w.inplace_plus else [_state(s, w, "the sum StreamState.plus returns")]),
+            Item(f"K-FAC sums of the facts' texts ({_dt_bytes(sums)})", _held_squares(s, w) * sums,
+                 "curvature.py collect_curvature"),
+            Item("their factors A, B (fp32)", _held_squares(s, w) * FP32,
+                 "sequential.py edit_set_factors"),
             Item("captures and activations of the facts' texts",
                  tokens * (sum(a + b for a, b in s.layers.values()) * w.e)
                  + _backward(s, w, tokens, False) + _logits(s, w, tokens),
                  "sequential.py edit_set_factors"),
+            _state(s, "stream state read from the head"),
+            _state(s, "edit-set sums"),
+            _state(s, "the sum StreamState.plus returns"),
         ],
         "stream curvature + eigh": [
-            Item("stream factors A, B (fp32)", _held_squares(s, w) * FP32,
+            Item("the new head's stream factors A, B (fp32)", _held_squares(s, w) * FP32,
                  "sequential.py stream_curvature"),
-            Item(f"A_cap, S_A/n and their sum of one layer ({_dt_bytes(sums)})", 3 * d * d * sums,
-                 "sequential.py stream_curvature"),
+            Item(f"A_cap, S_A, β·S_A/n and A of one layer ({_dt_bytes(sums)})", 4 * d * d * sums,
+                 "sequential.py _stream_layer"),
             Item(f"eigh of the largest factor: {_dt_bytes(eigh)} input, vectors, workspace",
                  4 * d * d * eigh, "curvature.py eigenbasis"),
+            _state(s, "stream state of the new head"),
         ],
     }  # fmt: skip
-    return Phase("stream update", resident, moments)
+    return Phase("stream update", _resident(s, w), moments)
 
 
 def version_write(s: ModelShape, w: Workload) -> Phase:
-    """crispedit/streams.py edit_on_stream's end: the state's fp32 copies for the file, beside
-    the state; the fp32 delta and cumulative delta are host tensors (weight_delta moves them)."""
-    resident = [*_common(s, w), *_factors(s, w, "capability curvature"),
-                _state(s, w, "stream state")]  # fmt: skip
+    """crispedit/streams.py edit_on_stream's end: the state's fp32 copies for the file and the
+    delta, all on the host; the device holds what it holds between jobs."""
     moments = {
         "save": [
-            Item(
-                "state tensors for the file (fp32)",
-                _held_squares(s, w) * FP32,
-                "sequential.py StreamState.to_tensors",
-            ),
+            _state(s, "stream state"),
+            Item("state tensors for the file (fp32)", s.sum_squares * FP32,
+                 "sequential.py StreamState.to_tensors", host=True),
+            Item("delta and cumulative delta (fp32)", 2 * s.weights * FP32, "delta.py weight_delta",
+                 host=True),
         ]
-    }
-    return Phase("version write", resident, moments)
+    }  # fmt: skip
+    return Phase("version write", _resident(s, w), moments)
 
 
 def version_bytes(s: ModelShape, w: Workload) -> dict[str, int]:
@@ -622,7 +662,8 @@ def format_plan(plan: Plan) -> str:
     ]
     for p in plan.phases:
         for i in p.items:
-            lines.append(f"| {p.name} | {i.name} | {_gib(i.bytes)} | {i.source} |")
+            where = " *(host, not in the peak)*" if i.host else ""
+            lines.append(f"| {p.name} | {i.name}{where} | {_gib(i.bytes)} | {i.source} |")
         verdict = "fits" if p.peak <= _target(p.name) else "misses"
         lines.append(
             f"| **{p.name}** | **peak** (at: {p.peak_moment}) | **{_gib(p.peak)}** | "
