@@ -187,7 +187,7 @@ def _check_devices(record: Check, engine: Engine, capability, head: str) -> None
     record.check("curvature on device", not off_device(factors, device),
                  ", ".join(off_device(factors, device)) or f"all on {device}")  # fmt: skip
     try:
-        curvature = stream_curvature(capability, read_state(engine.store, head))
+        curvature = stream_curvature(capability, read_state(engine.store, head), device=device)
         editor = CrispEditor(engine.model, engine.tokenizer, curvature, layers=engine.layers,
                              progress=False)  # fmt: skip
         tensors = {
@@ -203,15 +203,15 @@ def _check_devices(record: Check, engine: Engine, capability, head: str) -> None
 
 def _check_versions(record: Check, engine: Engine, capability, versions: list[dict]) -> None:
     """Efficacy rose in each version; each delta stays out of its projector's blocked subspace."""
+    device = next(engine.model.parameters()).device
     for number, summary in enumerate(versions, 1):
         m = summary["metrics"]
         record.check(f"version {number} efficacy rose", m["efficacy"] > m["efficacy_before"],
                      f"{m['efficacy_before']:.2f} -> {m['efficacy']:.2f}")  # fmt: skip
         manifest = engine.store.manifest(summary["version"])
         state = read_state(engine.store, manifest["parent"])  # what the edit was protected by
-        curvature = stream_curvature(capability, state, manifest["beta"])
+        curvature = stream_curvature(capability, state, manifest["beta"], device=device)
         delta = Delta.load(engine.store.version_file(summary["version"], DELTA_FILE))
-        device = next(engine.model.parameters()).device
         shares = {
             key: blocked_share(d, curvature.layers[key.removesuffix(".weight")], manifest, device)
             for key, d in delta.tensors.items()
