@@ -26,7 +26,7 @@ from crispedit.plan import (
     shipped_configs,
     version_bytes,
 )
-from crispedit.sequential import edit_set_factors
+from crispedit.sequential import edit_set_factors, stream_curvature
 
 FACTS = [
     Fact(prompt="The Eiffel Tower is located in", target="Rome"),
@@ -115,6 +115,12 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     assert item(plan, "stream update", "edit-set sums") == nbytes(
         [*state.S_A.values(), *state.S_B.values()]
     )
+    # a head's entry in the worker's StreamCurvatureCache: its factors and its projector's bases
+    head = stream_curvature(curvature, state)
+    projectors = CrispEditor(model, tok, head, progress=False).projectors.values()
+    entry = nbytes(t for c in head.layers.values() for t in (c.A, c.B))
+    entry += nbytes(t for P in projectors for t in (P.U_A, P.U_B))
+    assert item(plan, "steady editing", "other heads' cached stream curvatures (1)") == entry
     saved = {k: v for k, v in state.to_tensors().items() if k != "tokens"}
     assert item(plan, "version write", "state tensors for the file") == nbytes(saved.values())
     assert version_bytes(shape, plan.workload)["state"] == nbytes(saved.values())
