@@ -27,11 +27,8 @@ plan applies levers one after the other, the issue's first, and prints the peak 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +47,6 @@ CONFIGS = Path(__file__).parent / "assets" / "configs"
 # A GPU's memory as sold (an RTX 4090 or A10 "24 GB", an A100 "40 GB") is that many GiB.
 TARGETS = {"curvature build": 40 * GIB, "steady editing": 24 * GIB}
 WORKER_TARGET = TARGETS["steady editing"]  # stream update and version write run on that GPU
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Tokens of one fact's `prompt target` text, and of one anchor prompt: CounterFact and zsRE
 # prompts run 10-20 tokens with Llama-3's tokenizer, so 24 leaves room; 4 of them are targets.
 FACT_TOKENS = 24
@@ -691,49 +687,3 @@ def format_plan(plan: Plan) -> str:
         f"rows instead: {_gib(v['state_as_rows'])} GiB.",
     ]
     return "\n".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="crispedit plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--model",
-        required=True,
-        help=f"a shipped config ({', '.join(shipped_configs())}), smollm2, or a folder",
-    )
-    ap.add_argument("--layers", help="block indices or ranges (21-25), or module names")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="curvature batch size")
-    ap.add_argument("--seq-len", type=int, default=SEQ_LEN, help="curvature sequence length")
-    ap.add_argument("--facts", type=int, default=EDIT_FACTS, help="facts per editor batch")
-    ap.add_argument("--kind", choices=("kfac", "ekfac"), default="kfac")
-    ap.add_argument("--projector-dtype", choices=PROJECTOR_DTYPES, default="float32")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    return ap  # fmt: skip
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`crispedit plan`: print the memory plan of a model; 2 on a bad argument, 0 otherwise."""
-    args = parser().parse_args(argv)
-    try:
-        if min(args.batch_size, args.seq_len, args.facts) < 1:
-            raise PlanError("--batch-size, --seq-len and --facts must be at least 1")
-        model = meta_model(load_config(args.model))
-        shape = model_shape(model, args.layers, name=args.model)
-        workload = Workload(
-            dtype=DTYPES[args.dtype],
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            facts=args.facts,
-            kind=args.kind,
-            projector_dtype=args.projector_dtype,
-        )
-        plan = plan_memory(shape, workload)
-    except (PlanError, ModelError) as err:
-        print(f"crispedit plan: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

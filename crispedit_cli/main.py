@@ -5,6 +5,7 @@
     crispedit apply --model smollm2 --delta runs/e1/delta.safetensors --out runs/edited-model
     crispedit eval --model smollm2 --delta runs/e1 --facts facts.json --json runs/e1/eval.json
     crispedit demo
+    crispedit plan --model llama-3-8b --layers 21-25
 
 Every failure is one line on stderr (`crispedit: error: ...`) and exit status 2; a command that
 fails writes nothing to its `--out` (results are staged in a temp folder and moved in at the end).
@@ -22,6 +23,7 @@ from crispedit_cli.common import USER_ERRORS, CLIError, check_numbers, resolve_p
 from crispedit_cli.curvature import add_curvature_build
 from crispedit_cli.edit import add_apply, add_demo, add_edit
 from crispedit_cli.evaluate import add_eval
+from crispedit_cli.plan import add_plan
 from crispedit_cli.remote import add_api_commands, add_worker
 from crispedit_cli.store import add_curvature_store, add_stream
 
@@ -41,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     add_worker(sub)
     add_api_commands(sub)
     add_demo(sub)
+    add_plan(sub)
     return ap
 
 

@@ -42,8 +42,11 @@ import torch  # noqa: E402
 
 from crispedit.delta import DELTA_FILE, Delta  # noqa: E402
 from crispedit.editor import CrispEditor  # noqa: E402
-from crispedit.models import get_layers, model_fingerprint  # noqa: E402
-from crispedit.plan import DTYPES  # noqa: E402
+from crispedit.models import (  # noqa: E402
+    DTYPES,
+    get_layers,
+    model_fingerprint,
+)
 from crispedit.projector import build_projector  # noqa: E402
 from crispedit.sequential import stream_curvature  # noqa: E402
 from crispedit.streams import base_weights, materialize, read_state  # noqa: E402

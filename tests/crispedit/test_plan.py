@@ -3,23 +3,20 @@ published parameter counts."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import make_tiny
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from contract.facts import Fact
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
 from crispedit.editor import CrispEditor
-from crispedit.facts import Fact
 from crispedit.models import parse_layers
 from crispedit.plan import (
     Workload,
     _backward,
     load_config,
-    main,
     meta_model,
     model_shape,
     plan_memory,
@@ -135,42 +132,6 @@ def test_levers_lower_a_missing_phase_until_it_fits():
     build = next(p for p in plan.phases if p.name == "curvature build")
     if build.peak <= 40 << 30:
         assert plan.levers["curvature build"] == []
-
-
-def test_main_prints_a_table_and_json(capsys):
-    assert main(["--model", "mistral-7b", "--layers", "20-21"]) == 0
-    out = capsys.readouterr().out
-    assert "| curvature build |" in out and "model.layers.21.mlp.down_proj" in out
-    assert main(["--model", "llama-3-8b", "--json", "--dtype", "float32"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["parameters"] == PUBLISHED["llama-3-8b"]
-    assert [p["phase"] for p in report["phases"]] == [
-        "curvature build",
-        "steady editing",
-        "stream update",
-        "version write",
-    ]
-    weights = report["phases"][0]["items"][0]
-    assert weights["bytes"] >= 4 * PUBLISHED["llama-3-8b"]
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--model", "no-such-model-anywhere"], "unknown model"),
-        (["--model", "llama-3-8b", "--layers", "40"], "unknown layer 40"),
-        (["--model", "llama-3-8b", "--batch-size", "0"], "at least 1"),
-    ],
-)
-def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
-
-
-def test_a_config_transformers_does_not_know_exits_2(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
-    assert main(["--model", str(tmp_path)]) == 2
-    assert "cannot read the config" in capsys.readouterr().err
 
 
 def test_activation_estimate_is_near_what_the_backward_saves():
