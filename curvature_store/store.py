@@ -190,6 +190,24 @@ def _source_file(path: str | Path, label: str) -> Path:
 # --- the store -------------------------------------------------------------------------------
 
 
+def _check_version_args(
+    parent: str | None, files: dict[str, str | Path], manifest: dict
+) -> dict[str, Path]:
+    """The checks `Store.create_version` makes before touching anything; returns its source files
+    by name."""
+    if parent is not None:
+        _check_version_id(parent, "parent version id")
+    if DELTA_FILE not in files:
+        raise StoreError(f"a version needs a {DELTA_FILE}")
+    if not isinstance(manifest, dict):
+        raise StoreError("the version manifest must be a JSON object")
+    reserved = sorted(set(manifest) & set(VERSION_FIELDS))
+    if reserved:
+        raise StoreError(f"manifest fields {reserved} are set by the store")
+    _check_json(manifest, "the version manifest")
+    return {_check_file_name(name): _source_file(p, name) for name, p in files.items()}
+
+
 class Store:
     """A curvature/stream/version store rooted at one directory (see the package docstring).
 
@@ -728,25 +746,12 @@ class Store:
         (`{name: {"sha256", "bytes"}}`).
         """
         sdir = self._stream_dir(model, stream)
-        if parent is not None:
-            _check_version_id(parent, "parent version id")
-        if DELTA_FILE not in files:
-            raise StoreError(f"a version needs a {DELTA_FILE}")
-        if not isinstance(manifest, dict):
-            raise StoreError("the version manifest must be a JSON object")
-        reserved = sorted(set(manifest) & set(VERSION_FIELDS))
-        if reserved:
-            raise StoreError(f"manifest fields {reserved} are set by the store")
-        _check_json(manifest, "the version manifest")
-        sources = {_check_file_name(name): _source_file(p, name) for name, p in files.items()}
-
+        sources = _check_version_args(parent, files, manifest)
         work: Path | None = None
         try:
             # Cheap check first, so a stale caller fails before the costly hashing; the binding
-            # check is repeated under the lock below.
-            head = self._read_head(sdir)["version"]
-            if head != parent:
-                raise Conflict(f"stream {model}/{stream} has head {head}, not {parent}", head=head)
+            # check is repeated under the lock in `_publish`.
+            self._check_head(sdir, model, stream, self._read_head(sdir), parent)
             number = (
                 1 if parent is None else self._read_manifest(parent, missing=Corrupt)["number"] + 1
             )
@@ -769,19 +774,7 @@ class Store:
             }
             atomic_write_json(work / MANIFEST, doc)
             _failpoint("create:staged")
-            with self._lock(sdir / LOCK):
-                info = self._read_head(sdir)
-                if info["version"] != parent:
-                    raise Conflict(
-                        f"stream {model}/{stream} has head {info['version']}, not {parent}",
-                        head=info["version"],
-                    )
-                self._repair_log(sdir, info)
-                final = self._version_dir(version_id)
-                os.rename(work, final)
-                fsync_dir(final.parent)
-                _failpoint("create:published")
-                self._move_head(sdir, info, version_id, number, "create")
+            final = self._publish(sdir, model, stream, parent, work, version_id, number)
         finally:
             for src in sources.values():
                 src.unlink(missing_ok=True)  # moved in already, unless we failed before that
@@ -792,6 +785,36 @@ class Store:
             for name, record in records.items():
                 self._remember(final / name, record)
         return doc
+
+    @staticmethod
+    def _check_head(sdir: Path, model: str, stream: str, info: dict, parent: str | None) -> None:
+        """Conflict (with `.head`) unless the stream's head, as `info` read it, is `parent`."""
+        if info["version"] != parent:
+            head = info["version"]
+            raise Conflict(f"stream {model}/{stream} has head {head}, not {parent}", head=head)
+
+    def _publish(
+        self,
+        sdir: Path,
+        model: str,
+        stream: str,
+        parent: str | None,
+        work: Path,
+        version_id: str,
+        number: int,
+    ) -> Path:
+        """Under the stream's lock: check the head again, rename the staged version `work` into
+        place and move the head to it; returns the version's folder."""
+        with self._lock(sdir / LOCK):
+            info = self._read_head(sdir)
+            self._check_head(sdir, model, stream, info, parent)
+            self._repair_log(sdir, info)
+            final = self._version_dir(version_id)
+            os.rename(work, final)
+            fsync_dir(final.parent)
+            _failpoint("create:published")
+            self._move_head(sdir, info, version_id, number, "create")
+        return final
 
     def manifest(self, version_id: str) -> dict:
         """A version's manifest (StoreError for a malformed id, NotFound for an unknown one)."""
