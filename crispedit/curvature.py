@@ -51,30 +51,69 @@ FORMAT_VERSION = 1
 
 @dataclass
 class LayerCurvature:
-    """The curvature of one layer: K-FAC factors, and EK-FAC eigenvalues in their eigenbases."""
+    """The curvature of one layer: K-FAC factors, and EK-FAC eigenvalues in their eigenbases.
 
-    A: torch.Tensor  # (d_in, d_in) fp32
-    B: torch.Tensor  # (d_out, d_out) fp32
+    A projector needs the eigenbases, not the factors. `eigen` computes a factor's on the device
+    asked for and keeps them on the host; `to_host` moves everything else there once a projector
+    holds its own copies on the device (`projector.build_projector`). Between jobs, a worker's GPU
+    then holds no curvature at all. A stream curvature keeps its eigenbases alone: A and B are
+    None there (`sequential.stream_curvature`).
+    """
+
+    A: torch.Tensor | None  # (d_in, d_in) fp32; None where only its eigenbasis is kept
+    B: torch.Tensor | None  # (d_out, d_out) fp32
     U_A: torch.Tensor | None = None  # eigenbases the EK-FAC eigenvalues are expressed in
     U_B: torch.Tensor | None = None
     ekfac: torch.Tensor | None = None  # (d_out, d_in) corrected eigenvalues
-    # derived tensors (eigenbases, their copies on a device), see `memo`
-    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # "A" / "B" -> (the factor it was computed from, its version, (eigenvalues, eigenbasis))
+    _eigen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def memo(self, key: tuple, source: torch.Tensor, compute: Callable[[], object]) -> object:
-        """`compute()`, remembered under `key` for as long as `source` (one of this layer's
-        tensors) is the same tensor with the same contents.
+    def eigen(self, which: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenbasis of factor `which` ("A" or "B") on `device`.
 
-        A worker keeps its capability curvature resident and builds a projector for every job:
-        the float64 eigendecompositions and the copies on its GPU are then made once, not per job.
-        An in-place change of `source` (its version counter moves) or a new tensor recomputes.
+        Computed once per factor value, on `device` (the model's, where the float64 `eigh` is
+        fastest), and kept on the host: a worker builds a projector per job from the same
+        curvature, and the copy on its GPU is then the projector's own, freed with it. An
+        in-place change of the factor (its version counter moves) or a new tensor recomputes;
+        a factor set to None keeps the eigenbasis it had (`keep_eigen`).
         """
-        hit = self._memo.get(key)
-        if hit is not None and hit[0] is source and hit[1] == source._version:
-            return hit[2]
-        value = compute()
-        self._memo[key] = (source, source._version, value)
-        return value
+        factor = getattr(self, which)
+        hit = self._eigen.get(which)
+        if hit is not None and hit[0] is factor and (factor is None or hit[1] == factor._version):
+            s, U = hit[2]
+            return s.to(device), U.to(device)
+        if factor is None:
+            raise ValueError(f"factor {which} was dropped before its eigenbasis was computed")
+        s, U = eigenbasis(factor.to(device))
+        self.keep_eigen(which, s, U)
+        return s, U
+
+    def keep_eigen(self, which: str, s: torch.Tensor, U: torch.Tensor) -> None:
+        """Remember (s, U) as the eigendecomposition of factor `which` as it is now (None: a
+        factor not kept), on the host."""
+        factor = getattr(self, which)
+        version = None if factor is None else factor._version
+        self._eigen[which] = (factor, version, (to_host(s), to_host(U)))
+
+    def to_host(self) -> None:
+        """Move every tensor of this layer to the host (pinned with CUDA); the eigenbases stay
+        valid for the moved factors, which hold the same values."""
+        for which in ("A", "B"):
+            hit = self._eigen.get(which)
+            valid = hit is not None and hit[0] is getattr(self, which)
+            setattr(self, which, to_host(getattr(self, which)))
+            if valid:
+                self.keep_eigen(which, *hit[2])
+        self.U_A, self.U_B, self.ekfac = map(to_host, (self.U_A, self.U_B, self.ekfac))
+
+
+def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` in host memory: `t` itself when it is there, else a copy, in page-locked memory when
+    CUDA is present (the copy back to the GPU then runs at the bus's full speed)."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+    return host.copy_(t)
 
 
 @dataclass

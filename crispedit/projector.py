@@ -41,7 +41,7 @@ import torch
 from contract.settings import ALIASES as ALIASES  # re-exported: the CLI reads them here
 from contract.settings import DEFAULTS, PROJECTOR_DTYPES, resolve_method
 from contract.settings import METHODS as METHODS
-from crispedit.curvature import LayerCurvature, eigenbasis
+from crispedit.curvature import LayerCurvature
 
 GAMMA, CLIP = DEFAULTS.gamma, DEFAULTS.clip  # the defaults and why: contract.settings
 CHUNK_ELEMENTS = 1 << 20  # λ values (8 MiB of float64) held at once by the generic search
@@ -318,49 +318,82 @@ def _cover(k: torch.Tensor, d_in: int, kept: bool) -> tuple[float, list[_Block]]
 class KroneckerProjector:
     """G ↦ U_B ((U_Bᵀ G U_A) ⊙ M) U_Aᵀ without ever building the (d_in·d_out)² matrix.
 
-    `M` is the boolean keep-mask (d_out, d_in). `U_B=None` stands for the identity (the
-    `nullspace` method, whose mask is one row (1, d_in) broadcast over the outputs).
+    The keep-mask comes as the boolean `M` (d_out, d_in), or as `counts`, the row counts k of a
+    staircase mask (row i keeps columns 0..k_i-1, as K-FAC's in ascending eigenvalue order):
+    a projector keeps a staircase as its counts (d_out integers instead of d_out·d_in booleans)
+    and builds each rectangle's piece of the mask when it needs it. `U_B=None` stands for the
+    identity (the `nullspace` method, whose mask is one row (1, d_in) broadcast over the outputs).
 
-    When M is a staircase (as K-FAC's is, in ascending eigenvalue order) the projection is
-    computed from a few rectangles: either the kept ones, G ↦ Σ U_B[:, R] (R_□ ⊙ M_□) U_A[:, C]ᵀ,
-    or the blocked ones, G ↦ G − Σ U_B[:, R] (R_□ ⊙ (1 − M_□)) U_A[:, C]ᵀ (U_A, U_B being
-    orthogonal), whichever costs fewer multiply-adds (`cost`: the share of the dense form's).
-    Any other mask, or `cover=False` (to measure the difference), takes the dense four-matmul
-    form.
+    When the mask is a staircase the projection is computed from a few rectangles: either the
+    kept ones, G ↦ Σ U_B[:, R] (R_□ ⊙ M_□) U_A[:, C]ᵀ, or the blocked ones,
+    G ↦ G − Σ U_B[:, R] (R_□ ⊙ (1 − M_□)) U_A[:, C]ᵀ (U_A, U_B being orthogonal), whichever
+    costs fewer multiply-adds (`cost`: the share of the dense form's). Any other mask, or
+    `cover=False` (to measure the difference), takes the dense four-matmul form.
     """
 
     def __init__(
-        self, U_A: torch.Tensor, U_B: torch.Tensor | None, M: torch.Tensor, cover: bool = True
+        self,
+        U_A: torch.Tensor,
+        U_B: torch.Tensor | None,
+        M: torch.Tensor | None = None,
+        cover: bool = True,
+        counts: torch.Tensor | None = None,
     ):
+        if (M is None) == (counts is None):
+            raise ValueError("a projector takes either a keep-mask M or its staircase's counts")
         self.U_A, self.U_B = U_A, U_B
-        self.M = M.to(device=U_A.device, dtype=torch.bool)
+        self.d_in = U_A.shape[0]
+        if counts is None:
+            M = M.to(device=U_A.device, dtype=torch.bool)
+            counts = _staircase(M) if cover else None
+        else:
+            counts = counts.cpu()
+        # the row counts on the mask's device (None when the mask is no staircase), else the mask
+        self.k = None if counts is None else counts.to(U_A.device, torch.int64)
+        self._mask = M if counts is None else None
         self.form, self.blocks, self.cost = "dense", [], 1.0
-        k = _staircase(self.M) if cover else None
-        d_in = self.M.shape[1]
-        if k is not None and U_B is None:  # nullspace: keep columns :k of U_A, the same per row
-            k = int(k[0])
+        if counts is None or not cover:
+            return
+        d_in = self.d_in
+        if U_B is None:  # nullspace: keep columns :k of U_A, the same per row
+            k = int(counts[0])
             if k <= d_in - k:
                 self.form, self.blocks = "kept", [_Block(0, 1, 0, k, "cols-only")]
             else:
                 self.form, self.blocks = "blocked", [_Block(0, 1, k, d_in, "cols-only")]
             self.cost = min(k, d_in - k) / d_in
-        elif k is not None:
-            kept_cost, kept_blocks = _cover(k, d_in, kept=True)
-            blocked_cost, blocked_blocks = _cover(k, d_in, kept=False)
-            if min(kept_cost, blocked_cost) < 1.0:
-                if kept_cost <= blocked_cost:
-                    self.form, self.blocks, self.cost = "kept", kept_blocks, kept_cost
-                else:
-                    self.form, self.blocks, self.cost = "blocked", blocked_blocks, blocked_cost
+            return
+        kept_cost, kept_blocks = _cover(counts, d_in, kept=True)
+        blocked_cost, blocked_blocks = _cover(counts, d_in, kept=False)
+        if min(kept_cost, blocked_cost) < 1.0:
+            if kept_cost <= blocked_cost:
+                self.form, self.blocks, self.cost = "kept", kept_blocks, kept_cost
+            else:
+                self.form, self.blocks, self.cost = "blocked", blocked_blocks, blocked_cost
+
+    @property
+    def M(self) -> torch.Tensor:
+        """The boolean keep-mask, built from the row counts where the projector keeps those."""
+        if self.k is None:
+            return self._mask
+        return self._mask_of(0, len(self.k), 0, self.d_in)
+
+    def _mask_of(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """Rows r0:r1 × columns c0:c1 of the keep-mask."""
+        if self.k is None:
+            return self._mask[r0:r1, c0:c1]
+        cols = torch.arange(c0, c1, device=self.k.device)
+        return cols[None, :] < self.k[r0:r1, None]
 
     def __call__(self, G: torch.Tensor) -> torch.Tensor:
         X = G.to(self.U_A.dtype)
         if self.form == "dense":
+            M = self.M
             rot = X @ self.U_A
             if self.U_B is None:
-                return ((rot * self.M) @ self.U_A.T).to(G.dtype)
+                return ((rot * M) @ self.U_A.T).to(G.dtype)
             rot = self.U_B.T @ rot
-            return (self.U_B @ (rot * self.M) @ self.U_A.T).to(G.dtype)
+            return (self.U_B @ (rot * M) @ self.U_A.T).to(G.dtype)
         blocked = self.form == "blocked"
         out = X.clone() if blocked else torch.zeros_like(X)
         for blk in self.blocks:
@@ -379,7 +412,7 @@ class KroneckerProjector:
             out.addmm_(U_B, U_B.T @ X, alpha=alpha)
             return
         rot = U_B.T @ (X @ U_A) if blk.order == "col" else (U_B.T @ X) @ U_A
-        mask = self.M[blk.r0 : blk.r1, blk.c0 : blk.c1]
+        mask = self._mask_of(blk.r0, blk.r1, blk.c0, blk.c1)
         if alpha > 0:
             rot.mul_(mask)
         else:
@@ -390,34 +423,20 @@ class KroneckerProjector:
             out.addmm_(U_B, rot @ U_A.T, alpha=alpha)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
-        """Move the bases (in `dtype`, when given) and the mask, e.g. onto the worker's GPU;
-        returns self."""
+        """Move the bases (in `dtype`, when given) and the mask or its counts, e.g. onto the
+        worker's GPU; returns self."""
         move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-        self.U_A, self.U_B, self.M = move(self.U_A), move(self.U_B), self.M.to(device)
+        self.U_A, self.U_B = move(self.U_A), move(self.U_B)
+        self.k = None if self.k is None else self.k.to(device)
+        self._mask = None if self._mask is None else self._mask.to(device)
         return self
 
     @property
     def kept_fraction(self) -> float:
         """Share of the d_out·d_in directions that the projector lets through."""
-        return float(self.M.float().mean())
-
-
-def _eigen(
-    curvature: LayerCurvature, which: str, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eigenbasis of factor `which` ("A" or "B") on `device`, computed there (the model's
-    device, where the float64 `eigh` runs fastest) once per factor value."""
-    factor, device = getattr(curvature, which), torch.device(device)
-    key = ("eigen", which, str(device))
-    return curvature.memo(key, factor, lambda: eigenbasis(factor.to(device)))
-
-
-def _resident(
-    curvature: LayerCurvature, name: str, source: torch.Tensor, tensor: torch.Tensor, device, dtype
-) -> torch.Tensor:
-    """`tensor` on `device` in `dtype`, copied there once per value of `source`."""
-    key = ("on", name, str(torch.device(device)), dtype)
-    return curvature.memo(key, source, lambda: tensor.to(device, dtype))
+        if self.k is None:
+            return float(self._mask.float().mean())
+        return float(self.k.sum()) / (len(self.k) * self.d_in)
 
 
 def build_projector(
@@ -431,10 +450,12 @@ def build_projector(
     """The projector of one layer for `method` at γ, on `device` in `dtype`; None for `ft`.
 
     `clip` winsorizes each factor's eigenvalues before the energy rule (`winsorize`; K-FAC and
-    nullspace, whose eigenvalues come per factor). The eigendecompositions, computed on `device`
-    wherever the curvature lives, and their copies there are remembered by `curvature` (see
-    `LayerCurvature.memo`): a worker that keeps its curvature resident builds each job's projector
-    from them in milliseconds. EK-FAC's bases come with the curvature: it needs no `eigh`.
+    nullspace, whose eigenvalues come per factor). The eigendecompositions run on `device`
+    once per factor value and are kept by `curvature` on the host (`LayerCurvature.eigen`);
+    EK-FAC's bases come with the curvature: it needs no `eigh`. The projector holds the only
+    copies on `device` of what it needs (bases, mask or counts): once it is built, `curvature`
+    moves whatever it still had there to the host (`LayerCurvature.to_host`), so a worker's GPU
+    holds a curvature only while a job projects with it.
     """
     method = resolve_method(method)
     _check_gamma(gamma)
@@ -443,29 +464,26 @@ def build_projector(
         return None
     if method == "ekfac" and clip > 0.0:
         raise ValueError("clip applies to 'kfac' and 'nullspace', not to 'ekfac'")
+    if method == "ekfac" and curvature.ekfac is None:
+        raise ValueError("method 'ekfac' needs curvature built with --kind ekfac")
     if method == "nullspace":
-        s_A, U_A = _eigen(curvature, "A", device)
+        s_A, U_A = curvature.eigen("A", device)
         lam_A = winsorize(s_A.double().clamp_min(0.0), clip).unsqueeze(0)
         tau = energy_threshold(lambda i, j: lam_A[i:j], 1, gamma)
-        U_A = _resident(curvature, "U_A", curvature.A, U_A, device, dtype)
-        return KroneckerProjector(U_A, None, (lam_A < tau).to(device))
-    if method == "kfac":
-        s_A, U_A = _eigen(curvature, "A", device)
-        s_B, U_B = _eigen(curvature, "B", device)
-        _, k = kfac_threshold(s_A, s_B, gamma, clip)
-        cols = torch.arange(len(s_A), device=device)
-        M = cols[None, :] < k.to(device)[:, None]  # row i keeps its k_i smallest products
-        U_A = _resident(curvature, "U_A", curvature.A, U_A, device, dtype)
-        U_B = _resident(curvature, "U_B", curvature.B, U_B, device, dtype)
-        return KroneckerProjector(U_A, U_B, M)
-    if curvature.ekfac is None:
-        raise ValueError("method 'ekfac' needs curvature built with --kind ekfac")
-    lam = curvature.ekfac  # float32; the search and the mask read it in float64 chunks
-    tau = energy_threshold(lambda i, j: lam[i:j], lam.shape[0], gamma)
-    M = _chunked_below(lam, tau)
-    U_A = _resident(curvature, "U_A_ekfac", curvature.U_A, curvature.U_A, device, dtype)
-    U_B = _resident(curvature, "U_B_ekfac", curvature.U_B, curvature.U_B, device, dtype)
-    return KroneckerProjector(U_A, U_B, M.to(device))
+        counts = (lam_A < tau).sum(1).cpu()  # ascending: the kept columns are a prefix
+        P = KroneckerProjector(U_A.to(device, dtype), None, counts=counts)
+    elif method == "kfac":
+        s_A, U_A = curvature.eigen("A", device)
+        s_B, U_B = curvature.eigen("B", device)
+        _, k = kfac_threshold(s_A, s_B, gamma, clip)  # row i keeps its k_i smallest products
+        P = KroneckerProjector(U_A.to(device, dtype), U_B.to(device, dtype), counts=k)
+    else:
+        lam = curvature.ekfac.to(device)  # float32; the search reads it in float64 chunks
+        tau = energy_threshold(lambda i, j: lam[i:j], lam.shape[0], gamma)
+        U_A, U_B = curvature.U_A.to(device, dtype), curvature.U_B.to(device, dtype)
+        P = KroneckerProjector(U_A, U_B, _chunked_below(lam, tau))
+    curvature.to_host()
+    return P
 
 
 def _chunked_below(lam: torch.Tensor, tau: float) -> torch.Tensor:

@@ -44,7 +44,13 @@ from torch import nn
 from contract.facts import Fact
 from contract.settings import DEFAULTS
 from crispedit.corpus import pad_batches
-from crispedit.curvature import Curvature, LayerCurvature, collect_curvature, eigenbasis
+from crispedit.curvature import (
+    Curvature,
+    LayerCurvature,
+    collect_curvature,
+    eigenbasis,
+    to_host,
+)
 from crispedit.delta import Delta, add_to_weights
 from crispedit.models import get_layers
 from crispedit.targets import encode_pair
@@ -121,11 +127,12 @@ def stream_curvature(
     device: torch.device | str | None = None,
 ) -> Curvature:
     """The curvature that protects capability and the stream's previous edits (see module doc),
-    on `device`: the model's, where its projectors are built (default: the capability's).
+    computed on `device`: the model's, where the float64 `eigh` runs fastest (default: the
+    capability's).
 
-    The capability's factors and the state's sums, wherever they live (the capability on the
-    device that built it or on the CPU that read it from the store, the state on the CPU), are
-    moved there once per layer, and EK-FAC's eigendecompositions run there.
+    Each layer holds what a projector needs and nothing else: the eigenbases of A and B (and for
+    EK-FAC its eigenvalues there), on the host; A and B themselves are not kept. The layers are
+    computed one at a time, so the device holds one layer's float64 work at most (`_stream_layer`).
     """
     if state.tokens == 0 or beta == 0:
         return capability
@@ -139,25 +146,39 @@ def stream_curvature(
     return Curvature(layers=layers, tokens=capability.tokens, meta=meta)
 
 
+def _protected_factor(
+    cap: torch.Tensor, S: torch.Tensor, n: int, beta: float, device
+) -> torch.Tensor:
+    """cap + β·S/n in float64 on `device`, in one float64 buffer (the copy of S, updated in
+    place; the same operations in the same order as the expression, so the same bits)."""
+    out = S.to(device, torch.float64, copy=True)
+    return out.mul_(beta).div_(n).add_(cap.to(device))
+
+
 def _stream_layer(
     c: LayerCurvature, S_A: torch.Tensor, S_B: torch.Tensor, n: int, beta: float, device
 ) -> LayerCurvature:
-    """One layer's A = A_cap + β·S_A/n, B likewise, and for EK-FAC its eigenvalues re-expressed in
-    the eigenbases of A and B (module doc), computed in float64 on `device`."""
-    on_device = lambda t: t.to(device, torch.float64)  # noqa: E731
-    A_cap, B_cap = on_device(c.A), on_device(c.B)
-    A = A_cap + beta * on_device(S_A) / n
-    B = B_cap + beta * on_device(S_B) / n
-    layer = LayerCurvature(A=A.float(), B=B.float())
+    """One layer's A = A_cap + β·S_A/n, B likewise, decomposed in float64 on `device` (accurate
+    for near-singular factors); for EK-FAC its eigenvalues re-expressed in the eigenbases of A
+    and B (module doc). Returns the eigendecompositions alone, on the host."""
+    layer = LayerCurvature(A=None, B=None)
+    bases = {}
+    for which, cap, S in (("A", c.A, S_A), ("B", c.B, S_B)):
+        factor = _protected_factor(cap, S, n, beta, device)
+        e, U = eigenbasis(factor)
+        del factor  # freed before the next factor's buffers
+        if c.ekfac is not None:  # the capability's diagonal in the new basis, while U is float64
+            bases[which] = (e, U, _diagonal_in(U, cap.to(device, torch.float64)))
+        layer.keep_eigen(which, e.float(), U.float())
     if c.ekfac is not None:
-        e_A, U_A = eigenbasis(A)
-        e_B, U_B = eigenbasis(B)
-        R_A, R_B = U_A.T @ on_device(c.U_A), U_B.T @ on_device(c.U_B)
-        capability_part = (R_B * R_B) @ on_device(c.ekfac) @ (R_A * R_A).T
-        s_A, s_B = _diagonal_in(U_A, A_cap), _diagonal_in(U_B, B_cap)
+        (e_A, U_A, s_A), (e_B, U_B, s_B) = bases["A"], bases["B"]
+        R_A = U_A.T @ c.U_A.to(device, torch.float64)
+        R_B = U_B.T @ c.U_B.to(device, torch.float64)
+        capability_part = (R_B * R_B) @ c.ekfac.to(device, torch.float64) @ (R_A * R_A).T
         increase = e_B[:, None] * e_A[None, :] - s_B[:, None] * s_A[None, :]
-        layer.U_A, layer.U_B = U_A.float(), U_B.float()
-        layer.ekfac = (capability_part + increase).clamp_min(0).float()
+        # the EK-FAC bases are the eigenbases just kept: one host copy serves both
+        layer.U_A, layer.U_B = layer.eigen("A", "cpu")[1], layer.eigen("B", "cpu")[1]
+        layer.ekfac = to_host((capability_part + increase).clamp_min(0).float())
     return layer
 
 

@@ -41,7 +41,7 @@ from crispedit.sequential import (
 )
 from curvature_store import Conflict, Store, StoreError
 
-HEADS_CACHED = 2
+HEADS_CACHED = 1
 
 
 def cached_curvature(
@@ -100,16 +100,17 @@ def check_stream_base(store: Store, head: str | None, fingerprint: str, layers: 
 
 
 class StreamCurvatureCache:
-    """The stream curvatures of the last few heads a worker edited from, with their eigenbases.
+    """The stream curvatures of the last few heads a worker edited from, kept on the host.
 
     The curvature an edit from a head is projected with (`sequential.stream_curvature`) depends on
     the head, β and the capability curvature alone; its costly part, the float64 `eigh` of every
-    edited layer's factors, is done once, on the model's device, and kept in its layers' memo
-    (`LayerCurvature.memo`) by the first projector built from it. A job that starts from a head
+    edited layer's factors, runs once, on the model's device. An entry holds what a projector
+    needs and nothing more: each layer's eigenvalues and eigenbases (for EK-FAC, the bases and
+    its eigenvalue matrix), not A and B, in host memory (page-locked with CUDA); a job's
+    projectors copy them to the device and free them with the job. A job that starts from a head
     an earlier one started from (a retried job, one that lost a conflict, a pinned parent, a
-    rollback) takes it from here instead. An entry holds each layer's factors and eigenbases on
-    the model's device (for five Llama-3-8B layers about 9 GB), so only the `size` most recently
-    used heads are kept.
+    rollback) takes it from here instead. An entry is the size of the model's edited layers'
+    factors in host memory, so by default one head is kept.
     """
 
     def __init__(self, size: int = HEADS_CACHED):
@@ -200,6 +201,7 @@ def edit_on_stream(
             curvature = cache.stream_curvature(head, capability, state, beta, device)
     editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings, **runtime)
     delta = editor.edit(facts)
+    del editor, curvature  # the projectors' copies on the device: not needed past the edit
     cumulative = accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
     after = evaluate(model) if evaluate is not None else None

@@ -155,7 +155,7 @@ def test_projector_from_curvature_on_the_cpu_for_a_model_on_the_accelerator(
 ):
     c = layer_curvature()
     G = torch.randn(24, 40, generator=torch.Generator().manual_seed(2))
-    P = build_projector(c, method, 0.9)
+    P = build_projector(moved(c, "cpu"), method, 0.9)  # the same tensors, its own eigenbases
     calls = count_eigh(monkeypatch)
     Q = build_projector(c, method, 0.9, device=dev)
     assert on_accelerator(Q.M) and on_accelerator(Q.U_A) and torch.equal(Q.M.cpu(), P.M)
