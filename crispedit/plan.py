@@ -11,11 +11,12 @@ the tensors the code holds at each phase's peak, every line named after the file
     version write     crispedit/streams.py: the delta and the stream state as they are saved
 
 Three rules keep it honest. Every tensor counts on the model's device except those the code keeps
-on the host (the stream states, added up and stored on the CPU; the delta); those are listed, as
-host memory, and left out of the GPU peak. A capability curvature counts on the device, where a
-worker that built it keeps it (read from the store, it stays on the host). A phase's peak is its
-resident tensors plus its costliest moment (the backward, the factor products, the eigh...),
-since the code frees each moment's temporaries before the next. Tensors the code allocates by
+on the host (the stream states, added up and stored on the CPU; the delta; every curvature once
+a projector has been built from it, and the stream curvature cache); those are listed, as host
+memory, and left out of the GPU peak. On the device, a job's projectors hold the only copies of
+the curvature (their bases and the K-FAC masks' row counts). A phase's peak is its resident
+tensors plus its costliest moment (the backward, the factor products, the eigh...), since the
+code frees each moment's temporaries before the next. Tensors the code allocates by
 formula (factors, sums, Adam state, projector) are exact; activations and logits follow a
 Llama-shaped block and the workload's token counts, so they are estimates. The editor is planned
 with fp32 master copies of the edited layers, Adam on them, as crispedit/editor.py runs a bf16
@@ -51,7 +52,8 @@ WORKER_TARGET = TARGETS["steady editing"]  # stream update and version write run
 # prompts run 10-20 tokens with Llama-3's tokenizer, so 24 leaves room; 4 of them are targets.
 FACT_TOKENS = 24
 TARGET_TOKENS = 4
-FP64, FP32, BOOL = 8, 4, 1
+FP64, INT64, FP32, BOOL = 8, 8, 4, 1
+EIGH_WORKSPACE = 2 * FP64  # bytes per d² of a d x d float64 eigh's workspace on a GPU (syevd)
 
 
 class PlanError(ValueError):
@@ -188,17 +190,14 @@ class Workload:
     anchors: int = ANCHORS
     kind: str = "kfac"
     projector_dtype: str = "float32"
-    # levers (the issue's): fp32 device sums flushed into fp64 host totals every few batches;
-    # one layer at a time; A and B off the GPU once their eigenbases exist
+    # levers still open in crispedit/curvature.py collect_curvature (the curvature build and the
+    # edit-set factors): fp32 device sums flushed into fp64 host totals; one layer at a time
     fp32_sums: bool = False
     layer_by_layer: bool = False
-    drop_factors: bool = False
-    # further levers the plan finds necessary: the base copies and W_before on the host; the
-    # K-FAC mask as its staircase's row counts
+    # levers still open in crispedit/editor.py: the base copies and W_before on the host; the
+    # weights' own gradients freed once cast to fp32
     host_copies: bool = False
-    staircase_mask: bool = False
-    free_model_grads: bool = False  # the weights' own gradients freed once cast to fp32
-    eigh_fp32: bool = False
+    free_model_grads: bool = False
     heads_cached: int = HEADS_CACHED  # stream curvatures a worker keeps (crispedit/streams.py)
 
     @property
@@ -208,41 +207,21 @@ class Workload:
 
 
 FP32_SUMS = ("accumulate in fp32, chunked into fp64 host totals", {"fp32_sums": True})
-DROP_FACTORS = ("drop A and B once their eigenbases exist", {"drop_factors": True})
-SMALL_BATCHES = ("[more] edit batches of 8 facts", {"facts": 8})
-HOST_COPIES = ("[more] base copies and W_before on the host", {"host_copies": True})
-ONE_HEAD = ("[more] a stream curvature cache of one head", {"heads_cached": 1})
+LAYER_BY_LAYER = ("collect layer by layer", {"layer_by_layer": True})
+SMALL_BATCHES = ("[editor] edit batches of 8 facts", {"facts": 8})
+HOST_COPIES = ("[editor] base copies and W_before on the host", {"host_copies": True})
+FREE_GRADS = ("[editor] the weights' gradients freed once cast to fp32", {"free_model_grads": True})
 PROJECTOR_IN_MODEL_DTYPE = (
     "projector in the model's dtype (projector_dtype='model')",
     {"projector_dtype": "model"},
 )
-# The issue's levers first, then (marked [more]) those the plan finds a miss still needs.
+# The levers the code does not pull yet, in the order the plan tries them: the collection's
+# (crispedit/curvature.py), an option (the projector's dtype), the editor's (crispedit/editor.py).
 LEVERS = {
-    "curvature build": [FP32_SUMS, ("build layer by layer", {"layer_by_layer": True})],
-    "steady editing": [
-        DROP_FACTORS,
-        FP32_SUMS,
-        PROJECTOR_IN_MODEL_DTYPE,
-        ONE_HEAD,
-        SMALL_BATCHES,
-        HOST_COPIES,
-        ("[more] K-FAC mask as its staircase's row counts", {"staircase_mask": True}),
-        ("[more] the weights' gradients freed once cast to fp32", {"free_model_grads": True}),
-    ],
-    "stream update": [
-        FP32_SUMS,
-        ("update layer by layer", {"layer_by_layer": True}),
-        DROP_FACTORS,
-        ONE_HEAD,
-        PROJECTOR_IN_MODEL_DTYPE,
-        SMALL_BATCHES,
-        HOST_COPIES,
-        (
-            "[more] the eigh in fp32 (check its accuracy on near-singular factors)",
-            {"eigh_fp32": True},
-        ),
-    ],
-    "version write": [DROP_FACTORS, ONE_HEAD, HOST_COPIES],
+    "curvature build": [FP32_SUMS, LAYER_BY_LAYER],
+    "steady editing": [PROJECTOR_IN_MODEL_DTYPE, SMALL_BATCHES, HOST_COPIES, FREE_GRADS],
+    "stream update": [FP32_SUMS, LAYER_BY_LAYER, HOST_COPIES],
+    "version write": [HOST_COPIES],
 }
 
 
@@ -393,62 +372,72 @@ def _ekfac_pass(s: ModelShape, w: Workload, tokens: int) -> list[Item]:
     ]  # fmt: skip
 
 
+def _projector_bytes(w: Workload) -> int:
+    """Bytes of one element of the projector's bases."""
+    return FP32 if w.projector_dtype == "float32" else w.e
+
+
 def _projector(s: ModelShape, w: Workload) -> list[Item]:
-    """The projectors of crispedit/projector.py build_projector as the editor holds them: bases
-    in the projector's dtype on the model's device, the boolean keep-mask, and the fp32
-    eigenbases `LayerCurvature.memo` keeps when the projector's dtype is another."""
-    p = FP32 if w.projector_dtype == "float32" else w.e
-    items = [
-        Item(f"projector bases U_A, U_B ({_dt_bytes(p)})", s.sum_squares * p,
-             "projector.py KroneckerProjector"),
-        Item("projector keep-masks M (bool)", s.weights * BOOL, "projector.py KroneckerProjector"),
-    ]  # fmt: skip
-    if w.staircase_mask:
+    """The projectors of crispedit/projector.py build_projector as the editor holds them, on the
+    model's device: the bases in the projector's dtype, and K-FAC's staircase mask as its row
+    counts (EK-FAC's mask is no staircase: a boolean matrix)."""
+    p = _projector_bytes(w)
+    items = [Item(f"projector bases U_A, U_B ({_dt_bytes(p)})", s.sum_squares * p,
+                  "projector.py KroneckerProjector")]  # fmt: skip
+    if w.kind == "ekfac":
+        items.append(Item("projector keep-masks M (bool)", s.weights * BOOL,
+                          "projector.py KroneckerProjector"))  # fmt: skip
+    else:
         rows = sum(d_out for d_out, _ in s.layers.values())
-        items[1] = Item("projector kept counts k (int64)", rows * 8, "projector.py kfac_threshold")
-    if p != FP32 and not w.drop_factors:
-        items.append(Item("eigenbases kept by the curvature (fp32)", s.sum_squares * FP32,
-                          "curvature.py LayerCurvature.memo"))  # fmt: skip
+        items.append(Item("projector kept counts k (int64)", rows * INT64,
+                          "projector.py KroneckerProjector"))  # fmt: skip
     return items
 
 
-def _factors(s: ModelShape, w: Workload, what: str) -> list[Item]:
-    """A curvature's factors A, B (and, for EK-FAC, its bases and eigenvalue matrix), fp32."""
-    if w.drop_factors:
-        return []
-    items = [Item(f"{what} A, B (fp32)", s.sum_squares * FP32, "curvature.py LayerCurvature")]
+def _eigen_bytes(s: ModelShape) -> int:
+    """Eigenvalues and eigenbases of every layer's A and B, fp32."""
+    return (s.sum_squares + sum(d_in + d_out for d_out, d_in in s.layers.values())) * FP32
+
+
+def _host_curvature(s: ModelShape, w: Workload) -> list[Item]:
+    """What a worker keeps of its curvatures, all on the host once a projector has been built
+    from them (crispedit/curvature.py LayerCurvature.to_host): the capability's factors (the
+    stream update needs them), the eigendecompositions a K-FAC projector is built from (EK-FAC
+    brings its own bases), and the stream curvature cache's heads, each the eigendecompositions
+    of the head's A and B (and for EK-FAC its eigenvalue matrix)."""
+    items = [Item("capability curvature A, B (fp32)", s.sum_squares * FP32,
+                  "curvature.py LayerCurvature", host=True)]  # fmt: skip
     if w.kind == "ekfac":
-        items.append(
-            Item(
-                f"{what} EK-FAC U_A, U_B and eigenvalues (fp32)",
-                s.sum_squares * FP32 + s.weights * FP32,
-                "curvature.py LayerCurvature",
-            )
-        )
-    return items  # fmt: skip
+        items.append(Item("capability EK-FAC U_A, U_B and eigenvalues (fp32)",
+                          s.sum_squares * FP32 + s.weights * FP32, "curvature.py LayerCurvature",
+                          host=True))  # fmt: skip
+    else:
+        items.append(Item("capability eigenvalues and eigenbases (fp32)", _eigen_bytes(s),
+                          "curvature.py LayerCurvature.eigen", host=True))  # fmt: skip
+    items.append(_cached_heads(s, w, w.heads_cached))
+    return items
 
 
-def _memo(s: ModelShape, w: Workload) -> list[Item]:
-    """The capability's eigenbases, which its `LayerCurvature.memo` keeps after any job on a
-    fresh stream, while a later job's projector uses its stream curvature's own."""
-    if w.drop_factors:
-        return []
-    return [Item("capability eigenbases U_A, U_B (fp32)", s.sum_squares * FP32,
-                 "curvature.py LayerCurvature.memo")]  # fmt: skip
+def _head_bytes(s: ModelShape, w: Workload) -> int:
+    """One head's stream curvature: eigenvalues and bases (EK-FAC: and its eigenvalue matrix)."""
+    return _eigen_bytes(s) + (s.weights * FP32 if w.kind == "ekfac" else 0)
+
+
+def _cached_heads(s: ModelShape, w: Workload, heads: int) -> Item:
+    """The stream curvatures `StreamCurvatureCache` keeps, on the host."""
+    what = f"cached stream curvatures ({heads}): eigenvalues and bases (fp32)"
+    return Item(what, heads * _head_bytes(s, w), "streams.py StreamCurvatureCache", host=True)
 
 
 def steady_editing(s: ModelShape, w: Workload) -> Phase:
-    """One job's edit (crispedit/editor.py) on a worker holding its capability curvature."""
+    """One job's edit (crispedit/editor.py) on a worker whose curvatures wait on the host."""
     fact_rows = w.facts * (1 + w.anchors)  # the facts and their anchor prompts
     tokens = fact_rows * FACT_TOKENS
     resident = [
         *_common(s, w),
-        *_factors(s, w, "capability curvature"),
-        *_memo(s, w),
+        *_host_curvature(s, w),
         _state(s, "stream state read from the head (alive through the edit)"),
-        *_factors(s, w, "this head's stream curvature"),
         *_projector(s, w),
-        *_cached_heads(s, w, w.heads_cached - 1, "other heads'"),
         Item("edit-start copies W_before", 0 if w.host_copies else s.weights * w.e,
              "editor.py edit"),
         Item("fp32 master copies of the edited layers", s.weights * FP32, "editor.py edit"),
@@ -484,33 +473,12 @@ def _state(s: ModelShape, what: str) -> Item:
                 host=True)  # fmt: skip
 
 
-def _cached_heads(s: ModelShape, w: Workload, heads: int, which: str) -> list[Item]:
-    """Stream curvatures `StreamCurvatureCache` keeps on the device: each head's factors and the
-    eigenbases its projector built (only the bases, once A and B are dropped)."""
-    if heads < 1:
-        return []
-    if w.drop_factors:  # the bases alone, in the projector's dtype
-        p = FP32 if w.projector_dtype == "float32" else w.e
-        per_head, what = s.sum_squares * p, f"eigenbases ({_dt_bytes(p)})"
-    else:
-        per_head, what = s.sum_squares * FP32 * 2, "A, B and eigenbases (fp32)"
-    return [Item(f"{which} cached stream curvatures ({heads}): {what}", heads * per_head,
-                 "streams.py StreamCurvatureCache")]  # fmt: skip
-
-
-def _resident(s: ModelShape, w: Workload) -> list[Item]:
-    """What a worker holds between jobs: weights, base copies, the capability curvature with
-    its eigenbases, and the stream curvature cache."""
-    return [*_common(s, w), *_factors(s, w, "capability curvature"), *_memo(s, w),
-            *_cached_heads(s, w, w.heads_cached, "the heads'")]  # fmt: skip
-
-
 def stream_update(s: ModelShape, w: Workload) -> Phase:
-    """After an edit (crispedit/streams.py edit_on_stream): the facts' K-FAC sums on the device,
-    added to the stream state on the host (three states alive in `StreamState.plus`); then the
-    next job's stream curvature, built on the device layer by layer, and its eigh."""
+    """Around an edit (crispedit/streams.py edit_on_stream): the facts' K-FAC sums on the device,
+    added to the stream state on the host (three states alive in `StreamState.plus`); and the
+    next job's stream curvature, built on the device one factor at a time, its fp64 eigh there,
+    the results on the host. The editor and its projectors are gone by then."""
     sums = FP32 if w.fp32_sums else FP64
-    eigh = FP32 if w.eigh_fp32 else FP64
     d = _largest_factor(s)
     tokens = w.facts * FACT_TOKENS
     moments = {
@@ -528,16 +496,27 @@ def stream_update(s: ModelShape, w: Workload) -> Phase:
             _state(s, "the sum StreamState.plus returns"),
         ],
         "stream curvature + eigh": [
-            Item("the new head's stream factors A, B (fp32)", _held_squares(s, w) * FP32,
-                 "sequential.py stream_curvature"),
-            Item(f"A_cap, S_A, β·S_A/n and A of one layer ({_dt_bytes(sums)})", 4 * d * d * sums,
-                 "sequential.py _stream_layer"),
-            Item(f"eigh of the largest factor: {_dt_bytes(eigh)} input, vectors, workspace",
-                 4 * d * d * eigh, "curvature.py eigenbasis"),
+            Item("A_cap + β·S_A/n of the largest factor (fp64)", d * d * FP64,
+                 "sequential.py _protected_factor"),
+            Item("its eigh: fp64 vectors", d * d * FP64, "curvature.py eigenbasis"),
+            Item("its eigh: workspace (cuSOLVER syevd, about 2 d² fp64)", EIGH_WORKSPACE * d * d,
+                 "curvature.py eigenbasis"),
+            Item("the new head's eigenvalues and bases (fp32)", _head_bytes(s, w),
+                 "sequential.py _stream_layer", host=True),
             _state(s, "stream state of the new head"),
         ],
     }  # fmt: skip
-    return Phase("stream update", _resident(s, w), moments)
+    if w.kind == "ekfac":
+        d_out, d_in = max(s.layers.values(), key=lambda shape: shape[0] * shape[1])
+        rotations = max(3 * d_in * d_in, d_in * d_in + d_out * d_out + 4 * d_out * d_in)
+        moments["EK-FAC re-expression"] = [
+            Item("of the largest layer: new basis, old basis or A_cap and their product, or "
+                 "R∘R of both sides and the eigenvalue matrices (fp64)", rotations * FP64,
+                 "sequential.py _stream_layer"),
+            Item("both factors' eigenvalues and diagonals (fp64)", 2 * (d_in + d_out) * FP64,
+                 "sequential.py _stream_layer"),
+        ]  # fmt: skip
+    return Phase("stream update", [*_common(s, w), *_host_curvature(s, w)], moments)
 
 
 def version_write(s: ModelShape, w: Workload) -> Phase:
@@ -552,7 +531,7 @@ def version_write(s: ModelShape, w: Workload) -> Phase:
                  host=True),
         ]
     }  # fmt: skip
-    return Phase("version write", _resident(s, w), moments)
+    return Phase("version write", [*_common(s, w), *_host_curvature(s, w)], moments)
 
 
 def version_bytes(s: ModelShape, w: Workload) -> dict[str, int]:

@@ -162,30 +162,33 @@ def _stream_layer(
     for near-singular factors); for EK-FAC its eigenvalues re-expressed in the eigenbases of A
     and B (module doc). Returns the eigendecompositions alone, on the host."""
     layer = LayerCurvature(A=None, B=None)
-    bases = {}
+    squared_rotations, diagonals = {}, {}
     for which, cap, S in (("A", c.A, S_A), ("B", c.B, S_B)):
         factor = _protected_factor(cap, S, n, beta, device)
         e, U = eigenbasis(factor)
-        del factor  # freed before the next factor's buffers
-        if c.ekfac is not None:  # the capability's diagonal in the new basis, while U is float64
-            bases[which] = (e, U, _diagonal_in(U, cap.to(device, torch.float64)))
+        del factor  # freed before the next buffers
         layer.keep_eigen(which, e.float(), U.float())
+        if c.ekfac is not None:  # what the EK-FAC part needs of U, while U is float64
+            diagonals[which] = (e, _diagonal_in(U, cap.to(device, torch.float64)))
+            U_old = getattr(c, f"U_{which}").to(device, torch.float64)
+            squared_rotations[which] = (U.T @ U_old).square_()  # R ∘ R, R = Uᵀ U°
+            del U_old
+        del U
     if c.ekfac is not None:
-        (e_A, U_A, s_A), (e_B, U_B, s_B) = bases["A"], bases["B"]
-        R_A = U_A.T @ c.U_A.to(device, torch.float64)
-        R_B = U_B.T @ c.U_B.to(device, torch.float64)
-        capability_part = (R_B * R_B) @ c.ekfac.to(device, torch.float64) @ (R_A * R_A).T
+        (e_A, s_A), (e_B, s_B) = diagonals["A"], diagonals["B"]
+        R_A, R_B = squared_rotations["A"], squared_rotations["B"]
+        capability_part = R_B @ c.ekfac.to(device, torch.float64) @ R_A.T
         increase = e_B[:, None] * e_A[None, :] - s_B[:, None] * s_A[None, :]
         # the EK-FAC bases are the eigenbases just kept: one host copy serves both
         layer.U_A, layer.U_B = layer.eigen("A", "cpu")[1], layer.eigen("B", "cpu")[1]
-        layer.ekfac = to_host((capability_part + increase).clamp_min(0).float())
+        layer.ekfac = to_host(capability_part.add_(increase).clamp_min_(0).float())
     return layer
 
 
 def _diagonal_in(U: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """diag(Uᵀ M U) in float64, from one matrix product instead of two."""
     U = U.double()
-    return ((M @ U) * U).sum(0)
+    return (M @ U).mul_(U).sum(0)
 
 
 def set_weights(

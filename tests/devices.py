@@ -20,10 +20,15 @@ numbers of the plain test, to rounding: a composite op may take another path on 
 builds its tensor below the dispatcher, where no values can be kept: an op that meets such a
 tensor raises rather than compute on garbage (an empty one, as a KV cache starts with, is taken
 as the empty tensor it is).
+
+The accelerator also keeps CUDA's memory counters: `memory_allocated()` is the bytes of the
+storages its tensors hold now (a storage counted once, however many views share it, until the
+last of them is freed), `max_memory_allocated()` their peak since `reset_peak_memory_stats()`.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,6 +51,49 @@ INDEXING = {
 }
 
 
+class _Memory:
+    """The storages alive on the accelerator: address -> [bytes, tensors holding it]."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, list[int]] = {}
+        self.allocated = 0
+        self.peak = 0
+
+    def hold(self, tensor: torch.Tensor, payload: torch.Tensor) -> None:
+        storage = payload.untyped_storage()
+        address = storage.data_ptr()
+        entry = self.storages.setdefault(address, [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.allocated += entry[0]
+            self.peak = max(self.peak, self.allocated)
+        entry[1] += 1
+        weakref.finalize(tensor, self.release, address)
+
+    def release(self, address: int) -> None:
+        entry = self.storages[address]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.allocated -= entry[0]
+            del self.storages[address]
+
+
+MEMORY = _Memory()
+
+
+def memory_allocated() -> int:
+    """Bytes the accelerator's tensors hold now, as `torch.cuda.memory_allocated`."""
+    return MEMORY.allocated
+
+
+def max_memory_allocated() -> int:
+    """The peak of `memory_allocated` since the last `reset_peak_memory_stats`."""
+    return MEMORY.peak
+
+
+def reset_peak_memory_stats() -> None:
+    MEMORY.peak = MEMORY.allocated
+
+
 class OnAccelerator(torch.Tensor):
     """A tensor on the logical accelerator: reports `ACCELERATOR`, computes with `payload`."""
 
@@ -63,6 +111,7 @@ class OnAccelerator(torch.Tensor):
             device=ACCELERATOR,
         )
         wrapper.payload = payload
+        MEMORY.hold(wrapper, payload)
         return wrapper
 
     # autograd, hooks and modules see a plain tensor; only the dispatcher level is ours

@@ -6,10 +6,12 @@ the CPU raises as it does on CUDA, and compares its result with the same computa
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import make_tiny
-from devices import accelerator, on_accelerator
+from devices import accelerator, memory_allocated, on_accelerator
 
 from contract.facts import Fact
 from crispedit import projector
@@ -18,7 +20,7 @@ from crispedit.curvature import Curvature, LayerCurvature, collect_curvature, pl
 from crispedit.editor import CrispEditor
 from crispedit.models import parse_layers
 from crispedit.projector import build_projector, energy_threshold, kfac_threshold
-from crispedit.sequential import StreamState, stream_curvature
+from crispedit.sequential import BETA, StreamState, stream_curvature
 from crispedit.streams import (
     StreamCurvatureCache,
     base_weights,
@@ -179,6 +181,44 @@ def test_an_edit_with_the_model_on_the_accelerator_and_curvature_on_the_cpu(tiny
         assert_close_on_cpu(d, expected.tensors[key], rtol=1e-3)
 
 
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_bytes(model) -> int:
+    return nbytes(model.parameters()) + nbytes(model.buffers())
+
+
+def allocated() -> int:
+    """Bytes on the accelerator once the tensors no longer referenced are freed."""
+    gc.collect()
+    return memory_allocated()
+
+
+def test_projectors_hold_the_only_curvature_on_the_accelerator(tiny_tokenizer, dev):
+    """A curvature built on the model's device leaves it once the editor's projectors hold their
+    copies there: the accelerator then holds the model and the projectors, and after the
+    editor, the model alone. A second projector from the host's eigenbases is bitwise the same."""
+    start = allocated()
+    model = make_tiny("llama").to(dev)
+    layers = parse_layers(model, "2-3")
+    curvature = collect_curvature(model, layers, tiny_batches(tiny_tokenizer), progress=False)
+    assert all(on_accelerator(c.A) and on_accelerator(c.B) for c in curvature.layers.values())
+    editor = CrispEditor(model, tiny_tokenizer, curvature, method="kfac", progress=False)
+    for c in curvature.layers.values():
+        held = [c.A, c.B, *c.eigen("A", "cpu"), *c.eigen("B", "cpu")]
+        assert not any(on_accelerator(t) for t in held)
+    projectors = editor.projectors.values()
+    assert all(P.k is not None and P._mask is None for P in projectors)  # a staircase's counts
+    projector_bytes = nbytes(t for P in projectors for t in (P.U_A, P.U_B, P.k))
+    assert allocated() - start == model_bytes(model) + projector_bytes
+    for name, P in editor.projectors.items():
+        again = build_projector(curvature.layers[name], "kfac", editor.gamma, device=dev)
+        assert torch.equal(again.U_A.cpu(), P.U_A.cpu()) and torch.equal(again.k.cpu(), P.k.cpu())
+    del editor, projectors, P, again
+    assert allocated() - start == model_bytes(model)
+
+
 def stream_setup(tmp_path, tokenizer, device, kind: str, built_on_device: bool):
     """A store whose capability curvature was built on the model's device (a worker's first
     build) or read back from the store (on the CPU), and the model on `device`."""
@@ -237,12 +277,22 @@ def test_a_streams_second_version_with_the_model_on_the_accelerator(
 def test_a_second_job_from_the_same_head_reuses_its_eigenbases(
     tmp_path, tiny_tokenizer, dev, method, monkeypatch
 ):
-    store, model, layers, capability = stream_setup(tmp_path, tiny_tokenizer, dev, method, False)
+    start = allocated()
+    store, model, layers, capability = stream_setup(tmp_path, tiny_tokenizer, dev, method, True)
     cache = StreamCurvatureCache()
     (first, _), (second, delta) = run_stream(
         store, model, tiny_tokenizer, layers, capability, method, cache=cache
     )
+    # between jobs the accelerator holds the model alone: the capability curvature (built
+    # there), the cached stream curvature and the projectors' copies are gone from it
+    assert allocated() == start + model_bytes(model)
+    state = read_state(store, first["id"])
     calls = count_eigh(monkeypatch)
+    entry = cache.stream_curvature(first["id"], capability, state, BETA, dev)
+    for c in entry.layers.values():  # what a projector needs, on the host; no A, B
+        assert c.A is None and c.B is None
+        held = [*c.eigen("A", "cpu"), *c.eigen("B", "cpu"), c.U_A, c.U_B, c.ekfac]
+        assert not any(on_accelerator(t) for t in held if t is not None)
     store.rollback("tiny", "main", first["id"])  # the second job's head is the head again
     [(again, delta_again)] = run_stream(
         store, model, tiny_tokenizer, layers, capability, method, FACTS[1:], cache

@@ -3,9 +3,12 @@ published parameter counts."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import make_tiny
+from devices import accelerator, max_memory_allocated, memory_allocated, reset_peak_memory_stats
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from contract.facts import Fact
@@ -101,7 +104,11 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     assert item(plan, "steady editing", "projector bases") == nbytes(
         t for P in projectors for t in (P.U_A, P.U_B)
     )
-    assert item(plan, "steady editing", "projector keep-masks") == nbytes(P.M for P in projectors)
+    assert all(P._mask is None for P in projectors)  # K-FAC's staircase: its counts alone
+    assert item(plan, "steady editing", "projector kept counts") == nbytes(P.k for P in projectors)
+    # what the capability keeps once its projectors are built: its factors and eigenbases
+    eigen = [t for c in curvature.layers.values() for w in "AB" for t in c.eigen(w, "cpu")]
+    assert item(plan, "steady editing", "capability eigenvalues and eigenbases") == nbytes(eigen)
     assert steps, "the edit took no Adam step"
     masters, moments = steps[0]
     assert item(plan, "steady editing", "fp32 master copies") == masters
@@ -112,15 +119,59 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     assert item(plan, "stream update", "edit-set sums") == nbytes(
         [*state.S_A.values(), *state.S_B.values()]
     )
-    # a head's entry in the worker's StreamCurvatureCache: its factors and its projector's bases
+    # a head's entry in the worker's StreamCurvatureCache: the eigendecompositions of its A and B
     head = stream_curvature(curvature, state)
-    projectors = CrispEditor(model, tok, head, progress=False).projectors.values()
-    entry = nbytes(t for c in head.layers.values() for t in (c.A, c.B))
-    entry += nbytes(t for P in projectors for t in (P.U_A, P.U_B))
-    assert item(plan, "steady editing", "other heads' cached stream curvatures (1)") == entry
+    assert all(c.A is None and c.B is None and c.U_A is None for c in head.layers.values())
+    entry = nbytes(t for c in head.layers.values() for w in "AB" for t in c.eigen(w, "cpu"))
+    assert item(plan, "steady editing", "cached stream curvatures (1)") == entry
     saved = {k: v for k, v in state.to_tensors().items() if k != "tokens"}
     assert item(plan, "version write", "state tensors for the file") == nbytes(saved.values())
     assert version_bytes(shape, plan.workload)["state"] == nbytes(saved.values())
+
+
+def allocated() -> int:
+    """Bytes on the logical accelerator once the tensors no longer referenced are freed."""
+    gc.collect()
+    return memory_allocated()
+
+
+@pytest.mark.parametrize("kind", ("kfac", "ekfac"))
+def test_the_plans_placement_is_what_the_accelerator_holds(tiny_tokenizer, kind):
+    """A tiny Llama on the logical accelerator, whose bytes are counted: during a job the device
+    holds the model and the projectors (the plan's device items that are not the editor's own
+    state), between jobs the model alone; a stream curvature leaves nothing there, and its peak
+    is the plan's moment less at most the eigh workspace (a GPU solver's; LAPACK's is no tensor).
+    """
+    tok = tiny_tokenizer
+    shape = model_shape(meta_model(make_tiny("llama").config), "2-3")
+    plan = plan_memory(shape, Workload(dtype=torch.float32, kind=kind))
+    seqs = token_sequences(tok, read_documents("wikitext"), 300, seq_len=64)
+    with accelerator() as dev:
+        start = allocated()
+        model = make_tiny("llama").to(dev)
+        layers = parse_layers(model, "2-3")
+        weights = item(plan, "steady editing", "model weights")
+        assert allocated() - start == weights
+        batches = pad_batches(seqs, tok.pad_token_id, 4)
+        capability = collect_curvature(model, layers, batches, kind=kind, progress=False)
+        editor = CrispEditor(model, tok, capability, method=kind, progress=False, anchors=0)
+        mask = "projector keep-masks" if kind == "ekfac" else "projector kept counts"
+        projectors = item(plan, "steady editing", "projector bases")
+        projectors += item(plan, "steady editing", mask)
+        assert allocated() - start == weights + projectors
+        del editor
+        assert allocated() - start == weights
+        state = edit_set_factors(model, tok, layers, FACTS)
+        before = allocated()
+        reset_peak_memory_stats()
+        head = stream_curvature(capability, state, 1.0, dev)
+        peak = max_memory_allocated() - before
+        assert allocated() == before and head.kind == kind
+    phase = next(p for p in plan.phases if p.name == "stream update")
+    moments = {m: sum(i.bytes for i in items if not i.host) for m, items in phase.moments.items()}
+    eigh = moments["stream curvature + eigh"]
+    assert peak <= max(eigh, moments.get("EK-FAC re-expression", 0))
+    assert peak >= eigh - item(plan, "stream update", "its eigh: workspace")
 
 
 def test_levers_lower_a_missing_phase_until_it_fits():

@@ -309,6 +309,10 @@ def test_eigenbases_are_computed_once_per_factor_value(curvature):
     torch.testing.assert_close(scaled.U_A.abs(), first.U_A.abs(), atol=1e-5, rtol=1e-5)
     curvature.B = curvature.B * 3.0  # a new tensor
     assert build_projector(curvature, "kfac", 0.8).U_B is not first.U_B
+    curvature.A = None  # dropped after its eigenbasis: the eigenbasis serves on
+    assert build_projector(curvature, "kfac", 0.8).U_A is scaled.U_A
+    with pytest.raises(ValueError, match="dropped before its eigenbasis"):
+        build_projector(LayerCurvature(A=None, B=curvature.B), "kfac", 0.8)
 
 
 def test_projector_dtype_and_device(curvature):
@@ -320,3 +324,25 @@ def test_projector_dtype_and_device(curvature):
     assert resolve_projector_dtype("model", torch.bfloat16) == torch.bfloat16
     with pytest.raises(ValueError, match="projector dtype"):
         resolve_projector_dtype("fp8", torch.float32)
+
+
+def test_a_staircase_mask_is_kept_as_its_row_counts():
+    """K-FAC's mask lives in a projector as d_out counts, not d_out·d_in booleans; the projector
+    from the explicit mask finds the same counts and cover, and projects bitwise the same."""
+    d_in, d_out = 96, 40
+    c = LayerCurvature(A=spd(d_in, 31, rank=400), B=spd(d_out, 32, rank=400))
+    G = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(0))
+    for gamma in (0.3, 0.8, 0.99):
+        P = build_projector(c, "kfac", gamma)
+        assert P._mask is None and P.k.shape == (d_out,) and P.k.dtype == torch.int64
+        from_mask = KroneckerProjector(P.U_A, P.U_B, P.M)
+        assert from_mask._mask is None and torch.equal(from_mask.k, P.k)
+        assert from_mask.blocks == P.blocks and torch.equal(from_mask(G), P(G))
+        assert P.kept_fraction == float(P.M.double().mean())
+        dense = KroneckerProjector(P.U_A, P.U_B, counts=P.k, cover=False)
+        assert dense.form == "dense"
+        torch.testing.assert_close(dense(G).double(), explicit(P, G), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="either"):
+        KroneckerProjector(P.U_A, P.U_B)
+    with pytest.raises(ValueError, match="either"):
+        KroneckerProjector(P.U_A, P.U_B, P.M, counts=P.k)

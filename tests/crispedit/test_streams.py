@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny
 
 from contract.facts import Fact
-from crispedit.curvature import plan_curvature
+from crispedit.curvature import LayerCurvature, plan_curvature
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
@@ -119,6 +119,15 @@ def test_state_accumulates_and_protects_earlier_edits(setup):
     kept = build_projector(curvature.layers[name], "kfac", 0.8).kept_fraction
     kept_stream = build_projector(protected.layers[name], "kfac", 0.8).kept_fraction
     assert kept_stream != kept
+    # the stream's eigenbases are those of A_cap + β·S_A/n (B likewise) as written, in float64
+    for name in layers:
+        c = curvature.layers[name]
+        A = c.A.double() + 1.0 * s2.S_A[name] / s2.tokens
+        B = c.B.double() + 1.0 * s2.S_B[name] / s2.tokens
+        P = build_projector(protected.layers[name], "kfac", 0.8)
+        Q = build_projector(LayerCurvature(A=A, B=B), "kfac", 0.8)
+        assert torch.equal(P.U_A, Q.U_A) and torch.equal(P.U_B, Q.U_B)
+        assert torch.equal(P.k, Q.k)
     # β = 0 ignores the stream state
     assert stream_curvature(curvature, s2, beta=0.0) is curvature
     assert StreamState.from_tensors(s2.to_tensors()).tokens == s2.tokens
