@@ -75,18 +75,26 @@ class LayerCurvature:
         fastest), and kept on the host: a worker builds a projector per job from the same
         curvature, and the copy on its GPU is then the projector's own, freed with it. An
         in-place change of the factor (its version counter moves) or a new tensor recomputes;
-        a factor set to None keeps the eigenbasis it had (`keep_eigen`).
+        a factor set to None (dropped) keeps the eigenbasis it last had.
         """
+        kept = self._kept_eigen(which)
+        if kept is not None:
+            return kept[0].to(device), kept[1].to(device)
         factor = getattr(self, which)
-        hit = self._eigen.get(which)
-        if hit is not None and hit[0] is factor and (factor is None or hit[1] == factor._version):
-            s, U = hit[2]
-            return s.to(device), U.to(device)
         if factor is None:
             raise ValueError(f"factor {which} was dropped before its eigenbasis was computed")
         s, U = eigenbasis(factor.to(device))
         self.keep_eigen(which, s, U)
         return s, U
+
+    def _kept_eigen(self, which: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept eigendecomposition of factor `which`, if it is that of its value now."""
+        factor, hit = getattr(self, which), self._eigen.get(which)
+        if hit is None:
+            return None
+        if factor is not None and (hit[0] is not factor or hit[1] != factor._version):
+            return None  # the factor changed since
+        return hit[2]
 
     def keep_eigen(self, which: str, s: torch.Tensor, U: torch.Tensor) -> None:
         """Remember (s, U) as the eigendecomposition of factor `which` as it is now (None: a
@@ -99,11 +107,10 @@ class LayerCurvature:
         """Move every tensor of this layer to the host (pinned with CUDA); the eigenbases stay
         valid for the moved factors, which hold the same values."""
         for which in ("A", "B"):
-            hit = self._eigen.get(which)
-            valid = hit is not None and hit[0] is getattr(self, which)
+            kept = self._kept_eigen(which)
             setattr(self, which, to_host(getattr(self, which)))
-            if valid:
-                self.keep_eigen(which, *hit[2])
+            if kept is not None:
+                self.keep_eigen(which, *kept)
         self.U_A, self.U_B, self.ekfac = map(to_host, (self.U_A, self.U_B, self.ekfac))
 
 
