@@ -427,23 +427,30 @@ def edit_steps(
             n: KroneckerProjector(P.U_A, P.U_B, P.M, cover=False)
             for n, P in editor.projectors.items()
         }
-    project = editor._project_gradients
+    project, calls = editor._project, itertools.count()
+    # a step projects each layer's gradient, then (project="update") its step: only the
+    # gradients' count as the projection, the steps' stay in the rest of the step
+    per_layer = 2 if editor.project == "update" else 1
 
-    def timed_projection():
+    def timed_projection(name, tensor):
         sync(ctx.device)
         t = time.perf_counter()
-        project()
+        out = project(name, tensor)
         sync(ctx.device)
-        proj.append(time.perf_counter() - t)
+        if next(calls) % per_layer == 0:
+            proj.append(time.perf_counter() - t)
+        return out
 
-    editor._project_gradients = timed_projection
+    editor._project = timed_projection
     chosen = load_facts(FACTS, limit=facts)
     editor.edit(chosen)
     ctx.restore()
     steps_per_epoch = math.ceil(facts / BATCH_SIZE)
     # medians: a burst of load from another process moves a mean, hardly a median
     step = statistics.median(b - a for a, b in itertools.pairwise(stamps)) / steps_per_epoch
-    projection = statistics.median(proj[steps_per_epoch:])
+    n = len(layers)  # one gradient projection per layer and step
+    per_step = [sum(proj[i : i + n]) for i in range(0, len(proj), n)]
+    projection = statistics.median(per_step[steps_per_epoch:])
     costs = [P.cost for P in editor.projectors.values()]
     return {
         "step": step,
