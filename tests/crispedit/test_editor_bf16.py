@@ -9,7 +9,7 @@ from conftest import make_tiny
 from test_editor import FACTS, FAST, curvature_for
 
 from crispedit.editor import CrispEditor
-from crispedit.models import get_layers, parse_layers
+from crispedit.models import get_layers, is_conv1d, parse_layers
 
 
 def blocked_share(D: torch.Tensor, P) -> float:
@@ -23,21 +23,37 @@ def blocked_share(D: torch.Tensor, P) -> float:
     return float((U_B @ (rotated * blocked) @ U_A.T).norm() / D.norm())
 
 
+def bf16_model(arch: str):
+    """A tiny random model of `arch` (the same for a given arch) cast to bf16."""
+    return make_tiny(arch).to(torch.bfloat16)
+
+
 @pytest.fixture(scope="module")
-def bf16_llama(tiny_tokenizer):
-    """A tiny bf16 Llama (layers 2-3) and curvature collected from its fp32 copy."""
-    model = make_tiny("llama").to(torch.bfloat16)
-    layers = parse_layers(model, "2-3")
-    curvature = curvature_for(model.float(), tiny_tokenizer, layers)
-    return layers, curvature
+def curvatures(tiny_tokenizer):
+    """Per architecture, curvature of layers 2-3 collected from the fp32 copy of the bf16 model,
+    built once for this module's tests."""
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            model = bf16_model(arch).float()
+            layers = parse_layers(model, "2-3")
+            made[arch] = layers, curvature_for(model, tiny_tokenizer, layers)
+        return made[arch]
+
+    return get
 
 
-@pytest.mark.parametrize("method", ["kfac", "nullspace"])
+@pytest.mark.parametrize(
+    ("arch", "method"), [("llama", "kfac"), ("llama", "nullspace"), ("gpt2", "kfac")]
+)
 def test_a_bf16_edit_keeps_its_delta_out_of_the_blocked_subspace(
-    method, bf16_llama, tiny_tokenizer
+    arch, method, curvatures, tiny_tokenizer
 ):
-    layers, curvature = bf16_llama
-    model = make_tiny("llama").to(torch.bfloat16)
+    """GPT-2's Conv1D stores its weight transposed: the delta is compared in the (d_out, d_in)
+    layout the projector works in."""
+    layers, curvature = curvatures(arch)
+    model = bf16_model(arch)
     before = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
     editor = CrispEditor(
         model, tiny_tokenizer, curvature, method=method, gamma=0.8, layers=layers, **FAST
@@ -46,7 +62,8 @@ def test_a_bf16_edit_keeps_its_delta_out_of_the_blocked_subspace(
     for name, module in get_layers(model, layers).items():
         D = delta.tensors[f"{name}.weight"]
         assert D.dtype == torch.float32 and float(D.norm()) > 0.0
-        assert blocked_share(D, editor.projectors[name]) <= 1e-5
+        P = editor.projectors[name]
+        assert blocked_share(D.T if is_conv1d(module) else D, P) <= 1e-5
         # the model holds W_before + delta, rounded once into its dtype
         assert module.weight.dtype == torch.bfloat16
         assert torch.equal(module.weight, (before[name].float() + D).to(torch.bfloat16))
