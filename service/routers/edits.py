@@ -18,6 +18,7 @@ from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_t
 from contract.jobs import edit_payload
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from contract.settings import DEFAULTS, EditSettings, SettingsError, option_rules
+from curvature_store import Store
 from service import idempotency, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
 from service.errors import ApiError, responses
@@ -179,13 +180,7 @@ def submit_edit(
     again when the job runs.
     """
     model = served_model(settings, key, body.model)
-    if len(body.facts) > settings.max_facts:
-        raise ApiError(
-            422,
-            "too_many_facts",
-            f"{len(body.facts)} facts in one request; the limit is {settings.max_facts}",
-            "facts",
-        )
+    _check_size(body, settings.max_facts)
     records = [_to_record(i, fact) for i, fact in enumerate(body.facts)]
     check_parent = "parent_version" in body.model_fields_set
 
@@ -199,23 +194,11 @@ def submit_edit(
         )
         if earlier is not None:  # a retry: answer as the first time, without re-checking
             response.status_code = 200
-            response.headers["Location"] = f"/v1/jobs/{earlier}"
             response.headers["Idempotent-Replayed"] = "true"
-            return EditAccepted(
-                job_id=earlier, url=f"/v1/jobs/{earlier}", model=model, stream=body.stream
-            )
+            return _accepted(response, earlier, model, body.stream)
     try:
         if check_parent:
-            head = store.head(model, body.stream)
-            if head != body.parent_version:
-                raise ApiError(
-                    409,
-                    "stale_parent",
-                    f"stream {model}/{body.stream} has head {head or 'base (null)'}, "
-                    f"not {body.parent_version or 'base (null)'}",
-                    "parent_version",
-                    head=head,
-                )
+            _check_parent(store, model, body)
         payload = edit_payload(
             model=model,
             stream=body.stream,
@@ -235,5 +218,36 @@ def submit_edit(
     metrics = request.app.state.metrics
     metrics.edits_accepted.labels(model).inc()
     metrics.facts_accepted.labels(model).inc(len(records))
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return EditAccepted(job_id=job.id, url=f"/v1/jobs/{job.id}", model=model, stream=body.stream)
+    return _accepted(response, job.id, model, body.stream)
+
+
+def _check_size(body: EditRequest, max_facts: int) -> None:
+    """422 `too_many_facts` for a request over the deployment's limit."""
+    if len(body.facts) > max_facts:
+        raise ApiError(
+            422,
+            "too_many_facts",
+            f"{len(body.facts)} facts in one request; the limit is {max_facts}",
+            "facts",
+        )
+
+
+def _check_parent(store: Store, model: str, body: EditRequest) -> None:
+    """409 `stale_parent` (with the current head) unless the stream's head is the request's
+    `parent_version` now."""
+    head = store.head(model, body.stream)
+    if head != body.parent_version:
+        raise ApiError(
+            409,
+            "stale_parent",
+            f"stream {model}/{body.stream} has head {head or 'base (null)'}, "
+            f"not {body.parent_version or 'base (null)'}",
+            "parent_version",
+            head=head,
+        )
+
+
+def _accepted(response: Response, job_id: str, model: str, stream: str) -> EditAccepted:
+    """The 202 (or replayed 200) body of an accepted edit, with its Location header."""
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return EditAccepted(job_id=job_id, url=f"/v1/jobs/{job_id}", model=model, stream=stream)
