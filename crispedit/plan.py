@@ -19,8 +19,8 @@ tensors plus its costliest moment (the backward, the factor products, the eigh..
 code frees each moment's temporaries before the next. Tensors the code allocates by
 formula (factors, sums, Adam state, projector) are exact; activations and logits follow a
 Llama-shaped block and the workload's token counts, so they are estimates. The editor is planned
-with fp32 master copies of the edited layers, Adam on them, as crispedit/editor.py runs a bf16
-model.
+as crispedit/editor.py runs: fp32 master copies of the edited layers with Adam on them, a step
+a layer at a time.
 
 Where a phase misses its target (24 GiB for a worker's GPU, 40 GiB for the curvature build), the
 plan applies levers one after the other, the issue's first, and prints the peak after each.
@@ -194,10 +194,9 @@ class Workload:
     # edit-set factors): fp32 device sums flushed into fp64 host totals; one layer at a time
     fp32_sums: bool = False
     layer_by_layer: bool = False
-    # levers still open in crispedit/editor.py: the base copies and W_before on the host; the
-    # weights' own gradients freed once cast to fp32
+    # a lever still open in crispedit/editor.py and streams.py: the base copies and W_before on
+    # the host
     host_copies: bool = False
-    free_model_grads: bool = False
     heads_cached: int = HEADS_CACHED  # stream curvatures a worker keeps (crispedit/streams.py)
 
     @property
@@ -210,7 +209,6 @@ FP32_SUMS = ("accumulate in fp32, chunked into fp64 host totals", {"fp32_sums": 
 LAYER_BY_LAYER = ("collect layer by layer", {"layer_by_layer": True})
 SMALL_BATCHES = ("[editor] edit batches of 8 facts", {"facts": 8})
 HOST_COPIES = ("[editor] base copies and W_before on the host", {"host_copies": True})
-FREE_GRADS = ("[editor] the weights' gradients freed once cast to fp32", {"free_model_grads": True})
 PROJECTOR_IN_MODEL_DTYPE = (
     "projector in the model's dtype (projector_dtype='model')",
     {"projector_dtype": "model"},
@@ -219,7 +217,7 @@ PROJECTOR_IN_MODEL_DTYPE = (
 # (crispedit/curvature.py), an option (the projector's dtype), the editor's (crispedit/editor.py).
 LEVERS = {
     "curvature build": [FP32_SUMS, LAYER_BY_LAYER],
-    "steady editing": [PROJECTOR_IN_MODEL_DTYPE, SMALL_BATCHES, HOST_COPIES, FREE_GRADS],
+    "steady editing": [PROJECTOR_IN_MODEL_DTYPE, SMALL_BATCHES, HOST_COPIES],
     "stream update": [FP32_SUMS, LAYER_BY_LAYER, HOST_COPIES],
     "version write": [HOST_COPIES],
 }
@@ -440,28 +438,29 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
         *_projector(s, w),
         Item("edit-start copies W_before", 0 if w.host_copies else s.weights * w.e,
              "editor.py edit"),
-        Item("fp32 master copies of the edited layers", s.weights * FP32, "editor.py edit"),
-        Item("Adam exp_avg, exp_avg_sq (fp32)", 2 * s.weights * FP32, "editor.py edit"),
-        Item(f"gradients ({_dt(w.dtype)} on the weights, fp32 on the masters)",
-             s.weights * (FP32 if w.free_model_grads else w.e + FP32), "editor.py edit"),
-        Item("step copy before the update's projection (fp32)", s.weights * FP32,
-             "editor.py _project_updates"),
+        Item("fp32 master copies of the edited layers", s.weights * FP32, "editor.py _prepare"),
+        Item("Adam exp_avg, exp_avg_sq (fp32)", 2 * s.weights * FP32, "editor.py _prepare"),
         Item("cached prefix states of facts and anchors", tokens * s.hidden * w.e,
              "prefix.py FastForward.states_of"),
         Item("anchors' base log-probabilities (fp32)", w.facts * w.anchors * s.vocab * FP32,
              "editor.py _anchor_targets"),
     ]  # fmt: skip
     d_out, d_in = max(s.layers.values(), key=lambda shape: shape[0] * shape[1])
+    grads = Item(f"the weights' gradients ({_dt(w.dtype)})", s.weights * w.e, "editor.py _epoch")
     moments = {
         "backward": [
             Item(f"activations of a batch ({w.facts} facts + anchors)",
                  _backward(s, w, tokens, True), "prefix.py FastForward.hidden"),
             Item("logits at target and anchor positions",
                  _logits(s, w, w.facts * (TARGET_TOKENS + w.anchors)), "prefix.py token_losses"),
+            grads,
         ],
-        "projection": [
-            Item("gradient in fp32, rotated and projected (one layer)", 3 * d_out * d_in * FP32,
+        "step (a layer at a time)": [
+            grads,  # the first layer's step: every layer's gradient is still there
+            Item("one layer's gradient in fp32, rotated and projected", 3 * d_out * d_in * FP32,
                  "projector.py KroneckerProjector.__call__"),
+            Item("one layer's copy before the step and Adam's temporaries (fp32)",
+                 2 * d_out * d_in * FP32, "editor.py _step"),
         ],
     }  # fmt: skip
     return Phase("steady editing", resident, moments)
