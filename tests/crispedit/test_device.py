@@ -213,7 +213,7 @@ def test_projectors_hold_the_only_curvature_on_the_accelerator(tiny_tokenizer, d
     projector_bytes = nbytes(t for P in projectors for t in (P.U_A, P.U_B, P.k))
     assert allocated() - start == model_bytes(model) + projector_bytes
     for name, P in editor.projectors.items():
-        again = build_projector(curvature.layers[name], "kfac", editor.gamma, device=dev)
+        again = build_projector(curvature.layers[name], "kfac", editor.settings.gamma, device=dev)
         assert torch.equal(again.U_A.cpu(), P.U_A.cpu()) and torch.equal(again.k.cpu(), P.k.cpu())
     del editor, projectors, P, again
     assert allocated() - start == model_bytes(model)
