@@ -9,8 +9,9 @@ store, builds a small capability curvature, applies two versions of two facts ea
 through `Engine.apply` (the worker's real path) and materializes the head. It checks what a GPU
 exposes and a CPU run hides:
 
-- every edited weight, the curvature and the projector the next job would build sit on the
-  model's device;
+- every edited weight and the projector the next job would build sit on the model's device,
+  and the capability curvature, once projectors have been built from it, on the host (a GPU
+  holds a curvature only in a job's projectors);
 - each version's delta has almost no component in the subspace its projector blocks (rebuilt
   from the same curvature, stream state, γ and clip, applied in float64 on the model's device,
   so the check itself errs by about 1e-7): a share above `BLOCKED_SHARE_MAX` is a leak, a bf16
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace, store_dir: Path, record: Check) -> None:
 
 
 def _check_devices(record: Check, engine: Engine, capability, head: str) -> None:
-    """Weights, curvature, and the projectors the next job on the stream would use."""
+    """Weights and the projectors the next job on the stream would use on the device, the
+    capability curvature on the host."""
     device = next(engine.model.parameters()).device
     weights = {n: m.weight for n, m in get_layers(engine.model, engine.layers).items()}
     record.check("edited weights on device", not off_device(weights, device),
@@ -187,8 +189,9 @@ def _check_devices(record: Check, engine: Engine, capability, head: str) -> None
         for n, c in capability.layers.items()
         for k in ("A", "B", "U_A", "U_B", "ekfac")
     }
-    record.check("curvature on device", not off_device(factors, device),
-                 ", ".join(off_device(factors, device)) or f"all on {device}")  # fmt: skip
+    host = torch.device("cpu")
+    record.check("curvature on the host", not off_device(factors, host),
+                 ", ".join(off_device(factors, host)) or "all on the host")  # fmt: skip
     try:
         curvature = stream_curvature(capability, read_state(engine.store, head), device=device)
         editor = CrispEditor(engine.model, engine.tokenizer, curvature, layers=engine.layers,
