@@ -437,7 +437,7 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
         _state(s, "stream state read from the head (alive through the edit)"),
         *_projector(s, w),
         Item("edit-start copies W_before", 0 if w.host_copies else s.weights * w.e,
-             "editor.py edit"),
+             "editor.py _prepare"),
         Item("fp32 master copies of the edited layers", s.weights * FP32, "editor.py _prepare"),
         Item("Adam exp_avg, exp_avg_sq (fp32)", 2 * s.weights * FP32, "editor.py _prepare"),
         Item("cached prefix states of facts and anchors", tokens * s.hidden * w.e,

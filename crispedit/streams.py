@@ -195,7 +195,7 @@ def edit_on_stream(
     if resolve_method(settings.method) != "ft":
         device = next(model.parameters()).device  # the projectors' and their curvature's
         beta = settings.beta
-        if cache is None or head is None:  # from the base: the capability's own memo serves
+        if cache is None or head is None:  # from the base: the capability's kept eigenbases serve
             curvature = stream_curvature(capability, state, beta, device)
         else:
             curvature = cache.stream_curvature(head, capability, state, beta, device)
