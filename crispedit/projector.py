@@ -24,9 +24,10 @@ Two things keep this cheap at Llama-3-8B shapes (d_in 14336, d_out 4096: 58.7 M 
   per row; no product matrix is ever formed (`kfac_threshold`). Other eigenvalue matrices (EK-FAC)
   go through a radix select over the float64 bits, a few passes in chunks (`energy_threshold`);
 - with eigenvalues in ascending order the K-FAC mask is a staircase (row i keeps columns
-  0..k_i-1, k_i non-increasing), so the projector covers the kept, or the blocked, entries with a
-  few rectangles of the rotated gradient and rotates only those (`KroneckerProjector`): at γ 0.8
-  on SmolLM2 about a third of the multiply-adds of the plain four-matmul form.
+  0..k_i-1, k_i non-increasing), kept as its row counts k, so the projector covers the kept, or
+  the blocked, entries with a few rectangles of the rotated gradient and rotates only those
+  (`KroneckerProjector`): at γ 0.8 on SmolLM2 about a third of the multiply-adds of the plain
+  four-matmul form.
 """
 
 from __future__ import annotations
