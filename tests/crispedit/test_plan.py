@@ -85,12 +85,12 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     sums = nbytes(t.double() for c in curvature.layers.values() for t in (c.A, c.B))
     assert item(plan, "curvature build", "K-FAC sums") == sums
 
-    steps = []
+    held = {}  # per parameter Adam steps (the editor has one Adam per layer): it and its moments
 
     def record(optimizer, args, kwargs):  # what Adam holds after each step
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        moments = [v for p in params for k, v in optimizer.state[p].items() if k != "step"]
-        steps.append((nbytes(params), nbytes(moments)))
+        for p in (p for g in optimizer.param_groups for p in g["params"]):
+            moments = [v for k, v in optimizer.state[p].items() if k != "step"]
+            held[id(p)] = (nbytes([p]), nbytes(moments))
 
     hook = register_optimizer_step_post_hook(record)
     try:
@@ -103,8 +103,8 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
         t for P in projectors for t in (P.U_A, P.U_B)
     )
     assert item(plan, "steady editing", "projector keep-masks") == nbytes(P.M for P in projectors)
-    assert steps, "the edit took no Adam step"
-    masters, moments = steps[0]
+    assert held, "the edit took no Adam step"
+    masters, moments = (sum(sizes) for sizes in zip(*held.values(), strict=True))
     assert item(plan, "steady editing", "fp32 master copies") == masters
     assert item(plan, "steady editing", "Adam exp_avg") == moments
     assert version_bytes(shape, plan.workload)["delta"] == nbytes(delta.tensors.values())
