@@ -36,15 +36,12 @@ def llama_sizes(facts: int) -> dict[str, int]:
     """The same artifacts for Llama-3-8B; a version's rows for `facts` texts of FACT_TOKENS."""
     n, d_in, d_out = LLAMA3_8B["layers"], LLAMA3_8B["d_in"], LLAMA3_8B["d_out"]
     factors = n * (d_in**2 + d_out**2) * 4
+    rows = facts * FACT_TOKENS * n * (d_in + d_out)  # elements of a version's edit rows
     return {
         "curvature (kfac: A, B fp32)": factors,
         "curvature (ekfac: + U_A, U_B, Λ)": 2 * factors + n * d_in * d_out * 4,
         "delta per version (fp32)": n * d_in * d_out * 4,
-        "stream state per version (its edit rows a, g fp32)": facts
-        * FACT_TOKENS
-        * n
-        * (d_in + d_out)
-        * 4,
+        "stream state per version (its edit rows a, g; Llama in bf16)": rows * 2,
     }
 
 

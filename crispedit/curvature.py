@@ -292,7 +292,8 @@ def _rows(capture: _Capture, name: str, mask: torch.Tensor):
 def collect_rows(
     model: nn.Module, layer_names: list[str], batches: Iterable[dict]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's rows a (n, d_in) and g (n, d_out) over all `batches`, fp32 on the CPU.
+    """Each layer's rows a (n, d_in) and g (n, d_out) over all `batches`, on the CPU, in the dtype
+    the model computed them in: the captured values exactly (a bf16 model's in half fp32's bytes).
 
     The same forward, backward and valid tokens as `collect_curvature` with observed labels, whose
     factor sums are n·A = aᵀa and n·B = gᵀg of these rows; meant for a few texts (a stream's edit
@@ -307,9 +308,9 @@ def collect_rows(
             for batch in batches:
                 mask = batch_pass(model, batch, capture, "empirical", generator)
                 for name in layers:
-                    a, g = _rows(capture, name, mask)
-                    rows[name][0].append(a.cpu())
-                    rows[name][1].append(g.cpu())
+                    a, g = _rows(capture, name, mask)  # fp32 copies: cast back without loss
+                    rows[name][0].append(a.to("cpu", capture.a[name].dtype))
+                    rows[name][1].append(g.to("cpu", capture.g[name].dtype))
     finally:
         capture.close()
     return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in rows.items()}

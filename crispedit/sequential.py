@@ -57,8 +57,9 @@ EDIT_BATCH = 16
 
 @dataclass
 class EditRows:
-    """One version's own edits as K-FAC factor rows, fp32 on the CPU: per layer the valid tokens'
-    inputs a (n × d_in) and output gradients g (n × d_out) of its `prompt target` texts.
+    """One version's own edits as K-FAC factor rows on the CPU: per layer the valid tokens' inputs
+    a (n × d_in) and output gradients g (n × d_out) of its `prompt target` texts, in the dtype the
+    model computed them in (bf16 for a bf16 model: exact, and half the bytes of fp32).
 
     Their Gram matrices aᵀa and gᵀg are what the version adds to the stream state. A version
     stores these rows, n·(d_in + d_out) numbers per layer, rather than the state's d_in² + d_out²
@@ -80,7 +81,7 @@ class EditRows:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], layers: list[str]) -> EditRows:
         """The rows of `layers` from a `to_tensors` dict; ValueError saying what is wrong with it
-        (a missing or extra tensor, a row count that is not `tokens`, a dtype that is not fp32)."""
+        (a missing or extra tensor, a row count that is not `tokens`, a dtype that is no float)."""
         count = tensors.get("tokens")
         if count is None or count.dtype != torch.int64 or count.shape != (1,):
             raise ValueError("no token count")
@@ -91,11 +92,11 @@ class EditRows:
             raise ValueError(f"its tensors are not the rows of layers {layers}: {wrong}")
         for key, value in tensors.items():
             if key != "tokens" and (
-                value.dtype != torch.float32 or value.dim() != 2 or len(value) != tokens
+                not value.is_floating_point() or value.dim() != 2 or len(value) != tokens
             ):
                 raise ValueError(
                     f"{key} is {value.dtype} of shape {tuple(value.shape)}, "
-                    f"not fp32 rows of {tokens} tokens"
+                    f"not the float rows of {tokens} tokens"
                 )
         return cls(
             a={name: tensors[f"{name}/a"] for name in layers},
@@ -159,7 +160,7 @@ def edit_set_factors(
     model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact]
 ) -> EditRows:
     """The K-FAC factor rows of the `prompt target` texts of `facts` on the model as it is now,
-    on the CPU (where a stream's state is stored and added up, whatever the model's device)."""
+    in its dtype, on the CPU (where a stream's state is stored, whatever the model's device)."""
     sequences = [encode_pair(tokenizer, f.prompt, f.target)[0] for f in facts]
     rows = collect_rows(model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH))
     tokens = len(next(iter(rows.values()))[0])

@@ -17,7 +17,13 @@ from crispedit.curvature import collect_curvature, plan_curvature
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
-from crispedit.sequential import EDIT_BATCH, EditRows, StreamState, stream_curvature
+from crispedit.sequential import (
+    EDIT_BATCH,
+    EditRows,
+    StreamState,
+    edit_set_factors,
+    stream_curvature,
+)
 from crispedit.streams import (
     StreamStateCache,
     base_weights,
@@ -410,3 +416,23 @@ def test_rows_are_added_on_the_models_device_and_the_sums_stay_on_the_host(setup
     with accelerator() as device:
         on_device = read_state(Store(store.root), versions[1], device=device)
     assert_same_sums(on_device, on_host)  # the CPU checks it: same values, CPU tensors
+
+
+def test_a_bf16_models_rows_are_its_own_values_and_rebuild_the_old_sums(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = make_tiny("llama").to(torch.bfloat16)
+    layers = parse_layers(model, "2-3")
+    rows = edit_set_factors(model, tok, layers, BATCHES[1])
+    assert {t.dtype for t in [*rows.a.values(), *rows.g.values()]} == {torch.bfloat16}
+    stored = EditRows.from_tensors(rows.to_tensors(), layers)
+    # the old layout's sums: collect_curvature's n·A, n·B of the same texts, kept in fp32
+    texts = [encode_pair(tok, f.prompt, f.target)[0] for f in BATCHES[1]]
+    c = collect_curvature(
+        model, layers, pad_batches(texts, tok.pad_token_id, EDIT_BATCH), progress=False
+    )
+    old = StreamState(
+        S_A={n: (c.layers[n].A.double() * c.tokens).float().double() for n in layers},
+        S_B={n: (c.layers[n].B.double() * c.tokens).float().double() for n in layers},
+        tokens=c.tokens,
+    )
+    assert_same_sums(StreamState.empty().plus(stored), old)
