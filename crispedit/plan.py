@@ -7,7 +7,8 @@ the tensors the code holds at each phase's peak, every line named after the file
 
     curvature build   crispedit/curvature.py collect_curvature (K-FAC sums, captures, backward)
     steady editing    a worker's job: the resident curvature, the projector, the editor's state
-    stream update     crispedit/sequential.py: the edit-set sums, the stream curvature, its eigh
+    stream update     crispedit/sequential.py: the edit-set rows, the state's sums, the stream
+                      curvature and its eigh
     version write     crispedit/streams.py: the delta and the stream state as they are saved
 
 Three rules keep it honest. Every tensor counts on the model's device except those the code keeps
@@ -190,8 +191,8 @@ class Workload:
     anchors: int = ANCHORS
     kind: str = "kfac"
     projector_dtype: str = "float32"
-    # levers still open in crispedit/curvature.py collect_curvature (the curvature build and the
-    # edit-set factors): fp32 device sums flushed into fp64 host totals; one layer at a time
+    # levers still open in crispedit/curvature.py collect_curvature (the curvature build): fp32
+    # device sums flushed into fp64 host totals; one layer at a time
     fp32_sums: bool = False
     layer_by_layer: bool = False
     # a lever still open in crispedit/editor.py and streams.py: the base copies and W_before on
@@ -213,12 +214,13 @@ PROJECTOR_IN_MODEL_DTYPE = (
     "projector in the model's dtype (projector_dtype='model')",
     {"projector_dtype": "model"},
 )
-# The levers the code does not pull yet, in the order the plan tries them: the collection's
-# (crispedit/curvature.py), an option (the projector's dtype), the editor's (crispedit/editor.py).
+# The levers the code does not pull yet, in the order the plan tries them: the curvature
+# collection's (crispedit/curvature.py), an option (the projector's dtype), the editor's
+# (crispedit/editor.py).
 LEVERS = {
     "curvature build": [FP32_SUMS, LAYER_BY_LAYER],
     "steady editing": [PROJECTOR_IN_MODEL_DTYPE, SMALL_BATCHES, HOST_COPIES],
-    "stream update": [FP32_SUMS, LAYER_BY_LAYER, HOST_COPIES],
+    "stream update": [HOST_COPIES],
     "version write": [HOST_COPIES],
 }
 
@@ -473,25 +475,26 @@ def _state(s: ModelShape, what: str) -> Item:
 
 
 def stream_update(s: ModelShape, w: Workload) -> Phase:
-    """Around an edit (crispedit/streams.py edit_on_stream): the facts' K-FAC sums on the device,
-    added to the stream state on the host (three states alive in `StreamState.plus`); and the
-    next job's stream curvature, built on the device one factor at a time, its fp64 eigh there,
-    the results on the host. The editor and its projectors are gone by then."""
-    sums = FP32 if w.fp32_sums else FP64
+    """Around an edit (crispedit/streams.py edit_on_stream): the facts' factor rows, collected on
+    the device and moved to the host a batch at a time (`sequential.edit_set_factors`), their
+    Gram matrices added to the stream state one factor at a time (fp64 on the device, the sums
+    on the host: `StreamState.plus`); and the next job's stream curvature, built on the device
+    one factor at a time, its fp64 eigh there, the results on the host. The editor and its
+    projectors are gone by then."""
     d = _largest_factor(s)
     tokens = w.facts * FACT_TOKENS
     moments = {
-        "edit-set factors": [
-            Item(f"K-FAC sums of the facts' texts ({_dt_bytes(sums)})", _held_squares(s, w) * sums,
-                 "curvature.py collect_curvature"),
-            Item("their factors A, B (fp32)", _held_squares(s, w) * FP32,
-                 "sequential.py edit_set_factors"),
+        "edit-set rows": [
             Item("captures and activations of the facts' texts",
                  tokens * (sum(a + b for a, b in s.layers.values()) * w.e)
                  + _backward(s, w, tokens, False) + _logits(s, w, tokens),
                  "sequential.py edit_set_factors"),
+        ],
+        "state sums": [
+            Item("the facts' rows of the largest factor (fp64)", tokens * d * FP64,
+                 "sequential.py _gram"),
+            Item("their Gram matrix (fp64)", d * d * FP64, "sequential.py _gram"),
             _state(s, "stream state read from the head"),
-            _state(s, "edit-set sums"),
             _state(s, "the sum StreamState.plus returns"),
         ],
         "stream curvature + eigh": [
@@ -524,8 +527,8 @@ def version_write(s: ModelShape, w: Workload) -> Phase:
     moments = {
         "save": [
             _state(s, "stream state"),
-            Item("state tensors for the file (fp32)", s.sum_squares * FP32,
-                 "sequential.py StreamState.to_tensors", host=True),
+            Item(f"edit rows for the file ({_dt(w.dtype)})", version_bytes(s, w)["state"],
+                 "sequential.py EditRows.to_tensors", host=True),
             Item("delta and cumulative delta (fp32)", 2 * s.weights * FP32, "delta.py weight_delta",
                  host=True),
         ]
@@ -534,11 +537,16 @@ def version_write(s: ModelShape, w: Workload) -> Phase:
 
 
 def version_bytes(s: ModelShape, w: Workload) -> dict[str, int]:
-    """Bytes one version adds to the store: its delta (fp32), its state (fp32 sums of every
-    layer), and what the state would take as this version's factor rows alone (rank ≤ its
-    tokens: `facts` texts of `FACT_TOKENS`, the a and g rows, fp32)."""
+    """Bytes one version adds to the store: its delta (fp32) and its state, the rows file of its
+    own edits (crispedit/sequential.py EditRows: `facts` texts of `FACT_TOKENS`, each token's a and
+    g rows of every layer in the model's dtype, and the int64 token count); `state_as_sums` is
+    what a version stored before rows, the fp32 sums of every layer."""
     rows = w.facts * FACT_TOKENS * sum(d_in + d_out for d_out, d_in in s.layers.values())
-    return {"delta": s.weights * FP32, "state": s.sum_squares * FP32, "state_as_rows": rows * FP32}
+    return {
+        "delta": s.weights * FP32,
+        "state": rows * w.e + 8,
+        "state_as_sums": s.sum_squares * FP32,
+    }
 
 
 PHASES = (curvature_build, steady_editing, stream_update, version_write)
@@ -661,7 +669,8 @@ def format_plan(plan: Plan) -> str:
     lines += [
         "",
         f"Per version in the store: delta {_gib(v['delta'])} GiB, stream state "
-        f"{_gib(v['state'])} GiB (fp32 sums of every layer); the state as this version's factor "
-        f"rows instead: {_gib(v['state_as_rows'])} GiB.",
+        f"{_gib(v['state'])} GiB (this version's edit rows, {_dt(w.dtype)}); stored as the "
+        f"fp32 sums of every layer (versions written before rows) it took "
+        f"{_gib(v['state_as_sums'])} GiB.",
     ]
     return "\n".join(lines)

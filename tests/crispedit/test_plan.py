@@ -17,6 +17,7 @@ from crispedit.curvature import collect_curvature
 from crispedit.editor import CrispEditor
 from crispedit.models import parse_layers
 from crispedit.plan import (
+    FACT_TOKENS,
     Workload,
     _backward,
     load_config,
@@ -26,7 +27,7 @@ from crispedit.plan import (
     shipped_configs,
     version_bytes,
 )
-from crispedit.sequential import edit_set_factors, stream_curvature
+from crispedit.sequential import StreamState, edit_set_factors, stream_curvature
 
 FACTS = [
     Fact(prompt="The Eiffel Tower is located in", target="Rome"),
@@ -115,8 +116,9 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     assert item(plan, "steady editing", "Adam exp_avg") == moments
     assert version_bytes(shape, plan.workload)["delta"] == nbytes(delta.tensors.values())
 
-    state = edit_set_factors(model, tok, layers, FACTS)
-    assert item(plan, "stream update", "edit-set sums") == nbytes(
+    rows = edit_set_factors(model, tok, layers, FACTS)
+    state = StreamState.empty().plus(rows)
+    assert item(plan, "stream update", "the sum StreamState.plus returns") == nbytes(
         [*state.S_A.values(), *state.S_B.values()]
     )
     # a head's entry in the worker's StreamCurvatureCache: the eigendecompositions of its A and B
@@ -124,9 +126,14 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     assert all(c.A is None and c.B is None and c.U_A is None for c in head.layers.values())
     entry = nbytes(t for c in head.layers.values() for w in "AB" for t in c.eigen(w, "cpu"))
     assert item(plan, "steady editing", "cached stream curvatures (1)") == entry
-    saved = {k: v for k, v in state.to_tensors().items() if k != "tokens"}
-    assert item(plan, "version write", "state tensors for the file") == nbytes(saved.values())
-    assert version_bytes(shape, plan.workload)["state"] == nbytes(saved.values())
+    # the rows file of FACT_TOKENS-token texts: the live rows' bytes per token, and the count
+    saved = rows.to_tensors()
+    per_token = nbytes(v for k, v in saved.items() if k != "tokens") // rows.tokens
+    stored = plan.workload.facts * FACT_TOKENS * per_token + nbytes([saved["tokens"]])
+    assert item(plan, "version write", "edit rows for the file") == stored
+    assert version_bytes(shape, plan.workload)["state"] == stored
+    sums = nbytes(t.float() for t in [*state.S_A.values(), *state.S_B.values()])
+    assert version_bytes(shape, plan.workload)["state_as_sums"] == sums
 
 
 def allocated() -> int:
@@ -161,14 +168,20 @@ def test_the_plans_placement_is_what_the_accelerator_holds(tiny_tokenizer, kind)
         assert allocated() - start == weights + projectors
         del editor
         assert allocated() - start == weights
-        state = edit_set_factors(model, tok, layers, FACTS)
+        rows = edit_set_factors(model, tok, layers, FACTS)
+        assert allocated() - start == weights
         before = allocated()
+        reset_peak_memory_stats()
+        state = StreamState.empty().plus(rows, dev)
+        sums_peak = max_memory_allocated() - before
         reset_peak_memory_stats()
         head = stream_curvature(capability, state, 1.0, dev)
         peak = max_memory_allocated() - before
         assert allocated() == before and head.kind == kind
     phase = next(p for p in plan.phases if p.name == "stream update")
     moments = {m: sum(i.bytes for i in items if not i.host) for m, items in phase.moments.items()}
+    assert rows.tokens <= plan.workload.facts * FACT_TOKENS  # the plan's texts hold these
+    assert item(plan, "stream update", "their Gram") <= sums_peak <= moments["state sums"]
     eigh = moments["stream curvature + eigh"]
     assert peak <= max(eigh, moments.get("EK-FAC re-expression", 0))
     assert peak >= eigh - item(plan, "stream update", "its eigh: workspace")
