@@ -97,8 +97,8 @@ class LayerCurvature:
         return hit[2]
 
     def keep_eigen(self, which: str, s: torch.Tensor, U: torch.Tensor) -> None:
-        """Remember (s, U) as the eigendecomposition of factor `which` as it is now (None: a
-        factor not kept), on the host."""
+        """Remember (s, U), on the host, as the eigendecomposition of factor `which` as it is now
+        (or of the factor this layer does not keep, when it is None)."""
         factor = getattr(self, which)
         version = None if factor is None else factor._version
         self._eigen[which] = (factor, version, (to_host(s), to_host(U)))
