@@ -72,6 +72,11 @@ class EditSettings:
     )
     lr: float = _option(5e-4, "Adam's learning rate.", gt=0.0, api=True, api_le=1.0)
     batch_size: int = _option(32, "Facts per step.", ge=1)
+    # the step is the same (its gradient summed over micro-batches, up to float rounding); only
+    # the activations held at once shrink, at the cost of one extra forward per step
+    micro_batch: int = _option(
+        0, "Facts per forward and backward within a step (0: the whole batch at once).", ge=0
+    )
     seed: int = _option(0, "Seed of each epoch's shuffle of the facts.", ge=0)
     # "gradient" is the reference recipe, but Adam then rescales each coordinate and part of every
     # step leaks into blocked directions; "update" keeps the whole edit in the kept subspace

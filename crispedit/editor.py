@@ -96,7 +96,7 @@ class _Run:
     fast: FastForward | None
     prefix: list[torch.Tensor] | None
     anchors: Anchors
-    before: dict[str, torch.Tensor]  # per layer, its weight before the edit (model's dtype)
+    before: dict[str, torch.Tensor]  # per layer, its weight before the edit (model's dtype, host)
     masters: dict[str, torch.Tensor]  # per layer, the fp32 master Adam updates (storage layout)
     optimizers: dict[str, torch.optim.Adam]
     order: torch.Generator
@@ -114,6 +114,13 @@ class _Tally:
     anchor_kls: list[float] = field(default_factory=list)
     skipped: int = 0
     worst: float = 0.0
+
+
+def _rows_of(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows start..stop of a right-padded batch, cut to their own longest row (as a batch of just
+    them is padded)."""
+    width = int(batch["attention_mask"][start:stop].sum(-1).max())
+    return {k: v[start:stop, :width] for k, v in batch.items()}
 
 
 def _layer_spec(
@@ -253,9 +260,15 @@ class CrispEditor:
         return Anchors(owned, ids, states, torch.cat(base))
 
     def _anchor_loss(
-        self, facts_rows: list[int], anchors: Anchors, fast: FastForward | None, device
+        self,
+        facts_rows: list[int],
+        anchors: Anchors,
+        fast: FastForward | None,
+        device,
+        reduction: str = "batchmean",
     ) -> torch.Tensor | None:
-        """Mean KL(base ‖ edited) of the next token over the anchors of the batch's facts."""
+        """Mean KL(base ‖ edited) of the next token over the anchors of the batch's facts (their
+        sum with `reduction="sum"`)."""
         rows = [a for r in facts_rows for a in anchors.owned[r]]
         if not rows:
             return None
@@ -264,7 +277,7 @@ class CrispEditor:
         batch = {k: v.to(device) for k, v in batch.items()}
         logp = self._last_logits(batch, fast, anchors.states, rows).float().log_softmax(-1)
         return torch.nn.functional.kl_div(
-            logp, anchors.base[rows], log_target=True, reduction="batchmean"
+            logp, anchors.base[rows], log_target=True, reduction=reduction
         )
 
     def edit(self, facts: Sequence[Fact]) -> Delta:
@@ -298,7 +311,8 @@ class CrispEditor:
         """Everything an edit computes once: the weights before it, the base model's metrics,
         the cached prefix states and anchor targets, the fp32 masters and their optimizers."""
         pairs = [(f.prompt, f.target) for f in facts]
-        before = {n: m.weight.detach().clone() for n, m in self.modules.items()}
+        # on the host: needed only to compute the delta and restore the weights at the end
+        before = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
         base_fingerprint = model_fingerprint(self.model, self.layers)
         efficacy_before = teacher_forced_accuracy(self.model, self.tokenizer, pairs)
         device = next(self.model.parameters()).device
@@ -309,7 +323,9 @@ class CrispEditor:
             fast.prefix_states(self.tokenizer, pairs, self.settings.batch_size) if fast else None
         )
         anchors = self._anchor_targets(facts, fast, device)
-        masters = {n: w.to(torch.float32, copy=True) for n, w in before.items()}
+        masters = {
+            n: m.weight.detach().to(torch.float32, copy=True) for n, m in self.modules.items()
+        }
         # one optimizer per layer: a step then holds one layer's temporaries at a time
         optimizers = {
             n: torch.optim.Adam([w], lr=self.settings.lr, weight_decay=0.0)
@@ -345,11 +361,9 @@ class CrispEditor:
         for b, batch in enumerate(batches):
             batch = {k: v.to(run.device) for k, v in batch.items()}
             rows = perm[b * self.settings.batch_size : (b + 1) * self.settings.batch_size]
-            loss = self._batch_loss(run, batch, rows, tally)
-            if loss is None:
+            if not self._backward(run, batch, rows, tally):
                 tally.skipped += 1
                 continue
-            loss.backward()
             self._step(run)
         run.losses.append(sum(tally.batch_losses) / len(tally.batch_losses))
         kls = tally.anchor_kls
@@ -363,6 +377,59 @@ class CrispEditor:
         return (
             tally.worst if self.settings.stop == "fact" else run.losses[-1]
         ) < self.settings.loss_stop
+
+    def _backward(self, run: _Run, batch: dict, rows: list[int], tally: _Tally) -> bool:
+        """Put the batch's loss gradient on the edited weights; False when the batch has landed
+        and is skipped. With `micro_batch`, in slices of that many facts (`_micro_backward`)."""
+        micro = self.settings.micro_batch
+        if micro and micro < len(rows):
+            return self._micro_backward(run, batch, rows, tally, micro)
+        loss = self._batch_loss(run, batch, rows, tally)
+        if loss is None:
+            return False
+        loss.backward()
+        return True
+
+    def _micro_backward(
+        self, run: _Run, batch: dict, rows: list[int], tally: _Tally, micro: int
+    ) -> bool:
+        """`_backward` a slice of `micro` facts at a time, so that one slice's activations are
+        held at once: a no-grad pass finds the batch's loss (skip?) and its token and anchor
+        counts, then each slice backpropagates its share of the same loss, so the gradient is
+        the whole batch's up to float rounding."""
+        slices = [range(i, min(i + micro, len(rows))) for i in range(0, len(rows), micro)]
+        part = lambda r: _rows_of(batch, r.start, r.stop)  # noqa: E731
+        with torch.no_grad():
+            losses = [self._token_losses(part(r), run.fast, run.prefix, rows[r.start : r.stop])
+                      for r in slices]  # fmt: skip
+        token_losses = torch.cat([t for t, _ in losses])
+        row_of = torch.cat([o + r.start for (_, o), r in zip(losses, slices, strict=True)])
+        tally.batch_losses.append(token_losses.mean().item())
+        landed = torch.zeros(len(rows), dtype=torch.bool, device=token_losses.device)
+        if self.settings.stop == "fact":
+            per_fact = fact_losses(token_losses, row_of, len(rows))
+            tally.worst = max(tally.worst, float(per_fact.max()))
+            landed = per_fact < self.settings.loss_stop
+            if landed.all():
+                return False
+        elif tally.batch_losses[-1] < self.settings.loss_stop:
+            return False
+        n_tokens = int((~landed[row_of]).sum())
+        n_anchors = sum(len(run.anchors.owned[r]) for r in rows) if self.settings.anchors else 0
+        kl_total = 0.0
+        for r in slices:
+            sub_rows = rows[r.start : r.stop]
+            tokens, of = self._token_losses(part(r), run.fast, run.prefix, sub_rows)
+            loss = tokens[~landed[r.start : r.stop][of]].sum() / n_tokens
+            if n_anchors:
+                kl = self._anchor_loss(sub_rows, run.anchors, run.fast, run.device, "sum")
+                if kl is not None:
+                    kl_total += kl.item()
+                    loss = loss + self.settings.anchor_weight * kl / n_anchors
+            loss.backward()
+        if n_anchors:
+            tally.anchor_kls.append(kl_total / n_anchors)
+        return True
 
     def _batch_loss(
         self, run: _Run, batch: dict, rows: list[int], tally: _Tally

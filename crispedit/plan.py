@@ -195,9 +195,7 @@ class Workload:
     # device sums flushed into fp64 host totals; one layer at a time
     fp32_sums: bool = False
     layer_by_layer: bool = False
-    # a lever still open in crispedit/editor.py and streams.py: the base copies and W_before on
-    # the host
-    host_copies: bool = False
+    micro_batch: int = 0  # facts per forward and backward (0: the whole batch; editor.py)
     heads_cached: int = HEADS_CACHED  # stream curvatures a worker keeps (crispedit/streams.py)
 
     @property
@@ -208,8 +206,7 @@ class Workload:
 
 FP32_SUMS = ("accumulate in fp32, chunked into fp64 host totals", {"fp32_sums": True})
 LAYER_BY_LAYER = ("collect layer by layer", {"layer_by_layer": True})
-SMALL_BATCHES = ("[editor] edit batches of 8 facts", {"facts": 8})
-HOST_COPIES = ("[editor] base copies and W_before on the host", {"host_copies": True})
+MICRO_BATCHES = ("micro-batches of 8 facts (micro_batch=8: the same steps)", {"micro_batch": 8})
 PROJECTOR_IN_MODEL_DTYPE = (
     "projector in the model's dtype (projector_dtype='model')",
     {"projector_dtype": "model"},
@@ -219,9 +216,9 @@ PROJECTOR_IN_MODEL_DTYPE = (
 # (crispedit/editor.py).
 LEVERS = {
     "curvature build": [FP32_SUMS, LAYER_BY_LAYER],
-    "steady editing": [PROJECTOR_IN_MODEL_DTYPE, SMALL_BATCHES, HOST_COPIES],
-    "stream update": [HOST_COPIES],
-    "version write": [HOST_COPIES],
+    "steady editing": [MICRO_BATCHES, PROJECTOR_IN_MODEL_DTYPE],
+    "stream update": [],
+    "version write": [],
 }
 
 
@@ -275,8 +272,8 @@ def _common(s: ModelShape, w: Workload) -> list[Item]:
     layers each job starts from."""
     return [
         Item(f"model weights ({_dt(w.dtype)})", s.parameters * w.e + s.buffer_bytes, "models.py"),
-        Item("base copies of the edited layers", 0 if w.host_copies else s.weights * w.e,
-             "streams.py base_weights"),
+        Item("base copies of the edited layers", s.weights * w.e, "streams.py base_weights",
+             host=True),
     ]  # fmt: skip
 
 
@@ -438,8 +435,7 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
         *_host_curvature(s, w),
         _state(s, "stream state read from the head (alive through the edit)"),
         *_projector(s, w),
-        Item("edit-start copies W_before", 0 if w.host_copies else s.weights * w.e,
-             "editor.py _prepare"),
+        Item("edit-start copies W_before", s.weights * w.e, "editor.py _prepare", host=True),
         Item("fp32 master copies of the edited layers", s.weights * FP32, "editor.py _prepare"),
         Item("Adam exp_avg, exp_avg_sq (fp32)", 2 * s.weights * FP32, "editor.py _prepare"),
         Item("cached prefix states of facts and anchors", tokens * s.hidden * w.e,
@@ -448,13 +444,15 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
              "editor.py _anchor_targets"),
     ]  # fmt: skip
     d_out, d_in = max(s.layers.values(), key=lambda shape: shape[0] * shape[1])
+    micro = min(w.micro_batch or w.facts, w.facts)  # the facts one forward and backward holds
+    slice_tokens = micro * (1 + w.anchors) * FACT_TOKENS
     grads = Item(f"the weights' gradients ({_dt(w.dtype)})", s.weights * w.e, "editor.py _epoch")
     moments = {
         "backward": [
-            Item(f"activations of a batch ({w.facts} facts + anchors)",
-                 _backward(s, w, tokens, True), "prefix.py FastForward.hidden"),
+            Item(f"activations of {micro} facts + anchors (a micro-batch, or the batch)",
+                 _backward(s, w, slice_tokens, True), "prefix.py FastForward.hidden"),
             Item("logits at target and anchor positions",
-                 _logits(s, w, w.facts * (TARGET_TOKENS + w.anchors)), "prefix.py token_losses"),
+                 _logits(s, w, micro * (TARGET_TOKENS + w.anchors)), "prefix.py token_losses"),
             grads,
         ],
         "step (a layer at a time)": [

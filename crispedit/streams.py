@@ -69,8 +69,9 @@ def cached_curvature(
 
 def base_weights(model: nn.Module, layers: list[str]) -> dict[str, torch.Tensor]:
     """Copies of the layers' weights as they are now (taken right after loading: the base every
-    stream version starts from)."""
-    return {name: m.weight.detach().clone() for name, m in get_layers(model, layers).items()}
+    stream version starts from), on the host: a job copies them onto the device once."""
+    layers = get_layers(model, layers)
+    return {name: m.weight.detach().to("cpu", copy=True) for name, m in layers.items()}
 
 
 def read_cumulative(store: Store, version: str | None) -> dict[str, torch.Tensor]:

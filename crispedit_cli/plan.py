@@ -28,8 +28,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         plan_memory,
     )
 
-    if min(args.batch_size, args.seq_len, args.facts) < 1:
-        raise CLIError("--batch-size, --seq-len and --facts must be at least 1")
+    if min(args.batch_size, args.seq_len, args.facts) < 1 or args.micro_batch < 0:
+        raise CLIError("--batch-size, --seq-len and --facts must be at least 1, --micro-batch 0+")
     try:
         model = meta_model(load_config(args.model))
         shape = model_shape(model, args.layers, name=args.model)
@@ -38,6 +38,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             seq_len=args.seq_len,
             facts=args.facts,
+            micro_batch=args.micro_batch,
             kind=args.kind,
             projector_dtype=args.projector_dtype,
         )
@@ -60,6 +61,9 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="curvature batch size")
     plan.add_argument("--seq-len", type=int, default=SEQ_LEN, help="curvature sequence length")
     plan.add_argument("--facts", type=int, default=DEFAULTS.batch_size, help="facts per step")
+    plan.add_argument(
+        "--micro-batch", type=int, default=DEFAULTS.micro_batch, help="facts per forward (0: all)"
+    )
     plan.add_argument("--kind", choices=("kfac", "ekfac"), default="kfac")
     plan.add_argument(
         "--projector-dtype", choices=PROJECTOR_DTYPES, default=DEFAULTS.projector_dtype

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny
@@ -10,7 +12,7 @@ from contract.facts import Fact
 from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
 from crispedit.delta import Delta, DeltaError, apply_delta, revert_delta
-from crispedit.editor import CrispEditor, fact_losses
+from crispedit.editor import CrispEditor, _Tally, fact_losses
 from crispedit.models import (
     get_layers,
     is_conv1d,
@@ -312,3 +314,50 @@ def test_projector_dtype_follows_the_flag_on_a_bf16_model(tiny_tokenizer):
         assert all(t.dtype == torch.float32 for t in delta.tensors.values())
     with pytest.raises(ValueError, match="projector_dtype must be one of"):
         CrispEditor(model, tiny_tokenizer, curv, layers=layers, projector_dtype="fp16")
+
+
+@pytest.mark.parametrize("stop", ["batch", "fact"])
+def test_micro_batches_take_the_same_steps(setup, stop):
+    """`micro_batch` splits a step's forward and backward into slices of facts: the summed
+    gradient is the whole batch's, so the edit is the same up to float rounding (subject
+    anchors and per-fact stopping included), with one slice's activations held at a time."""
+    model, tok, layers, curv = setup
+    facts = [
+        Fact(prompt=f"{s} works as a", target=t, subject=s)
+        for s, t in [("Anna Berg", "chef"), ("Tom Hale", "pilot"), ("Ida Moss", "judge"),
+                     ("Carl Vik", "nurse"), ("Eva Lund", "baker")]
+    ]  # fmt: skip
+    options = dict(layers=layers, lr=1e-2, epochs=4, progress=False, anchors=1, stop=stop)
+    deltas = {}
+    for micro in (0, 2):
+        edited = copy.deepcopy(model)
+        editor = CrispEditor(edited, tok, curv, micro_batch=micro, **options)
+        deltas[micro] = editor.edit(facts)
+    whole, sliced = deltas[0], deltas[2]
+    assert whole.report["loss_curve"] == pytest.approx(sliced.report["loss_curve"], rel=1e-4)
+    for key, d in whole.tensors.items():
+        assert d.abs().max() > 0
+        torch.testing.assert_close(sliced.tensors[key], d, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="micro_batch"):
+        CrispEditor(model, tok, curv, micro_batch=-1, **options)
+
+
+def test_micro_batch_gradient_is_the_whole_batch_gradient(setup):
+    """The gradient one step descends (Adam is nearly blind to its scale, so the edit alone
+    could hide a wrongly scaled slice): the same with and without micro-batches."""
+    model, tok, layers, curv = setup
+    facts = [
+        Fact(prompt=f"{s} works as a", target=t, subject=s)
+        for s, t in [("Anna Berg", "chef"), ("Tom Hale", "pilot"), ("Ida Moss", "judge")]
+    ]
+    grads = {}
+    for micro in (0, 1):
+        editor = CrispEditor(model, tok, curv, layers=layers, anchors=1, micro_batch=micro)
+        run = editor._prepare(facts)
+        batch = next(target_batches(tok, run.pairs, 32))
+        assert editor._backward(run, batch, [0, 1, 2], _Tally())
+        grads[micro] = {n: m.weight.grad.clone() for n, m in editor.modules.items()}
+        editor._release(run)
+    for name, g in grads[0].items():
+        assert g.abs().max() > 0
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-7)
