@@ -297,3 +297,59 @@ def test_a_checkpoint_of_another_build_is_not_resumed(tiny, sequences, tmp_path)
         model, layers, batches, progress=False, checkpoint=Checkpointing(path, {"recipe": "r"})
     )
     assert "resumed_from" not in curv.meta
+
+
+KILLED_BUILD = """
+import os, signal, sys
+from crispedit.curvature import plan_curvature
+from crispedit.models import load_model
+from crispedit.streams import cached_curvature
+from curvature_store import Store
+
+model, tok = load_model(sys.argv[1])
+recipe = plan_curvature(model, tok, "wikitext", 600, "2-3", kind="ekfac", seq_len=16)
+calls = []
+
+def die_at_the_seventh_batch(info):
+    calls.append(info)
+    if len(calls) == 7:  # in the EK-FAC pass, after its checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+
+cached_curvature(Store(sys.argv[2]), model, tok, recipe, progress=False,
+                 on_progress=die_at_the_seventh_batch, checkpoint_every=1)
+"""
+
+
+def test_a_build_killed_for_the_store_resumes_from_its_staging_checkpoint(tiny_model_dir, tmp_path):
+    """A process building curvature for the store is killed (SIGKILL) mid-build: the store holds
+    no curvature, only the checkpoint in its staging area; the next build of the same recipe
+    resumes from it, stores bitwise the curvature of an uninterrupted build, and deletes it."""
+    import subprocess
+    import sys
+
+    from crispedit.curvature import plan_curvature
+    from crispedit.models import load_model
+    from crispedit.streams import cached_curvature
+    from curvature_store import Store
+
+    store = Store(tmp_path / "store")
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_BUILD, str(tiny_model_dir), str(store.root)], timeout=300
+    )
+    assert done.returncode == -9
+    model, tok = load_model(str(tiny_model_dir))
+    recipe = plan_curvature(model, tok, "wikitext", 600, "2-3", kind="ekfac", seq_len=16)
+    key = store.curvature_key(**recipe.key_fields)
+    assert store.list_curvature() == [] and store.checkpoint_file(key).is_file()
+
+    resumed, manifest = cached_curvature(store, model, tok, recipe, progress=False)
+    assert manifest["cache_hit"] is False and manifest["key"] == key
+    assert manifest["meta"]["resumed_from"]["pass"] == "EK-FAC"
+    assert not store.checkpoint_file(key).exists()
+    whole, _ = cached_curvature(Store(tmp_path / "fresh"), model, tok, recipe, progress=False)
+    stored = Curvature.load(store.curvature_file(key))
+    for name in recipe.layers:
+        for f in ("A", "B", "U_A", "U_B", "ekfac"):
+            ref = getattr(whole.layers[name], f)
+            assert torch.equal(getattr(resumed.layers[name], f), ref)
+            assert torch.equal(getattr(stored.layers[name], f), ref)
