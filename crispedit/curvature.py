@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from contract.jobs import CURVATURE_KINDS
 from contract.names import CURVATURE_FILE
 from crispedit.artifacts import ArtifactError, artifact_path, load_tensors, save_tensors
 from crispedit.corpus import (
@@ -50,7 +51,7 @@ from crispedit.corpus import (
 from crispedit.models import get_layers, model_fingerprint, parse_layers, trainable_only
 
 LABELS = ("empirical", "sampled")
-KINDS = ("kfac", "ekfac")
+KINDS = CURVATURE_KINDS  # the job contract names them too
 FORMAT_VERSION = 1
 CHECKPOINT_FORMAT = 1
 # A checkpoint costs a host copy of every float64 sum (gigabytes at 8B): often enough that a

@@ -114,10 +114,17 @@ def cmd_curvature_build(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
+CORPUS_HELP = (
+    f"the capability corpus: {' or '.join(BUILTIN)} (bundled WikiText-2), a UTF-8 text file (one "
+    'document a line), a .jsonl file of {"text": ...} records, either gzipped (.gz), a folder '
+    "of such files, a glob (data/*.jsonl, ** recursive), or a Hugging Face datasets folder "
+    "(save_to_disk); streamed, read only up to --tokens"
+)
+
 
 def add_curvature_args(p: argparse.ArgumentParser) -> None:
     """The flags that say which curvature to collect (`build` and `edit` share them)."""
-    p.add_argument("--corpus", default="wikitext", help=f"text/JSONL file or {', '.join(BUILTIN)}")
+    p.add_argument("--corpus", default="wikitext", help=CORPUS_HELP)
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="corpus tokens to use")
     p.add_argument("--labels", choices=LABELS, default="empirical")
     p.add_argument("--kind", choices=KINDS, default="kfac", help="ekfac adds a second pass")
