@@ -353,3 +353,31 @@ def test_a_build_killed_for_the_store_resumes_from_its_staging_checkpoint(tiny_m
             ref = getattr(whole.layers[name], f)
             assert torch.equal(getattr(resumed.layers[name], f), ref)
             assert torch.equal(getattr(stored.layers[name], f), ref)
+
+
+def test_a_bf16_build_on_the_accelerator_resumes_bitwise(tiny_tokenizer, sequences, tmp_path):
+    """The model in bf16 on a logical accelerator (where mixing it with the CPU fails, as on
+    CUDA): the checkpoint goes to the host and its sums come back to the layers' device, and the
+    resumed EK-FAC factors are bitwise those of an uninterrupted build there."""
+    from conftest import make_tiny
+    from devices import accelerator, on_accelerator
+
+    with accelerator() as dev:
+        model = make_tiny("llama").to(dev, torch.bfloat16)
+        layers = parse_layers(model, "2-3")
+        batches = list(pad_batches(sequences, tiny_tokenizer.pad_token_id, 2))  # 3 a pass
+        options = {"kind": "ekfac", "labels": "sampled", "seed": SEED, "progress": False}
+        whole = collect_curvature(model, layers, batches, **options)
+        checkpoint = Checkpointing(tmp_path / "ck.safetensors", every_batches=1)
+        hook, _ = stop_after(4)  # in the EK-FAC pass
+        with pytest.raises(Stop):
+            collect_curvature(
+                model, layers, batches, checkpoint=checkpoint, on_progress=hook, **options
+            )
+        resumed = collect_curvature(model, layers, batches, checkpoint=checkpoint, **options)
+        assert resumed.meta["resumed_from"] == {"pass": "EK-FAC", "batches_done": 1}
+        for name in layers:
+            for f in ("A", "B", "U_A", "U_B", "ekfac"):
+                ours, ref = getattr(resumed.layers[name], f), getattr(whole.layers[name], f)
+                assert on_accelerator(ours)
+                assert torch.equal(ours.cpu(), ref.cpu()), (name, f)
