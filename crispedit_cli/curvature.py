@@ -138,7 +138,11 @@ def add_curvature_build(curv_sub: argparse._SubParsersAction) -> None:
     build.add_argument("--model", required=True, help="smollm2, a HF folder, or a cached HF id")
     build.add_argument("--layers", help="block indices/ranges (20-24) or module names")
     build.add_argument("--out", help="write DIR/curvature.safetensors")
-    build.add_argument("--store", help="or keep it in this store (a second build is a cache hit)")
+    build.add_argument(
+        "--store",
+        help="or keep it in this store (a second build is a cache hit; an interrupted build "
+        "resumes from the checkpoint it left in the store's tmp/)",
+    )
     build.add_argument("--seed", type=int, default=0)
     add_curvature_args(build)
     add_placement_args(build)
