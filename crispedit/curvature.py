@@ -483,10 +483,8 @@ class _Build:
         except ArtifactError as err:
             log.warning("starting the curvature afresh: %s", err)
             return
-        found = json.loads(json.dumps(meta.get("identity")))
-        if meta.get("checkpoint_format") != CHECKPOINT_FORMAT or found != json.loads(
-            json.dumps(self._identity())
-        ):
+        ours = json.loads(json.dumps(self._identity()))  # as the file's JSON header reads back
+        if meta.get("checkpoint_format") != CHECKPOINT_FORMAT or meta.get("identity") != ours:
             log.warning("starting the curvature afresh: %s is another build's", checkpoint.path)
             return
         for name, module in self.layers.items():
