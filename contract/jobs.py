@@ -13,18 +13,33 @@ survives a worker's save of a stale meta) to stop it before it starts work or at
 The worker returns an `EditResult` (`edit_result`), and the version's manifest names the job
 (`job`). The jobs of one stream are chained through `last_key` under the lock `lock_key`.
 
+Curvature is built by jobs of its own (`CURVATURE_FUNCTION`, with a `CurvaturePayload`, on the
+same model queue, under a long timeout of their own): an edit job never builds it. A curvature
+request is named by `curvature_spec` (kind, tokens, corpus; None: the worker's configuration).
+Workers record what they have built in the hash `curvature_index_key(model)` (spec -> store key;
+a worker clears its model's hash when it starts: its model or corpus may have changed); the API
+records its latest job per spec in `curvature_jobs_key(model)`, under `curvature_lock_key`, so
+that one build per spec runs at a time. An edit submitted while the curvature its method needs
+(`curvature_kind`) is not recorded waits for that build: the API makes it depend on the
+curvature job (enqueued if none is running), and the edit fails with a clear error if the
+build did not produce it. While it runs, a curvature job's meta holds `progress` ({phase:
+"curvature", pass, tokens_done, tokens_total}); it returns a `CurvatureResult`.
+
 Standard library only, like the rest of `contract`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, TypedDict
 
-from contract.settings import EditSettings
+from contract.settings import EditSettings, resolve_method
 
 JOB_FUNCTION = "workers.jobs.apply_edit"
+CURVATURE_FUNCTION = "workers.jobs.build_curvature"
+CURVATURE_KINDS = ("kfac", "ekfac")
 JOB_OPTIONS = ("evaluate",)  # a request's options that are the job's, not the editor's
 PREFIX = "crispedit"
 
@@ -49,6 +64,35 @@ def lock_key(model: str, stream: str) -> str:
     return f"{PREFIX}:lock:{model}:{stream}"
 
 
+def curvature_index_key(model: str) -> str:
+    """The Redis hash, written by the workers, of the model's built curvature: spec -> key."""
+    return f"{PREFIX}:curvature:{model}"
+
+
+def curvature_jobs_key(model: str) -> str:
+    """The Redis hash, written by the API, of the model's latest curvature job: spec -> job id."""
+    return f"{PREFIX}:curvature-jobs:{model}"
+
+
+def curvature_lock_key(model: str) -> str:
+    """The Redis lock under which the API reads and enqueues a model's curvature jobs."""
+    return f"{PREFIX}:curvature-lock:{model}"
+
+
+def curvature_spec(kind: str, tokens: int | None = None, corpus: str | None = None) -> str:
+    """A curvature request as one canonical string (None: the worker's configured token budget
+    or corpus): the field of both curvature hashes. ValueError for an unknown kind."""
+    if kind not in CURVATURE_KINDS:
+        raise ValueError(f"curvature kind must be one of {CURVATURE_KINDS}, not {kind!r}")
+    return json.dumps({"corpus": corpus, "kind": kind, "tokens": tokens}, sort_keys=True)
+
+
+def curvature_kind(method: str) -> str | None:
+    """The curvature an edit method projects with: None for plain fine-tuning (`ft`)."""
+    resolved = resolve_method(method)
+    return None if resolved == "ft" else "ekfac" if resolved == "ekfac" else "kfac"
+
+
 class EditPayload(TypedDict):
     """The edit job's one argument."""
 
@@ -70,6 +114,28 @@ class EditResult(TypedDict):
     parent: str | None
     stream: str
     metrics: dict
+    seconds: float
+
+
+class CurvaturePayload(TypedDict):
+    """The curvature job's one argument (None: the worker's configured tokens or corpus)."""
+
+    model: str
+    kind: str
+    tokens: int | None
+    corpus: str | None
+    submitted_at: str
+    key_name: str
+
+
+class CurvatureResult(TypedDict):
+    """What a curvature job returns: the store key, and whether it was there already."""
+
+    key: str
+    kind: str
+    tokens: int
+    cache_hit: bool
+    resumed_from: dict | None
     seconds: float
 
 
@@ -122,4 +188,22 @@ def edit_result(manifest: Mapping[str, Any], seconds: float) -> EditResult:
         stream=manifest["stream"],
         metrics=manifest["metrics"],
         seconds=round(seconds, 3),
+    )
+
+
+def curvature_payload(
+    model: str, kind: str, tokens: int | None, corpus: str | None, key_name: str
+) -> CurvaturePayload:
+    """The curvature job's argument, stamped with the submission time; ValueError for an
+    unknown kind or a token budget under 2 (no sequence has a next-token label then)."""
+    curvature_spec(kind, tokens, corpus)
+    if tokens is not None and tokens < 2:
+        raise ValueError(f"a curvature needs a budget of 2 or more tokens, not {tokens}")
+    return CurvaturePayload(
+        model=model,
+        kind=kind,
+        tokens=tokens,
+        corpus=corpus,
+        submitted_at=now_iso(),
+        key_name=key_name,
     )

@@ -17,13 +17,18 @@ a gradient and no parameter needs one, so nothing below it is ever differentiate
 EK-FAC (George et al. 2018) keeps the K-FAC eigenbases U_A, U_B but replaces the eigenvalue products
 s_B[i]·s_A[j] by E_n[(U_Bᵀ G_n U_A)²], G_n = Σ_t g_t a_tᵀ being one sequence's weight gradient, in a
 second pass over the same batches.
+
+A long build is resumable: given a `Checkpointing`, `collect_curvature` saves its partial sums as
+it goes and a build started again on the same batches continues from them, bitwise.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from contract.jobs import CURVATURE_KINDS
 from contract.names import CURVATURE_FILE
 from crispedit.artifacts import ArtifactError, artifact_path, load_tensors, save_tensors
 from crispedit.corpus import (
@@ -45,8 +51,14 @@ from crispedit.corpus import (
 from crispedit.models import get_layers, model_fingerprint, parse_layers, trainable_only
 
 LABELS = ("empirical", "sampled")
-KINDS = ("kfac", "ekfac")
+KINDS = CURVATURE_KINDS  # the job contract names them too
 FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = 1
+# A checkpoint costs a host copy of every float64 sum (gigabytes at 8B): often enough that a
+# killed build loses minutes, not hours, and rarely enough to stay a small share of the build.
+CHECKPOINT_BATCHES = 100
+CHECKPOINT_S = 600.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -252,6 +264,30 @@ def batch_pass(model, batch, capture, labels: str, generator) -> torch.Tensor:
     return mask
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where `collect_curvature` keeps its partial sums while it runs, and how often it writes them.
+
+    The file holds the float64 sums of the pass in progress, the number of batches it has done,
+    the label sampler's state and, in the EK-FAC pass, the eigenbases: exactly what the rest of
+    the build needs, so a build resumed from it gives bitwise the factors of an uninterrupted one
+    (the same additions in the same order). It is written atomically every `every_batches`
+    batches or `every_s` seconds, whichever comes first, and at the end of each pass. A file
+    there that was written for anything but the same `identity` (what the sums are sums of: the
+    recipe's key fields and the batch size, see `run_recipe`) and the same batches is ignored
+    and overwritten. The caller deletes it once the result is kept.
+    """
+
+    path: Path
+    identity: dict = field(default_factory=dict)
+    every_batches: int = CHECKPOINT_BATCHES
+    every_s: float = CHECKPOINT_S
+
+    def __post_init__(self):
+        if self.every_batches < 1 or self.every_s <= 0:
+            raise ValueError("a checkpoint is written every 1 or more batches and > 0 seconds")
+
+
 def collect_curvature(
     model: nn.Module,
     layer_names: list[str],
@@ -259,9 +295,10 @@ def collect_curvature(
     labels: str = "empirical",
     kind: str = "kfac",
     seed: int = 0,
-    total_tokens: int | None = None,
     progress: bool = True,
     stop_backward: bool = True,
+    checkpoint: Checkpointing | None = None,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> Curvature:
     """Compute K-FAC factors (and EK-FAC eigenvalues when `kind="ekfac"`) over token batches.
 
@@ -271,50 +308,25 @@ def collect_curvature(
     `stop_backward=False` runs the full backward of a training step instead (every parameter
     gets a gradient, discarded afterwards): the same factors at a higher cost, kept to measure
     what stopping at the lowest edited layer saves (bench/perf.py).
+
+    With `checkpoint`, the build saves its partial sums as it goes and starts from them when it
+    finds them (see `Checkpointing`). `on_progress(info)` is called after every batch, once the
+    checkpoint is written, with `{"pass", "tokens_done", "tokens_total"}` (tokens of both passes
+    for EK-FAC); an exception it raises stops the build and leaves the checkpoint.
     """
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, not {labels!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    batches = list(batches)
-    layers = get_layers(model, layer_names)
-    sums = {n: [0.0, 0.0] for n in layers}
+    build = _Build(model, get_layers(model, layer_names), list(batches), labels, kind, seed)
+    build.resume(checkpoint)
     started = time.perf_counter()
-
-    def each_batch(desc: str):
-        """Run every batch through the model, yielding (mask, capture) with a, g recorded."""
-        generator = torch.Generator().manual_seed(seed)  # same draws in both EK-FAC passes
-        capture = _Capture(layers, stop_backward)
-        bar = tqdm(total=total_tokens, desc=desc, unit="tok", disable=not progress)
-        try:
-            for batch in batches:
-                mask = batch_pass(model, batch, capture, labels, generator)
-                yield mask, capture
-                bar.update(int(batch["attention_mask"].sum()))
-        finally:
-            bar.close()
-            capture.close()
-
-    n_tokens = 0
     # a full backward (measurement only) differentiates every parameter; their .grad is restored
     differentiated = [] if stop_backward else list(model.parameters())
     saved_grads = [p.grad for p in differentiated]
     try:
         with trainable_only(model, differentiated):
-            for mask, capture in each_batch("curvature (K-FAC)"):
-                n_tokens += int(mask.sum())
-                for name in layers:
-                    a, g = _rows(capture, name, mask)
-                    sums[name][0] += (a.T @ a).double()
-                    sums[name][1] += (g.T @ g).double()
-            if n_tokens == 0:
-                raise ValueError("the corpus produced no token with a next-token label")
-            result = {
-                name: LayerCurvature(A=(sA / n_tokens).float(), B=(sB / n_tokens).float())
-                for name, (sA, sB) in sums.items()
-            }
-            if kind == "ekfac":
-                _ekfac_pass(result, layers, each_batch("curvature (EK-FAC)"), n_tokens)
+            result, n_tokens = build.run(stop_backward, progress, on_progress)
     finally:
         for p, grad in zip(differentiated, saved_grads, strict=True):
             p.grad = grad
@@ -323,6 +335,8 @@ def collect_curvature(
         "seed": seed,
         "collect_seconds": round(time.perf_counter() - started, 3),
     }
+    if build.resumed_from is not None:
+        meta["resumed_from"] = build.resumed_from
     return Curvature(layers=result, tokens=n_tokens, meta=meta)
 
 
@@ -362,21 +376,177 @@ def collect_rows(
     return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in rows.items()}
 
 
-def _ekfac_pass(result: dict[str, LayerCurvature], layers, passes, n_tokens: int) -> None:
-    for c in result.values():
-        _, c.U_A = eigenbasis(c.A)
-        _, c.U_B = eigenbasis(c.B)
-        # on the device of the factors, which is the model's: the batches' terms are added there
-        c.ekfac = torch.zeros(c.B.shape[0], c.A.shape[0], dtype=torch.float64, device=c.A.device)
-    for mask, capture in passes:
-        m = mask.unsqueeze(-1).float()
+PASS_NAMES = {"kfac": "K-FAC", "ekfac": "EK-FAC"}
+
+
+class _Build:
+    """One curvature collection: a K-FAC pass over the batches, then for EK-FAC a second pass in
+    the K-FAC eigenbases, each resumable from a `Checkpointing` file.
+
+    State, all of it written to a checkpoint: the pass in progress (`phase`), the batches of it
+    done, the valid tokens counted by the K-FAC pass, the float64 sums of each layer (on the
+    device of its inputs, where they are added), the EK-FAC eigenbases, and the label sampler's
+    state, so that sampled labels continue the same draws.
+    """
+
+    def __init__(
+        self, model, layers: dict[str, nn.Module], batches: list[dict], labels, kind, seed
+    ):
+        self.model, self.layers, self.batches = model, layers, batches
+        self.labels, self.kind, self.seed = labels, kind, seed
+        self.batch_tokens = [int(b["attention_mask"].sum()) for b in batches]
+        self.checkpoint: Checkpointing | None = None
+        self.resumed_from: dict | None = None
+        self.phase, self.done, self.tokens = "kfac", 0, 0
+        self.sums: dict[str, list] = {name: [0.0, 0.0] for name in layers}  # Σ a aᵀ, Σ g gᵀ
+        self.ekfac: dict[str, torch.Tensor] = {}  # Σ_n (U_Bᵀ G_n U_A)²
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # U_A, U_B
+        self.generator = self._fresh_generator()
+
+    def _fresh_generator(self) -> torch.Tensor:
+        return torch.Generator().manual_seed(self.seed).get_state()  # same draws in both passes
+
+    def _identity(self) -> dict:
+        """What a checkpoint must have been written for to be resumed by this build."""
+        return {
+            **(self.checkpoint.identity if self.checkpoint else {}),
+            "layers": list(self.layers),
+            "labels": self.labels,
+            "kind": self.kind,
+            "seed": self.seed,
+            "batch_tokens": self.batch_tokens,
+        }
+
+    # --- the passes ---
+
+    def run(self, stop_backward: bool, progress: bool, on_progress) -> tuple[dict, int]:
+        """Finish the build from where it stands; (each layer's LayerCurvature, valid tokens)."""
+        if self.phase == "kfac":
+            for mask, capture in self._pass(stop_backward, progress, on_progress):
+                self.tokens += int(mask.sum())
+                for name in self.layers:
+                    a, g = _rows(capture, name, mask)
+                    self.sums[name][0] += (a.T @ a).double()
+                    self.sums[name][1] += (g.T @ g).double()
+        if self.tokens == 0:
+            raise ValueError("the corpus produced no token with a next-token label")
+        result = {
+            name: LayerCurvature(A=(sA / self.tokens).float(), B=(sB / self.tokens).float())
+            for name, (sA, sB) in self.sums.items()
+        }
+        if self.kind == "ekfac":
+            if self.phase == "kfac":
+                self._start_ekfac(result)
+            for mask, capture in self._pass(stop_backward, progress, on_progress):
+                m = mask.unsqueeze(-1).float()
+                for name, (U_A, U_B) in self.bases.items():
+                    a_rot = (capture.a[name].float() * m) @ U_A  # (batch, T, d_in), A's eigenbasis
+                    g_rot = (capture.g[name].float() * m) @ U_B
+                    G = g_rot.transpose(1, 2) @ a_rot  # per-sequence gradient Uᵦᵀ G_n U_A
+                    self.ekfac[name] += (G**2).sum(0).double()
+            for name, c in result.items():
+                c.U_A, c.U_B = self.bases[name]
+                c.ekfac = (self.ekfac[name] / self.tokens).float()
+        return result, self.tokens
+
+    def _start_ekfac(self, result: dict[str, LayerCurvature]) -> None:
+        """Turn to the EK-FAC pass: the K-FAC eigenbases, zero sums, the sampler from its seed."""
         for name, c in result.items():
-            a_rot = (capture.a[name].float() * m) @ c.U_A  # (batch, T, d_in) in A's eigenbasis
-            g_rot = (capture.g[name].float() * m) @ c.U_B
-            G = g_rot.transpose(1, 2) @ a_rot  # per-sequence gradient Uᵦᵀ G_n U_A
-            c.ekfac += (G**2).sum(0).double()
-    for c in result.values():
-        c.ekfac = (c.ekfac / n_tokens).float()
+            self.bases[name] = (eigenbasis(c.A)[1], eigenbasis(c.B)[1])
+            # on the device of the factors, which is the layer's: the batches' terms are added there
+            shape = (c.B.shape[0], c.A.shape[0])
+            self.ekfac[name] = torch.zeros(shape, dtype=torch.float64, device=c.A.device)
+        self.phase, self.done, self.generator = "ekfac", 0, self._fresh_generator()
+        self._save()  # the eigenbases are costly at scale: a resumed build reuses them
+
+    def _pass(self, stop_backward: bool, progress: bool, on_progress) -> Iterator:
+        """The batches of the pass in progress not yet done, yielding (mask, capture) with a, g
+        recorded; after each one the caller has summed, save when due and report."""
+        per_pass = sum(self.batch_tokens)
+        passes = list(PASS_NAMES)[: 2 if self.kind == "ekfac" else 1]
+        earlier = passes.index(self.phase) * per_pass
+        generator = torch.Generator()
+        generator.set_state(self.generator)
+        capture = _Capture(self.layers, stop_backward)
+        name = PASS_NAMES[self.phase]
+        done_tokens = sum(self.batch_tokens[: self.done])
+        bar = tqdm(
+            total=per_pass, initial=done_tokens, desc=f"curvature ({name})", unit="tok",
+            disable=not progress,
+        )  # fmt: skip
+        last_save = time.monotonic()
+        try:
+            for index in range(self.done, len(self.batches)):
+                mask = batch_pass(self.model, self.batches[index], capture, self.labels, generator)
+                yield mask, capture
+                self.done, self.generator = index + 1, generator.get_state()
+                done_tokens += self.batch_tokens[index]
+                bar.update(self.batch_tokens[index])
+                if self.checkpoint is not None and (
+                    self.done % self.checkpoint.every_batches == 0
+                    or time.monotonic() - last_save >= self.checkpoint.every_s
+                    or self.done == len(self.batches)
+                ):
+                    self._save()
+                    last_save = time.monotonic()
+                if on_progress is not None:
+                    total = per_pass * len(passes)
+                    on_progress(
+                        {"pass": name, "tokens_done": earlier + done_tokens, "tokens_total": total}
+                    )
+        finally:
+            bar.close()
+            capture.close()
+
+    # --- the checkpoint ---
+
+    def _save(self) -> None:
+        if self.checkpoint is None:
+            return
+        tensors = {"generator": self.generator}
+        for name, (sA, sB) in self.sums.items():
+            if isinstance(sA, torch.Tensor):  # not before the first batch
+                tensors[f"{name}/A_sum"], tensors[f"{name}/B_sum"] = sA, sB
+        for name, (U_A, U_B) in self.bases.items():
+            tensors[f"{name}/U_A"], tensors[f"{name}/U_B"] = U_A, U_B
+            tensors[f"{name}/ekfac_sum"] = self.ekfac[name]
+        meta = {
+            "checkpoint_format": CHECKPOINT_FORMAT,
+            "identity": self._identity(),
+            "phase": self.phase,
+            "batches_done": self.done,
+            "tokens": self.tokens,
+        }
+        save_tensors(self.checkpoint.path, tensors, meta)
+
+    def resume(self, checkpoint: Checkpointing | None) -> None:
+        """Adopt `checkpoint` and, when its file was written by this same build, its state."""
+        self.checkpoint = checkpoint
+        if checkpoint is None or not Path(checkpoint.path).is_file():
+            return
+        try:
+            tensors, meta = load_tensors(checkpoint.path, "curvature checkpoint")
+        except ArtifactError as err:
+            log.warning("starting the curvature afresh: %s", err)
+            return
+        ours = json.loads(json.dumps(self._identity()))  # as the file's JSON header reads back
+        if meta.get("checkpoint_format") != CHECKPOINT_FORMAT or meta.get("identity") != ours:
+            log.warning("starting the curvature afresh: %s is another build's", checkpoint.path)
+            return
+        for name, module in self.layers.items():
+            device = next(module.parameters()).device  # where this layer's terms are added
+            if f"{name}/A_sum" in tensors:
+                self.sums[name] = [tensors[f"{name}/{f}_sum"].to(device) for f in ("A", "B")]
+            if f"{name}/U_A" in tensors:
+                self.bases[name] = (
+                    tensors[f"{name}/U_A"].to(device),
+                    tensors[f"{name}/U_B"].to(device),
+                )
+                self.ekfac[name] = tensors[f"{name}/ekfac_sum"].to(device)
+        self.phase, self.done, self.tokens = meta["phase"], meta["batches_done"], meta["tokens"]
+        self.generator = tensors["generator"]
+        self.resumed_from = {"pass": PASS_NAMES[self.phase], "batches_done": self.done}
+        log.info("curvature resumed from %s: %s", checkpoint.path, self.resumed_from)
 
 
 @dataclass
@@ -448,8 +618,16 @@ def run_recipe(
     recipe: CurvatureRecipe,
     batch_size: int = BATCH_SIZE,
     progress: bool = True,
+    checkpoint: Checkpointing | None = None,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> Curvature:
-    """Collect the curvature a recipe describes; its `meta` records the recipe's key."""
+    """Collect the curvature a recipe describes; its `meta` records the recipe's key.
+
+    `checkpoint` (its `identity` is set here: the recipe's key fields and the batch size) makes
+    the build resumable, `on_progress` follows it (see `collect_curvature`).
+    """
+    if checkpoint is not None:
+        checkpoint = replace(checkpoint, identity={**recipe.key_fields, "batch_size": batch_size})
     curvature = collect_curvature(
         model,
         recipe.layers,
@@ -457,8 +635,9 @@ def run_recipe(
         labels=recipe.labels,
         kind=recipe.kind,
         seed=recipe.seed,
-        total_tokens=sum(len(s) for s in recipe.sequences),
         progress=progress,
+        checkpoint=checkpoint,
+        on_progress=on_progress,
     )
     key = recipe.key_fields
     curvature.meta.update(

@@ -28,7 +28,13 @@ from contract.facts import Fact, fact_to_record
 from contract.names import CURVATURE_FILE, DELTA_FILE, ROWS_FILE, STATE_FILE
 from contract.settings import DEFAULTS, OPTION_NAMES, EditSettings
 from crispedit.artifacts import ArtifactError, load_tensors, save_tensors
-from crispedit.curvature import Curvature, CurvatureRecipe, run_recipe
+from crispedit.curvature import (
+    CHECKPOINT_BATCHES,
+    Checkpointing,
+    Curvature,
+    CurvatureRecipe,
+    run_recipe,
+)
 from crispedit.delta import Delta
 from crispedit.editor import CrispEditor
 from crispedit.models import get_layers, model_fingerprint
@@ -48,11 +54,21 @@ STREAMS_CACHED = 2
 
 
 def cached_curvature(
-    store: Store, model: nn.Module, tokenizer, recipe: CurvatureRecipe, progress: bool = True
+    store: Store,
+    model: nn.Module,
+    tokenizer,
+    recipe: CurvatureRecipe,
+    progress: bool = True,
+    on_progress: Callable[[dict], None] | None = None,
+    checkpoint_every: int = CHECKPOINT_BATCHES,
 ) -> tuple[Curvature, dict]:
     """The curvature of `recipe` from the store, collected and stored first when missing.
 
-    Returns the curvature and its store manifest (`cache_hit` tells whether it was there).
+    A collection checkpoints its partial sums in the store's staging area
+    (`Store.checkpoint_file`) every `checkpoint_every` batches and resumes from them when it is
+    started again with the same recipe; the checkpoint is deleted once the curvature is stored.
+    `on_progress` follows the collection (`curvature.collect_curvature`). Returns the curvature
+    and its store manifest (`cache_hit` tells whether it was there).
     """
     manifest = store.find_curvature(**recipe.key_fields)
     if manifest is not None:
@@ -60,10 +76,17 @@ def cached_curvature(
             **manifest,
             "cache_hit": True,
         }
-    curvature = run_recipe(model, tokenizer, recipe, progress=progress)
+    checkpoint = Checkpointing(
+        store.checkpoint_file(store.curvature_key(**recipe.key_fields)),
+        every_batches=checkpoint_every,
+    )
+    curvature = run_recipe(
+        model, tokenizer, recipe, progress=progress, checkpoint=checkpoint, on_progress=on_progress
+    )
     path = curvature.save(store.staging_dir() / CURVATURE_FILE)
     meta = {k: v for k, v in curvature.meta.items() if k != "key"}
     manifest = store.put_curvature(path, recipe.key_fields, meta=meta)
+    checkpoint.path.unlink(missing_ok=True)  # kept in the store now: its partial sums are spent
     return curvature, {"cache_hit": False, **manifest}
 
 

@@ -114,10 +114,17 @@ def cmd_curvature_build(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
+CORPUS_HELP = (
+    f"the capability corpus: {' or '.join(BUILTIN)} (bundled WikiText-2), a UTF-8 text file (one "
+    'document a line), a .jsonl file of {"text": ...} records, either gzipped (.gz), a folder '
+    "of such files, a glob (data/*.jsonl, ** recursive), or a Hugging Face datasets folder "
+    "(save_to_disk); streamed, read only up to --tokens"
+)
+
 
 def add_curvature_args(p: argparse.ArgumentParser) -> None:
     """The flags that say which curvature to collect (`build` and `edit` share them)."""
-    p.add_argument("--corpus", default="wikitext", help=f"text/JSONL file or {', '.join(BUILTIN)}")
+    p.add_argument("--corpus", default="wikitext", help=CORPUS_HELP)
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="corpus tokens to use")
     p.add_argument("--labels", choices=LABELS, default="empirical")
     p.add_argument("--kind", choices=KINDS, default="kfac", help="ekfac adds a second pass")
@@ -131,7 +138,11 @@ def add_curvature_build(curv_sub: argparse._SubParsersAction) -> None:
     build.add_argument("--model", required=True, help="smollm2, a HF folder, or a cached HF id")
     build.add_argument("--layers", help="block indices/ranges (20-24) or module names")
     build.add_argument("--out", help="write DIR/curvature.safetensors")
-    build.add_argument("--store", help="or keep it in this store (a second build is a cache hit)")
+    build.add_argument(
+        "--store",
+        help="or keep it in this store (a second build is a cache hit; an interrupted build "
+        "resumes from the checkpoint it left in the store's tmp/)",
+    )
     build.add_argument("--seed", type=int, default=0)
     add_curvature_args(build)
     add_placement_args(build)

@@ -25,6 +25,7 @@ from crispedit_cli.common import (
     given_options,
     store_model_name,
 )
+from crispedit_cli.curvature import CORPUS_HELP
 
 
 @contextmanager
@@ -104,6 +105,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         args.model_name or store_model_name(args), args.store, args.redis, burst=args.burst,
         heartbeat_s=args.heartbeat, model_path=args.model, corpus=args.corpus,
         tokens=args.tokens, layers=args.layers, device=args.device, dtype=args.dtype,
+        build_curvature=args.build_curvature,
     )  # fmt: skip
 
 
@@ -119,8 +121,13 @@ def add_worker(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--store", required=True)
     worker.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     worker.add_argument("--layers")
-    worker.add_argument("--corpus", default="wikitext")
+    worker.add_argument("--corpus", default="wikitext", help=CORPUS_HELP)
     worker.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="curvature tokens")
+    worker.add_argument(
+        "--build-curvature",
+        action="store_true",
+        help="before taking jobs, build (or resume, or find) the curvature of --corpus/--tokens",
+    )
     add_placement_args(worker)
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.add_argument("--heartbeat", type=float, default=10.0, help="seconds between beats")

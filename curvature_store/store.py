@@ -351,6 +351,14 @@ class Store:
         """
         return self._tmp_dir("stage")
 
+    def checkpoint_file(self, key: str) -> Path:
+        """Where a build of curvature `key` keeps its partial sums until the curvature is stored.
+
+        A fixed name under tmp/, so that a build started again finds it; like any staging file it
+        is garbage once untouched for an hour (a live build rewrites it more often than that).
+        """
+        return self.root / "tmp" / f"checkpoint-{_check_key(key)}.safetensors"
+
     def _drop_empty_staging(self, files: list[Path]) -> None:
         """Remove the callers' staging folders under tmp/ once the store has taken their files."""
         tmp = self.root / "tmp"

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract.jobs import JOB_FUNCTION
+from contract.jobs import CURVATURE_FUNCTION, JOB_FUNCTION
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -62,6 +62,10 @@ class Settings(BaseSettings):
 
     job_function: str = JOB_FUNCTION  # import path the worker resolves (tests override)
     job_timeout_s: int = Field(default=3600, ge=1)
+    curvature_function: str = CURVATURE_FUNCTION  # import path of the curvature job (tests too)
+    # a curvature build over a real corpus (~10k articles, an 8B model) takes hours, and an
+    # interrupted one resumes from its checkpoint: the limit only stops a build that hangs
+    curvature_timeout_s: int = Field(default=24 * 3600, ge=1)
     result_ttl_s: int = Field(default=7 * 86400, ge=1)  # how long finished jobs stay readable
     failure_ttl_s: int = Field(default=7 * 86400, ge=1)
     idempotency_ttl_s: int = Field(default=86400, ge=1)

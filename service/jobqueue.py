@@ -1,4 +1,4 @@
-"""Edit jobs on RQ: submission in stream order, status, cancel.
+"""Edit and curvature jobs on RQ: submission in stream order, status, cancel.
 
 The job contract with the worker (queue and key names, the payload, the result, cancellation)
 is written once in `contract.jobs`; this module is the API's side of it. The job function is
@@ -13,11 +13,18 @@ not ended (`Dependency(allow_failure=True)`: a failed edit does not block the ne
 jobs of one stream run one after another in submission order, whichever worker takes them. The
 previous job id is kept under `contract.jobs.last_key`, read and replaced under a Redis lock
 (`lock_key`) so that concurrent submissions form one chain.
+
+Curvature (`submit_curvature`): one job per curvature spec at a time; a request for a spec whose
+job is queued or running gets that job. Its meta has `job_type: "curvature"`, `kind`, `tokens`
+and `corpus`. An edit whose method needs a curvature that no worker has recorded as built
+(`built_curvature`) also depends on the curvature job (`curvature_for_edit`; meta
+`curvature_job`), so it waits for the build instead of running without it.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,7 +34,21 @@ from rq import Queue
 from rq.job import Dependency, Job, JobStatus
 from rq.results import Result
 
-from contract.jobs import EditPayload, cancel_key, last_key, lock_key, now_iso, queue_name
+from contract.jobs import (
+    CurvaturePayload,
+    EditPayload,
+    cancel_key,
+    curvature_index_key,
+    curvature_jobs_key,
+    curvature_kind,
+    curvature_lock_key,
+    curvature_payload,
+    curvature_spec,
+    last_key,
+    lock_key,
+    now_iso,
+    queue_name,
+)
 from curvature_store import Store, StoreError
 from service.config import Settings
 from service.errors import ApiError, scrub
@@ -45,8 +66,15 @@ def _iso(moment: datetime | None) -> str | None:
     return text.replace("+00:00", "Z")
 
 
-def submit(redis: Redis, settings: Settings, job_id: str, payload: EditPayload) -> Job:
-    """Enqueue the edit job `job_id` after the stream's previous unfinished job; the Job.
+def submit(
+    redis: Redis,
+    settings: Settings,
+    job_id: str,
+    payload: EditPayload,
+    curvature_job: str | None = None,
+) -> Job:
+    """Enqueue the edit job `job_id` after the stream's previous unfinished job and, when given,
+    the curvature job it needs (`curvature_for_edit`); the Job.
 
     Raises ApiError 503 when the stream's submission lock cannot be taken in time.
     """
@@ -60,9 +88,10 @@ def submit(redis: Redis, settings: Settings, job_id: str, payload: EditPayload) 
         with redis.lock(lock_key(model, stream), timeout=30, sleep=0.002, blocking_timeout=10):
             previous = redis.get(last_key(model, stream))
             previous_id = previous.decode() if previous else None
-            depends_on = None
-            if previous_id is not None and _unfinished(redis, previous_id):
-                depends_on = Dependency(jobs=[previous_id], allow_failure=True)
+            # allow_failure: a failed edit does not block the next one, and an edit whose
+            # curvature build failed runs to fail with a clear error instead of waiting forever
+            waits = [j for j in (previous_id, curvature_job) if j and _unfinished(redis, j)]
+            depends_on = Dependency(jobs=waits, allow_failure=True) if waits else None
             job = queue.enqueue_call(
                 func=settings.job_function,
                 args=(payload,),
@@ -79,6 +108,7 @@ def submit(redis: Redis, settings: Settings, job_id: str, payload: EditPayload) 
                     "submitted_at": payload["submitted_at"],
                     "n_facts": len(payload["facts"]),
                     "after": previous_id,
+                    "curvature_job": curvature_job,
                 },
             )
             redis.set(last_key(model, stream), job.id, ex=settings.result_ttl_s)
@@ -87,6 +117,79 @@ def submit(redis: Redis, settings: Settings, job_id: str, payload: EditPayload) 
             503, "unavailable", f"stream {model}/{stream} is busy; retry the request"
         ) from None
     return job
+
+
+def built_curvature(redis: Redis, store: Store, model: str, spec: str) -> str | None:
+    """The store key of curvature `spec` of `model`, when a worker recorded it as built and the
+    store still holds it; else None."""
+    key = redis.hget(curvature_index_key(model), spec)
+    if key is None:
+        return None
+    try:
+        store.curvature_file(key.decode(), verify=False)
+    except StoreError:  # removed from the store since, or a bad record: not built
+        return None
+    return key.decode()
+
+
+def submit_curvature(
+    redis: Redis, settings: Settings, payload: CurvaturePayload
+) -> tuple[Job, bool]:
+    """The job building the curvature of `payload`: the one of the same spec that is queued or
+    running (and False), or a new one on the model's queue (and True), with the curvature job
+    timeout. Raises ApiError 503 when the model's curvature lock cannot be taken in time."""
+    model = payload["model"]
+    spec = curvature_spec(payload["kind"], payload["tokens"], payload["corpus"])
+    try:
+        with redis.lock(curvature_lock_key(model), timeout=30, sleep=0.002, blocking_timeout=10):
+            previous = redis.hget(curvature_jobs_key(model), spec)
+            if previous is not None and _unfinished(redis, previous.decode()):
+                job = fetch(redis, previous.decode())
+                if job is not None:
+                    return job, False
+            job = Queue(queue_name(model), connection=redis).enqueue_call(
+                func=settings.curvature_function,
+                args=(payload,),
+                job_id=uuid.uuid4().hex,
+                timeout=settings.curvature_timeout_s,
+                result_ttl=settings.result_ttl_s,
+                failure_ttl=settings.failure_ttl_s,
+                description=f"curvature {model}: {payload['kind']}",
+                meta={
+                    "model": model,
+                    "job_type": "curvature",
+                    **{k: payload[k] for k in ("kind", "tokens", "corpus", "key_name")},
+                    "submitted_at": payload["submitted_at"],
+                },
+            )
+            redis.hset(curvature_jobs_key(model), spec, job.id)
+    except LockError:
+        raise ApiError(
+            503, "unavailable", f"the curvature of {model} is busy; retry the request"
+        ) from None
+    return job, True
+
+
+def curvature_for_edit(
+    redis: Redis, settings: Settings, store: Store, model: str, method: str, key_name: str
+) -> str | None:
+    """The id of the curvature job an edit with `method` must wait for: None when the method
+    needs none or a worker has built it, else the running build or a new one."""
+    kind = curvature_kind(method)
+    if kind is None or built_curvature(redis, store, model, curvature_spec(kind)) is not None:
+        return None
+    job, _ = submit_curvature(redis, settings, curvature_payload(model, kind, None, None, key_name))
+    return job.id
+
+
+def curvature_building(redis: Redis, model: str) -> bool:
+    """Whether a curvature job of `model` is queued or running."""
+    return any(_unfinished(redis, j.decode()) for j in redis.hvals(curvature_jobs_key(model)))
+
+
+def recorded_curvature(redis: Redis, model: str) -> set[str]:
+    """The store keys the workers recorded as built for `model`."""
+    return {key.decode() for key in redis.hvals(curvature_index_key(model))}
 
 
 def _unfinished(redis: Redis, job_id: str) -> bool:
@@ -187,7 +290,8 @@ def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
     cancelled = cancel_requested(redis, job)
     value, error = _result(job, rq_status)
     status = _public_status(rq_status, cancelled, value)
-    if status == "failed" and store is not None:
+    job_type = job.meta.get("job_type", "edit")
+    if status == "failed" and store is not None and job_type == "edit":
         manifest = committed_version(store, job)
         if manifest is not None:
             status, error = "succeeded", None
@@ -204,16 +308,20 @@ def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
         result = _jsonable(value if isinstance(value, dict) else {"value": value})
     meta = job.meta
     progress = meta.get("progress")
+    curvature_key = None
+    if job_type == "curvature" and isinstance(result, dict):
+        curvature_key = result.get("key")
     return {
         "job_id": job.id,
         "url": f"/v1/jobs/{job.id}",
+        "type": job_type,
         "status": status,
         "rq_status": str(rq_status.value if isinstance(rq_status, JobStatus) else rq_status),
         "model": meta.get("model"),
         "stream": meta.get("stream"),
         "n_facts": meta.get("n_facts"),
         "position": position,
-        "waiting_for": meta.get("after") if rq_status == JobStatus.DEFERRED else None,
+        "waiting_for": _waiting_for(meta) if rq_status == JobStatus.DEFERRED else None,
         "cancel_requested": cancelled,
         "progress": _jsonable(progress) if progress is not None else None,
         "timings": {
@@ -224,9 +332,15 @@ def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
         },
         "version": result.get("version") if isinstance(result, dict) else None,
         "metrics": result.get("metrics") if isinstance(result, dict) else None,
+        "curvature_key": curvature_key,
         "result": result,
         "error": error if status == "failed" else None,
     }
+
+
+def _waiting_for(meta: dict) -> str | None:
+    """The job a deferred job waits for: its stream's previous job, else its curvature build."""
+    return meta.get("after") or meta.get("curvature_job")
 
 
 def cancel(redis: Redis, job: Job) -> bool:

@@ -1,7 +1,8 @@
 """The resident engine of a worker: a loaded model and everything an edit job needs from it.
 
-Loading SmolLM2 takes a second, an 8B model a minute, and curvature minutes: a worker pays for
-them once. Every job re-derives the model's edited layers from the base weights and its stream's
+Loading SmolLM2 takes a second, an 8B model a minute, and curvature minutes to hours: a worker
+pays for them once, and builds curvature in curvature jobs (or at start), never inside an edit
+job's timeout. Every job re-derives the model's edited layers from the base weights and its stream's
 head (`crispedit.streams.edit_on_stream`), so one resident model serves every stream of it.
 """
 
@@ -13,8 +14,7 @@ from collections.abc import Callable
 import torch
 
 from contract.facts import Fact, parse_facts
-from contract.jobs import EditPayload, EditResult, edit_result, job_settings
-from contract.settings import resolve_method
+from contract.jobs import EditPayload, EditResult, curvature_kind, edit_result, job_settings
 from crispedit.curvature import Curvature, plan_curvature
 from crispedit.evaluate import evaluate_edit, swapped_weights
 from crispedit.models import load_model, parse_layers
@@ -35,6 +35,10 @@ EVAL_RETENTION = 100  # known-fact retention is cheap; generation and MMLU are n
 
 class JobCancelled(Exception):
     """The job's cancellation was requested; nothing was published."""
+
+
+class CurvatureMissing(RuntimeError):
+    """An edit job found no curvature for its method: edit jobs never build it."""
 
 
 class Engine:
@@ -61,18 +65,57 @@ class Engine:
         self._stream_curvatures = StreamCurvatureCache()  # a job from a known head skips the eigh
         self._stream_states = StreamStateCache()  # and the next job on a stream its chain's rows
 
-    def curvature(self, kind: str) -> tuple[Curvature, str]:
-        """The capability curvature of `kind` and its store key: memory, else store, else built."""
+    def curvature(self, kind: str, build: bool = True) -> tuple[Curvature, str]:
+        """The capability curvature of `kind` (from the worker's corpus and token budget) and its
+        store key: memory, else store, else built (`build_curvature`). With `build=False` a
+        curvature neither in memory nor in the store raises CurvatureMissing instead."""
         if kind not in self._curvature:
-            self.set_weights_to_base()  # the curvature is the base model's, never an edited one's
-            recipe = plan_curvature(
-                self.model, self.tokenizer, self.corpus, self.tokens, self.layers, kind=kind
-            )
-            curvature, manifest = cached_curvature(
-                self.store, self.model, self.tokenizer, recipe, progress=False
-            )
-            self._curvature[kind] = (curvature, manifest["key"])
+            if build:
+                self.build_curvature(kind)
+            else:
+                self.set_weights_to_base()
+                recipe = plan_curvature(
+                    self.model, self.tokenizer, self.corpus, self.tokens, self.layers, kind=kind
+                )
+                manifest = self.store.find_curvature(**recipe.key_fields)
+                if manifest is None:
+                    raise CurvatureMissing(
+                        f"model {self.name!r} has no {kind} curvature yet (corpus {self.corpus}, "
+                        f"{self.tokens} tokens): build it with POST /v1/curvature or start a "
+                        "worker with --build-curvature"
+                    )
+                curvature = Curvature.load(self.store.curvature_file(manifest["key"]))
+                self._curvature[kind] = (curvature, manifest["key"])
         return self._curvature[kind]
+
+    def build_curvature(
+        self,
+        kind: str,
+        tokens: int | None = None,
+        corpus: str | None = None,
+        report: Callable[[dict], None] = lambda progress: None,
+    ) -> tuple[Curvature, dict]:
+        """The curvature of `kind` over `tokens` tokens of `corpus` (None: the worker's own),
+        from the store or built into it, resuming a build that was interrupted; its manifest
+        (`cache_hit`: it was there). `report` gets the build's progress
+        (`crispedit.curvature.collect_curvature`); an exception it raises stops the build, whose
+        checkpoint stays for the next one. The worker's own curvature stays resident."""
+        tokens = self.tokens if tokens is None else tokens
+        corpus = self.corpus if corpus is None else corpus
+        own = (tokens, corpus) == (self.tokens, self.corpus)
+        if own and kind in self._curvature:
+            curvature = self._curvature[kind][0]
+            manifest = self.store.find_curvature(**curvature.meta["key"])
+            if manifest is not None:  # else removed from the store meanwhile: stored again
+                return curvature, {**manifest, "cache_hit": True}
+        self.set_weights_to_base()  # the curvature is the base model's, never an edited one's
+        recipe = plan_curvature(self.model, self.tokenizer, corpus, tokens, self.layers, kind=kind)
+        curvature, manifest = cached_curvature(
+            self.store, self.model, self.tokenizer, recipe, progress=False, on_progress=report
+        )
+        if own:
+            self._curvature[kind] = (curvature, manifest["key"])
+        return curvature, manifest
 
     def set_weights_to_base(self) -> None:
         set_weights(self.model, self.base, {})
@@ -97,9 +140,12 @@ class Engine:
         report: Callable[[dict], None] = lambda progress: None,
         cancelled: Callable[[], bool] = lambda: False,
         job_id: str | None = None,
+        build_curvature: bool = True,
     ) -> EditResult:
         """Run one edit request (`contract.jobs`) and return the new version's summary; the
-        version's manifest records `job_id`. Bad options raise SettingsError before any work."""
+        version's manifest records `job_id`. Bad options raise SettingsError before any work.
+        With `build_curvature=False` (an edit job: curvature is its own job) a missing curvature
+        raises CurvatureMissing before any work instead of being built."""
         started = time.perf_counter()
         if request["model"] != self.name:
             raise ValueError(f"this worker serves {self.name!r}, not {request['model']!r}")
@@ -109,11 +155,11 @@ class Engine:
         facts = parse_facts(request["facts"], source="request")
         if cancelled():
             raise JobCancelled("cancelled before it started; no version was published")
-        method = resolve_method(settings.method)
+        kind = curvature_kind(settings.method)
         capability, key = None, None
-        if method != "ft":
+        if kind is not None:
             report({"phase": "curvature", "facts_total": len(facts)})
-            capability, key = self.curvature("ekfac" if method == "ekfac" else "kfac")
+            capability, key = self.curvature(kind, build=build_curvature)
 
         def on_epoch(info: dict) -> None:
             if cancelled():

@@ -1,17 +1,34 @@
-"""The worker's side of the job contract (`contract.jobs`): the RQ job function `apply_edit`.
+"""The worker's side of the job contract (`contract.jobs`): the RQ job functions `apply_edit` and
+`build_curvature`.
 
-It finds this process's resident engine for the payload's model, reports progress into the job's
-meta, and checks for a cancellation request before work and between epochs. A failed or
-cancelled job publishes no version, except a job whose worker died after committing its version:
-the API then reports the job as succeeded from that manifest (`service.jobqueue.job_view`).
+They find this process's resident engine for the payload's model, report progress into the job's
+meta, and check for a cancellation request before work and between epochs (or batches of a
+curvature build). A failed or cancelled edit publishes no version, except a job whose worker died
+after committing its version: the API then reports the job as succeeded from that manifest
+(`service.jobqueue.job_view`). An edit job never builds curvature: without it, it fails at once
+(the API makes an edit wait for the curvature job it needs). A curvature job that fails or is
+cancelled leaves its checkpoint, from which the next one resumes.
 """
 
 from __future__ import annotations
 
-from rq import get_current_job
+import time
+from collections.abc import Callable
 
-from contract.jobs import EditPayload, EditResult, cancel_key
-from workers.engine import Engine
+from redis import Redis
+from rq import get_current_job
+from rq.job import Job
+
+from contract.jobs import (
+    CurvaturePayload,
+    CurvatureResult,
+    EditPayload,
+    EditResult,
+    cancel_key,
+    curvature_index_key,
+    curvature_spec,
+)
+from workers.engine import CurvatureMissing, Engine, JobCancelled
 
 _ENGINES: dict[str, Engine] = {}
 
@@ -21,19 +38,26 @@ def register(engine: Engine) -> None:
     _ENGINES[engine.name] = engine
 
 
-def apply_edit(request: EditPayload) -> EditResult:
-    """RQ job: apply an edit request with this process's resident engine (see module doc)."""
-    engine = _ENGINES.get(request.get("model"))
+def _engine(model: object) -> Engine:
+    engine = _ENGINES.get(model)
     if engine is None:
-        raise RuntimeError(f"no resident engine for model {request.get('model')!r} here")
-    job = get_current_job()
+        raise RuntimeError(f"no resident engine for model {model!r} here")
+    return engine
+
+
+def _reporter(job: Job | None) -> Callable[[dict], None]:
+    """Write a job's progress into its meta, keeping what the API wrote meanwhile (a cancel)."""
 
     def report(progress: dict) -> None:
         if job is not None:
-            job.meta = job.get_meta(refresh=True)  # keep what the API wrote meanwhile (a cancel)
+            job.meta = job.get_meta(refresh=True)
             job.meta["progress"] = progress
             job.save_meta()
 
+    return report
+
+
+def _cancel_check(job: Job | None) -> Callable[[], bool]:
     def cancelled() -> bool:
         if job is None:
             return False
@@ -41,4 +65,59 @@ def apply_edit(request: EditPayload) -> EditResult:
         flagged = job.connection.exists(cancel_key(job.id))
         return bool(flagged or job.get_meta(refresh=True).get("cancel_requested"))
 
-    return engine.apply(request, report, cancelled, job_id=job.id if job is not None else None)
+    return cancelled
+
+
+def record_curvature(connection: Redis, model: str, spec: str, key: str) -> None:
+    """Tell the API that curvature `spec` of `model` is built, as store key `key`."""
+    connection.hset(curvature_index_key(model), spec, key)
+
+
+def apply_edit(request: EditPayload) -> EditResult:
+    """RQ job: apply an edit request with this process's resident engine (see module doc)."""
+    engine = _engine(request.get("model"))
+    job = get_current_job()
+    try:
+        return engine.apply(
+            request, _reporter(job), _cancel_check(job),
+            job_id=job.id if job is not None else None, build_curvature=False,
+        )  # fmt: skip
+    except CurvatureMissing as err:
+        build = job.meta.get("curvature_job") if job is not None else None
+        if build is None:
+            raise
+        raise CurvatureMissing(f"{err}; the curvature job {build} did not build it") from None
+
+
+def build_curvature(request: CurvaturePayload) -> CurvatureResult:
+    """RQ job: build (or find) a curvature with this process's resident engine, resuming an
+    interrupted build, and record it for the API (`contract.jobs.curvature_index_key`)."""
+    started = time.perf_counter()
+    engine = _engine(request.get("model"))
+    job = get_current_job()
+    report, cancelled = _reporter(job), _cancel_check(job)
+    if cancelled():
+        raise JobCancelled("cancelled before it started; nothing was built")
+
+    def on_progress(info: dict) -> None:
+        if cancelled():
+            raise JobCancelled("cancelled by request; the next build resumes where this stopped")
+        report({"phase": "curvature", **info})
+
+    kind, tokens, corpus = request["kind"], request.get("tokens"), request.get("corpus")
+    report({"phase": "curvature", "pass": "corpus", "tokens_done": 0, "tokens_total": None})
+    _, manifest = engine.build_curvature(kind, tokens, corpus, report=on_progress)
+    if job is not None:
+        record_curvature(
+            job.connection, engine.name, curvature_spec(kind, tokens, corpus), manifest["key"]
+        )
+    return CurvatureResult(
+        key=manifest["key"],
+        kind=kind,
+        tokens=manifest["key_fields"]["tokens"],
+        cache_hit=bool(manifest["cache_hit"]),
+        resumed_from=manifest.get("meta", {}).get("resumed_from")
+        if not manifest["cache_hit"]
+        else None,
+        seconds=round(time.perf_counter() - started, 3),
+    )

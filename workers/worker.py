@@ -15,6 +15,9 @@ worker is not marked busy between popping a job and starting it: a SIGTERM that 
 the job in RQ's intermediate queue, unrun, and the stream behind it stalls until RQ's maintenance
 fails the job minutes later. `ResidentWorker`'s stop only raises a flag, and its idle wait wakes
 every `stop_poll_s` seconds to look at it.
+
+A worker started with `build_curvature` builds its model's curvature before it takes any job
+(`warm_up`), so that a fresh deployment does not make its first edit wait for a build.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.worker import WorkerStatus
 
-from contract.jobs import queue_name
+from contract.jobs import curvature_index_key, curvature_kind, curvature_spec, queue_name
+from contract.settings import DEFAULTS
 from workers.engine import Engine
-from workers.jobs import register
+from workers.jobs import record_curvature, register
 
 HEARTBEAT_S = 10.0
 READY_SWEEP_S = 2.0
 STOP_POLL_S = 1
+WARM_UP_PRINT_S = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -149,15 +154,53 @@ def run_worker(
     redis_url: str = "redis://127.0.0.1:6379/0",
     burst: bool = False,
     heartbeat_s: float = HEARTBEAT_S,
+    build_curvature: bool = False,
     **engine_options,
 ) -> bool:
-    """Load `model` once, then take jobs from its queue until stopped (or empty, with `burst`)."""
+    """Load `model` once, then take jobs from its queue until stopped (or empty, with `burst`).
+
+    At start the worker forgets what its model's curvature index said (its model or corpus may
+    have changed since); with `build_curvature` it then makes sure the curvature its default edit
+    method needs is in the store (built, or resumed from a checkpoint, before the first job is
+    taken) and records it, so a fresh deployment is warm before its first edit.
+    """
     print(f"loading {model} ...", flush=True)
     engine = Engine(model, store_dir, **engine_options)
     register(engine)
     connection = Redis.from_url(redis_url)
+    connection.delete(curvature_index_key(model))
+    kind = curvature_kind(DEFAULTS.method)
+    if build_curvature and kind is not None:
+        warm_up(engine, connection, kind)
     queue = Queue(queue_name(model), connection=connection)
     worker = ResidentWorker([queue], connection=connection)
     worker.heartbeat_interval = heartbeat_s
     print(f"worker {worker.name} serving {model} on queue {queue.name}", flush=True)
     return worker.work(burst=burst)
+
+
+def warm_up(engine: Engine, connection: Redis, kind: str) -> str:
+    """Find or build the engine's own curvature of `kind`, printing its progress now and then,
+    and record it for the API; its store key."""
+    last = [0.0]
+
+    def show(info: dict) -> None:
+        if (
+            time.monotonic() - last[0] >= WARM_UP_PRINT_S
+            or info["tokens_done"] == info["tokens_total"]
+        ):
+            last[0] = time.monotonic()
+            print(
+                f"curvature ({info['pass']}): {info['tokens_done']}/{info['tokens_total']} tokens",
+                flush=True,
+            )
+
+    print(
+        f"curvature ({kind}) for {engine.name}: {engine.tokens} tokens of {engine.corpus}",
+        flush=True,
+    )
+    _, manifest = engine.build_curvature(kind, report=show)
+    record_curvature(connection, engine.name, curvature_spec(kind), manifest["key"])
+    state = "found in the store" if manifest["cache_hit"] else "built"
+    print(f"curvature {manifest['key']} {state}", flush=True)
+    return manifest["key"]

@@ -177,7 +177,9 @@ def submit_edit(
 
     Jobs of one stream run strictly in submission order. With `parent_version`, the stream's head
     must be that version now (409 with the current head otherwise), and the worker checks it
-    again when the job runs.
+    again when the job runs. An edit whose method needs a curvature that is not built yet waits
+    for the job building it (started now if none runs: see POST /v1/curvature); if that build
+    fails, the edit fails saying so.
     """
     model = served_model(settings, key, body.model)
     _check_size(body, settings.max_facts)
@@ -208,7 +210,9 @@ def submit_edit(
             options=body.options.model_dump(exclude_none=True),
             key_name=key.name,
         )
-        job = jobqueue.submit(redis, settings, job_id, payload)
+        method = body.options.method or DEFAULTS.method
+        build = jobqueue.curvature_for_edit(redis, settings, store, model, method, key.name)
+        job = jobqueue.submit(redis, settings, job_id, payload, curvature_job=build)
     except BaseException:
         if idempotency_key is not None:
             idempotency.release(redis, key.name, idempotency_key)

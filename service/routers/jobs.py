@@ -41,6 +41,9 @@ class Timings(BaseModel):
 class JobView(BaseModel):
     job_id: str
     url: str
+    type: Literal["edit", "curvature"] = Field(
+        description="An edit (POST /v1/edits) or a curvature build (POST /v1/curvature)"
+    )
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     rq_status: str = Field(description="RQ's own status (queued, deferred, started, ...)")
     model: str | None
@@ -50,13 +53,20 @@ class JobView(BaseModel):
         description="Jobs ahead of this one in its model's queue (0: next); null unless queued"
     )
     waiting_for: str | None = Field(
-        description="While deferred: the earlier job of the same stream it waits for"
+        description="While deferred: the earlier job of the same stream it waits for, or the "
+        "curvature build it needs"
     )
     cancel_requested: bool
-    progress: Any = Field(description="What the worker reports: phase, epoch, loss, facts_done")
+    progress: Any = Field(
+        description="What the worker reports: phase, epoch, loss, facts_done; for a curvature "
+        "build, pass, tokens_done and tokens_total"
+    )
     timings: Timings
     version: str | None = Field(description="The version the job published")
     metrics: Any = None
+    curvature_key: str | None = Field(
+        default=None, description="The store key a curvature job built (or found)"
+    )
     result: Any = None
     error: str | None = Field(description="The error's last line, when failed")
 

@@ -1,19 +1,22 @@
 """GET /v1/models: the served models the key may use, their streams and their curvature.
 
 The store keys curvature by content (model fingerprint, layers, corpus...), not by model name. A
-model's curvature is found through the fingerprint configured for it and the base fingerprints
-and curvature keys its versions record.
+model's curvature is found through the fingerprint configured for it, the base fingerprints and
+curvature keys its versions record, and the keys its workers recorded as built
+(`contract.jobs.curvature_index_key`); a curvature job queued or running shows as `building`.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
+from redis import Redis
 
 from contract.jobs import queue_name
 from curvature_store import Store, StoreError
+from service import jobqueue
 from service.config import ServedModel
-from service.deps import KeyDep, SettingsDep, StoreDep
+from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep
 
 router = APIRouter(tags=["models"])
 
@@ -40,7 +43,10 @@ class ModelInfo(BaseModel):
     layers: list[str] | None = Field(description="The configured edited layers (null: default)")
     queue: str
     streams: list[StreamInfo]
-    curvature_status: str = Field(description="'cached' when curvature is stored, else 'none'")
+    curvature_status: str = Field(
+        description="'cached' when curvature is stored, else 'building' while a curvature job "
+        "is queued or running, else 'none'"
+    )
     curvature: list[CurvatureInfo]
 
 
@@ -48,10 +54,10 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-def _describe(store: Store, name: str, served: ServedModel) -> ModelInfo:
+def _describe(store: Store, redis: Redis, name: str, served: ServedModel) -> ModelInfo:
     streams = []
     fingerprints = {served.fingerprint} if served.fingerprint else set()
-    keys: set[str] = set()
+    keys: set[str] = jobqueue.recorded_curvature(redis, name)
     for model, stream in store.streams():
         if model != name:
             continue
@@ -86,13 +92,21 @@ def _describe(store: Store, name: str, served: ServedModel) -> ModelInfo:
         layers=served.layers,
         queue=queue_name(name),
         streams=streams,
-        curvature_status="cached" if curvature else "none",
+        curvature_status=_status(redis, name, curvature),
         curvature=curvature,
     )
 
 
+def _status(redis: Redis, name: str, curvature: list[CurvatureInfo]) -> str:
+    if curvature:
+        return "cached"
+    return "building" if jobqueue.curvature_building(redis, name) else "none"
+
+
 @router.get("/v1/models", response_model=ModelList)
-def list_models(settings: SettingsDep, key: KeyDep, store: StoreDep) -> ModelList:
+def list_models(settings: SettingsDep, key: KeyDep, store: StoreDep, redis: RedisDep) -> ModelList:
     """The served models this key may use, each with its streams' heads and stored curvature."""
     names = sorted(name for name in settings.models if key.allows(name))
-    return ModelList(models=[_describe(store, name, settings.models[name]) for name in names])
+    return ModelList(
+        models=[_describe(store, redis, name, settings.models[name]) for name in names]
+    )

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from crispedit.artifacts import ArtifactError
 from crispedit.corpus import pad_batches, read_documents, token_sequences
-from crispedit.curvature import Curvature, collect_curvature, sample_labels
+from crispedit.curvature import Checkpointing, Curvature, collect_curvature, sample_labels
 from crispedit.models import get_layers, parse_layers, weight_matrix
 
 SEED = 3
@@ -210,3 +210,174 @@ def test_rejects_unknown_label_mode(tiny, sequences):
         collect_curvature(
             model, parse_layers(model, "3"), pad_batches(sequences, 0, 2), labels="gold"
         )
+
+
+class Stop(Exception):
+    """Raised from a progress hook: the build dies mid-pass."""
+
+
+def stop_after(n_calls: int):
+    calls = []
+
+    def hook(info: dict) -> None:
+        calls.append(info)
+        if len(calls) == n_calls:
+            raise Stop
+
+    return hook, calls
+
+
+@pytest.mark.parametrize(("kind", "labels", "stop_at"), [
+    ("kfac", "empirical", 2),
+    ("kfac", "sampled", 3),
+    ("ekfac", "sampled", 2),  # in the K-FAC pass
+    ("ekfac", "empirical", 7),  # in the EK-FAC pass
+])  # fmt: skip
+def test_a_killed_build_resumes_to_bitwise_the_same_factors(
+    tiny, sequences, tmp_path, kind, labels, stop_at
+):
+    """A build stopped mid-pass (by its own progress hook) and started again from its checkpoint
+    gives exactly the tensors of a build that was never stopped; progress counts both passes."""
+    model, tok = tiny
+    layers = parse_layers(model, "2-3")
+    batches = list(pad_batches(sequences, tok.pad_token_id, 1))  # 5 batches a pass
+    options = {"labels": labels, "kind": kind, "seed": SEED, "progress": False}
+    whole = collect_curvature(model, layers, batches, **options)
+
+    checkpoint = Checkpointing(tmp_path / "ck.safetensors", {"recipe": "r"}, every_batches=1)
+    hook, calls = stop_after(stop_at)
+    with pytest.raises(Stop):
+        collect_curvature(
+            model, layers, batches, checkpoint=checkpoint, on_progress=hook, **options
+        )
+    assert checkpoint.path.is_file()
+    seen = []
+    resumed = collect_curvature(
+        model, layers, batches, checkpoint=checkpoint, on_progress=seen.append, **options
+    )
+    assert resumed.meta["resumed_from"]["batches_done"] == stop_at % 5
+    assert resumed.tokens == whole.tokens
+    for name in layers:
+        for f in ("A", "B", "U_A", "U_B", "ekfac"):
+            ours, ref = getattr(resumed.layers[name], f), getattr(whole.layers[name], f)
+            assert (
+                (ours is None) == (ref is None) == (kind == "kfac" and f in ("U_A", "U_B", "ekfac"))
+            )
+            if ref is not None:
+                assert torch.equal(ours, ref), (name, f)
+    total = sum(int(b["attention_mask"].sum()) for b in batches) * (2 if kind == "ekfac" else 1)
+    progress = [c["tokens_done"] for c in calls + seen]
+    assert progress == sorted(progress) and progress[-1] == total
+    assert {c["tokens_total"] for c in calls + seen} == {total}
+
+
+def test_a_checkpoint_of_another_build_is_not_resumed(tiny, sequences, tmp_path):
+    """Sums of other batches (or another recipe) at the checkpoint's path are ignored and the
+    build starts afresh: its factors are those of its own batches."""
+    model, tok = tiny
+    layers = parse_layers(model, "3")
+    batches = list(pad_batches(sequences, tok.pad_token_id, 1))
+    path = tmp_path / "ck.safetensors"
+    hook, _ = stop_after(2)
+    with pytest.raises(Stop):
+        collect_curvature(
+            model, layers, batches[1:], progress=False, on_progress=hook,
+            checkpoint=Checkpointing(path, {"recipe": "r"}, every_batches=1),
+        )  # fmt: skip
+    for identity, batches_now in (({"recipe": "r"}, batches), ({"recipe": "other"}, batches[1:])):
+        curv = collect_curvature(
+            model, layers, batches_now, progress=False,
+            checkpoint=Checkpointing(path, identity, every_batches=1),
+        )  # fmt: skip
+        ref = collect_curvature(model, layers, batches_now, progress=False)
+        assert "resumed_from" not in curv.meta
+        assert torch.equal(curv.layers[layers[0]].A, ref.layers[layers[0]].A)
+    path.write_bytes(b"not a checkpoint")
+    curv = collect_curvature(
+        model, layers, batches, progress=False, checkpoint=Checkpointing(path, {"recipe": "r"})
+    )
+    assert "resumed_from" not in curv.meta
+
+
+KILLED_BUILD = """
+import os, signal, sys
+from crispedit.curvature import plan_curvature
+from crispedit.models import load_model
+from crispedit.streams import cached_curvature
+from curvature_store import Store
+
+model, tok = load_model(sys.argv[1])
+recipe = plan_curvature(model, tok, "wikitext", 600, "2-3", kind="ekfac", seq_len=16)
+calls = []
+
+def die_at_the_seventh_batch(info):
+    calls.append(info)
+    if len(calls) == 7:  # in the EK-FAC pass, after its checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+
+cached_curvature(Store(sys.argv[2]), model, tok, recipe, progress=False,
+                 on_progress=die_at_the_seventh_batch, checkpoint_every=1)
+"""
+
+
+def test_a_build_killed_for_the_store_resumes_from_its_staging_checkpoint(tiny_model_dir, tmp_path):
+    """A process building curvature for the store is killed (SIGKILL) mid-build: the store holds
+    no curvature, only the checkpoint in its staging area; the next build of the same recipe
+    resumes from it, stores bitwise the curvature of an uninterrupted build, and deletes it."""
+    import subprocess
+    import sys
+
+    from crispedit.curvature import plan_curvature
+    from crispedit.models import load_model
+    from crispedit.streams import cached_curvature
+    from curvature_store import Store
+
+    store = Store(tmp_path / "store")
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_BUILD, str(tiny_model_dir), str(store.root)], timeout=300
+    )
+    assert done.returncode == -9
+    model, tok = load_model(str(tiny_model_dir))
+    recipe = plan_curvature(model, tok, "wikitext", 600, "2-3", kind="ekfac", seq_len=16)
+    key = store.curvature_key(**recipe.key_fields)
+    assert store.list_curvature() == [] and store.checkpoint_file(key).is_file()
+
+    resumed, manifest = cached_curvature(store, model, tok, recipe, progress=False)
+    assert manifest["cache_hit"] is False and manifest["key"] == key
+    assert manifest["meta"]["resumed_from"]["pass"] == "EK-FAC"
+    assert not store.checkpoint_file(key).exists()
+    whole, _ = cached_curvature(Store(tmp_path / "fresh"), model, tok, recipe, progress=False)
+    stored = Curvature.load(store.curvature_file(key))
+    for name in recipe.layers:
+        for f in ("A", "B", "U_A", "U_B", "ekfac"):
+            ref = getattr(whole.layers[name], f)
+            assert torch.equal(getattr(resumed.layers[name], f), ref)
+            assert torch.equal(getattr(stored.layers[name], f), ref)
+
+
+def test_a_bf16_build_on_the_accelerator_resumes_bitwise(tiny_tokenizer, sequences, tmp_path):
+    """The model in bf16 on a logical accelerator (where mixing it with the CPU fails, as on
+    CUDA): the checkpoint goes to the host and its sums come back to the layers' device, and the
+    resumed EK-FAC factors are bitwise those of an uninterrupted build there."""
+    from conftest import make_tiny
+    from devices import accelerator, on_accelerator
+
+    with accelerator() as dev:
+        model = make_tiny("llama").to(dev, torch.bfloat16)
+        layers = parse_layers(model, "2-3")
+        batches = list(pad_batches(sequences, tiny_tokenizer.pad_token_id, 2))  # 3 a pass
+        options = {"kind": "ekfac", "labels": "sampled", "seed": SEED, "progress": False}
+        whole = collect_curvature(model, layers, batches, **options)
+        checkpoint = Checkpointing(tmp_path / "ck.safetensors", every_batches=1)
+        hook, _ = stop_after(4)  # in the EK-FAC pass
+        with pytest.raises(Stop):
+            collect_curvature(
+                model, layers, batches, checkpoint=checkpoint, on_progress=hook, **options
+            )
+        resumed = collect_curvature(model, layers, batches, checkpoint=checkpoint, **options)
+        assert resumed.meta["resumed_from"] == {"pass": "EK-FAC", "batches_done": 1}
+        for name in layers:
+            for f in ("A", "B", "U_A", "U_B", "ekfac"):
+                ours, ref = getattr(resumed.layers[name], f), getattr(whole.layers[name], f)
+                assert on_accelerator(ours)
+                assert torch.equal(ours.cpu(), ref.cpu()), (name, f)

@@ -292,7 +292,9 @@ def test_stream_materialize_in_bfloat16(cli, tmp_path, tiny_model_dir, facts_fil
 def test_worker_passes_device_and_dtype_to_its_engine(cli, tmp_path, tiny_model_dir, monkeypatch):
     engines = []
 
-    def run_worker(model, store_dir, redis_url, burst, heartbeat_s, **engine_options):
+    def run_worker(
+        model, store_dir, redis_url, burst, heartbeat_s, build_curvature, **engine_options
+    ):
         engines.append(Engine(model, store_dir, **engine_options))  # the real loader, no Redis
 
     monkeypatch.setattr(workers.worker, "run_worker", run_worker)

@@ -202,8 +202,11 @@ def _worker_flags() -> tuple[set[str], set[str]]:
     return options, required
 
 
-def _run_worker_entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> list[str]:
-    """Run the worker image's entrypoint with a stub `crispedit` that records its arguments."""
+def _run_worker_entrypoint(
+    tmp_path: Path, env: dict[str, str], *args: str, status: int = 0
+) -> list[str]:
+    """Run the worker image's entrypoint with a stub `crispedit` that records its arguments
+    (none when the script refuses to start it: `status` is then its exit status)."""
     entrypoint = argv_of(last(WORKER, "ENTRYPOINT"))
     assert len(entrypoint) == 1, "the entrypoint is the script alone (the command is appended)"
     dest = {Path(d).name: s for sources, d in copies(WORKER) for s in sources}
@@ -214,8 +217,8 @@ def _run_worker_entrypoint(tmp_path: Path, env: dict[str, str], *args: str) -> l
     out = tmp_path / "argv.txt"
     env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "STUB_OUT": str(out), **env}
     done = subprocess.run(["sh", str(script), *args], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return out.read_text().splitlines()
+    assert done.returncode == status, done.stderr
+    return out.read_text().splitlines() if out.exists() else []
 
 
 def test_worker_runs_crispedit_worker(services, tmp_path):
@@ -228,6 +231,7 @@ def test_worker_runs_crispedit_worker(services, tmp_path):
         "--store", "/data/store",
         "--redis", "redis://redis:6379/0",
         "--device", "cuda",
+        "--build-curvature",  # compose's default: a fresh deployment warms up first
     ]  # fmt: skip
     options, required = _worker_flags()
     flags = {a for a in argv if a.startswith("--")}
@@ -249,6 +253,32 @@ def test_worker_entrypoint_passes_optional_flags_and_the_command(tmp_path):
     assert argv[-1] == "--burst"
     options, _ = _worker_flags()
     assert {a for a in argv if a.startswith("--")} <= options
+    assert "--corpus" not in argv and "--build-curvature" not in argv  # the image's defaults
+
+
+def test_worker_entrypoint_takes_the_corpus_and_the_warm_up_from_the_environment(tmp_path):
+    corpus = "/data/corpus/wiki dump/*.jsonl.gz"  # a space survives as one argument
+    env = {**image_env(WORKER), "CRISPEDIT_CORPUS": corpus, "CRISPEDIT_TOKENS": "10000000"}
+    for value, flag in (("1", True), ("true", True), ("0", False), ("", False)):
+        argv = _run_worker_entrypoint(tmp_path, {**env, "CRISPEDIT_BUILD_CURVATURE": value})
+        assert argv[argv.index("--corpus") + 1] == corpus
+        assert argv[argv.index("--tokens") + 1] == "10000000"
+        assert ("--build-curvature" in argv) is flag
+    options, _ = _worker_flags()
+    assert {"--corpus", "--tokens", "--build-curvature"} <= options
+    (tmp_path / "argv.txt").unlink()
+    refused = {**env, "CRISPEDIT_BUILD_CURVATURE": "maybe"}
+    assert _run_worker_entrypoint(tmp_path, refused, status=2) == []  # crispedit never ran
+
+
+def test_compose_gives_the_worker_its_corpus(services):
+    worker = services["worker"]
+    env = environment(worker)
+    assert env["CRISPEDIT_BUILD_CURVATURE"] == "1"
+    assert {"CRISPEDIT_CORPUS", "CRISPEDIT_TOKENS"} <= set(env)
+    assert mounts(worker)["/data/corpus"] == ("./corpus", True)  # .env.example's folder
+    api = environment(services["api"])
+    assert int(api["CRISPEDIT_CURVATURE_TIMEOUT_S"]) > int(api["CRISPEDIT_JOB_TIMEOUT_S"])
 
 
 def test_env_example_lists_exactly_the_variables_compose_uses():

@@ -3,13 +3,15 @@ a conftest when several folders have one)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from live import redis_url
 from redis import Redis
 from rq import Queue, SimpleWorker
 from safetensors.numpy import save_file
 
-from contract.jobs import queue_name
+from contract.jobs import curvature_index_key, queue_name
 from curvature_store import Store
 
 REDIS_URL = redis_url(15)
@@ -57,3 +59,21 @@ def edit_body(n: int = 1, **overrides) -> dict:
     body = {"model": "tiny", "facts": [fact(target=f"City{i}") for i in range(n)]}
     body.update(overrides)
     return body
+
+
+def record_built(redis: Redis, store: Store, model: str, spec: str) -> str:
+    """Put a stand-in curvature of `model` for `spec` in the store and record it; its key."""
+    stage = store.staging_dir()
+    save_file({"layer/A": np.eye(2, dtype=np.float32)}, stage / "curvature.safetensors")
+    fields = {
+        "model_fingerprint": f"fingerprint-of-{model}",
+        "layers": ["layer"],
+        "corpus_digest": hashlib.sha256(spec.encode()).hexdigest(),
+        "tokens": 100,
+        "labels": "empirical",
+        "kind": "ekfac" if '"ekfac"' in spec else "kfac",
+        "format_version": 1,
+    }
+    key = store.put_curvature(stage / "curvature.safetensors", fields)["key"]
+    redis.hset(curvature_index_key(model), spec, key)
+    return key

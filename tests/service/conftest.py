@@ -8,10 +8,11 @@ the other test folders' (tests/crispedit/test_streams.py exists).
 from __future__ import annotations
 
 import pytest
-from api_helpers import KEY_ALL, KEY_TINY, REDIS_URL
+from api_helpers import KEY_ALL, KEY_TINY, REDIS_URL, record_built
 from fastapi.testclient import TestClient
 from live import redis_db, serve
 
+from contract.jobs import CURVATURE_KINDS, curvature_spec
 from curvature_store import Store
 from service.config import Settings
 from service.keys import hash_key
@@ -27,9 +28,14 @@ def redis():
 
 @pytest.fixture
 def settings(tmp_path, redis, monkeypatch) -> Settings:
-    """Two served models ("tiny", "other"), two keys, small limits, the test job function."""
+    """Two served models ("tiny", "other"), two keys, small limits, the test job functions. Both
+    models have their default curvature built, as after a worker's `--build-curvature` start
+    (tests of curvature jobs delete the record: `curvature_index_key`)."""
     store_dir = tmp_path / "store"
     monkeypatch.setenv("CRISPEDIT_TEST_STORE", str(store_dir))  # for jobs_for_tests
+    for model in ("tiny", "other"):
+        for kind in CURVATURE_KINDS:
+            record_built(redis, Store(store_dir), model, curvature_spec(kind))
     return Settings(
         redis_url=REDIS_URL,
         store_dir=store_dir,
@@ -42,6 +48,7 @@ def settings(tmp_path, redis, monkeypatch) -> Settings:
         max_body_bytes=16 * 1024,
         rate_limit_per_minute=1000,
         job_function="jobs_for_tests.apply_edit",
+        curvature_function="jobs_for_tests.build_curvature",
         sse_poll_s=0.05,
     )
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from api_helpers import record_built
 from rq import get_current_job
 from safetensors.numpy import save_file
 
+from contract.jobs import curvature_spec
 from curvature_store import Conflict, Store
 
 ORDER_KEY = "test:order"  # a Redis list of job ids in the order their edits ran
@@ -77,3 +79,24 @@ def commit_then_fail(payload: dict) -> dict:
         {"facts": payload["facts"], "method": "ft", "metrics": {"efficacy": 1.0}, "job": job.id},
     )
     raise SystemError("worker lost after the commit")
+
+
+def build_curvature(payload: dict) -> dict:
+    """Store a stand-in curvature file under key fields made from the request, record it as a
+    worker does (`contract.jobs.curvature_index_key`) and return the job contract's result."""
+    job = get_current_job()
+    if job.get_meta(refresh=True).get("cancel_requested"):
+        raise JobCancelled("cancelled before it started")
+    job.connection.rpush(ORDER_KEY, job.id)
+    _progress(job, phase="curvature", tokens_done=0, tokens_total=100)
+    store = Store(os.environ["CRISPEDIT_TEST_STORE"])
+    spec = curvature_spec(payload["kind"], payload["tokens"], payload["corpus"])
+    key = record_built(job.connection, store, payload["model"], spec)
+    _progress(job, phase="curvature", tokens_done=100, tokens_total=100)
+    return {"key": key, "kind": payload["kind"], "tokens": 100, "cache_hit": False,
+            "resumed_from": None, "seconds": 0.0}  # fmt: skip
+
+
+def fail_curvature(payload: dict) -> dict:
+    """Fail the way a build on a missing corpus would."""
+    raise FileNotFoundError("corpus /data/corpus/missing.jsonl does not exist")

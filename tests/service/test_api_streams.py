@@ -9,6 +9,7 @@ import pytest
 from api_helpers import AUTH, AUTH_TINY, make_version
 from safetensors.numpy import load
 
+from contract.jobs import curvature_index_key
 from contract.names import DELTA_FILE
 
 
@@ -142,7 +143,8 @@ def test_rollback_refusals(client, store, three):
     assert store.head("tiny", "main") == three[2]
 
 
-def test_models_list_streams_and_curvature(client, store, tmp_path, three):
+def test_models_list_streams_and_curvature(client, store, redis, tmp_path, three):
+    redis.delete(curvature_index_key("tiny"))  # no worker has recorded its curvature
     # curvature for the model's base fingerprint, as the engine files it
     base_fp = "f" * 64
     make_version(store, "tiny", "side", 1.0)

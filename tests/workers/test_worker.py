@@ -41,6 +41,7 @@ def redis():
 @pytest.fixture
 def engine(tmp_path, tiny_model_dir):
     engine = Engine("tiny", str(tmp_path / "store"), model_path=str(tiny_model_dir), tokens=300)
+    engine.build_curvature("kfac")  # warm, as a worker started with --build-curvature
     jobs.register(engine)
     yield engine
     jobs._ENGINES.pop("tiny", None)

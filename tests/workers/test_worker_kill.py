@@ -1,8 +1,9 @@
-"""A worker process killed with SIGKILL at each phase of an edit job: while it reads the stored
-curvature, while it rebuilds and stores curvature, in the optimisation, and at each step of the
-version write. The job ends failed (never re-queued), the stream head is the previous version (or,
-killed after the commit point, the new one, which the API then reports as the job's result), the
-store verifies clean, and the next job on the stream succeeds.
+"""A worker process killed with SIGKILL at each phase of a job: while an edit reads the stored
+curvature, while a curvature job stores what it built, in the optimisation, and at each step of
+the version write. The job ends failed (never re-queued), the stream head is the previous version
+(or, killed after the commit point, the new one, which the API then reports as the job's result),
+the store verifies clean, and the next job on the stream succeeds; the killed curvature build is
+resumed from its checkpoint by the next job that asks for it.
 
 The kills at a store step use the store's own failpoints (`CURVATURE_STORE_FAILPOINT`: the process
 SIGKILLs itself at that line); the kill in the optimisation is a real `kill -9` from outside once
@@ -25,7 +26,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from contract.jobs import edit_payload, queue_name
+from contract.jobs import curvature_payload, edit_payload, queue_name
 from curvature_store import Store
 from service import jobqueue
 from service.config import Settings
@@ -41,6 +42,12 @@ def submit(redis: Redis, epochs: int) -> Job:
         "tiny", "main", FACT, None, False, {"epochs": epochs, "lr": 1e-6}, "test"
     )  # lr 1e-6: the loss never stops the edit early
     return jobqueue.submit(redis, Settings(), f"job-{time.monotonic_ns()}", payload)
+
+
+def submit_curvature(redis: Redis, tokens: int) -> Job:
+    """A curvature job for model tiny with a budget of `tokens`, enqueued as the API does."""
+    payload = curvature_payload("tiny", "kfac", tokens, None, "test")
+    return jobqueue.submit_curvature(redis, Settings(), payload)[0]
 
 
 def start_worker(tiny_model_dir, store_dir, *extra, failpoint=None) -> subprocess.Popen:
@@ -59,25 +66,27 @@ def phase(redis: Redis, job: Job) -> str | None:
 
 @pytest.fixture(scope="module")
 def prepared_store(tmp_path_factory, tiny_model_dir):
-    """A store with the tiny model's curvature and one version on tiny/main, made by a worker."""
+    """A store with the tiny model's curvature and one version on tiny/main, made by a worker
+    that built the curvature when it started."""
     store_dir = tmp_path_factory.mktemp("kill") / "store"
     redis = Redis.from_url(REDIS_URL)
     redis.flushdb()
     job = submit(redis, epochs=2)
-    assert start_worker(tiny_model_dir, store_dir, "--burst").wait(timeout=120) == 0
+    worker = start_worker(tiny_model_dir, store_dir, "--burst", "--build-curvature")
+    assert worker.wait(timeout=120) == 0
     assert Job.fetch(job.id, connection=redis).get_status() == JobStatus.FINISHED
     redis.flushdb()
     return store_dir
 
 
-# (where the worker dies, extra worker arguments, whether the version was committed by then)
+# (where the worker dies, whether the version was committed by then)
 KILLS = {
-    "curvature:read": ((), False),  # loading the stored curvature
-    "curvature:staged": (("--tokens", "200"), False),  # other tokens: rebuilt, dies storing it
-    "edit": ((), False),  # kill -9 from outside during the optimisation
-    "create:staged": ((), False),  # version folder assembled under tmp/
-    "create:published": ((), False),  # version folder in place, head not moved
-    "create:head_moved": ((), True),  # after the commit point, before RQ has the result
+    "curvature:read": False,  # an edit loading the stored curvature
+    "curvature:staged": False,  # a curvature job of another budget: built, dies storing it
+    "edit": False,  # kill -9 from outside during the optimisation
+    "create:staged": False,  # version folder assembled under tmp/
+    "create:published": False,  # version folder in place, head not moved
+    "create:head_moved": True,  # after the commit point, before RQ has the result
 }
 
 
@@ -85,7 +94,7 @@ KILLS = {
 def test_worker_killed_mid_job_loses_and_duplicates_nothing(
     where, prepared_store, tmp_path, tiny_model_dir
 ):
-    extra, committed = KILLS[where]
+    committed = KILLS[where]
     redis = Redis.from_url(REDIS_URL)
     redis.flushdb()
     store_dir = tmp_path / "store"
@@ -94,9 +103,12 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(
     previous = store.head("tiny", "main")
     assert previous is not None
 
-    job = submit(redis, epochs=2 if where.startswith("create") else 100_000)
+    if where == "curvature:staged":
+        job = submit_curvature(redis, tokens=200)
+    else:
+        job = submit(redis, epochs=2 if where.startswith("create") else 100_000)
     failpoint = None if where == "edit" else where
-    worker = start_worker(tiny_model_dir, store_dir, *extra, failpoint=failpoint)
+    worker = start_worker(tiny_model_dir, store_dir, failpoint=failpoint)
     try:
         if where == "edit":
             wait_for(lambda: phase(redis, job) == "edit", 60, "the edit to start")
@@ -136,4 +148,10 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(
     assert store.head("tiny", "main") == nxt.return_value()["version"]
     assert store.manifest(nxt.return_value()["version"])["parent"] == head
     assert store.verify() == []
+    if where == "curvature:staged":  # the build is not lost: the next one resumes it
+        again = submit_curvature(redis, tokens=200)
+        assert start_worker(tiny_model_dir, store_dir, "--burst").wait(timeout=120) == 0
+        result = Job.fetch(again.id, connection=redis).return_value()
+        assert result["cache_hit"] is False and result["resumed_from"] is not None
+        assert store.curvature_file(result["key"]).is_file()
     redis.flushdb()
