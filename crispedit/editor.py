@@ -469,8 +469,10 @@ class CrispEditor:
             if grad is None:  # the loss does not reach this layer: Adam would skip it too
                 continue
             module.weight.grad = None
+            grad = grad.float()  # the model's-dtype gradient is freed here, before the rotation
             master = run.masters[name]
-            master.grad = self._project(name, grad.float())
+            master.grad = self._project(name, grad)
+            del grad
             before_step = master.clone() if self.settings.project == "update" else None
             run.optimizers[name].step()
             master.grad = None

@@ -456,7 +456,10 @@ def steady_editing(s: ModelShape, w: Workload) -> Phase:
             grads,
         ],
         "step (a layer at a time)": [
-            grads,  # the first layer's step: every layer's gradient is still there
+            # the first layer's step: the other layers' gradients wait (its own is cast to fp32
+            # and freed before the rotation)
+            Item(f"the other layers' gradients ({_dt(w.dtype)})",
+                 (s.weights - d_out * d_in) * w.e, "editor.py _step"),
             Item("one layer's gradient in fp32, rotated and projected", 3 * d_out * d_in * FP32,
                  "projector.py KroneckerProjector.__call__"),
             Item("one layer's copy before the step and Adam's temporaries (fp32)",
