@@ -319,13 +319,7 @@ def edit_on_stream(
     state = read_state(store, head, device, states)
     set_weights(model, base, cumulative)
     before = evaluate(model) if evaluate is not None else None
-    curvature = None
-    if resolve_method(settings.method) != "ft":
-        beta = settings.beta
-        if cache is None or head is None:  # from the base: the capability's kept eigenbases serve
-            curvature = stream_curvature(capability, state, beta, device)
-        else:
-            curvature = cache.stream_curvature(head, capability, state, beta, device)
+    curvature = _projection_curvature(capability, state, head, settings, device, cache)
     editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings, **runtime)
     delta = editor.edit(facts)
     del editor, curvature  # the projectors' copies on the device: not needed past the edit
@@ -336,35 +330,74 @@ def edit_on_stream(
     # the next job's state, added up before publishing: a failure here publishes nothing
     next_state = state.plus(rows, device) if states is not None else None
 
-    stage = store.staging_dir()
-    delta.save(stage / DELTA_FILE)
-    save_tensors(stage / ROWS_FILE, rows.to_tensors(), {"edit_tokens": rows.tokens})
-    report = delta.report
     manifest = {
-        "facts": [fact_to_record(f) for f in facts],
-        "method": report["method"],
-        "projector": report["projector"],
-        "gamma": report["gamma"],
-        "beta": settings.beta,
-        "layers": layers,
+        **_manifest(facts, delta.report, settings, layers),
         "base_fingerprint": base_fingerprint,
         "weights_fingerprint": model_fingerprint(model, layers),
         "curvature_key": curvature_key,
-        "options": {**settings.to_options(), "layers": layers},
-        "metrics": {
-            k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
-        },
         "edit_tokens": state.tokens + rows.tokens,  # of the stream so far
     }
     if job is not None:
         manifest["job"] = job
     if evaluate is not None:
         manifest["metrics"]["evaluation"] = {"before": before, "after": after}
-    files = {DELTA_FILE: stage / DELTA_FILE, ROWS_FILE: stage / ROWS_FILE}
-    published = store.create_version(model_name, stream, head, files, manifest)
+    published = _publish(store, model_name, stream, head, delta, rows, manifest)
     if states is not None:
         states.put(model_name, stream, published["id"], next_state)
     return published, delta
+
+
+def _projection_curvature(
+    capability: Curvature | None,
+    state: StreamState,
+    head: str | None,
+    settings: EditSettings,
+    device: torch.device,
+    cache: StreamCurvatureCache | None,
+) -> Curvature | None:
+    """The curvature an edit from `head` is projected with: none for `ft`; from the base, the
+    capability's (whose eigenbases it keeps); else the stream's, from `cache` when it has it."""
+    if resolve_method(settings.method) == "ft":
+        return None
+    if cache is None or head is None:
+        return stream_curvature(capability, state, settings.beta, device)
+    return cache.stream_curvature(head, capability, state, settings.beta, device)
+
+
+def _manifest(
+    facts: Sequence[Fact], report: dict, settings: EditSettings, layers: list[str]
+) -> dict:
+    """What a version records of its edit: the facts, the method and its settings, the metrics."""
+    return {
+        "facts": [fact_to_record(f) for f in facts],
+        "method": report["method"],
+        "projector": report["projector"],
+        "gamma": report["gamma"],
+        "beta": settings.beta,
+        "layers": layers,
+        "options": {**settings.to_options(), "layers": layers},
+        "metrics": {
+            k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
+        },
+    }
+
+
+def _publish(
+    store: Store,
+    model_name: str,
+    stream: str,
+    head: str | None,
+    delta: Delta,
+    rows: EditRows,
+    manifest: dict,
+) -> dict:
+    """Stage the delta and the edit rows and create the version on `head` (Conflict, and nothing
+    published, when another writer moved it); the stored manifest."""
+    stage = store.staging_dir()
+    delta.save(stage / DELTA_FILE)
+    save_tensors(stage / ROWS_FILE, rows.to_tensors(), {"edit_tokens": rows.tokens})
+    files = {DELTA_FILE: stage / DELTA_FILE, ROWS_FILE: stage / ROWS_FILE}
+    return store.create_version(model_name, stream, head, files, manifest)
 
 
 def materialize(
