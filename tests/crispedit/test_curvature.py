@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny
 
 from crispedit.artifacts import ArtifactError
 from crispedit.corpus import pad_batches, read_documents, token_sequences
@@ -359,7 +360,6 @@ def test_a_bf16_build_on_the_accelerator_resumes_bitwise(tiny_tokenizer, sequenc
     """The model in bf16 on a logical accelerator (where mixing it with the CPU fails, as on
     CUDA): the checkpoint goes to the host and its sums come back to the layers' device, and the
     resumed EK-FAC factors are bitwise those of an uninterrupted build there."""
-    from conftest import make_tiny
     from devices import accelerator, on_accelerator
 
     with accelerator() as dev:
