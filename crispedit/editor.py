@@ -49,7 +49,13 @@ from crispedit.projector import (
     resolve_method,
     resolve_projector_dtype,
 )
-from crispedit.targets import target_batches, target_positions, target_token_losses_at
+from crispedit.targets import (
+    encode_prompt,
+    resolve_chat_template,
+    target_batches,
+    target_positions,
+    target_token_losses_at,
+)
 
 # The editor's defaults, each written once in contract.settings (with why it was chosen)
 LR, BATCH_SIZE, EPOCHS, SEED = DEFAULTS.lr, DEFAULTS.batch_size, DEFAULTS.epochs, DEFAULTS.seed
@@ -142,6 +148,8 @@ class CrispEditor:
         self.anchors, self.anchor_weight = settings.anchors, settings.anchor_weight
         self.anchor_questions = settings.anchor_questions
         self.loss_stop, self.stop = settings.loss_stop, settings.stop
+        # every prompt the edit trains and measures on is wrapped alike (crispedit.targets)
+        self.chat = resolve_chat_template(tokenizer, settings.chat_template)
         if layers is None and settings.layers is not None:
             layers = settings.layers if isinstance(settings.layers, str) else list(settings.layers)
         weight = next(model.parameters())
@@ -218,7 +226,7 @@ class CrispEditor:
         owned, ids = [], []
         for prompts in per_fact:
             owned.append(list(range(len(ids), len(ids) + len(prompts))))
-            ids += [self.tokenizer(p)["input_ids"] for p in prompts]
+            ids += [encode_prompt(self.tokenizer, p, chat=self.chat) for p in prompts]
         if not ids:
             return Anchors(owned, ids)
         batches = list(pad_batches(ids, self.tokenizer.pad_token_id, self.batch_size))
@@ -260,7 +268,7 @@ class CrispEditor:
         pairs = [(f.prompt, f.target) for f in facts]
         before = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         base_fingerprint = model_fingerprint(self.model, self.layers)
-        efficacy_before = teacher_forced_accuracy(self.model, self.tokenizer, pairs)
+        efficacy_before = teacher_forced_accuracy(self.model, self.tokenizer, pairs, chat=self.chat)
 
         device = next(self.model.parameters()).device
         order = torch.Generator().manual_seed(self.seed)  # facts are reshuffled every epoch
@@ -269,7 +277,11 @@ class CrispEditor:
         # the dropout of a model in training mode cannot be cached: full forward then
         fast = self.fast if self.fast is not None and not self.model.training else None
         # per fact: the hidden states entering the lowest edited block (frozen, so fixed)
-        prefix = fast.prefix_states(self.tokenizer, pairs, self.batch_size) if fast else None
+        prefix = (
+            fast.prefix_states(self.tokenizer, pairs, self.batch_size, chat=self.chat)
+            if fast
+            else None
+        )
         anchors = self._anchor_targets(facts, fast, device)
         with trainable_only(self.model, params):
             optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=0.0)
@@ -277,7 +289,9 @@ class CrispEditor:
                 batch_losses, anchor_kls, skipped, worst = [], [], 0, 0.0
                 perm = torch.randperm(len(pairs), generator=order).tolist()
                 shuffled = [pairs[i] for i in perm]
-                batches = list(target_batches(self.tokenizer, shuffled, self.batch_size))
+                batches = list(
+                    target_batches(self.tokenizer, shuffled, self.batch_size, chat=self.chat)
+                )
                 for b, batch in enumerate(batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     rows = perm[b * self.batch_size : (b + 1) * self.batch_size]
@@ -327,7 +341,7 @@ class CrispEditor:
                 module.weight.copy_(before[name])
         add_to_weights(self.model, tensors)
         edit_seconds = time.perf_counter() - started
-        efficacy = teacher_forced_accuracy(self.model, self.tokenizer, pairs)
+        efficacy = teacher_forced_accuracy(self.model, self.tokenizer, pairs, chat=self.chat)
         meta = {
             "base_fingerprint": base_fingerprint,
             "edited_fingerprint": model_fingerprint(self.model, self.layers),
@@ -348,6 +362,7 @@ class CrispEditor:
             "loss_stop": self.loss_stop,
             "stop": self.stop,
             "clip": self.clip,
+            "chat_template": "on" if self.chat else "off",
         }
         report = {
             **meta,

@@ -98,11 +98,12 @@ class StreamState:
 
 
 def edit_set_factors(
-    model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact]
+    model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact], *, chat: bool = False
 ) -> StreamState:
-    """K-FAC sums of the `prompt target` texts of `facts` on the model as it is now, on the CPU
-    (where a stream state is added up and stored, whatever the model's device)."""
-    sequences = [encode_pair(tokenizer, f.prompt, f.target)[0] for f in facts]
+    """K-FAC sums of the `prompt target` texts of `facts` (`chat`: the prompts wrapped in the chat
+    template, as the edit was) on the model as it is now, on the CPU (where a stream state is
+    added up and stored, whatever the model's device)."""
+    sequences = [encode_pair(tokenizer, f.prompt, f.target, chat=chat)[0] for f in facts]
     curvature = collect_curvature(
         model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH), progress=False
     )

@@ -164,7 +164,8 @@ def edit_on_stream(
     The edit runs with `settings`; `method`, `gamma`, `beta` and any option of EditSettings in
     `editor_options` override it (None: keep), and the rest of `editor_options` (`progress`,
     `on_epoch`, `fast`) go to the CrispEditor as they are. The manifest records the settings
-    under "options" (`EditSettings.to_options`, with the stream's layers).
+    under "options" (`EditSettings.to_options`, with the stream's layers and the chat template's
+    resolved on or off).
 
     `base` holds the unedited weights of the edited layers (`base_weights`). `parent`, when
     given, is the head the caller expects (`None` = the base): anything else raises `Conflict`
@@ -203,7 +204,7 @@ def edit_on_stream(
     cumulative = accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
     after = evaluate(model) if evaluate is not None else None
-    state = state.plus(edit_set_factors(model, tokenizer, layers, facts))
+    state = state.plus(edit_set_factors(model, tokenizer, layers, facts, chat=editor.chat))
 
     stage = store.staging_dir()
     delta.save(stage / DELTA_FILE)
@@ -219,7 +220,12 @@ def edit_on_stream(
         "base_fingerprint": base_fingerprint,
         "weights_fingerprint": model_fingerprint(model, layers),
         "curvature_key": curvature_key,
-        "options": {**settings.to_options(), "layers": layers},
+        # the chat template as resolved for this tokenizer, so a rerun wraps its prompts alike
+        "options": {
+            **settings.to_options(),
+            "layers": layers,
+            "chat_template": report["chat_template"],
+        },
         "metrics": {
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },
