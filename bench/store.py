@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from contract.names import STATE_FILE
+from contract.names import ROWS_FILE
 from crispedit import load_facts, load_model, parse_layers
 from crispedit.corpus import ASSETS
 from crispedit.curvature import plan_curvature
+from crispedit.plan import FACT_TOKENS
 from crispedit.streams import base_weights, cached_curvature, edit_on_stream
 from curvature_store import Store
 
@@ -31,14 +32,16 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
 
-def llama_sizes() -> dict[str, int]:
+def llama_sizes(facts: int) -> dict[str, int]:
+    """The same artifacts for Llama-3-8B; a version's rows for `facts` texts of FACT_TOKENS."""
     n, d_in, d_out = LLAMA3_8B["layers"], LLAMA3_8B["d_in"], LLAMA3_8B["d_out"]
     factors = n * (d_in**2 + d_out**2) * 4
+    rows = facts * FACT_TOKENS * n * (d_in + d_out)  # elements of a version's edit rows
     return {
         "curvature (kfac: A, B fp32)": factors,
         "curvature (ekfac: + U_A, U_B, Λ)": 2 * factors + n * d_in * d_out * 4,
         "delta per version (fp32)": n * d_in * d_out * 4,
-        "stream state per version (S_A, S_B fp32)": factors,
+        "stream state per version (its edit rows a, g; Llama in bf16)": rows * 2,
     }
 
 
@@ -102,12 +105,12 @@ def main() -> None:
         "| artifact | SmolLM2 (measured) | Llama-3-8B, 5 layers (arithmetic) |",
         "|---|---|---|",
     ]
-    llama = llama_sizes()
+    llama = llama_sizes(args.facts)
     measured = [
         manifest["bytes"],
         None,
         files["delta.safetensors"]["bytes"],
-        files[STATE_FILE]["bytes"],
+        files[ROWS_FILE]["bytes"],
     ]
     for (label, size), mine in zip(llama.items(), measured, strict=True):
         lines.append(f"| {label} | {mib(mine) if mine else '-'} | {mib(size)} |")

@@ -20,7 +20,8 @@ KEY_RE = re.compile(r"^[0-9a-f]{32}$")  # a curvature key: a digest of its key f
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\.safetensors$")  # a file of a version
 
 DELTA_FILE = "delta.safetensors"  # a version's change against its parent
-STATE_FILE = "state.safetensors"  # a version's stream state (the edit set's curvature sums)
+ROWS_FILE = "rows.safetensors"  # a version's own edits as K-FAC factor rows (a and g)
+STATE_FILE = "state.safetensors"  # the whole stream state as sums (versions before ROWS_FILE)
 CURVATURE_FILE = "curvature.safetensors"
 MANIFEST_FILE = "manifest.json"  # of a version or a curvature artifact
 HEAD_FILE = "HEAD.json"  # a stream's head pointer

@@ -289,6 +289,33 @@ def _rows(capture: _Capture, name: str, mask: torch.Tensor):
     return capture.a[name][mask].float(), capture.g[name][mask].float()
 
 
+def collect_rows(
+    model: nn.Module, layer_names: list[str], batches: Iterable[dict]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's rows a (n, d_in) and g (n, d_out) over all `batches`, on the CPU, in the dtype
+    the model computed them in: the captured values exactly (a bf16 model's in half fp32's bytes).
+
+    The same forward, backward and valid tokens as `collect_curvature` with observed labels, whose
+    factor sums are n·A = aᵀa and n·B = gᵀg of these rows; meant for a few texts (a stream's edit
+    set), whose rows take less memory than their sums. `layer_names` sorted by depth.
+    """
+    layers = get_layers(model, layer_names)
+    generator = torch.Generator().manual_seed(0)  # observed labels draw nothing from it
+    capture = _Capture(layers)
+    rows: dict[str, tuple[list, list]] = {name: ([], []) for name in layers}
+    try:
+        with trainable_only(model, []):
+            for batch in batches:
+                mask = batch_pass(model, batch, capture, "empirical", generator)
+                for name in layers:
+                    a, g = _rows(capture, name, mask)  # fp32 copies: cast back without loss
+                    rows[name][0].append(a.to("cpu", capture.a[name].dtype))
+                    rows[name][1].append(g.to("cpu", capture.g[name].dtype))
+    finally:
+        capture.close()
+    return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in rows.items()}
+
+
 def _ekfac_pass(result: dict[str, LayerCurvature], layers, passes, n_tokens: int) -> None:
     for c in result.values():
         _, c.U_A = eigenbasis(c.A)

@@ -12,6 +12,15 @@ own subject.
     editor = CrispEditor(model, tokenizer, curvature, gamma=0.9)
     delta = editor.edit(facts)      # the model now holds the edit; delta.report has the metrics
 
+Adam runs on fp32 master copies of the edited layers' weights, made at the start of each edit
+on the model's device: every step casts the model's weight gradient to fp32, projects it, lets
+Adam update the master, projects the step, and writes the master back into the model's weight in
+its dtype. A bf16 model thus keeps the protection of an fp32 one (a bf16 Adam state and a bf16
+step put a share of every update back into the blocked subspace), and the delta, masters minus the
+weights before, is the projected edit itself. The masters and their Adam state are three fp32
+copies of the edited layers only; a step works through the layers one at a time, and the edit
+frees them all when it returns.
+
 Each step computes the same loss as a full forward, but cheaper where the model allows it
 (`fast=True`, crispedit.prefix): the frozen blocks below the lowest edited one run once per edit,
 and the vocabulary projection only at the target positions.
@@ -22,7 +31,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +44,7 @@ from contract.settings import STOP_CHOICES as STOP_CHOICES
 from crispedit.anchors import anchor_prompts
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
-from crispedit.delta import Delta, add_to_weights, weight_delta
+from crispedit.delta import Delta, add_to_weights
 from crispedit.evaluate import last_token_logits, teacher_forced_accuracy
 from crispedit.models import (
     get_layers,
@@ -81,27 +91,65 @@ class Anchors:
     base: torch.Tensor | None = None
 
 
+@dataclass
+class _Run:
+    """The working state of one `edit` call: made by `_prepare`, its masters and Adam state
+    dropped by `_release` before `edit` returns or raises."""
+
+    facts: list[Fact]
+    pairs: list[tuple[str, str]]
+    device: torch.device
+    fast: FastForward | None
+    prefix: list[torch.Tensor] | None
+    anchors: Anchors
+    before: dict[str, torch.Tensor]  # per layer, its weight before the edit (model's dtype)
+    masters: dict[str, torch.Tensor]  # per layer, the fp32 master Adam updates (storage layout)
+    optimizers: dict[str, torch.optim.Adam]
+    order: torch.Generator
+    base_fingerprint: str
+    efficacy_before: float
+    losses: list[float] = field(default_factory=list)  # each epoch's mean batch loss
+
+
+@dataclass
+class _Tally:
+    """One epoch's counts: each batch's loss, each anchor KL, the batches skipped, and the
+    largest fact loss seen (`stop="fact"`)."""
+
+    batch_losses: list[float] = field(default_factory=list)
+    anchor_kls: list[float] = field(default_factory=list)
+    skipped: int = 0
+    worst: float = 0.0
+
+
+def _layer_spec(
+    layers: list[str] | str | None, settings: EditSettings, curvature: Curvature | None
+) -> list[str] | str | None:
+    """The edited layers: the caller's, else the settings', else the curvature's (else None: the
+    model's default block)."""
+    if layers is not None:
+        return layers
+    if settings.layers is not None:
+        return settings.layers if isinstance(settings.layers, str) else list(settings.layers)
+    return list(curvature.layers) if curvature is not None else None
+
+
 class CrispEditor:
     """Applies fact edits to a resident model with a (possibly identity) gradient projector.
 
-    The projectors are built once from `curvature` and kept, so a worker can call `edit` for job
-    after job. `method` is `crispedit` (our default), `kfac`, `ekfac`, `nullspace` or `ft`; `ft`
-    needs no curvature. `layers` defaults to the curvature's layers (or the model's default block).
-    `on_epoch` is called after every epoch with `{epoch, epochs, loss}` (a worker's progress and
-    cancellation hook: an exception it raises aborts the edit). `fast` (default) computes each
-    step's loss from the lowest edited block up and the logits only at the target positions,
-    where the architecture allows (crispedit.prefix); `fast=False` runs the full model, as does
-    a model in training mode. Both give the same edit up to float rounding. `projector_dtype`
-    is `float32` (default) or `model`: the dtype the projectors live and rotate in, on the
-    model's device. `anchors` prompts per fact ask the fact's question about other subjects and
-    keep the base model's answer distribution there (crispedit.anchors), weighted by
-    `anchor_weight` against the facts' loss; 0 turns them off; questions get none unless
-    `anchor_questions`. `loss_stop` is the loss below which a batch is skipped and the loop stops
-    after an epoch; `stop` says whether a batch's mean loss is compared with it (`batch`) or each
-    fact's own (`fact`, see STOP). `clip` winsorizes each factor's eigenvalues before the energy
-    rule (crispedit.projector.winsorize: a rule robust to outlier eigenvalues). `settings`
-    (`contract.settings.EditSettings`) gives every option at once, with the defaults and valid
-    ranges written there; an option also passed as a keyword overrides it.
+    How an edit runs is `settings` (contract.settings.EditSettings: the method, γ, epochs, lr,
+    anchors, clip, ... each with its default, bounds and why it was chosen); an option passed as
+    a keyword (`gamma=0.8`) overrides it, validated the same way (SettingsError naming it). The
+    projectors are built once from `curvature` and kept, so a worker can call `edit` for job
+    after job; `ft` needs no curvature. `layers` defaults to the settings' layers, else the
+    curvature's, else the model's default block. `on_epoch` is called after every epoch with
+    `{epoch, epochs, loss}` (a worker's progress and cancellation hook: an exception it raises
+    aborts the edit). `fast` (default) computes each step's loss from the lowest edited block up
+    and the logits only at the target positions, where the architecture allows
+    (crispedit.prefix); `fast=False` runs the full model, as does a model in training mode. Both
+    give the same edit up to float rounding. A `projector_dtype` of `model` on a bf16 model
+    rounds each projection to bf16, which lets a small share of every step into blocked
+    directions: the default, float32, does not.
     """
 
     def __init__(
@@ -109,95 +157,66 @@ class CrispEditor:
         model: nn.Module,
         tokenizer,
         curvature: Curvature | None = None,
-        method: str | None = None,
-        gamma: float | None = None,
+        settings: EditSettings = DEFAULTS,
+        *,
         layers: list[str] | str | None = None,
-        lr: float | None = None,
-        batch_size: int | None = None,
-        epochs: int | None = None,
-        seed: int | None = None,
         progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None,
         fast: bool = True,
-        project: str | None = None,
-        projector_dtype: str | None = None,
-        anchors: int | None = None,
-        anchor_weight: float | None = None,
-        anchor_questions: bool | None = None,
-        loss_stop: float | None = None,
-        stop: str | None = None,
-        clip: float | None = None,
-        settings: EditSettings = DEFAULTS,
+        **options: Any,
     ):
         # an option given as a keyword (not None) overrides `settings`; the result is validated
-        settings = settings.override(
-            method=method, gamma=gamma, lr=lr, batch_size=batch_size, epochs=epochs, seed=seed,
-            project=project, projector_dtype=projector_dtype, anchors=anchors,
-            anchor_weight=anchor_weight, anchor_questions=anchor_questions, loss_stop=loss_stop,
-            stop=stop, clip=clip,
-        )  # fmt: skip
-        self.settings = settings
+        given = {k: v for k, v in options.items() if v is not None}
+        self.settings = EditSettings.from_options({**settings.to_options(), **given})
         self.model, self.tokenizer = model, tokenizer
-        method, gamma, clip = settings.method, settings.gamma, settings.clip
-        self.method_name, self.method = method, resolve_method(method)
-        self.gamma, self.lr = gamma, settings.lr
-        self.batch_size, self.epochs = settings.batch_size, settings.epochs
-        self.clip = clip
-        self.seed, self.progress, self.on_epoch = settings.seed, progress, on_epoch
-        self.project = settings.project
-        self.anchors, self.anchor_weight = settings.anchors, settings.anchor_weight
-        self.anchor_questions = settings.anchor_questions
-        self.loss_stop, self.stop = settings.loss_stop, settings.stop
+        self.method = resolve_method(self.settings.method)
+        self.progress, self.on_epoch = progress, on_epoch
         # every prompt the edit trains and measures on is wrapped alike (crispedit.targets)
-        self.chat = resolve_chat_template(tokenizer, settings.chat_template)
-        if layers is None and settings.layers is not None:
-            layers = settings.layers if isinstance(settings.layers, str) else list(settings.layers)
-        weight = next(model.parameters())
-        self.projector_dtype = resolve_projector_dtype(settings.projector_dtype, weight.dtype)
+        self.chat = resolve_chat_template(tokenizer, self.settings.chat_template)
         if self.method != "ft" and curvature is None:
-            raise ValueError(f"method {method!r} needs curvature (only 'ft' edits without)")
-        if layers is None and curvature is not None:
-            layers = list(curvature.layers)
-        self.layers = parse_layers(model, layers)
+            raise ValueError(
+                f"method {self.settings.method!r} needs curvature (only 'ft' edits without)"
+            )
+        self.layers = parse_layers(model, _layer_spec(layers, self.settings, curvature))
         self.modules = get_layers(model, self.layers)
-        self.projectors = {}
-        if self.method != "ft":
-            missing = [n for n in self.layers if n not in curvature.layers]
-            if missing:
-                raise ValueError(f"the curvature has no factors for layer {missing[0]!r}")
-            for name in self.layers:  # built on the model's device, bases kept by `curvature`
-                self.projectors[name] = build_projector(
-                    curvature.layers[name],
-                    self.method,
-                    gamma,
-                    device=weight.device,
-                    dtype=self.projector_dtype,
-                    clip=clip,
-                )
+        weight = next(model.parameters())
+        self.projector_dtype = resolve_projector_dtype(self.settings.projector_dtype, weight.dtype)
+        self.projectors = self._build_projectors(curvature, weight.device)
         self.fast = FastForward.plan(model, self.layers) if fast else None
+
+    def _build_projectors(self, curvature: Curvature | None, device: torch.device) -> dict:
+        """One projector per edited layer (none for `ft`), on the model's device; the bases they
+        rotate in stay memoized by `curvature`, so a worker builds them once per curvature."""
+        if self.method == "ft":
+            return {}
+        missing = [n for n in self.layers if n not in curvature.layers]
+        if missing:
+            raise ValueError(f"the curvature has no factors for layer {missing[0]!r}")
+        s = self.settings
+        return {
+            name: build_projector(
+                curvature.layers[name],
+                self.method,
+                s.gamma,
+                device=device,
+                dtype=self.projector_dtype,
+                clip=s.clip,
+            )
+            for name in self.layers
+        }
 
     def _log(self, message: str) -> None:
         if self.progress:
             print(message, file=sys.stderr, flush=True)
 
-    def _project_gradients(self) -> None:
-        for name, P in self.projectors.items():
-            module = self.modules[name]
-            if module.weight.grad is None:
-                continue
-            # the (d_out, d_in) view of the gradient, as weight_matrix gives of the weight
-            G = module.weight.grad.T if is_conv1d(module) else module.weight.grad
-            G.copy_(P(G))
-
-    @torch.no_grad()
-    def _project_updates(self, before_step: dict[str, torch.Tensor]) -> None:
-        for name, P in self.projectors.items():
-            W = self.modules[name].weight
-            step = W - before_step[name]
-            if is_conv1d(self.modules[name]):
-                W.copy_(before_step[name] + P(step.T).T)
-            else:
-                W.copy_(before_step[name] + P(step))
+    def _project(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (a gradient or step of layer `name`, in its weight's storage layout) projected
+        onto the kept subspace; unchanged under `ft`, which has no projectors."""
+        P = self.projectors.get(name)
+        if P is None:
+            return tensor
+        # the projector works on the (d_out, d_in) view, as weight_matrix gives of the weight
+        return P(tensor.T).T if is_conv1d(self.modules[name]) else P(tensor)
 
     def _token_losses(
         self, batch, fast: FastForward | None, prefix, rows: list[int]
@@ -222,14 +241,16 @@ class CrispEditor:
     def _anchor_targets(self, facts: list[Fact], fast: FastForward | None, device) -> Anchors:
         """The edit's anchor prompts (crispedit.anchors) and the base model's next-token
         log-probabilities after each, computed once before the first step."""
-        per_fact = anchor_prompts(facts, self.anchors, self.seed, self.anchor_questions)
+        per_fact = anchor_prompts(
+            facts, self.settings.anchors, self.settings.seed, self.settings.anchor_questions
+        )
         owned, ids = [], []
         for prompts in per_fact:
             owned.append(list(range(len(ids), len(ids) + len(prompts))))
             ids += [encode_prompt(self.tokenizer, p, chat=self.chat) for p in prompts]
         if not ids:
             return Anchors(owned, ids)
-        batches = list(pad_batches(ids, self.tokenizer.pad_token_id, self.batch_size))
+        batches = list(pad_batches(ids, self.tokenizer.pad_token_id, self.settings.batch_size))
         states = fast.states_of(batches) if fast else None
         base, start = [], 0
         for batch in batches:
@@ -258,118 +279,204 @@ class CrispEditor:
         """Edit the model in place so it completes each fact's prompt with its target.
 
         Returns the weight delta (fp32, against the weights before this call) whose `report`
-        holds efficacy before/after, the loss curve and timings. The model ends with exactly
-        `W_before + delta` (the operation `apply_delta` performs), so the delta reproduces it.
+        holds efficacy before/after, the loss curve and timings. The delta is the difference of
+        the fp32 masters (see the module docstring), so it is the projected edit itself whatever
+        the model's dtype. The model ends with `W_before + delta` computed as `apply_delta` does
+        (in fp32, cast to the weight's dtype): exactly that for an fp32 model, that rounded once
+        to bf16 for a bf16 one, and applying the delta to a copy of the base reproduces it bitwise.
+        Refuses an empty list of facts. An exception (an `on_epoch` that aborts) leaves the
+        weights of the last step in the model.
         """
         facts = list(facts)
         if not facts:
             raise ValueError("no facts to edit")
         started = time.perf_counter()
+        run = self._prepare(facts)
+        try:
+            with trainable_only(self.model, [m.weight for m in self.modules.values()]):
+                for epoch in range(1, self.settings.epochs + 1):
+                    if self._epoch(run, epoch):
+                        break
+            tensors = self._delta(run)
+        finally:
+            self._release(run)
+        return self._finish(run, tensors, time.perf_counter() - started)
+
+    def _prepare(self, facts: list[Fact]) -> _Run:
+        """Everything an edit computes once: the weights before it, the base model's metrics,
+        the cached prefix states and anchor targets, the fp32 masters and their optimizers."""
         pairs = [(f.prompt, f.target) for f in facts]
         before = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         base_fingerprint = model_fingerprint(self.model, self.layers)
         efficacy_before = teacher_forced_accuracy(self.model, self.tokenizer, pairs, chat=self.chat)
-
         device = next(self.model.parameters()).device
-        order = torch.Generator().manual_seed(self.seed)  # facts are reshuffled every epoch
-        params = [m.weight for m in self.modules.values()]
-        losses = []
         # the dropout of a model in training mode cannot be cached: full forward then
         fast = self.fast if self.fast is not None and not self.model.training else None
         # per fact: the hidden states entering the lowest edited block (frozen, so fixed)
         prefix = (
-            fast.prefix_states(self.tokenizer, pairs, self.batch_size, chat=self.chat)
+            fast.prefix_states(self.tokenizer, pairs, self.settings.batch_size, chat=self.chat)
             if fast
             else None
         )
         anchors = self._anchor_targets(facts, fast, device)
-        with trainable_only(self.model, params):
-            optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=0.0)
-            for epoch in range(1, self.epochs + 1):
-                batch_losses, anchor_kls, skipped, worst = [], [], 0, 0.0
-                perm = torch.randperm(len(pairs), generator=order).tolist()
-                shuffled = [pairs[i] for i in perm]
-                batches = list(
-                    target_batches(self.tokenizer, shuffled, self.batch_size, chat=self.chat)
-                )
-                for b, batch in enumerate(batches):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    rows = perm[b * self.batch_size : (b + 1) * self.batch_size]
-                    token_losses, row_of = self._token_losses(batch, fast, prefix, rows)
-                    loss = token_losses.mean()
-                    batch_losses.append(loss.item())
-                    if self.stop == "fact":
-                        per_fact = fact_losses(token_losses, row_of, len(rows))
-                        worst = max(worst, float(per_fact.max()))
-                        open_ = per_fact >= self.loss_stop  # the facts not yet landed
-                        if not open_.any():
-                            skipped += 1
-                            continue
-                        loss = token_losses[open_[row_of]].mean()
-                    elif batch_losses[-1] < self.loss_stop:
-                        skipped += 1
-                        continue
-                    kl = self._anchor_loss(rows, anchors, fast, device) if self.anchors else None
-                    if kl is not None:
-                        anchor_kls.append(kl.item())
-                        loss = loss + self.anchor_weight * kl
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self._project_gradients()
-                    if self.project == "update":
-                        before_step = {
-                            n: m.weight.detach().clone() for n, m in self.modules.items()
-                        }
-                    optimizer.step()
-                    if self.project == "update":
-                        self._project_updates(before_step)
-                losses.append(sum(batch_losses) / len(batch_losses))
-                self._log(
-                    f"epoch {epoch:2d}/{self.epochs}  loss {losses[-1]:.4f}  "
-                    f"batches skipped {skipped}/{len(batches)}"
-                    + (f"  anchor KL {sum(anchor_kls) / len(anchor_kls):.4f}" if anchor_kls else "")
-                )
-                if self.on_epoch is not None:  # progress reports; raising here aborts the edit
-                    self.on_epoch({"epoch": epoch, "epochs": self.epochs, "loss": losses[-1]})
-                if (worst if self.stop == "fact" else losses[-1]) < self.loss_stop:
-                    break
-            optimizer.zero_grad(set_to_none=True)
+        masters = {n: w.to(torch.float32, copy=True) for n, w in before.items()}
+        # one optimizer per layer: a step then holds one layer's temporaries at a time
+        optimizers = {
+            n: torch.optim.Adam([w], lr=self.settings.lr, weight_decay=0.0)
+            for n, w in masters.items()
+        }
+        for module in self.modules.values():
+            module.weight.grad = None  # a gradient left from before would add to the first one
+        return _Run(
+            facts=facts,
+            pairs=pairs,
+            device=device,
+            fast=fast,
+            prefix=prefix,
+            anchors=anchors,
+            before=before,
+            masters=masters,
+            optimizers=optimizers,
+            order=torch.Generator().manual_seed(
+                self.settings.seed
+            ),  # facts are reshuffled every epoch
+            base_fingerprint=base_fingerprint,
+            efficacy_before=efficacy_before,
+        )
 
-        tensors = weight_delta(self.model, before)
+    def _epoch(self, run: _Run, epoch: int) -> bool:
+        """One pass over the reshuffled facts, a step per batch that has not landed yet; logs
+        and reports the epoch, and returns whether the edit has converged (`loss_stop`)."""
+        perm = torch.randperm(len(run.pairs), generator=run.order).tolist()
+        batches = list(
+            target_batches(
+                self.tokenizer,
+                [run.pairs[i] for i in perm],
+                self.settings.batch_size,
+                chat=self.chat,
+            )
+        )
+        tally = _Tally()
+        for b, batch in enumerate(batches):
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            rows = perm[b * self.settings.batch_size : (b + 1) * self.settings.batch_size]
+            loss = self._batch_loss(run, batch, rows, tally)
+            if loss is None:
+                tally.skipped += 1
+                continue
+            loss.backward()
+            self._step(run)
+        run.losses.append(sum(tally.batch_losses) / len(tally.batch_losses))
+        kls = tally.anchor_kls
+        self._log(
+            f"epoch {epoch:2d}/{self.settings.epochs}  loss {run.losses[-1]:.4f}  "
+            f"batches skipped {tally.skipped}/{len(batches)}"
+            + (f"  anchor KL {sum(kls) / len(kls):.4f}" if kls else "")
+        )
+        if self.on_epoch is not None:  # progress reports; raising here aborts the edit
+            self.on_epoch({"epoch": epoch, "epochs": self.settings.epochs, "loss": run.losses[-1]})
+        return (
+            tally.worst if self.settings.stop == "fact" else run.losses[-1]
+        ) < self.settings.loss_stop
+
+    def _batch_loss(
+        self, run: _Run, batch: dict, rows: list[int], tally: _Tally
+    ) -> torch.Tensor | None:
+        """The batch's loss to descend: its facts' target-token loss (only the facts not yet
+        below `loss_stop` under `stop="fact"`) plus the weighted anchor KL; None when the batch
+        has already landed and is skipped."""
+        token_losses, row_of = self._token_losses(batch, run.fast, run.prefix, rows)
+        loss = token_losses.mean()
+        tally.batch_losses.append(loss.item())
+        if self.settings.stop == "fact":
+            per_fact = fact_losses(token_losses, row_of, len(rows))
+            tally.worst = max(tally.worst, float(per_fact.max()))
+            open_ = per_fact >= self.settings.loss_stop  # the facts not yet landed
+            if not open_.any():
+                return None
+            loss = token_losses[open_[row_of]].mean()
+        elif tally.batch_losses[-1] < self.settings.loss_stop:
+            return None
+        kl = (
+            self._anchor_loss(rows, run.anchors, run.fast, run.device)
+            if self.settings.anchors
+            else None
+        )
+        if kl is not None:
+            tally.anchor_kls.append(kl.item())
+            loss = loss + self.settings.anchor_weight * kl
+        return loss
+
+    @torch.no_grad()
+    def _step(self, run: _Run) -> None:
+        """One optimizer step, a layer at a time: the model's gradient cast to fp32 and
+        projected, Adam on the fp32 master, the step projected (`project="update"`), and the
+        master written back into the model's weight in its dtype."""
+        for name, module in self.modules.items():
+            grad = module.weight.grad
+            if grad is None:  # the loss does not reach this layer: Adam would skip it too
+                continue
+            module.weight.grad = None
+            master = run.masters[name]
+            master.grad = self._project(name, grad.float())
+            before_step = master.clone() if self.settings.project == "update" else None
+            run.optimizers[name].step()
+            master.grad = None
+            if before_step is not None:
+                master.copy_(before_step + self._project(name, master - before_step))
+            module.weight.copy_(master)
+
+    def _delta(self, run: _Run) -> dict[str, torch.Tensor]:
+        """The edit as the state-dict keyed fp32 `masters - before`, on the CPU."""
+        return {
+            f"{name}.weight": run.masters[name].cpu() - run.before[name].float().cpu()
+            for name in self.modules
+        }
+
+    def _release(self, run: _Run) -> None:
+        """Drop the masters, the Adam state and any gradient, so that an edit that ends, or
+        aborts, leaves no copy of the edited layers behind (a traceback keeps `run` alive)."""
+        run.masters.clear()
+        run.optimizers.clear()
+        for module in self.modules.values():
+            module.weight.grad = None
+
+    def _finish(self, run: _Run, tensors: dict[str, torch.Tensor], edit_seconds: float) -> Delta:
+        """Set the model to `before + delta` the way `apply_delta` does, measure the edited
+        model, and wrap the delta with its provenance (`meta`) and metrics (`report`)."""
         with torch.no_grad():
             for name, module in self.modules.items():
-                module.weight.copy_(before[name])
+                module.weight.copy_(run.before[name])
         add_to_weights(self.model, tensors)
-        edit_seconds = time.perf_counter() - started
-        efficacy = teacher_forced_accuracy(self.model, self.tokenizer, pairs, chat=self.chat)
+        efficacy = teacher_forced_accuracy(self.model, self.tokenizer, run.pairs, chat=self.chat)
         meta = {
-            "base_fingerprint": base_fingerprint,
+            "base_fingerprint": run.base_fingerprint,
             "edited_fingerprint": model_fingerprint(self.model, self.layers),
             "model": getattr(self.model, "name_or_path", None),
             "layers": self.layers,
-            "method": self.method_name,
+            "method": self.settings.method,
             "projector": self.method,
-            "gamma": self.gamma if self.method != "ft" else None,
-            "n_edits": len(facts),
-            "facts_digest": facts_digest(facts),
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "project": self.project,
-            "anchors": self.anchors,
-            "anchor_weight": self.anchor_weight,
-            "anchor_questions": self.anchor_questions,
-            "loss_stop": self.loss_stop,
-            "stop": self.stop,
-            "clip": self.clip,
+            "gamma": self.settings.gamma if self.method != "ft" else None,
+            "n_edits": len(run.facts),
+            "facts_digest": facts_digest(run.facts),
+            "lr": self.settings.lr,
+            "batch_size": self.settings.batch_size,
+            "seed": self.settings.seed,
+            "project": self.settings.project,
+            "anchors": self.settings.anchors,
+            "anchor_weight": self.settings.anchor_weight,
+            "anchor_questions": self.settings.anchor_questions,
+            "loss_stop": self.settings.loss_stop,
+            "stop": self.settings.stop,
+            "clip": self.settings.clip,
             "chat_template": "on" if self.chat else "off",
         }
         report = {
             **meta,
             "efficacy": efficacy,
-            "efficacy_before": efficacy_before,
-            "epochs": len(losses),
-            "loss_curve": [round(x, 6) for x in losses],
+            "efficacy_before": run.efficacy_before,
+            "epochs": len(run.losses),
+            "loss_curve": [round(x, 6) for x in run.losses],
             "kept_fraction": {n: P.kept_fraction for n, P in self.projectors.items()},
             "delta_norm": {k: float(v.norm()) for k, v in tensors.items()},
             "time_s": {"edit": round(edit_seconds, 3)},

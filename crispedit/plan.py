@@ -546,8 +546,8 @@ def version_write(s: ModelShape, w: Workload) -> Phase:
     moments = {
         "save": [
             _state(s, "stream state"),
-            Item("state tensors for the file (fp32)", s.sum_squares * FP32,
-                 "sequential.py StreamState.to_tensors", host=True),
+            Item(f"edit rows for the file ({_dt(w.dtype)})", version_bytes(s, w)["state"],
+                 "sequential.py EditRows.to_tensors", host=True),
             Item("delta and cumulative delta (fp32)", 2 * s.weights * FP32, "delta.py weight_delta",
                  host=True),
         ]
@@ -556,11 +556,16 @@ def version_write(s: ModelShape, w: Workload) -> Phase:
 
 
 def version_bytes(s: ModelShape, w: Workload) -> dict[str, int]:
-    """Bytes one version adds to the store: its delta (fp32), its state (fp32 sums of every
-    layer), and what the state would take as this version's factor rows alone (rank ≤ its
-    tokens: `facts` texts of `FACT_TOKENS`, the a and g rows, fp32)."""
+    """Bytes one version adds to the store: its delta (fp32) and its state, the rows file of its
+    own edits (crispedit/sequential.py EditRows: `facts` texts of `FACT_TOKENS`, each token's a and
+    g rows of every layer in the model's dtype, and the int64 token count); `state_as_sums` is
+    what a version stored before rows, the fp32 sums of every layer."""
     rows = w.facts * FACT_TOKENS * sum(d_in + d_out for d_out, d_in in s.layers.values())
-    return {"delta": s.weights * FP32, "state": s.sum_squares * FP32, "state_as_rows": rows * FP32}
+    return {
+        "delta": s.weights * FP32,
+        "state": rows * w.e + 8,
+        "state_as_sums": s.sum_squares * FP32,
+    }
 
 
 PHASES = (curvature_build, steady_editing, stream_update, version_write)
@@ -683,7 +688,8 @@ def format_plan(plan: Plan) -> str:
     lines += [
         "",
         f"Per version in the store: delta {_gib(v['delta'])} GiB, stream state "
-        f"{_gib(v['state'])} GiB (fp32 sums of every layer); the state as this version's factor "
-        f"rows instead: {_gib(v['state_as_rows'])} GiB.",
+        f"{_gib(v['state'])} GiB (this version's edit rows, {_dt(w.dtype)}); stored as the "
+        f"fp32 sums of every layer (versions written before rows) it took "
+        f"{_gib(v['state_as_sums'])} GiB.",
     ]
     return "\n".join(lines)

@@ -3,7 +3,9 @@ capability curvature *and* the edits already made (DESIGN §2.7).
 
 The stream state after a version is the running, token-weighted sum of the edit-set K-FAC factors
 (S_A = Σ a aᵀ, S_B = Σ g gᵀ over the `prompt target` texts of every applied edit, computed after
-applying them) and their token count n. The projector of the next batch is built from
+applying them) and their token count n. A version stores only its own edits' rows a and g
+(`EditRows`); a head's sums are those of its chain, rebuilt in chain order (crispedit/streams.py
+`read_state`). The projector of the next batch is built from
 
     A = A_cap + β · S_A / n,   B = B_cap + β · S_B / n
 
@@ -44,7 +46,7 @@ from torch import nn
 from contract.facts import Fact
 from contract.settings import DEFAULTS
 from crispedit.corpus import pad_batches
-from crispedit.curvature import Curvature, LayerCurvature, collect_curvature, eigenbasis
+from crispedit.curvature import Curvature, LayerCurvature, collect_rows, eigenbasis
 from crispedit.delta import Delta, add_to_weights
 from crispedit.models import get_layers
 from crispedit.targets import encode_pair
@@ -54,8 +56,59 @@ EDIT_BATCH = 16
 
 
 @dataclass
+class EditRows:
+    """One version's own edits as K-FAC factor rows on the CPU: per layer the valid tokens' inputs
+    a (n × d_in) and output gradients g (n × d_out) of its `prompt target` texts, in the dtype the
+    model computed them in (bf16 for a bf16 model: exact, and half the bytes of fp32).
+
+    Their Gram matrices aᵀa and gᵀg are what the version adds to the stream state. A version
+    stores these rows, n·(d_in + d_out) numbers per layer, rather than the state's d_in² + d_out²
+    sums (rank ≤ n either way): the state of a head is rebuilt along its chain (streams.read_state).
+    """
+
+    a: dict[str, torch.Tensor]  # layer -> (n, d_in)
+    g: dict[str, torch.Tensor]  # layer -> (n, d_out)
+    tokens: int
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict for a safetensors file (`{layer}/a`, `{layer}/g`, `tokens`)."""
+        out = {"tokens": torch.tensor([self.tokens], dtype=torch.int64)}
+        for name in self.a:
+            out[f"{name}/a"] = self.a[name]
+            out[f"{name}/g"] = self.g[name]
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], layers: list[str]) -> EditRows:
+        """The rows of `layers` from a `to_tensors` dict; ValueError saying what is wrong with it
+        (a missing or extra tensor, a row count that is not `tokens`, a dtype that is no float)."""
+        count = tensors.get("tokens")
+        if count is None or count.dtype != torch.int64 or count.shape != (1,):
+            raise ValueError("no token count")
+        tokens = int(count[0])
+        expected = {"tokens"} | {f"{name}/{part}" for name in layers for part in ("a", "g")}
+        if set(tensors) != expected:
+            wrong = sorted(set(tensors) ^ expected)
+            raise ValueError(f"its tensors are not the rows of layers {layers}: {wrong}")
+        for key, value in tensors.items():
+            if key != "tokens" and (
+                not value.is_floating_point() or value.dim() != 2 or len(value) != tokens
+            ):
+                raise ValueError(
+                    f"{key} is {value.dtype} of shape {tuple(value.shape)}, "
+                    f"not the float rows of {tokens} tokens"
+                )
+        return cls(
+            a={name: tensors[f"{name}/a"] for name in layers},
+            g={name: tensors[f"{name}/g"] for name in layers},
+            tokens=tokens,
+        )
+
+
+@dataclass
 class StreamState:
-    """Running sums of the edit-set factors of every edit applied on a stream so far."""
+    """Running sums of the edit-set factors of every edit applied on a stream so far, float64 on
+    the host."""
 
     S_A: dict[str, torch.Tensor]  # layer -> Σ a aᵀ (float64)
     S_B: dict[str, torch.Tensor]  # layer -> Σ g gᵀ (float64)
@@ -65,20 +118,10 @@ class StreamState:
     def empty(cls) -> StreamState:
         return cls(S_A={}, S_B={}, tokens=0)
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat tensor dict for a safetensors file (`{layer}/S_A`, `{layer}/S_B`, `tokens`).
-
-        Stored in fp32 (half the bytes of fp64; a protection matrix needs no more): for SmolLM2's
-        five layers that is 54 MB per version, for five Llama-3-8B layers about 4 GB.
-        """
-        out = {"tokens": torch.tensor([self.tokens], dtype=torch.int64)}
-        for name in self.S_A:
-            out[f"{name}/S_A"] = self.S_A[name].float()
-            out[f"{name}/S_B"] = self.S_B[name].float()
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> StreamState:
+        """The state a version written before `EditRows` stored whole (`{layer}/S_A`,
+        `{layer}/S_B` in fp32, `tokens`): the sums of its whole chain."""
         state = cls.empty()
         state.tokens = int(tensors["tokens"][0])
         for key, value in tensors.items():
@@ -88,30 +131,44 @@ class StreamState:
                 state.S_B[key.removesuffix("/S_B")] = value.double()
         return state
 
-    def plus(self, other: StreamState) -> StreamState:
-        """The state after adding `other`'s edits to this one."""
+    def plus(self, rows: EditRows, device: torch.device | str | None = None) -> StreamState:
+        """The state after adding `rows`' edits: S_A + aᵀa and S_B + gᵀg per layer, each product
+        in float64 on `device` (the model's, where it is faster; default the CPU) and added to the
+        sums on the host. ValueError when the rows' widths are not the sums'."""
         S_A, S_B = dict(self.S_A), dict(self.S_B)
-        for name in other.S_A:
-            S_A[name] = S_A[name] + other.S_A[name] if name in S_A else other.S_A[name]
-            S_B[name] = S_B[name] + other.S_B[name] if name in S_B else other.S_B[name]
-        return StreamState(S_A=S_A, S_B=S_B, tokens=self.tokens + other.tokens)
+        for sums, parts in ((S_A, rows.a), (S_B, rows.g)):
+            for name, X in parts.items():
+                product = _gram(X, device)
+                if name not in sums:
+                    sums[name] = product
+                elif sums[name].shape != product.shape:
+                    raise ValueError(
+                        f"rows of {name} are {X.shape[1]} wide, its sums {tuple(sums[name].shape)}"
+                    )
+                else:
+                    sums[name] = sums[name] + product
+        return StreamState(S_A=S_A, S_B=S_B, tokens=self.tokens + rows.tokens)
+
+
+def _gram(X: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """Xᵀ X in float64, computed on `device` (default X's), returned on the CPU."""
+    X = X.to(X.device if device is None else device, torch.float64)
+    return (X.T @ X).cpu()
 
 
 def edit_set_factors(
     model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact], *, chat: bool = False
-) -> StreamState:
-    """K-FAC sums of the `prompt target` texts of `facts` (`chat`: the prompts wrapped in the chat
-    template, as the edit was) on the model as it is now, on the CPU (where a stream state is
-    added up and stored, whatever the model's device)."""
+) -> EditRows:
+    """The K-FAC factor rows of the `prompt target` texts of `facts` (`chat`: the prompts wrapped
+    in the chat template, as the edit was) on the model as it is now, in its dtype, on the CPU
+    (where a stream's state is stored, whatever the model's device)."""
     sequences = [encode_pair(tokenizer, f.prompt, f.target, chat=chat)[0] for f in facts]
-    curvature = collect_curvature(
-        model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH), progress=False
-    )
-    n = curvature.tokens
-    return StreamState(
-        S_A={name: (c.A.double() * n).cpu() for name, c in curvature.layers.items()},
-        S_B={name: (c.B.double() * n).cpu() for name, c in curvature.layers.items()},
-        tokens=n,
+    rows = collect_rows(model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH))
+    tokens = len(next(iter(rows.values()))[0])
+    return EditRows(
+        a={name: a for name, (a, _) in rows.items()},
+        g={name: g for name, (_, g) in rows.items()},
+        tokens=tokens,
     )
 
 

@@ -3,11 +3,12 @@
 `curvature_store` keeps files and pointers (and never imports torch); this module turns them into
 tensors and back. An edit on a stream (DESIGN §2.7, §3):
 
-1. read the head, its cumulative delta D and its stream state (edit-set factor sums);
+1. read the head, its cumulative delta D and its stream state (edit-set factor sums, rebuilt
+   from the rows its chain's versions store, or taken from the worker's `StreamStateCache`);
 2. set the model's edited layers to W_base + D, build the projector from capability + β·edits;
 3. edit; D' = D + δ (fp32, chain order); set the layers to W_base + D';
-4. measure the new facts' factors on the edited model, add them to the state;
-5. publish delta δ + state as a new version whose parent is the head read in 1 (refused with
+4. measure the new facts' factor rows on the edited model;
+5. publish delta δ + those rows as a new version whose parent is the head read in 1 (refused with
    `Conflict` when another writer moved the head meanwhile: nothing is published then).
 
 The model's weights are always re-derived from the base and the head, so a worker can keep one
@@ -24,15 +25,16 @@ import torch
 from torch import nn
 
 from contract.facts import Fact, fact_to_record
-from contract.names import CURVATURE_FILE, DELTA_FILE, STATE_FILE
+from contract.names import CURVATURE_FILE, DELTA_FILE, ROWS_FILE, STATE_FILE
 from contract.settings import DEFAULTS, OPTION_NAMES, EditSettings
-from crispedit.artifacts import load_tensors, save_tensors
+from crispedit.artifacts import ArtifactError, load_tensors, save_tensors
 from crispedit.curvature import Curvature, CurvatureRecipe, run_recipe
 from crispedit.delta import Delta
 from crispedit.editor import CrispEditor
 from crispedit.models import get_layers, model_fingerprint
 from crispedit.projector import resolve_method
 from crispedit.sequential import (
+    EditRows,
     StreamState,
     accumulate,
     edit_set_factors,
@@ -42,6 +44,7 @@ from crispedit.sequential import (
 from curvature_store import Conflict, Store, StoreError
 
 HEADS_CACHED = 2
+STREAMS_CACHED = 2
 
 
 def cached_curvature(
@@ -77,12 +80,109 @@ def read_cumulative(store: Store, version: str | None) -> dict[str, torch.Tensor
     return {k: torch.from_numpy(v.copy()) for k, v in store.cumulative_delta(version).items()}
 
 
-def read_state(store: Store, version: str | None) -> StreamState:
-    """The stream state stored with a version (empty for the base)."""
+class StreamStateCache:
+    """The stream state of the version each stream was last read or written at, on the host.
+
+    A worker's next job on a stream usually starts from the version it has just published, whose
+    sums are here: `read_state` then adds no rows at all, or only those of the versions published
+    since, instead of rebuilding the chain. One version is kept per stream, for the `size` streams
+    used last; an entry is the float64 sums of every edited layer, Σ 8·(d_in² + d_out²) bytes
+    (the plan's "S_A, S_B (fp64)", bench/results/memory-8b.md), so a worker's host memory grows
+    with `size`, never with a stream's length. Versions never change, so an entry stays right
+    after a rollback: it is used only when its version is in the chain being read.
+    """
+
+    def __init__(self, size: int = STREAMS_CACHED):
+        if size < 1:
+            raise ValueError(f"a stream state cache holds at least 1 stream, not {size}")
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str], tuple[str, StreamState]] = OrderedDict()
+
+    def get(self, model: str, stream: str) -> tuple[str, StreamState] | None:
+        """The version of `model`/`stream` last put here and its state, or None."""
+        entry = self._entries.get((model, stream))
+        if entry is not None:
+            self._entries.move_to_end((model, stream))
+        return entry
+
+    def put(self, model: str, stream: str, version: str, state: StreamState) -> None:
+        """Keep `state` as the state at `version`, replacing the stream's previous entry."""
+        self._entries[(model, stream)] = (version, state)
+        self._entries.move_to_end((model, stream))
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+def read_state(
+    store: Store,
+    version: str | None,
+    device: torch.device | str | None = None,
+    states: StreamStateCache | None = None,
+) -> StreamState:
+    """The stream state at `version` (empty for the base): the sums of its chain, on the host.
+
+    Walks the chain back from `version` to the nearest version whose sums are known (the one
+    `states` holds for the stream, or one written before rows existed: its STATE_FILE holds its
+    whole chain's sums) or to the stream's first version, then adds each later version's rows in
+    chain order (`StreamState.plus`, products on `device`): the same terms in the same order
+    however the state is reached. `states`, when given, then keeps the result. A version whose
+    rows or sums are missing, corrupt or do not fit raises StoreError naming it.
+    """
     if version is None:
         return StreamState.empty()
-    tensors, _ = load_tensors(store.version_file(version, STATE_FILE), "stream state")
-    return StreamState.from_tensors(tensors)
+    doc = store.manifest(version)
+    model, stream = doc["model"], doc["stream"]
+    known = states.get(model, stream) if states is not None else None
+    state, pending = StreamState.empty(), []
+    for entry in store.lineage(model, stream, upto=version):  # newest first
+        if known is not None and entry["id"] == known[0]:
+            state = known[1]
+            break
+        if ROWS_FILE not in entry["files"]:
+            state = _stored_sums(store, entry)
+            break
+        pending.append(entry)
+    for entry in reversed(pending):
+        rows = _stored_rows(store, entry)
+        try:
+            state = state.plus(rows, device)
+        except ValueError as err:
+            raise StoreError(f"version {entry['id']}: {err}") from None
+    if states is not None:
+        states.put(model, stream, version, state)
+    return state
+
+
+def _stored_rows(store: Store, manifest: dict) -> EditRows:
+    """A version's own edit rows, checked against its layers (StoreError naming it otherwise)."""
+    version = manifest["id"]
+    path = store.version_file(version, ROWS_FILE)
+    try:
+        tensors, _ = load_tensors(path, "edit rows")
+    except ArtifactError:
+        raise StoreError(f"version {version}: its {ROWS_FILE} is not a rows file") from None
+    try:
+        return EditRows.from_tensors(tensors, manifest.get("layers", []))
+    except ValueError as err:
+        raise StoreError(f"version {version}: its {ROWS_FILE} is unusable: {err}") from None
+
+
+def _stored_sums(store: Store, manifest: dict) -> StreamState:
+    """The whole state a version written before rows existed stores as sums (StoreError naming
+    it when it has none, or not those of its layers)."""
+    version = manifest["id"]
+    if STATE_FILE not in manifest["files"]:
+        raise StoreError(f"version {version} has no stream state ({ROWS_FILE} or {STATE_FILE})")
+    path = store.version_file(version, STATE_FILE)
+    try:
+        tensors, _ = load_tensors(path, "stream state")
+        state = StreamState.from_tensors(tensors)
+    except (ArtifactError, KeyError, IndexError):
+        raise StoreError(f"version {version}: its {STATE_FILE} is not a stream state") from None
+    missing = [n for n in manifest.get("layers", []) if n not in state.S_A or n not in state.S_B]
+    if missing:
+        raise StoreError(f"version {version}: its {STATE_FILE} lacks the sums of {missing}")
+    return state
 
 
 def check_stream_base(store: Store, head: str | None, fingerprint: str, layers: list[str]) -> None:
@@ -156,6 +256,7 @@ def edit_on_stream(
     evaluate: Callable[[nn.Module], dict] | None = None,
     job: str | None = None,
     cache: StreamCurvatureCache | None = None,
+    states: StreamStateCache | None = None,
     settings: EditSettings = DEFAULTS,
     **editor_options,
 ) -> tuple[dict, Delta]:
@@ -173,8 +274,10 @@ def edit_on_stream(
     both land in the version's metrics. `job`, the id of the service job doing the edit, is
     recorded in the manifest, so a job whose worker died after the version was committed can be
     matched with it. `cache`, a worker's `StreamCurvatureCache`, spares a job from a head that an
-    earlier job started from the eigendecompositions of its projectors. Returns the new version's
-    manifest and the delta against its parent.
+    earlier job started from the eigendecompositions of its projectors; `states`, a worker's
+    `StreamStateCache`, spares it from rebuilding the head's stream state along the chain (the
+    new version's state is put there once published). Returns the new version's manifest and the
+    delta against its parent.
     """
     overrides = {k: v for k, v in editor_options.items() if k in OPTION_NAMES}
     runtime = {k: v for k, v in editor_options.items() if k not in OPTION_NAMES}
@@ -187,13 +290,13 @@ def edit_on_stream(
     base_fingerprint = model_fingerprint(model, layers)
     check_stream_base(store, head, base_fingerprint, layers)
 
+    device = next(model.parameters()).device  # the projectors' and their curvature's
     cumulative = read_cumulative(store, head)
-    state = read_state(store, head)
+    state = read_state(store, head, device, states)
     set_weights(model, base, cumulative)
     before = evaluate(model) if evaluate is not None else None
     curvature = None
     if resolve_method(settings.method) != "ft":
-        device = next(model.parameters()).device  # the projectors' and their curvature's
         beta = settings.beta
         if cache is None or head is None:  # from the base: the capability's own memo serves
             curvature = stream_curvature(capability, state, beta, device)
@@ -204,11 +307,13 @@ def edit_on_stream(
     cumulative = accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
     after = evaluate(model) if evaluate is not None else None
-    state = state.plus(edit_set_factors(model, tokenizer, layers, facts, chat=editor.chat))
+    rows = edit_set_factors(model, tokenizer, layers, facts, chat=editor.chat)
+    # the next job's state, added up before publishing: a failure here publishes nothing
+    next_state = state.plus(rows, device) if states is not None else None
 
     stage = store.staging_dir()
     delta.save(stage / DELTA_FILE)
-    save_tensors(stage / STATE_FILE, state.to_tensors(), {"edit_tokens": state.tokens})
+    save_tensors(stage / ROWS_FILE, rows.to_tensors(), {"edit_tokens": rows.tokens})
     report = delta.report
     manifest = {
         "facts": [fact_to_record(f) for f in facts],
@@ -229,14 +334,17 @@ def edit_on_stream(
         "metrics": {
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },
-        "edit_tokens": state.tokens,
+        "edit_tokens": state.tokens + rows.tokens,  # of the stream so far
     }
     if job is not None:
         manifest["job"] = job
     if evaluate is not None:
         manifest["metrics"]["evaluation"] = {"before": before, "after": after}
-    files = {DELTA_FILE: stage / DELTA_FILE, STATE_FILE: stage / STATE_FILE}
-    return store.create_version(model_name, stream, head, files, manifest), delta
+    files = {DELTA_FILE: stage / DELTA_FILE, ROWS_FILE: stage / ROWS_FILE}
+    published = store.create_version(model_name, stream, head, files, manifest)
+    if states is not None:
+        states.put(model_name, stream, published["id"], next_state)
+    return published, delta
 
 
 def materialize(

@@ -18,7 +18,8 @@ Layout::
       versions/<id>/manifest.json            caller's fields + id, model, stream, parent, number,
                                              created_at, files: {name: {sha256, bytes}}
       versions/<id>/delta.safetensors        the change against the parent version
-      versions/<id>/state.safetensors        optional: the stream's editing state after it
+      versions/<id>/rows.safetensors         optional: the edit rows the stream state adds up
+      versions/<id>/state.safetensors        optional, older versions: that state as sums
       tmp/                                   staging, on the same filesystem so renames are atomic
 
 `<key>` is 32 hex digits (a digest of the curvature's key fields), `<model>` and `<stream>` match

@@ -737,7 +737,7 @@ class Store:
     ) -> dict:
         """Create a version on the stream's head and move the head to it; the stored manifest.
 
-        `files` maps names (`delta.safetensors`, required; `state.safetensors`, optional; any
+        `files` maps names (`delta.safetensors`, required; `rows.safetensors`, optional; any
         `NAME.safetensors`) to files the caller wrote, best under `staging_dir()`. `parent` is the
         head the caller built on: when it is not the head any more, Conflict (with `.head`) and
         nothing changes. The store takes the files whatever the outcome (moved in, or deleted),

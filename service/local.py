@@ -51,19 +51,21 @@ def start_redis(port: int, data_dir: Path, persist: bool = False) -> subprocess.
     raise RuntimeError(f"redis-server on port {port} did not answer within 10 s")
 
 
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM `proc`, and SIGKILL it when it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def private_redis(stack: ExitStack, data_dir: Path) -> str:
     """A private redis-server on a free port, stopped when `stack` closes; returns its URL."""
     port = free_port()
     proc = start_redis(port, data_dir)
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-    stack.callback(stop)
+    stack.callback(stop, proc)
     print(f"started a private redis-server (pid {proc.pid}, port {port})")
     return f"redis://127.0.0.1:{port}"
 
@@ -72,16 +74,8 @@ def start(stack: ExitStack, name: str, argv: list[str], env: dict, log: Path) ->
     """Start a subprocess whose output goes to `log`; it is stopped when `stack` closes."""
     out = log.open("w")
     proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        out.close()
-
-    stack.callback(stop)
+    stack.callback(out.close)  # after `stop`: callbacks run last in, first out
+    stack.callback(stop, proc)
     shown = log.relative_to(ROOT) if log.is_relative_to(ROOT) else log
     print(f"started {name} (pid {proc.pid}, log {shown})")
     return proc

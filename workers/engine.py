@@ -21,6 +21,7 @@ from crispedit.models import load_model, parse_layers
 from crispedit.sequential import set_weights
 from crispedit.streams import (
     StreamCurvatureCache,
+    StreamStateCache,
     base_weights,
     cached_curvature,
     edit_on_stream,
@@ -58,6 +59,7 @@ class Engine:
         self.corpus, self.tokens = corpus, tokens
         self._curvature: dict[str, tuple[Curvature, str]] = {}
         self._stream_curvatures = StreamCurvatureCache()  # a job from a known head skips the eigh
+        self._stream_states = StreamStateCache()  # and the next job on a stream its chain's rows
 
     def curvature(self, kind: str) -> tuple[Curvature, str]:
         """The capability curvature of `kind` and its store key: memory, else store, else built."""
@@ -125,7 +127,8 @@ class Engine:
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, parent=parent, curvature_key=key, evaluate=evaluate, job=job_id,
-            cache=self._stream_curvatures, settings=settings, progress=False, on_epoch=on_epoch,
+            cache=self._stream_curvatures, states=self._stream_states, settings=settings,
+            progress=False, on_epoch=on_epoch,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
         return edit_result(manifest, time.perf_counter() - started)

@@ -11,9 +11,20 @@ from crispedit.corpus import pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature
 from crispedit.delta import Delta, DeltaError, apply_delta, revert_delta
 from crispedit.editor import CrispEditor, fact_losses
-from crispedit.models import get_layers, model_fingerprint, parse_layers
+from crispedit.models import (
+    get_layers,
+    is_conv1d,
+    model_fingerprint,
+    parse_layers,
+    trainable_only,
+)
 from crispedit.projector import build_projector
-from crispedit.targets import target_batches, target_loss
+from crispedit.targets import (
+    target_batches,
+    target_loss,
+    target_positions,
+    target_token_losses_at,
+)
 
 FACTS = [
     Fact(prompt="The Eiffel Tower is located in", target="Rome"),
@@ -57,26 +68,73 @@ def test_ft_edit_lands_and_model_equals_base_plus_delta(setup):
 
 
 def test_gradients_are_projected_in_the_weight_layout(setup):
-    """Linear and GPT-2 Conv1D: the gradient the optimizer sees is P(G) of the (d_out, d_in) G."""
+    """Linear and GPT-2 Conv1D: a gradient in the weight's storage layout comes back as P(G) of
+    the (d_out, d_in) G, in that same layout."""
     model, tok, layers, curv = setup
     editor = CrispEditor(model, tok, curv, method="kfac", gamma=0.8, layers=layers, progress=False)
-    expected = {}
     for name, module in get_layers(model, layers).items():
-        module.weight.grad = torch.randn_like(module.weight)
-        G = (
-            module.weight.grad.T
-            if module.weight.grad.shape != editor.projectors[name].M.shape
-            else module.weight.grad
-        )
-        expected[name] = build_projector(curv.layers[name], "kfac", 0.8)(G.clone())
-    editor._project_gradients()
-    for name, module in get_layers(model, layers).items():
-        G = (
-            module.weight.grad.T
-            if module.weight.grad.shape != expected[name].shape
-            else module.weight.grad
-        )
-        torch.testing.assert_close(G, expected[name])
+        grad = torch.randn_like(module.weight)
+        conv1d = grad.shape != editor.projectors[name].M.shape  # stored as (d_in, d_out)
+        expected = build_projector(curv.layers[name], "kfac", 0.8)(grad.T if conv1d else grad)
+        projected = editor._project(name, grad)
+        torch.testing.assert_close(projected.T if conv1d else projected, expected)
+
+
+def reference_edit(model, tok, layers, projectors, facts, epochs, lr, batch_size, seed):
+    """The edit before fp32 masters, written out: Adam on the model's own weights, the gradient
+    projected before each step and the step after it; the full forward, every batch stepped.
+    Returns the state-dict keyed `W_after - W_before`."""
+    modules = get_layers(model, layers)
+    before = {n: m.weight.detach().clone() for n, m in modules.items()}
+
+    def project(name, T):
+        return projectors[name](T.T).T if is_conv1d(modules[name]) else projectors[name](T)
+
+    pairs = [(f.prompt, f.target) for f in facts]
+    order = torch.Generator().manual_seed(seed)
+    params = [m.weight for m in modules.values()]
+    with trainable_only(model, params):
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+        for _ in range(epochs):
+            perm = torch.randperm(len(pairs), generator=order).tolist()
+            for batch in target_batches(tok, [pairs[i] for i in perm], batch_size):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                where = target_positions(batch["labels"])
+                labels = batch["labels"][:, 1:][where]
+                losses, _ = target_token_losses_at(logits.logits[:, :-1][where], labels, where)
+                optimizer.zero_grad(set_to_none=True)
+                losses.mean().backward()
+                with torch.no_grad():
+                    for name, module in modules.items():
+                        module.weight.grad.copy_(project(name, module.weight.grad))
+                    before_step = {n: m.weight.detach().clone() for n, m in modules.items()}
+                    optimizer.step()
+                    for name, module in modules.items():
+                        step = module.weight - before_step[name]
+                        module.weight.copy_(before_step[name] + project(name, step))
+    return {f"{n}.weight": m.weight.detach() - before[n] for n, m in modules.items()}
+
+
+def test_an_fp32_edit_equals_adam_on_the_weights_themselves(setup):
+    """On an fp32 model the fp32 masters change nothing: the editor's delta is bitwise the one of
+    Adam run on the model's weights directly (two batches an epoch, reshuffled by the seed), and
+    the model ends at the base plus that delta."""
+    model, tok, layers, curv = setup
+    base = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
+    options = {"lr": 3e-2, "epochs": 4, "batch_size": 2, "seed": 3}
+    editor = CrispEditor(
+        model, tok, curv, method="kfac", gamma=0.8, layers=layers, fast=False, anchors=0,
+        loss_stop=0.0, progress=False, **options,
+    )  # fmt: skip
+    delta = editor.edit(FACTS)
+    edited = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
+    with torch.no_grad():
+        for name, module in get_layers(model, layers).items():
+            module.weight.copy_(base[name])
+    expected = reference_edit(model, tok, layers, editor.projectors, FACTS, **options)
+    for name in layers:
+        assert torch.equal(delta.tensors[f"{name}.weight"], expected[f"{name}.weight"])
+        assert torch.equal(edited[name], base[name] + expected[f"{name}.weight"])
 
 
 def _leak(delta, editor) -> float:
@@ -212,7 +270,7 @@ def test_clip_reaches_the_projectors_and_the_report(setup):
     plain = CrispEditor(model, tok, curv, layers=layers, **FAST)
     clipped = CrispEditor(model, tok, curv, layers=layers, clip=0.2, **FAST)
     for name in layers:
-        expected = build_projector(curv.layers[name], "kfac", clipped.gamma, clip=0.2)
+        expected = build_projector(curv.layers[name], "kfac", clipped.settings.gamma, clip=0.2)
         assert torch.equal(clipped.projectors[name].M, expected.M)
     assert any(not torch.equal(plain.projectors[n].M, clipped.projectors[n].M) for n in layers)
     assert clipped.edit(FACTS[:1]).meta["clip"] == 0.2

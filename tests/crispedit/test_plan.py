@@ -14,6 +14,7 @@ from crispedit.curvature import collect_curvature
 from crispedit.editor import CrispEditor
 from crispedit.models import parse_layers
 from crispedit.plan import (
+    FACT_TOKENS,
     Workload,
     _backward,
     load_config,
@@ -23,7 +24,7 @@ from crispedit.plan import (
     shipped_configs,
     version_bytes,
 )
-from crispedit.sequential import edit_set_factors, stream_curvature
+from crispedit.sequential import StreamState, edit_set_factors, stream_curvature
 
 FACTS = [
     Fact(prompt="The Eiffel Tower is located in", target="Rome"),
@@ -84,12 +85,12 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     sums = nbytes(t.double() for c in curvature.layers.values() for t in (c.A, c.B))
     assert item(plan, "curvature build", "K-FAC sums") == sums
 
-    steps = []
+    held = {}  # per parameter Adam steps (the editor has one Adam per layer): it and its moments
 
     def record(optimizer, args, kwargs):  # what Adam holds after each step
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        moments = [v for p in params for k, v in optimizer.state[p].items() if k != "step"]
-        steps.append((nbytes(params), nbytes(moments)))
+        for p in (p for g in optimizer.param_groups for p in g["params"]):
+            moments = [v for k, v in optimizer.state[p].items() if k != "step"]
+            held[id(p)] = (nbytes([p]), nbytes(moments))
 
     hook = register_optimizer_step_post_hook(record)
     try:
@@ -102,13 +103,14 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
         t for P in projectors for t in (P.U_A, P.U_B)
     )
     assert item(plan, "steady editing", "projector keep-masks") == nbytes(P.M for P in projectors)
-    assert steps, "the edit took no Adam step"
-    masters, moments = steps[0]
+    assert held, "the edit took no Adam step"
+    masters, moments = (sum(sizes) for sizes in zip(*held.values(), strict=True))
     assert item(plan, "steady editing", "fp32 master copies") == masters
     assert item(plan, "steady editing", "Adam exp_avg") == moments
     assert version_bytes(shape, plan.workload)["delta"] == nbytes(delta.tensors.values())
 
-    state = edit_set_factors(model, tok, layers, FACTS)
+    rows = edit_set_factors(model, tok, layers, FACTS)
+    state = StreamState.empty().plus(rows)
     assert item(plan, "stream update", "edit-set sums") == nbytes(
         [*state.S_A.values(), *state.S_B.values()]
     )
@@ -118,9 +120,14 @@ def test_plan_matches_the_live_tensors_of_a_tiny_llama(tiny_tokenizer):
     entry = nbytes(t for c in head.layers.values() for t in (c.A, c.B))
     entry += nbytes(t for P in projectors for t in (P.U_A, P.U_B))
     assert item(plan, "steady editing", "other heads' cached stream curvatures (1)") == entry
-    saved = {k: v for k, v in state.to_tensors().items() if k != "tokens"}
-    assert item(plan, "version write", "state tensors for the file") == nbytes(saved.values())
-    assert version_bytes(shape, plan.workload)["state"] == nbytes(saved.values())
+    # the rows file of FACT_TOKENS-token texts: the live rows' bytes per token, and the count
+    saved = rows.to_tensors()
+    per_token = nbytes(v for k, v in saved.items() if k != "tokens") // rows.tokens
+    stored = plan.workload.facts * FACT_TOKENS * per_token + nbytes([saved["tokens"]])
+    assert item(plan, "version write", "edit rows for the file") == stored
+    assert version_bytes(shape, plan.workload)["state"] == stored
+    sums = nbytes(t.float() for t in [*state.S_A.values(), *state.S_B.values()])
+    assert version_bytes(shape, plan.workload)["state_as_sums"] == sums
 
 
 def test_levers_lower_a_missing_phase_until_it_fits():

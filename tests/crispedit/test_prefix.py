@@ -152,7 +152,9 @@ def test_fast_edit_equals_the_full_edit(arch, tiny_tokenizer):
         model = make_model(arch)
         layers = parse_layers(model, "2-3")
         before, n_hooks = structure(model), hooks(model)
-        editor = CrispEditor(model, tiny_tokenizer, None, "ft", layers=layers, fast=fast, **EDIT)
+        editor = CrispEditor(
+            model, tiny_tokenizer, None, method="ft", layers=layers, fast=fast, **EDIT
+        )
         assert (editor.fast is not None) == fast
         deltas[fast] = editor.edit(FACTS)
         assert structure(model) == before and hooks(model) == n_hooks
@@ -181,7 +183,9 @@ def test_aborted_edit_leaves_the_model_whole(arch, tiny_tokenizer):
     def cancel(progress):
         raise KeyboardInterrupt("cancelled")
 
-    editor = CrispEditor(model, tiny_tokenizer, None, "ft", layers=layers, on_epoch=cancel, **EDIT)
+    editor = CrispEditor(
+        model, tiny_tokenizer, None, method="ft", layers=layers, on_epoch=cancel, **EDIT
+    )
     assert editor.fast is not None and editor.fast.start == 2
     with pytest.raises(KeyboardInterrupt):
         editor.edit(FACTS)
@@ -203,7 +207,7 @@ def test_error_inside_a_fast_step_leaves_the_model_whole(tiny_tokenizer):
     propagates, and the block list and hooks are restored."""
     model = make_model("llama")
     before, n_hooks = structure(model), hooks(model)
-    editor = CrispEditor(model, tiny_tokenizer, None, "ft", layers="2-3", **EDIT)
+    editor = CrispEditor(model, tiny_tokenizer, None, method="ft", layers="2-3", **EDIT)
     sliced = []
     top = model.model.layers[3]
 
@@ -227,12 +231,12 @@ def test_unsupported_architecture_falls_back(tiny_tokenizer):
     model = make_model("gptneo")
     layers = parse_layers(model, "2-3")
     assert FastForward.plan(model, layers) is None
-    editor = CrispEditor(model, tiny_tokenizer, None, "ft", layers=layers, **EDIT)
+    editor = CrispEditor(model, tiny_tokenizer, None, method="ft", layers=layers, **EDIT)
     assert editor.fast is None
     delta = editor.edit(FACTS)
     assert delta.report["loss_curve"][-1] < delta.report["loss_curve"][0]
     other = make_model("gptneo")
-    plain = CrispEditor(other, tiny_tokenizer, None, "ft", layers=layers, fast=False, **EDIT)
+    plain = CrispEditor(other, tiny_tokenizer, None, method="ft", layers=layers, fast=False, **EDIT)
     for name, t in plain.edit(FACTS).tensors.items():
         assert torch.equal(delta.tensors[name], t)
 
@@ -240,7 +244,7 @@ def test_unsupported_architecture_falls_back(tiny_tokenizer):
 def test_training_mode_runs_the_full_model(tiny_tokenizer, monkeypatch):
     """Dropout makes the prefix random: a model in training mode is never cached."""
     model = make_model("llama")
-    editor = CrispEditor(model, tiny_tokenizer, None, "ft", layers="2-3", **EDIT)
+    editor = CrispEditor(model, tiny_tokenizer, None, method="ft", layers="2-3", **EDIT)
     monkeypatch.setattr(editor.fast, "prefix_states", lambda *a: pytest.fail("cached"))
     monkeypatch.setattr(editor.fast, "token_losses", lambda *a: pytest.fail("fast step"))
     model.train()

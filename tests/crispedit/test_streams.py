@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import make_tiny
+from devices import accelerator
 
 from contract.facts import Fact
-from crispedit.curvature import plan_curvature
+from contract.names import DELTA_FILE, ROWS_FILE, STATE_FILE
+from crispedit.artifacts import load_tensors, save_tensors
+from crispedit.corpus import pad_batches
+from crispedit.curvature import collect_curvature, plan_curvature
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, model_fingerprint, parse_layers
 from crispedit.projector import build_projector
-from crispedit.sequential import StreamState, stream_curvature
+from crispedit.sequential import (
+    EDIT_BATCH,
+    EditRows,
+    StreamState,
+    edit_set_factors,
+    stream_curvature,
+)
 from crispedit.streams import (
-    STATE_FILE,
+    StreamStateCache,
     base_weights,
     cached_curvature,
     edit_on_stream,
     materialize,
     read_state,
 )
+from crispedit.targets import encode_pair
 from curvature_store import Conflict, Store, StoreError
 
 BATCHES = [
@@ -121,7 +134,10 @@ def test_state_accumulates_and_protects_earlier_edits(setup):
     assert kept_stream != kept
     # β = 0 ignores the stream state
     assert stream_curvature(curvature, s2, beta=0.0) is curvature
-    assert StreamState.from_tensors(s2.to_tensors()).tokens == s2.tokens
+    # each version stores its own edits' rows, not the stream's sums
+    rows, _ = load_tensors(store.version_file(second["id"], ROWS_FILE), "rows")
+    assert EditRows.from_tensors(rows, layers).tokens == s2.tokens - s1.tokens
+    assert STATE_FILE not in second["files"]
 
 
 def test_wrong_parent_is_a_conflict_and_publishes_nothing(setup):
@@ -169,7 +185,7 @@ def test_ft_on_a_stream_needs_no_curvature(setup):
         store, "tiny", "ft", model, tok, base, None, BATCHES[0], method="ft", **FAST
     )
     assert manifest["gamma"] is None and manifest["stream"] == "ft"
-    assert store.version_file(manifest["id"], STATE_FILE).is_file()
+    assert store.version_file(manifest["id"], ROWS_FILE).is_file()
 
 
 def test_ekfac_on_a_stream_moves_to_the_streams_eigenbases(setup):
@@ -204,3 +220,219 @@ def test_ekfac_on_a_stream_moves_to_the_streams_eigenbases(setup):
         scale = expected.abs().max()
         torch.testing.assert_close(p.ekfac.double(), expected, rtol=1e-4, atol=1e-6 * scale)
         assert p.ekfac.sum() > c.ekfac.sum()  # the edits' curvature is added, none taken away
+
+
+# --- the stream state as each version's own rows ---------------------------------------------
+
+
+def old_layout_sums(store: Store, version: str, tok, layers: list[str]) -> StreamState:
+    """The sums a version stored before rows: for every version of its chain, collect_curvature's
+    n·A and n·B of its facts' texts on its own weights, added in chain order, kept in fp32."""
+    doc = store.manifest(version)
+    S_A, S_B, tokens = {}, {}, 0
+    for entry in reversed(store.lineage(doc["model"], doc["stream"], upto=version)):
+        model = make_tiny("llama")
+        materialize(store, entry["id"], model)
+        texts = [encode_pair(tok, f["prompt"], f["target"])[0] for f in entry["facts"]]
+        c = collect_curvature(
+            model, layers, pad_batches(texts, tok.pad_token_id, EDIT_BATCH), progress=False
+        )
+        for name in layers:
+            A, B = c.layers[name].A.double() * c.tokens, c.layers[name].B.double() * c.tokens
+            S_A[name] = S_A[name] + A if name in S_A else A
+            S_B[name] = S_B[name] + B if name in S_B else B
+        tokens += c.tokens
+    fp32 = lambda sums: {n: t.float().double() for n, t in sums.items()}  # noqa: E731
+    return StreamState(S_A=fp32(S_A), S_B=fp32(S_B), tokens=tokens)
+
+
+def assert_same_sums(ours: StreamState, ref: StreamState, exact: bool = False) -> None:
+    """Equal, bitwise or to fp32 rounding (relative to each sum's largest entry)."""
+    assert ours.tokens == ref.tokens and set(ours.S_A) == set(ref.S_A) == set(ours.S_B)
+    for mine, theirs in ((ours.S_A, ref.S_A), (ours.S_B, ref.S_B)):
+        for name, t in mine.items():
+            assert t.device.type == "cpu" and t.dtype == torch.float64
+            if exact:
+                assert torch.equal(t, theirs[name]), name
+            else:
+                scale = theirs[name].abs().max().item()
+                torch.testing.assert_close(t, theirs[name], rtol=1e-6, atol=1e-6 * scale)
+
+
+def copy_version(store: Store, stream: str, parent: str | None, files: dict, like: str) -> str:
+    """A version of `stream` holding copies of `files` (name -> path), on the base and layers of
+    version `like`; its id."""
+    stage = store.staging_dir()
+    staged = {name: shutil.copy(path, stage / name) for name, path in files.items()}
+    manifest = {k: store.manifest(like)[k] for k in ("layers", "base_fingerprint")}
+    return store.create_version("tiny", stream, parent, staged, manifest)["id"]
+
+
+def legacy_state_file(store: Store, state: StreamState) -> str:
+    """A state.safetensors as versions before rows wrote it: fp32 sums and the token count."""
+    path = store.staging_dir() / STATE_FILE
+    tensors = {"tokens": torch.tensor([state.tokens], dtype=torch.int64)}
+    for name in state.S_A:
+        tensors[f"{name}/S_A"], tensors[f"{name}/S_B"] = (
+            state.S_A[name].float(),
+            state.S_B[name].float(),
+        )
+    save_tensors(path, tensors, {"edit_tokens": state.tokens})
+    return path
+
+
+def test_sums_rebuilt_from_rows_equal_the_sums_the_old_layout_stored(setup):
+    store, _model, tok, layers, _ = setup
+    for facts in BATCHES:
+        manifest, _ = edit(setup, facts)
+        assert set(manifest["files"]) == {DELTA_FILE, ROWS_FILE}
+        state = read_state(store, manifest["id"])
+        assert state.tokens == manifest["edit_tokens"]
+        assert_same_sums(state, old_layout_sums(store, manifest["id"], tok, layers))
+
+
+def test_rollback_then_a_new_version_sums_its_own_chain(setup):
+    store, _model, tok, layers, _ = setup
+    states = StreamStateCache()
+    first, _ = edit(setup, BATCHES[0], states=states)
+    second, _ = edit(setup, BATCHES[1], states=states)
+    assert states.get("tiny", "main")[0] == second["id"]  # the worker's state of its last head
+    store.rollback("tiny", "main", first["id"])
+    third, _ = edit(setup, BATCHES[2], states=states)  # the cached head is off the chain now
+    kept_id, kept = states.get("tiny", "main")
+    assert kept_id == third["id"]
+    rebuilt = read_state(store, third["id"])
+    assert_same_sums(kept, rebuilt, exact=True)
+    assert_same_sums(rebuilt, old_layout_sums(store, third["id"], tok, layers))
+    own, _ = load_tensors(store.version_file(third["id"], ROWS_FILE), "rows")
+    assert rebuilt.tokens == first["edit_tokens"] + EditRows.from_tensors(own, layers).tokens
+
+
+def test_a_worker_adds_only_the_new_versions_rows(setup):
+    store = setup[0]
+    states = StreamStateCache()
+    first, _ = edit(setup, BATCHES[0], states=states)
+    second, _ = edit(setup, BATCHES[1], states=states)
+    expected = read_state(store, second["id"])
+    # break the first version's rows for real: only a rebuild along the chain reads them
+    rows = store.root / "versions" / first["id"] / ROWS_FILE
+    rows.chmod(0o644)
+    rows.write_bytes(b"x" * rows.stat().st_size)
+    with pytest.raises(StoreError, match=first["id"]):
+        read_state(Store(store.root), second["id"])
+    third, _ = edit(setup, BATCHES[2], states=states)
+    assert third["parent"] == second["id"]
+    head_rows, _ = load_tensors(store.version_file(third["id"], ROWS_FILE), "rows")
+    assert_same_sums(
+        states.get("tiny", "main")[1],
+        expected.plus(EditRows.from_tensors(head_rows, setup[3])),
+        exact=True,
+    )
+
+
+def test_the_state_cache_keeps_one_version_per_stream_for_its_last_streams():
+    states = StreamStateCache(size=2)
+    a, b, c = (StreamState.empty() for _ in range(3))
+    states.put("m", "one", "v1", a)
+    states.put("m", "one", "v2", b)  # replaces the stream's entry
+    states.put("m", "two", "v3", c)
+    assert states.get("m", "one") == ("v2", b)  # and makes "one" the last used
+    states.put("m", "three", "v4", a)
+    assert states.get("m", "two") is None and states.get("m", "one") == ("v2", b)
+    with pytest.raises(ValueError, match="at least 1"):
+        StreamStateCache(size=0)
+
+
+def test_a_mixed_chain_starts_again_at_a_full_sums_version(setup):
+    store, _model, _tok, layers, _ = setup
+    versions = [edit(setup, facts)[0]["id"] for facts in BATCHES]
+
+    def files(version: str, state: str) -> dict:
+        return {DELTA_FILE: store.version_file(version), state: store.version_file(version, state)}
+
+    # the same chain with its middle version as an old store wrote it: the sums of its chain
+    legacy = read_state(store, versions[1])
+    old_first = copy_version(store, "mixed", None, files(versions[0], ROWS_FILE), versions[0])
+    middle = copy_version(
+        store,
+        "mixed",
+        old_first,
+        {DELTA_FILE: store.version_file(versions[1]), STATE_FILE: legacy_state_file(store, legacy)},
+        versions[0],
+    )
+    last = copy_version(store, "mixed", middle, files(versions[2], ROWS_FILE), versions[0])
+    # the walk stops at the full sums: what lies before them is never read
+    (store.root / "versions" / old_first / ROWS_FILE).unlink()
+    rows, _ = load_tensors(store.version_file(versions[2], ROWS_FILE), "rows")
+    fp32 = StreamState.from_tensors(load_tensors(store.version_file(middle, STATE_FILE), "s")[0])
+    assert_same_sums(read_state(store, middle), fp32, exact=True)
+    mixed = read_state(store, last)
+    assert_same_sums(mixed, fp32.plus(EditRows.from_tensors(rows, layers)), exact=True)
+    assert_same_sums(mixed, read_state(store, versions[2]))  # fp32 rounding of the middle sums
+    # a chain that starts with an old version
+    old = copy_version(
+        store,
+        "old",
+        None,
+        {DELTA_FILE: store.version_file(versions[0]), STATE_FILE: legacy_state_file(store, legacy)},
+        versions[0],
+    )
+    newer = copy_version(store, "old", old, files(versions[2], ROWS_FILE), versions[0])
+    assert_same_sums(read_state(store, newer), mixed, exact=True)
+
+
+@pytest.mark.parametrize("damage", ("corrupt", "missing", "not rows", "no state"))
+def test_a_bad_rows_file_is_a_store_error_naming_the_version(setup, damage):
+    store, _model, _tok, layers, _ = setup
+    first, _ = edit(setup, BATCHES[0])
+    head = first["id"]
+    path = store.root / "versions" / head / ROWS_FILE
+    if damage == "corrupt":
+        path.chmod(0o644)
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 1
+        path.write_bytes(bytes(data))
+    elif damage == "missing":
+        path.unlink()
+    else:  # a version whose files pass their sha256 but hold no usable state
+        rows, _ = load_tensors(path, "rows")
+        rows.pop(f"{layers[0]}/g")
+        bad = store.staging_dir() / ROWS_FILE
+        save_tensors(bad, rows, {})
+        files = {DELTA_FILE: store.version_file(head)}
+        files.update({ROWS_FILE: bad} if damage == "not rows" else {})
+        head = copy_version(store, "main", head, files, first["id"])
+    listed = [v["id"] for v in store.versions("tiny", "main")]
+    with pytest.raises(StoreError, match=head):
+        edit(setup, BATCHES[1])
+    assert store.head("tiny", "main") == head
+    assert [v["id"] for v in store.versions("tiny", "main")] == listed
+
+
+def test_rows_are_added_on_the_models_device_and_the_sums_stay_on_the_host(setup):
+    store = setup[0]
+    versions = [edit(setup, facts)[0]["id"] for facts in BATCHES[:2]]
+    on_host = read_state(store, versions[1])
+    with accelerator() as device:
+        on_device = read_state(Store(store.root), versions[1], device=device)
+    assert_same_sums(on_device, on_host)  # the CPU checks it: same values, CPU tensors
+
+
+def test_a_bf16_models_rows_are_its_own_values_and_rebuild_the_old_sums(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = make_tiny("llama").to(torch.bfloat16)
+    layers = parse_layers(model, "2-3")
+    rows = edit_set_factors(model, tok, layers, BATCHES[1])
+    assert {t.dtype for t in [*rows.a.values(), *rows.g.values()]} == {torch.bfloat16}
+    stored = EditRows.from_tensors(rows.to_tensors(), layers)
+    # the old layout's sums: collect_curvature's n·A, n·B of the same texts, kept in fp32
+    texts = [encode_pair(tok, f.prompt, f.target)[0] for f in BATCHES[1]]
+    c = collect_curvature(
+        model, layers, pad_batches(texts, tok.pad_token_id, EDIT_BATCH), progress=False
+    )
+    old = StreamState(
+        S_A={n: (c.layers[n].A.double() * c.tokens).float().double() for n in layers},
+        S_B={n: (c.layers[n].B.double() * c.tokens).float().double() for n in layers},
+        tokens=c.tokens,
+    )
+    assert_same_sums(StreamState.empty().plus(stored), old)

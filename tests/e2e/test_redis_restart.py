@@ -6,7 +6,7 @@ submission order.
 
 Without persistence (`--appendonly no`, the tests' shared private Redis) a restart empties the
 queue: queued and running jobs are forgotten while the store keeps every committed version
-(README, Operations).
+(docs/operations.md).
 """
 
 from __future__ import annotations

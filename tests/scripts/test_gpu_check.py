@@ -56,11 +56,6 @@ def test_bfloat16_run_on_the_cpu_goes_the_whole_path(bf16_run):
     assert not failed, failed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bf16 edit leaks 0.3-1.5 % of its delta into the blocked subspace until the editor "
-    "keeps fp32 masters (branch editor-bf16); remove this mark when it lands",
-)
 def test_bfloat16_deltas_stay_in_the_kept_subspace(bf16_run):
     status, result = bf16_run
     failed = [c for c in result["checks"] if not c["ok"]]

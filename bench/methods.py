@@ -1,8 +1,8 @@
-"""Engine figures on this machine: curvature collection and a batch edit, per method.
+"""Method figures on this machine: curvature collection and a batch edit, per method.
 
-    python bench/engine.py --facts 100 --tokens 20000
+    python bench/methods.py --facts 100 --tokens 20000
 
-Prints a markdown table (and writes it to bench/results/engine.md): curvature time, tokens/s and
+Prints a markdown table (and writes it to bench/results/methods.md): curvature time, tokens/s and
 peak RSS; then for each method the efficacy, held-out perplexity change, edit time and peak RSS on
 the same CounterFact facts and seed. Not a test: figures depend on the machine.
 """
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=20_000)
     ap.add_argument("--heldout-tokens", type=int, default=4096)
     ap.add_argument("--methods", default=METHODS, help="method[:gamma],... e.g. ft,kfac:0.8")
-    ap.add_argument("--out", default=str(RESULTS / "engine.md"))
+    ap.add_argument("--out", default=str(RESULTS / "methods.md"))
     args = ap.parse_args()
     methods = []
     for item in args.methods.split(","):
@@ -81,7 +81,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Whole run: {time.perf_counter() - started:.0f} s. Command: `python bench/engine.py "
+        f"Whole run: {time.perf_counter() - started:.0f} s. Command: `python bench/methods.py "
         f"--facts {args.facts} --tokens {args.tokens} --methods {args.methods}`.",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
