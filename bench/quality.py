@@ -71,6 +71,8 @@ class Run:
     loss_stop: float = 0.01  # the editor skips a batch, and stops, below this loss
     stop: str = "batch"  # batch | fact: whose loss is compared with loss_stop (crispedit.editor)
     clip: float = 0.0  # share of each factor's eigenvalues winsorized (crispedit.projector)
+    # prompts wrapped in the chat template (crispedit.targets); off: as every run before it was
+    chat_template: str = "off"
 
     def settings(self) -> EditSettings:
         """The editor settings this run edits with (its layers are given to the editor apart)."""
@@ -238,6 +240,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     from crispedit.models import load_model, parse_layers
     from crispedit.sequential import set_weights
     from crispedit.streams import base_weights, edit_on_stream
+    from crispedit.targets import resolve_chat_template
 
     model, tokenizer = load_model(MODEL)
     layers = parse_layers(model, run.layers)
@@ -245,6 +248,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     curvature, curvature_key = curvature_for(store, model, tokenizer, run)
     facts = records(run)
     settings = run.settings()
+    chat = resolve_chat_template(tokenizer, settings.chat_template)
     started = time.perf_counter()
     chunks = []
     if run.chunk == 0:
@@ -262,9 +266,12 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
                 "edits": i + run.chunk,
                 "seconds": round(time.perf_counter() - t, 1),
                 "chunk_efficacy": teacher_forced_accuracy(
-                    model, tokenizer, [(f.prompt, f.target) for f in facts[i : i + run.chunk]]
+                    model,
+                    tokenizer,
+                    [(f.prompt, f.target) for f in facts[i : i + run.chunk]],
+                    chat=chat,
                 ),
-                "first_chunk_efficacy": teacher_forced_accuracy(model, tokenizer, first),
+                "first_chunk_efficacy": teacher_forced_accuracy(model, tokenizer, first, chat=chat),
             }
             chunks.append(chunk)
             log(f"  chunk {len(chunks)}: {chunk}")
@@ -274,7 +281,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     started = time.perf_counter()
     metrics = evaluate_edit(
         model, tokenizer, facts, edited=edited, triples=retention_triples(run), mmlu=mmlu,
-        generation=generation, progress=True,
+        generation=generation, chat_template=run.chat_template, progress=True,
     )  # fmt: skip
     return {
         "run": asdict(run),

@@ -28,6 +28,7 @@ ALIASES = {"crispedit": "kfac"}  # our default, the best setting of the quality 
 PROJECT_CHOICES = ("gradient", "update")
 STOP_CHOICES = ("batch", "fact")
 PROJECTOR_DTYPES = ("float32", "model")
+CHAT_TEMPLATE_CHOICES = ("auto", "on", "off")
 
 
 class SettingsError(ValueError):
@@ -125,6 +126,15 @@ class EditSettings:
         ge=0.0, lt=1.0, api=True,
     )  # fmt: skip
     beta: float = _option(1.0, "Weight of a stream's earlier edits' curvature.", ge=0.0)
+    # off until its effect is measured on SmolLM2-Instruct (bench/README.md: the run on
+    # CounterFact 0-49 had not finished); auto is the intended default
+    chat_template: str = _option(
+        "off",
+        "Wrap every prompt the edit trains and is measured on in the tokenizer's chat template "
+        "(a user turn, then the assistant's generation prompt, then the target): on, off, or "
+        "auto (on when the tokenizer has a template). The manifest records the resolved on/off.",
+        choices=CHAT_TEMPLATE_CHOICES, api=True,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

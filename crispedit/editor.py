@@ -59,7 +59,13 @@ from crispedit.projector import (
     resolve_method,
     resolve_projector_dtype,
 )
-from crispedit.targets import target_batches, target_positions, target_token_losses_at
+from crispedit.targets import (
+    encode_prompt,
+    resolve_chat_template,
+    target_batches,
+    target_positions,
+    target_token_losses_at,
+)
 
 # The editor's defaults, each written once in contract.settings (with why it was chosen)
 LR, BATCH_SIZE, EPOCHS, SEED = DEFAULTS.lr, DEFAULTS.batch_size, DEFAULTS.epochs, DEFAULTS.seed
@@ -172,6 +178,8 @@ class CrispEditor:
         self.model, self.tokenizer = model, tokenizer
         self.method = resolve_method(self.settings.method)
         self.progress, self.on_epoch = progress, on_epoch
+        # every prompt the edit trains and measures on is wrapped alike (crispedit.targets)
+        self.chat = resolve_chat_template(tokenizer, self.settings.chat_template)
         if self.method != "ft" and curvature is None:
             raise ValueError(
                 f"method {self.settings.method!r} needs curvature (only 'ft' edits without)"
@@ -246,7 +254,7 @@ class CrispEditor:
         owned, ids = [], []
         for prompts in per_fact:
             owned.append(list(range(len(ids), len(ids) + len(prompts))))
-            ids += [self.tokenizer(p)["input_ids"] for p in prompts]
+            ids += [encode_prompt(self.tokenizer, p, chat=self.chat) for p in prompts]
         if not ids:
             return Anchors(owned, ids)
         batches = list(pad_batches(ids, self.tokenizer.pad_token_id, self.settings.batch_size))
@@ -314,13 +322,15 @@ class CrispEditor:
         # on the host: needed only to compute the delta and restore the weights at the end
         before = {n: m.weight.detach().to("cpu", copy=True) for n, m in self.modules.items()}
         base_fingerprint = model_fingerprint(self.model, self.layers)
-        efficacy_before = teacher_forced_accuracy(self.model, self.tokenizer, pairs)
+        efficacy_before = teacher_forced_accuracy(self.model, self.tokenizer, pairs, chat=self.chat)
         device = next(self.model.parameters()).device
         # the dropout of a model in training mode cannot be cached: full forward then
         fast = self.fast if self.fast is not None and not self.model.training else None
         # per fact: the hidden states entering the lowest edited block (frozen, so fixed)
         prefix = (
-            fast.prefix_states(self.tokenizer, pairs, self.settings.batch_size) if fast else None
+            fast.prefix_states(self.tokenizer, pairs, self.settings.batch_size, chat=self.chat)
+            if fast
+            else None
         )
         anchors = self._anchor_targets(facts, fast, device)
         masters = {
@@ -355,7 +365,12 @@ class CrispEditor:
         and reports the epoch, and returns whether the edit has converged (`loss_stop`)."""
         perm = torch.randperm(len(run.pairs), generator=run.order).tolist()
         batches = list(
-            target_batches(self.tokenizer, [run.pairs[i] for i in perm], self.settings.batch_size)
+            target_batches(
+                self.tokenizer,
+                [run.pairs[i] for i in perm],
+                self.settings.batch_size,
+                chat=self.chat,
+            )
         )
         tally = _Tally()
         for b, batch in enumerate(batches):
@@ -502,7 +517,7 @@ class CrispEditor:
             for name, module in self.modules.items():
                 module.weight.copy_(run.before[name])
         add_to_weights(self.model, tensors)
-        efficacy = teacher_forced_accuracy(self.model, self.tokenizer, run.pairs)
+        efficacy = teacher_forced_accuracy(self.model, self.tokenizer, run.pairs, chat=self.chat)
         meta = {
             "base_fingerprint": run.base_fingerprint,
             "edited_fingerprint": model_fingerprint(self.model, self.layers),
@@ -523,6 +538,7 @@ class CrispEditor:
             "loss_stop": self.settings.loss_stop,
             "stop": self.settings.stop,
             "clip": self.settings.clip,
+            "chat_template": "on" if self.chat else "off",
         }
         report = {
             **meta,

@@ -33,11 +33,18 @@ import torch
 from torch import nn
 
 from contract.facts import Fact, load_facts
+from contract.settings import DEFAULTS
 from crispedit.corpus import ASSETS, BATCH_SIZE, pad_batches, read_documents, token_sequences
 from crispedit.curvature import valid_label_mask
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers
-from crispedit.targets import IGNORE, target_batches, target_hits
+from crispedit.targets import (
+    IGNORE,
+    prompt_text,
+    resolve_chat_template,
+    target_batches,
+    target_hits,
+)
 
 EVAL_BATCH = 32  # prompt/target pairs per teacher-forced batch
 EVAL_TOKENS = 8192  # held-out tokens for perplexity and KL
@@ -108,14 +115,20 @@ def _both(model: nn.Module, edited: Mapping[str, torch.Tensor] | None, measure: 
 
 @torch.no_grad()
 def teacher_forced_accuracy(
-    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = EVAL_BATCH
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = EVAL_BATCH,
+    *,
+    chat: bool = False,
 ) -> float:
-    """Fraction of (prompt, target) pairs whose whole target is the greedy prediction."""
+    """Fraction of (prompt, target) pairs whose whole target is the greedy prediction; `chat`:
+    the prompts wrapped in the chat template (crispedit.targets)."""
     if not pairs:
         return float("nan")
     device = next(model.parameters()).device
     hits = 0
-    for batch in target_batches(tokenizer, pairs, batch_size):
+    for batch in target_batches(tokenizer, pairs, batch_size, chat=chat):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         hits += int(target_hits(logits, batch["labels"]).sum())
@@ -129,17 +142,20 @@ def locality(
     neighbors: Sequence[tuple[str, str]],
     edited: Mapping[str, torch.Tensor] | None,
     batch_size: int = EVAL_BATCH,
+    *,
+    chat: bool = False,
 ) -> dict:
     """How much of the model's behaviour on unrelated (prompt, answer) pairs an edit kept.
 
-    Each pair is teacher-forced as `prompt + " " + answer`; at every answer position the edited
+    Each pair is teacher-forced as `prompt + " " + answer` (with `chat`, the prompt wrapped in
+    the chat template); at every answer position the edited
     model's argmax is compared with the base model's. `token_agreement` is the mean over pairs of
     the fraction of unchanged positions (EasyEdit), `unchanged` the fraction of pairs with every
     position unchanged; both are None when there are no pairs.
     """
     device = next(model.parameters()).device
     agreement, unchanged = [], []
-    for batch in target_batches(tokenizer, neighbors, batch_size):
+    for batch in target_batches(tokenizer, neighbors, batch_size, chat=chat):
         batch = {k: v.to(device) for k, v in batch.items()}
         counted = batch["labels"][:, 1:] != IGNORE
 
@@ -204,16 +220,19 @@ def fact_retention(
     tokenizer,
     triples: Sequence[tuple[str, str, str]],
     batch_size: int = EVAL_BATCH,
+    *,
+    chat: bool = False,
 ) -> float:
     """Fraction of (prompt, true, false) triples where the model's mean per-token log-probability
     of the true object given the prompt (teacher-forced) exceeds that of the false one, as ROME's
-    CounterFact evaluation scores known facts. NaN for no triples."""
+    CounterFact evaluation scores known facts (`chat`: the prompts wrapped in the chat
+    template). NaN for no triples."""
     if not triples:
         return float("nan")
     device = next(model.parameters()).device
     pairs = [pair for p, true, false in triples for pair in ((p, true), (p, false))]
     scores = []
-    for batch in target_batches(tokenizer, pairs, batch_size):
+    for batch in target_batches(tokenizer, pairs, batch_size, chat=chat):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         scores += _mean_target_logprob(logits, batch["labels"]).tolist()
@@ -258,11 +277,13 @@ def generate_answers(
     prompts: Sequence[str],
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = GEN_BATCH,
+    *,
+    chat: bool = False,
 ) -> list[str]:
     """The model's greedy answer to each prompt: the generated text up to (not including) the
     first ".", newline or EOS after any leading whitespace, stripped. Prompts are batched with left
     padding (the tokenizer's padding side is restored afterwards) and a row stops generating once
-    its answer has ended."""
+    its answer has ended. `chat`: each prompt is asked as a user turn of the chat template."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -272,7 +293,9 @@ def generate_answers(
     tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
     try:
         for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True)
+            texts = [prompt_text(tokenizer, p, chat=chat) for p in prompts[i : i + batch_size]]
+            # a templated text holds its own special tokens (crispedit.targets.encode_prompt)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
             batch = {k: v.to(device) for k, v in batch.items()}
             start = batch["input_ids"].shape[1]
             out = model.generate(
@@ -298,14 +321,17 @@ def generation_accuracy(
     qa: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = GEN_BATCH,
+    *,
+    chat: bool = False,
 ) -> float:
     """Fraction of (prompt, target) pairs whose greedy answer equals the target after
     `normalize_answer` (exact match, as in "The Mirage of Model Editing"). With `qa`, each prompt
-    is asked inside QA_TEMPLATE instead of as is. NaN for no pairs."""
+    is asked inside QA_TEMPLATE instead of as is; with `chat`, that prompt is the user turn of
+    the chat template. NaN for no pairs."""
     if not pairs:
         return float("nan")
     prompts = [QA_TEMPLATE.format(prompt=p) if qa else p for p, _ in pairs]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, chat=chat)
     hits = sum(
         normalize_answer(a) == normalize_answer(t) for a, (_, t) in zip(answers, pairs, strict=True)
     )
@@ -503,13 +529,18 @@ def _rewrite_scores(
     pairs: list[tuple[str, str]],
     edited: Mapping[str, torch.Tensor] | None,
     generation: bool,
+    chat: bool,
 ) -> dict:
     """Teacher-forced and generated (plain and QA) accuracy on pairs, base and edited."""
 
     def scores() -> dict:
-        out = {"teacher_forced": teacher_forced_accuracy(model, tokenizer, pairs)}
+        out = {"teacher_forced": teacher_forced_accuracy(model, tokenizer, pairs, chat=chat)}
         for key, qa in (("generation", False), ("generation_qa", True)):
-            out[key] = generation_accuracy(model, tokenizer, pairs, qa=qa) if generation else None
+            out[key] = (
+                generation_accuracy(model, tokenizer, pairs, qa=qa, chat=chat)
+                if generation
+                else None
+            )
         return {k: _number(v) for k, v in out.items()}
 
     base, after = _both(model, edited, scores)
@@ -528,6 +559,7 @@ def evaluate_edit(
     triples: Sequence[tuple[str, str, str]] | None = None,
     mmlu: int | None = None,
     generation: bool = True,
+    chat_template: str = DEFAULTS.chat_template,
     progress: bool = False,
 ) -> dict:
     """Evaluate an edit of `facts`: the model holds the BASE weights, the edit is `delta`
@@ -537,13 +569,16 @@ def evaluate_edit(
     perplexity and KL over `tokens` tokens, known-fact retention on `retention` non-edited
     CounterFact records or on the given `triples`, MMLU accuracy on `mmlu` questions, default all
     bundled). Every metric carries its sample count n; a metric over nothing (0 to skip it) is
-    null. `generation=False` skips the generated answers. The model's weights are unchanged on
-    return; `progress` prints one line per phase on stderr."""
+    null. `generation=False` skips the generated answers. `chat_template` (auto, on, off: the edit
+    option) wraps every prompt of the facts and of the retention set in the tokenizer's chat
+    template, as the edit was trained; held-out text and MMLU's few-shot prompts stay plain. The
+    model's weights are unchanged on return; `progress` prints one line per phase on stderr."""
     if delta is not None and edited is not None:
         raise ValueError("give the edit as delta or as edited weights, not both")
     for name, value in (("tokens", tokens), ("retention", retention), ("mmlu", mmlu)):
         if value is not None and value < 0:
             raise ValueError(f"{name} must not be negative, got {value}")
+    chat = resolve_chat_template(tokenizer, chat_template)
     if delta is not None:
         edited = edited_weights(model, delta)
     pairs = [(f.prompt, f.target) for f in facts]
@@ -551,11 +586,11 @@ def evaluate_edit(
     neighbors = [(n.prompt, n.target) for f in facts for n in f.neighbors]
 
     with _phase(f"efficacy on {len(pairs)} prompts", progress):
-        efficacy = _rewrite_scores(model, tokenizer, pairs, edited, generation)
+        efficacy = _rewrite_scores(model, tokenizer, pairs, edited, generation, chat)
     with _phase(f"generalization on {len(paraphrases)} paraphrases", progress):
-        generalization = _rewrite_scores(model, tokenizer, paraphrases, edited, generation)
+        generalization = _rewrite_scores(model, tokenizer, paraphrases, edited, generation, chat)
     with _phase(f"locality on {len(neighbors)} neighbours", progress):
-        local = locality(model, tokenizer, neighbors, edited)
+        local = locality(model, tokenizer, neighbors, edited, chat=chat)
     with _phase(f"perplexity and KL on {tokens} held-out tokens", progress):
         documents = read_documents(HELDOUT) if tokens else []
         capability = heldout_drift(model, tokenizer, edited, documents, tokens)
@@ -563,7 +598,9 @@ def evaluate_edit(
         triples = retention_triples(facts, retention) if retention else []
     triples = list(triples)[:retention]
     with _phase(f"known-fact retention on {len(triples)} facts", progress):
-        base, after = _both(model, edited, lambda: fact_retention(model, tokenizer, triples))
+        base, after = _both(
+            model, edited, lambda: fact_retention(model, tokenizer, triples, chat=chat)
+        )
     capability["fact_retention"] = {
         "n": len(triples),
         "base": _number(base),

@@ -128,11 +128,12 @@ class FastForward:
 
     @torch.no_grad()
     def prefix_states(
-        self, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int
+        self, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, *, chat: bool = False
     ) -> list[torch.Tensor] | None:
         """Per pair: the hidden states (n_tokens, d_model) entering block `start`, or None when
-        the prefix is not cached. Built with the batches, padding and positions of the steps."""
-        return self.states_of(target_batches(tokenizer, pairs, batch_size))
+        the prefix is not cached. Built with the batches, padding and positions of the steps
+        (`chat`: the prompts wrapped in the chat template, as the steps wrap them)."""
+        return self.states_of(target_batches(tokenizer, pairs, batch_size, chat=chat))
 
     @torch.no_grad()
     def states_of(self, batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor] | None:

@@ -163,11 +163,12 @@ def _gram(X: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
 
 
 def edit_set_factors(
-    model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact]
+    model: nn.Module, tokenizer, layers: list[str], facts: Sequence[Fact], *, chat: bool = False
 ) -> EditRows:
-    """The K-FAC factor rows of the `prompt target` texts of `facts` on the model as it is now,
-    in its dtype, on the CPU (where a stream's state is stored, whatever the model's device)."""
-    sequences = [encode_pair(tokenizer, f.prompt, f.target)[0] for f in facts]
+    """The K-FAC factor rows of the `prompt target` texts of `facts` (`chat`: the prompts wrapped
+    in the chat template, as the edit was) on the model as it is now, in its dtype, on the CPU
+    (where a stream's state is stored, whatever the model's device)."""
+    sequences = [encode_pair(tokenizer, f.prompt, f.target, chat=chat)[0] for f in facts]
     rows = collect_rows(model, layers, pad_batches(sequences, tokenizer.pad_token_id, EDIT_BATCH))
     tokens = len(next(iter(rows.values()))[0])
     return EditRows(

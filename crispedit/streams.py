@@ -290,7 +290,8 @@ def edit_on_stream(
     The edit runs with `settings`; `method`, `gamma`, `beta` and any option of EditSettings in
     `editor_options` override it (None: keep), and the rest of `editor_options` (`progress`,
     `on_epoch`, `fast`) go to the CrispEditor as they are. The manifest records the settings
-    under "options" (`EditSettings.to_options`, with the stream's layers).
+    under "options" (`EditSettings.to_options`, with the stream's layers and the chat template's
+    resolved on or off).
 
     `base` holds the unedited weights of the edited layers (`base_weights`). `parent`, when
     given, is the head the caller expects (`None` = the base): anything else raises `Conflict`
@@ -322,11 +323,12 @@ def edit_on_stream(
     curvature = _projection_curvature(capability, state, head, settings, device, cache)
     editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings, **runtime)
     delta = editor.edit(facts)
+    chat = editor.chat  # the edit set is measured on the prompts as the edit wrapped them
     del editor, curvature  # the projectors' copies on the device: not needed past the edit
     cumulative = accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
     after = evaluate(model) if evaluate is not None else None
-    rows = edit_set_factors(model, tokenizer, layers, facts)
+    rows = edit_set_factors(model, tokenizer, layers, facts, chat=chat)
     # the next job's state, added up before publishing: a failure here publishes nothing
     next_state = state.plus(rows, device) if states is not None else None
 
@@ -375,7 +377,12 @@ def _manifest(
         "gamma": report["gamma"],
         "beta": settings.beta,
         "layers": layers,
-        "options": {**settings.to_options(), "layers": layers},
+        # the chat template as resolved for this tokenizer, so a rerun wraps its prompts alike
+        "options": {
+            **settings.to_options(),
+            "layers": layers,
+            "chat_template": report["chat_template"],
+        },
         "metrics": {
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },

@@ -120,17 +120,18 @@ class Engine:
     def set_weights_to_base(self) -> None:
         set_weights(self.model, self.base, {})
 
-    def evaluate(self, model, facts: list[Fact]) -> dict:
+    def evaluate(self, model, facts: list[Fact], chat_template: str) -> dict:
         """The model as it is now (a stream head) against the base, on the job's facts: the
         cheap metrics of `crispedit.evaluate.evaluate_edit` (teacher-forced efficacy,
         generalization and locality, held-out perplexity and KL over 2k tokens, known-fact
-        retention), plus `heldout_ppl`, the current model's held-out perplexity."""
+        retention), plus `heldout_ppl`, the current model's held-out perplexity. The prompts are
+        wrapped in the chat template as the job's edit wraps them (`chat_template`)."""
         current = {f"{name}.weight": w for name, w in base_weights(model, self.layers).items()}
         base = {f"{name}.weight": w for name, w in self.base.items()}
         with swapped_weights(model, base):  # evaluate_edit wants the base in the model
             metrics = evaluate_edit(
                 model, self.tokenizer, facts, edited=current, tokens=EVAL_TOKENS,
-                retention=EVAL_RETENTION, mmlu=0, generation=False,
+                retention=EVAL_RETENTION, mmlu=0, generation=False, chat_template=chat_template,
             )  # fmt: skip
         return {"heldout_ppl": metrics["capability"]["ppl_edited"], **metrics}
 
@@ -166,7 +167,8 @@ class Engine:
                 raise JobCancelled("cancelled by request; no version was published")
             report({"phase": "edit", "facts_total": len(facts), **info})
 
-        evaluate = (lambda model: self.evaluate(model, facts)) if measure else None
+        chat_template = settings.chat_template
+        evaluate = (lambda model: self.evaluate(model, facts, chat_template)) if measure else None
         parent = request.get("parent_version") if request.get("check_parent") else ...
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,

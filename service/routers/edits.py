@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_to_record
 from contract.jobs import edit_payload
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
-from contract.settings import DEFAULTS, EditSettings, SettingsError, option_rules
+from contract.settings import (
+    CHAT_TEMPLATE_CHOICES,
+    DEFAULTS,
+    EditSettings,
+    SettingsError,
+    option_rules,
+)
 from curvature_store import Store
 from service import idempotency, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
@@ -82,6 +88,7 @@ class EditOptions(BaseModel):
     anchors: int | None = _option("anchors")
     anchor_weight: float | None = _option("anchor_weight")
     clip: float | None = _option("clip")
+    chat_template: Literal[CHAT_TEMPLATE_CHOICES] | None = _option("chat_template")  # type: ignore[valid-type]
     evaluate: bool | None = Field(
         default=None, description="Measure the edit (efficacy, locality, perplexity) before and "
         "after; the results land in the version's metrics.",

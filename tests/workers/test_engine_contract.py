@@ -26,7 +26,10 @@ def test_a_job_runs_with_its_options_and_the_version_records_them(engine):
     assert set(result) == set(EditResult.__annotations__)
     manifest = engine.store.manifest(result["version"])
     recorded = EditSettings.from_options(manifest["options"])
-    assert recorded == EditSettings(method="ft", epochs=2, lr=0.01, anchors=0, layers=engine.layers)
+    # chat_template as resolved: the tiny tokenizer has no template, so auto was off
+    assert recorded == EditSettings(
+        method="ft", epochs=2, lr=0.01, anchors=0, layers=engine.layers, chat_template="off"
+    )
     assert manifest["facts"][0]["prompt"] == "The Eiffel Tower is located in the country of"
     assert manifest["metrics"]["epochs"] <= 2
 
