@@ -32,7 +32,6 @@ import re
 import secrets
 import signal
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +60,7 @@ from contract.names import HEAD_FILE as HEAD
 from contract.names import MANIFEST_FILE as MANIFEST
 from curvature_store.files import (
     age_s,
+    atomic_write,
     atomic_write_json,
     fsync_dir,
     hash_and_sync,
@@ -978,18 +978,8 @@ class Store:
                     value = json.loads(header.get(META_KEY, "{}")).get(field)
             if value is not None:
                 meta[field] = value
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(out.parent)
+        header = {META_KEY: json.dumps(meta, sort_keys=True)}
+        atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=header))
         return out
 
     # --- whole-store checks and garbage ---
