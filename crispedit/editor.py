@@ -193,7 +193,8 @@ class CrispEditor:
 
     def _build_projectors(self, curvature: Curvature | None, device: torch.device) -> dict:
         """One projector per edited layer (none for `ft`), on the model's device; the bases they
-        rotate in stay memoized by `curvature`, so a worker builds them once per curvature."""
+        rotate in are computed once per curvature (`LayerCurvature.eigen`, kept on the host), so a
+        worker's job copies them rather than decomposing again."""
         if self.method == "ft":
             return {}
         missing = [n for n in self.layers if n not in curvature.layers]
@@ -353,9 +354,8 @@ class CrispEditor:
             before=before,
             masters=masters,
             optimizers=optimizers,
-            order=torch.Generator().manual_seed(
-                self.settings.seed
-            ),  # facts are reshuffled every epoch
+            # facts are reshuffled every epoch
+            order=torch.Generator().manual_seed(self.settings.seed),
             base_fingerprint=base_fingerprint,
             efficacy_before=efficacy_before,
         )
