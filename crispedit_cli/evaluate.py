@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from contract.settings import CHAT_TEMPLATE_CHOICES, DEFAULTS
 from crispedit.evaluate import EVAL_TOKENS, RETENTION
 from crispedit_cli.common import CLIError, add_placement_args, load_model_of, placement_record
 
@@ -53,6 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from contract.facts import load_facts
     from crispedit.delta import Delta, check_base
     from crispedit.evaluate import evaluate_edit, retention_triples
+    from crispedit.targets import resolve_chat_template
     from curvature_store import atomic_write_bytes
 
     out = Path(args.json)
@@ -64,16 +66,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     triples = None
     if args.retention_facts:
         triples = retention_triples(facts, args.retention, load_facts(args.retention_facts))
+    # the prompts are measured as the edit trained them: the delta records its resolved choice
+    chat_template = args.chat_template or (delta.meta.get("chat_template") if delta else None)
+    chat_template = chat_template or DEFAULTS.chat_template
     model, tokenizer = load_model_of(args)
     if delta is not None:
         check_base(model, delta, "evaluate")
+    chat = resolve_chat_template(tokenizer, chat_template)
     started = time.perf_counter()
     result = evaluate_edit(
         model, tokenizer, facts, delta.tensors if delta else None, tokens=args.eval_tokens,
         retention=args.retention, triples=triples, mmlu=args.mmlu,
-        generation=not args.no_generation, progress=True,
+        generation=not args.no_generation, chat_template="on" if chat else "off", progress=True,
     )  # fmt: skip
-    result = {**result, **placement_record(args)}
+    result = {**result, "chat_template": "on" if chat else "off", **placement_record(args)}
     atomic_write_bytes(out, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
     print(eval_table(result))
     print(f"{len(facts)} facts evaluated in {time.perf_counter() - started:.1f} s; wrote {out}")
@@ -100,5 +106,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--mmlu", type=int, help="MMLU questions (default: the bundled 200; 0: skip)")
     ev.add_argument("--no-generation", action="store_true", help="skip the generated answers")
+    ev.add_argument(
+        "--chat-template", choices=CHAT_TEMPLATE_CHOICES,
+        help="wrap the prompts in the chat template (default: the delta's recorded choice)",
+    )  # fmt: skip
     add_placement_args(ev)
     ev.set_defaults(func=cmd_eval)

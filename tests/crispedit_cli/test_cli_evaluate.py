@@ -56,7 +56,8 @@ def test_eval_writes_metrics_with_counts(cli, tmp_path, tiny_model_dir, delta_fi
     assert code == 0, err
     result = json.loads(out.read_text())
     groups = ["efficacy", "generalization", "locality", "capability"]
-    assert list(result) == [*groups, "device", "dtype"]
+    assert list(result) == [*groups, "chat_template", "device", "dtype"]
+    assert result["chat_template"] == "off"  # the tiny tokenizer has no template
     auto = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
     assert (result["device"], result["dtype"]) == auto
     for group, n in (("efficacy", 2), ("generalization", 2)):
@@ -177,3 +178,24 @@ def test_json_that_is_a_folder_fails(cli, tmp_path, tiny_model_dir, facts_file):
     assert code == 2
     assert "is a folder" in err and err.count("\n") == 1
     assert list(out.iterdir()) == []
+
+
+def test_eval_measures_the_prompts_as_the_delta_recorded_them(
+    cli, tmp_path, tiny_model_dir, delta_file, facts_file
+):
+    """A delta made with the chat template is evaluated with it (here: refused, since the tiny
+    tokenizer has none, which proves the recorded choice is read); --chat-template overrides."""
+    delta = Delta.load(delta_file)
+    wrapped = Delta(delta.tensors, {**delta.meta, "chat_template": "on"}).save(tmp_path / "on")
+    out = tmp_path / "eval.json"
+    args = ["--model", tiny_model_dir, "--delta", wrapped, "--facts", facts_file, *FAST]
+    code, stdout, err = cli("eval", *args, "--json", out)
+    assert (
+        code == 2
+        and stdout == ""
+        and "chat_template is on, but the tokenizer has no chat template" in err
+    )
+    assert not out.exists()
+    code, _, err = cli("eval", *args, "--chat-template", "off", "--json", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["chat_template"] == "off"
