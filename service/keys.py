@@ -46,6 +46,20 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def _problem(err: ValidationError | ValueError) -> str:
+    """A validation error as one line: each problem's field path (sha256 keys shortened to the
+    key id) and message."""
+    if not isinstance(err, ValidationError):
+        return str(err).splitlines()[0]
+    problems = []
+    for error in err.errors():
+        where = ".".join(
+            str(p)[:KEY_ID_CHARS] if len(str(p)) == 64 else str(p) for p in error["loc"]
+        )
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(problems)
+
+
 def read_keys_file(path: Path) -> dict[str, ApiKey]:
     """The keys of the file (sha256 -> ApiKey, ids set); {} when it does not exist;
     KeysFileError naming the problem when it is not valid."""
@@ -58,7 +72,7 @@ def read_keys_file(path: Path) -> dict[str, ApiKey]:
     try:
         return identified_keys(_KEYS.validate_json(raw))
     except (ValidationError, ValueError) as err:
-        raise KeysFileError(f"{path} is not a valid keys file: {err}") from None
+        raise KeysFileError(f"{path} is not a valid keys file: {_problem(err)}") from None
 
 
 def _raw_entries(path: Path) -> dict[str, dict]:
@@ -117,7 +131,7 @@ def add_key(
         try:
             checked = identified_keys(_KEYS.validate_python(entries))
         except (ValidationError, ValueError) as err:
-            raise KeysFileError(f"not a valid key: {err}") from None
+            raise KeysFileError(f"not a valid key: {_problem(err)}") from None
         atomic_write_json(path, entries)
     return key, checked[hash_key(key)]
 
