@@ -60,6 +60,14 @@ def _problem(err: ValidationError | ValueError) -> str:
     return "; ".join(problems)
 
 
+def new_key() -> str:
+    """A fresh random key (256 bits, URL-safe), never starting with "-" so that it can follow a
+    command-line flag."""
+    while (key := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return key
+
+
 def read_keys_file(path: Path) -> dict[str, ApiKey]:
     """The keys of the file (sha256 -> ApiKey, ids set); {} when it does not exist;
     KeysFileError naming the problem when it is not valid."""
@@ -115,7 +123,7 @@ def add_key(
     models: list[str] | None = None,
 ) -> tuple[str, ApiKey]:
     """Add a fresh random key to the file; (the key, its entry). KeysFileError when invalid."""
-    key = secrets.token_urlsafe(32)
+    key = new_key()
     entry: dict = {"name": name}
     if team is not None:
         entry["team"] = team
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(hash_key(args.key))
         return 0
     if args.command == "new":
-        key = secrets.token_urlsafe(32)
+        key = new_key()
         print(f"key:    {key}\nsha256: {hash_key(key)}")
         return 0
     if args.file is None:

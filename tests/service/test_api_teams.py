@@ -394,7 +394,8 @@ def test_the_cross_team_matrix_through_the_cli(keys_file, redis, tmp_path, capsy
                 (KEY_A_READ, name != "submit"),
                 (KEY_A, True),
             ):
-                code = cli([args[0], "--api", url, "--key", key, *args[1:]])
+                # --key=KEY: a key may start with "-" (token_urlsafe)
+                code = cli([args[0], "--api", url, f"--key={key}", *args[1:]])
                 captured = capsys.readouterr()
                 if allowed:
                     assert code == 0, (name, key, captured.err)
