@@ -101,13 +101,22 @@ def _job_for(
     return job
 
 
+def _shown(view: dict, key: ApiKey) -> dict:
+    """The job view as `key` may see it: a curvature build is the model's, seen by every team
+    with a grant on it, but who asked for it only by that team."""
+    if (view.get("submitted_by") or {}).get("team") != key.team:
+        view["submitted_by"] = None
+    return view
+
+
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=responses(400, 404))
 def get_job(
     job_id: str, key: KeyDep, redis: RedisDep, store: MaybeStoreDep, settings: SettingsDep
 ) -> dict:
     """A job's status, queue position, progress, timings, who submitted it, and its version and
     metrics or error."""
-    return jobqueue.job_view(redis, _job_for(redis, settings, store, key, job_id, "read"), store)
+    job = _job_for(redis, settings, store, key, job_id, "read")
+    return _shown(jobqueue.job_view(redis, job, store), key)
 
 
 @router.post(
@@ -133,7 +142,7 @@ def cancel_job(
     if not jobqueue.cancel(redis, job):
         response.status_code = 202
     job.refresh()
-    return jobqueue.job_view(redis, job)
+    return _shown(jobqueue.job_view(redis, job), key)
 
 
 def _sse(event: str, data: object, event_id: int | None = None) -> str:
@@ -165,7 +174,7 @@ async def job_events(
 
     def view() -> dict | None:
         job = jobqueue.fetch(redis, job_id)
-        return None if job is None else jobqueue.job_view(redis, job, store)
+        return None if job is None else _shown(jobqueue.job_view(redis, job, store), key)
 
     async def stream() -> AsyncIterator[str]:
         started = last_sent = time.monotonic()

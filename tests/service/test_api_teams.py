@@ -28,6 +28,7 @@ from api_helpers import (
 )
 from fastapi.testclient import TestClient
 
+from contract.jobs import curvature_index_key
 from service.config import Settings
 from service.keys import add_key, hash_key, revoke_key
 from service.main import create_app
@@ -410,3 +411,14 @@ def test_the_cross_team_matrix_through_the_cli(keys_file, redis, tmp_path, capsy
         shown = capsys.readouterr().out
         assert "owned by team-a" in shown and scene.version in shown
         assert f"team-a (key {hash_key(KEY_A)[:12]})" in shown
+
+
+def test_a_curvature_build_is_seen_by_every_team_but_not_who_asked(client, redis):
+    redis.delete(curvature_index_key("tiny"))  # not built: the request starts a job
+    job = client.post("/v1/curvature", json={"model": "tiny"}, headers=bearer(KEY_A)).json()
+    mine = client.get(f"/v1/jobs/{job['job_id']}", headers=bearer(KEY_A)).json()
+    theirs = client.get(f"/v1/jobs/{job['job_id']}", headers=bearer(KEY_B)).json()
+    assert mine["submitted_by"] == {"team": "team-a", "key_id": hash_key(KEY_A)[:12]}
+    assert theirs["submitted_by"] is None and theirs["status"] == mine["status"]
+    cancel = client.post(f"/v1/jobs/{job['job_id']}/cancel", headers=bearer(KEY_A_READ))
+    assert cancel.status_code == 404  # cancelling a build needs admin
