@@ -83,6 +83,11 @@ class KeyRing:
                 log.error("API keys not reloaded, keeping the previous ones: %s", err)
         return self._keys
 
+    def holds(self, key: ApiKey) -> bool:
+        """Whether `key` (by its id) is still accepted: a long request (an event stream) asks
+        this as it goes, so that a revocation ends it too."""
+        return any(k.id == key.id for k in self.keys().values())
+
 
 _RINGS: weakref.WeakSet[KeyRing] = weakref.WeakSet()
 

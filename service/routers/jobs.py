@@ -168,7 +168,8 @@ async def job_events(
 ) -> StreamingResponse:
     """Server-sent events: a `status` event (the job view, as GET /v1/jobs/{id}) whenever it
     changes, then `end` after a terminal status. The stream also ends after
-    CRISPEDIT_SSE_MAX_S seconds (`timeout` event); comments keep idle connections open."""
+    CRISPEDIT_SSE_MAX_S seconds (`timeout` event), or with an `error` event when the key is
+    revoked meanwhile; comments keep idle connections open."""
     # errors before the stream starts
     await run_in_threadpool(_job_for, redis, settings, store, key, job_id, "read")
 
@@ -181,6 +182,9 @@ async def job_events(
         previous = None
         count = 0
         while True:
+            if not request.app.state.keys.holds(key):  # revoked since the stream began
+                yield _sse("error", {"code": "unauthorized", "message": "the API key is revoked"})
+                return
             try:
                 current = await run_in_threadpool(view)
             except RedisError:

@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import signal
+import time
 
 import pytest
-from api_helpers import AUTH, bearer
+from api_helpers import AUTH, bearer, edit_body
 from fastapi.testclient import TestClient
 
 from service.keys import KeysFileError, hash_key, main, read_keys_file
@@ -125,3 +126,18 @@ def test_requests_without_a_valid_key_are_limited_per_address(settings):
         assert bad_body.status_code == 429
         assert client.get("/v1/models", headers=AUTH).status_code == 200  # a valid key still works
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_revoked_key_ends_its_event_streams(settings, keys_path, capsys):
+    settings.sse_max_s = 30.0
+    key = added_key(capsys, "ci", "--file", str(keys_path), "--grant", "*:*:admin")
+    with TestClient(create_app(settings)) as client:
+        job = client.post("/v1/edits", json=edit_body(), headers=bearer(key)).json()["job_id"]
+        started = time.monotonic()
+        with client.stream("GET", f"/v1/jobs/{job}/events", headers=bearer(key)) as events:
+            lines = events.iter_lines()
+            assert next(lines) == "id: 1" and next(lines) == "event: status"
+            assert main(["revoke", "ci", "--file", str(keys_path)]) == 0
+            rest = list(lines)
+        assert "event: error" in rest and any('"code":"unauthorized"' in line for line in rest)
+        assert time.monotonic() - started < 10  # not the 30 s the stream may last
