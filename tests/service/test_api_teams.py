@@ -422,3 +422,29 @@ def test_a_curvature_build_is_seen_by_every_team_but_not_who_asked(client, redis
     assert theirs["submitted_by"] is None and theirs["status"] == mine["status"]
     cancel = client.post(f"/v1/jobs/{job['job_id']}/cancel", headers=bearer(KEY_A_READ))
     assert cancel.status_code == 404  # cancelling a build needs admin
+
+
+def test_may_reads_grants_in_order_with_their_owners():
+    from service.access import may, role_of
+    from service.config import ApiKey
+
+    key = ApiKey(
+        name="ops",
+        team="ops",
+        grants=[
+            {"model": "tiny", "stream": "prod-*", "role": "read", "owners": "*"},
+            {"model": "tiny", "stream": "*", "role": "edit", "owners": ["team-a"]},
+            {"model": "t*", "stream": "*", "role": "admin"},
+        ],
+    )
+    assert role_of(key, "tiny", "prod-eu", "team-b") == "read"  # the first match decides
+    assert may(key, "read", "tiny", "prod-eu", "team-b")
+    assert not may(key, "edit", "tiny", "prod-eu", "ops")
+    assert role_of(key, "tiny", "dev", "team-a") == "edit"
+    assert role_of(key, "tiny", "dev", "team-b") is None  # no grant covers team-b's dev
+    assert role_of(key, "tiny", "dev", "ops") == "admin"  # its own team's
+    assert role_of(key, "tiny", "dev", None) == "admin"  # nobody's yet: as its own
+    assert role_of(key, "other", "dev", "ops") is None
+    assert role_of(key, "tiny") == "admin" and role_of(key, "titan") == "admin"  # model-wide
+    with pytest.raises(ValueError, match="unknown role"):
+        may(key, "owner", "tiny")
