@@ -104,6 +104,7 @@ class EditPayload(TypedDict):
     options: dict[str, Any]
     submitted_at: str
     key_name: str
+    actor: dict | None  # who submitted it: {"team", "key_id"}, recorded in manifest and log
 
 
 class EditResult(TypedDict):
@@ -126,6 +127,7 @@ class CurvaturePayload(TypedDict):
     corpus: str | None
     submitted_at: str
     key_name: str
+    actor: dict | None
 
 
 class CurvatureResult(TypedDict):
@@ -153,11 +155,13 @@ def edit_payload(
     check_parent: bool,
     options: dict[str, Any],
     key_name: str,
+    actor: dict | None = None,
 ) -> EditPayload:
     """The job's argument, stamped with the submission time. `options` must be valid
     (`job_settings` reads them back); `check_parent` says whether the client gave
     `parent_version`: the worker must then check it again when the job runs (an earlier job of
-    the stream may have moved the head meanwhile). Raises SettingsError for bad options."""
+    the stream may have moved the head meanwhile). `actor` says who submitted it (the version's
+    manifest and the stream's log record it). Raises SettingsError for bad options."""
     job_settings(options)
     return EditPayload(
         model=model,
@@ -168,6 +172,7 @@ def edit_payload(
         options=options,
         submitted_at=now_iso(),
         key_name=key_name,
+        actor=actor,
     )
 
 
@@ -192,7 +197,12 @@ def edit_result(manifest: Mapping[str, Any], seconds: float) -> EditResult:
 
 
 def curvature_payload(
-    model: str, kind: str, tokens: int | None, corpus: str | None, key_name: str
+    model: str,
+    kind: str,
+    tokens: int | None,
+    corpus: str | None,
+    key_name: str,
+    actor: dict | None = None,
 ) -> CurvaturePayload:
     """The curvature job's argument, stamped with the submission time; ValueError for an
     unknown kind or a token budget under 2 (no sequence has a next-token label then)."""
@@ -206,4 +216,5 @@ def curvature_payload(
         corpus=corpus,
         submitted_at=now_iso(),
         key_name=key_name,
+        actor=actor,
     )

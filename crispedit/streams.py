@@ -280,6 +280,7 @@ def edit_on_stream(
     curvature_key: str | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
     job: str | None = None,
+    actor: dict | None = None,
     cache: StreamCurvatureCache | None = None,
     states: StreamStateCache | None = None,
     settings: EditSettings = DEFAULTS,
@@ -298,8 +299,9 @@ def edit_on_stream(
     before any work. `evaluate(model)`, when given, is measured at the head and after the edit;
     both land in the version's metrics. `job`, the id of the service job doing the edit, is
     recorded in the manifest, so a job whose worker died after the version was committed can be
-    matched with it. `cache`, a worker's `StreamCurvatureCache`, spares a job from a head that an
-    earlier job started from the eigendecompositions of its projectors; `states`, a worker's
+    matched with it; `actor` (who asked for it, e.g. `{"team", "key_id"}`) goes into the manifest
+    and the stream's log. `cache`, a worker's `StreamCurvatureCache`, spares a job from a head
+    that an earlier job started from the eigendecompositions of its projectors; `states`, a worker's
     `StreamStateCache`, spares it from rebuilding the head's stream state along the chain (the
     new version's state is put there once published). Returns the new version's manifest and the
     delta against its parent.
@@ -343,7 +345,7 @@ def edit_on_stream(
         manifest["job"] = job
     if evaluate is not None:
         manifest["metrics"]["evaluation"] = {"before": before, "after": after}
-    published = _publish(store, model_name, stream, head, delta, rows, manifest)
+    published = _publish(store, model_name, stream, head, delta, rows, manifest, actor)
     if states is not None:
         states.put(model_name, stream, published["id"], next_state)
     return published, delta
@@ -397,14 +399,15 @@ def _publish(
     delta: Delta,
     rows: EditRows,
     manifest: dict,
+    actor: dict | None = None,
 ) -> dict:
     """Stage the delta and the edit rows and create the version on `head` (Conflict, and nothing
-    published, when another writer moved it); the stored manifest."""
+    published, when another writer moved it), made by `actor`; the stored manifest."""
     stage = store.staging_dir()
     delta.save(stage / DELTA_FILE)
     save_tensors(stage / ROWS_FILE, rows.to_tensors(), {"edit_tokens": rows.tokens})
     files = {DELTA_FILE: stage / DELTA_FILE, ROWS_FILE: stage / ROWS_FILE}
-    return store.create_version(model_name, stream, head, files, manifest)
+    return store.create_version(model_name, stream, head, files, manifest, actor=actor)
 
 
 def materialize(

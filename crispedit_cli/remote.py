@@ -1,8 +1,9 @@
-"""The commands that talk to the service: `submit`, `status` and `download` call the REST API,
-`worker` serves its queue.
+"""The commands that talk to the service: `submit`, `status`, `download` and `log` call the REST
+API, `worker` serves its queue.
 
     crispedit submit --model smollm2 --facts facts.json --wait
     crispedit download V --out delta.safetensors
+    crispedit log --model smollm2 --stream main
     crispedit worker --model smollm2 --store /data/store --redis redis://redis:6379/0
 
 This is the one module of the command line that imports `service` and `workers`, and only inside
@@ -97,6 +98,18 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"delta of {args.version} against {args.against} -> {path} (sha256 verified)")
 
 
+def cmd_log(args: argparse.Namespace) -> None:
+    """`crispedit log`: a stream's owner and its head moves, with who made each and when."""
+    with api_client(args) as client:
+        log = client.stream_log(args.model, args.stream)
+    owner = log["owner"]["team"] if log["owner"] else "nobody"
+    print(f"stream {log['model']}/{log['stream']}, owned by {owner}")
+    for entry in log["entries"]:
+        actor = entry["actor"] or {}
+        who = f"{actor['team']} (key {actor['key_id']})" if actor else "unknown"
+        print(f"{entry['at']}  {entry['op']:<8} {entry['version'] or 'base'}  by {who}")
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     """`crispedit worker`: `workers.worker.run_worker` with the model on `--device`/`--dtype`."""
     from workers.worker import run_worker
@@ -143,7 +156,7 @@ def _api_parser(sub: argparse._SubParsersAction, name: str, help_text: str):
 
 
 def add_api_commands(sub: argparse._SubParsersAction) -> None:
-    """`crispedit submit`, `status` and `download`."""
+    """`crispedit submit`, `status`, `download` and `log`."""
     submit = _api_parser(sub, "submit", "post fact edits to the API")
     submit.add_argument("--model", required=True)
     submit.add_argument("--facts", required=True)
@@ -163,3 +176,7 @@ def add_api_commands(sub: argparse._SubParsersAction) -> None:
     download.add_argument("--out", required=True, help="a .safetensors file")
     download.add_argument("--against", choices=["parent", "base"], default="parent")
     download.set_defaults(func=cmd_download)
+    log = _api_parser(sub, "log", "show a stream's head moves: what, when and who")
+    log.add_argument("--model", required=True)
+    log.add_argument("--stream", default="main")
+    log.set_defaults(func=cmd_log)

@@ -71,6 +71,7 @@ from curvature_store.files import (
 
 STORE_FORMAT = 1
 LOG = "log.jsonl"
+OWNER = "OWNER.json"  # the team that owns a stream (written once, by `claim_stream`)
 LOCK = ".lock"
 META_KEY = "crispedit"  # the safetensors metadata key the engine uses for its JSON header
 CUMULATIVE_FORMAT = 1  # format_version of a cumulative delta file (the engine's delta format)
@@ -88,7 +89,7 @@ CURVATURE_FIELDS = (
     "format_version",
 )
 # Manifest keys the store writes itself; a caller's manifest may not set them.
-VERSION_FIELDS = ("id", "model", "stream", "parent", "number", "created_at", "files")
+VERSION_FIELDS = ("id", "model", "stream", "parent", "number", "created_at", "files", "actor")
 
 
 class StoreError(Exception):
@@ -613,8 +614,11 @@ class Store:
             },
         )
 
-    def _move_head(self, sdir: Path, old: dict, version: str | None, count: int, op: str) -> dict:
-        """Rewrite HEAD.json (the commit point), then log the move. Call under the stream's lock."""
+    def _move_head(
+        self, sdir: Path, old: dict, version: str | None, count: int, op: str, actor: dict | None
+    ) -> dict:
+        """Rewrite HEAD.json (the commit point), then log the move (with `actor`, who made it,
+        when known). Call under the stream's lock."""
         info = {"version": version, "count": count, "moves": old["moves"] + 1, "moved_at": _now()}
         atomic_write_json(sdir / HEAD, info)
         if old["moves"] == 0:  # a new stream: make its folders' own entries durable too
@@ -628,6 +632,8 @@ class Store:
             "at": info["moved_at"],
             "moves": info["moves"],
         }
+        if actor is not None:
+            entry["actor"] = actor
         # The move is committed; a failed append is repaired by the next move (_repair_log).
         with contextlib.suppress(OSError):
             self._append_log(sdir, entry)
@@ -726,6 +732,38 @@ class Store:
         """Whether any version was ever created on the stream."""
         return (self._stream_dir(model, stream) / HEAD).exists()
 
+    def stream_owner(self, model: str, stream: str) -> dict | None:
+        """The stream's owner record (`{"team", ...}` as `claim_stream` wrote it), or None."""
+        path = self._stream_dir(model, stream) / OWNER
+        try:
+            doc = self._read_json(path, "stream owner")
+        except FileNotFoundError:
+            return None
+        if not isinstance(doc.get("team"), str):
+            raise Corrupt(f"{self._rel(path)} names no team")
+        return doc
+
+    def claim_stream(self, model: str, stream: str, owner: dict) -> dict:
+        """Record `owner` (`{"team": ..., ...}`) as the stream's owner unless it has one; the
+        owner record now in force. Under the stream's lock, so of two racing claims one wins and
+        both callers see the same owner; a claim may precede the stream's first version."""
+        if not isinstance(owner.get("team"), str):
+            raise StoreError("a stream owner needs a team")
+        _check_json(owner, "owner")
+        sdir = self._stream_dir(model, stream)
+        with self._lock(sdir / LOCK):
+            found = self.stream_owner(model, stream)
+            if found is not None:
+                return found
+            doc = {**owner, "claimed_at": _now()}
+            atomic_write_json(sdir / OWNER, doc)
+            return doc
+
+    def log(self, model: str, stream: str) -> list[dict]:
+        """The stream's head moves, oldest first: `{"op": "create"|"rollback", "version",
+        "from", "at", "moves", "actor"?}` (`actor` when the writer said who it was)."""
+        return self._read_log(self._stream_dir(model, stream))
+
     def streams(self) -> list[tuple[str, str]]:
         """Every `(model, stream)` that has a head, sorted."""
         found = []
@@ -742,6 +780,7 @@ class Store:
         parent: str | None,
         files: dict[str, str | Path],
         manifest: dict,
+        actor: dict | None = None,
     ) -> dict:
         """Create a version on the stream's head and move the head to it; the stored manifest.
 
@@ -751,10 +790,13 @@ class Store:
         nothing changes. The store takes the files whatever the outcome (moved in, or deleted),
         except when the arguments themselves are invalid. The manifest is `manifest` plus id,
         model, stream, parent, number (parent's + 1, or 1), created_at and files
-        (`{name: {"sha256", "bytes"}}`).
+        (`{name: {"sha256", "bytes"}}`), and `actor` (who made it, e.g. `{"team", "key_id"}`)
+        when given, which the stream's log records too.
         """
         sdir = self._stream_dir(model, stream)
         sources = _check_version_args(parent, files, manifest)
+        if actor is not None:
+            _check_json(actor, "actor")
         work: Path | None = None
         try:
             # Cheap check first, so a stale caller fails before the costly hashing; the binding
@@ -780,9 +822,11 @@ class Store:
                 "created_at": _now(),
                 "files": records,
             }
+            if actor is not None:
+                doc["actor"] = actor
             atomic_write_json(work / MANIFEST, doc)
             _failpoint("create:staged")
-            final = self._publish(sdir, model, stream, parent, work, version_id, number)
+            final = self._publish(sdir, model, stream, parent, work, version_id, number, actor)
         finally:
             for src in sources.values():
                 src.unlink(missing_ok=True)  # moved in already, unless we failed before that
@@ -810,6 +854,7 @@ class Store:
         work: Path,
         version_id: str,
         number: int,
+        actor: dict | None,
     ) -> Path:
         """Under the stream's lock: check the head again, rename the staged version `work` into
         place and move the head to it; returns the version's folder."""
@@ -821,7 +866,7 @@ class Store:
             os.rename(work, final)
             fsync_dir(final.parent)
             _failpoint("create:published")
-            self._move_head(sdir, info, version_id, number, "create")
+            self._move_head(sdir, info, version_id, number, "create", actor)
         return final
 
     def manifest(self, version_id: str) -> dict:
@@ -884,12 +929,14 @@ class Store:
         stream: str,
         version_id: str | None,
         expected_head: str | EllipsisType | None = ...,
+        actor: dict | None = None,
     ) -> dict:
         """Move the head back to `version_id`, an ancestor of the head (None: the base model).
 
         Nothing is deleted; later versions stay listed by `versions`. `expected_head`, when given,
         must be the current head (else Conflict), which makes a rollback safe to race. Rolling back
-        to the head itself changes nothing. Returns the new head info (see `head_info`).
+        to the head itself changes nothing. `actor`, who asked, goes into the stream's log.
+        Returns the new head info (see `head_info`).
         """
         sdir = self._stream_dir(model, stream)
         if version_id is not None:
@@ -919,7 +966,7 @@ class Store:
             if version_id == info["version"]:
                 return info
             self._repair_log(sdir, info)
-            return self._move_head(sdir, info, version_id, count, "rollback")
+            return self._move_head(sdir, info, version_id, count, "rollback", actor)
 
     def cumulative_delta(self, version_id: str) -> dict[str, np.ndarray]:
         """The sum of the deltas from the stream's first version to `version_id`, in float32.

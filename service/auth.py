@@ -1,16 +1,23 @@
-"""Bearer API keys and per-key rate limits.
+"""Bearer API keys, the key ring that reloads them, per-key rate limits and bad-key limits.
 
 Keys are configured by their sha256 (see `service.keys`); a presented key is hashed and compared
 with every configured hash using `hmac.compare_digest`, so the time taken does not tell an attacker
-how much of a hash matched. The rate limit is a fixed one-minute window counted in Redis, shared
-by every API process.
+how much of a hash matched. The configured keys are those of `CRISPEDIT_API_KEYS` and of the keys
+file (`CRISPEDIT_API_KEYS_FILE`), which `KeyRing` re-reads whenever the file changes (its inode,
+size or mtime, checked on every request: a revocation holds from the next request) or after a
+SIGHUP. The rate limits are fixed one-minute windows counted in Redis, shared by every API
+process: requests per key, and requests with a missing or unknown key per client address.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import os
+import signal
+import threading
 import time
+import weakref
 from collections.abc import Mapping
 
 from redis import Redis
@@ -18,7 +25,7 @@ from redis.exceptions import RedisError
 
 from service.config import ApiKey, Settings
 from service.errors import ApiError
-from service.keys import hash_key
+from service.keys import KeysFileError, hash_key, read_keys_file
 
 log = logging.getLogger("service")
 
@@ -31,7 +38,72 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def authenticate(settings: Settings, token: str | None) -> ApiKey:
+class KeyRing:
+    """The keys an app accepts: the settings' own plus the keys file's, re-read when it changes."""
+
+    def __init__(self, settings: Settings):
+        """Load the keys; KeysFileError when the keys file is not valid (the app cannot start)."""
+        self.settings = settings
+        self.path = settings.api_keys_file
+        self._lock = threading.Lock()
+        self._stamp: tuple | None = None
+        self._stale = False
+        self._keys = dict(settings.api_keys)
+        if self.path is not None:
+            self._stamp = self._stat()
+            self._keys = {**settings.api_keys, **read_keys_file(self.path)}
+        _RINGS.add(self)
+
+    def _stat(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def reload_soon(self) -> None:
+        """Re-read the keys file on the next request, changed or not (SIGHUP)."""
+        self._stale = True
+
+    def keys(self) -> Mapping[str, ApiKey]:
+        """sha256 -> ApiKey of every key accepted now. A keys file that became invalid is logged
+        and its previous keys are kept (`python -m service.keys` never writes an invalid one)."""
+        if self.path is None:
+            return self._keys
+        stamp = self._stat()
+        if stamp == self._stamp and not self._stale:
+            return self._keys
+        with self._lock:
+            self._stale = False
+            self._stamp = stamp
+            try:
+                self._keys = {**self.settings.api_keys, **read_keys_file(self.path)}
+                log.info("API keys reloaded from %s: %d keys", self.path, len(self._keys))
+            except KeysFileError as err:
+                log.error("API keys not reloaded, keeping the previous ones: %s", err)
+        return self._keys
+
+    def holds(self, key: ApiKey) -> bool:
+        """Whether `key` (by its id) is still accepted: a long request (an event stream) asks
+        this as it goes, so that a revocation ends it too."""
+        return any(k.id == key.id for k in self.keys().values())
+
+
+_RINGS: weakref.WeakSet[KeyRing] = weakref.WeakSet()
+
+
+def _on_sighup(signum, frame) -> None:
+    for ring in list(_RINGS):
+        ring.reload_soon()
+
+
+def install_sighup() -> None:
+    """Make SIGHUP reload every key ring of the process (only the main thread may install it)."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _on_sighup)
+
+
+def authenticate(keys: Mapping[str, ApiKey], token: str | None) -> ApiKey:
     """The grant of the presented bearer token, or ApiError 401 (missing or unknown key)."""
     if not token:
         raise ApiError(
@@ -43,7 +115,7 @@ def authenticate(settings: Settings, token: str | None) -> ApiKey:
         )
     presented = hash_key(token)
     found: ApiKey | None = None
-    for digest, grant in settings.api_keys.items():
+    for digest, grant in keys.items():
         # no early exit: every configured key is compared, whichever matches
         if hmac.compare_digest(presented, digest):
             found = grant
@@ -62,7 +134,7 @@ def check_rate_limit(redis: Redis, key: ApiKey, per_minute: int) -> None:
         return
     now = time.time()
     window = int(now // 60)
-    counter = f"crispedit:ratelimit:{key.name}:{window}"
+    counter = f"crispedit:ratelimit:{key.id or key.name}:{window}"
     try:
         pipe = redis.pipeline()
         pipe.incr(counter)
@@ -77,5 +149,44 @@ def check_rate_limit(redis: Redis, key: ApiKey, per_minute: int) -> None:
             429,
             "rate_limited",
             f"rate limit of {per_minute} requests per minute exceeded; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+def identify(state, client, token: str | None) -> ApiKey:
+    """The key of a request to the app whose `app.state` is `state`, from `client` (Starlette's
+    address pair): `authenticate` against the app's key ring; a request without a valid key is
+    counted against its address's bad-key limit, and answered 429 beyond it (else 401)."""
+    try:
+        return authenticate(state.keys.keys(), token)
+    except ApiError:
+        address = client.host if client else "unknown"
+        check_bad_key_limit(state.redis, address, state.settings.bad_key_limit_per_minute)
+        raise
+
+
+def check_bad_key_limit(redis: Redis, address: str, per_minute: int) -> None:
+    """Count one request with a missing or unknown key from `address`; ApiError 429 once over
+    `per_minute` this minute (fails open when Redis is unreachable, like `check_rate_limit`)."""
+    if per_minute <= 0:
+        return
+    now = time.time()
+    window = int(now // 60)
+    counter = f"crispedit:badkey:{address}:{window}"
+    try:
+        pipe = redis.pipeline()
+        pipe.incr(counter)
+        pipe.expire(counter, 120)
+        count, _ = pipe.execute()
+    except RedisError as err:
+        log.warning("bad-key limit not enforced, Redis unavailable: %s", err)
+        return
+    if count > per_minute:
+        retry_after = max(1, int((window + 1) * 60 - now + 0.999))
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many requests without a valid API key from this address; "
+            f"retry in {retry_after} s",
             headers={"Retry-After": str(retry_after)},
         )

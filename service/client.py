@@ -115,6 +115,21 @@ class CrispEditClient:
         """GET /v1/streams/{model}/{stream}/versions, newest first."""
         return self._call("GET", f"/v1/streams/{model}/{stream}/versions")
 
+    def stream_log(self, model: str, stream: str = "main") -> dict:
+        """GET /v1/streams/{model}/{stream}/log: the owner and every head move, who and when."""
+        return self._call("GET", f"/v1/streams/{model}/{stream}/log")
+
+    def models(self) -> list[dict]:
+        """GET /v1/models: the models this key may use, with the streams it may read."""
+        return self._call("GET", "/v1/models")["models"]
+
+    def build_curvature(
+        self, model: str, kind: str = "kfac", tokens: int | None = None, corpus: str | None = None
+    ) -> dict:
+        """POST /v1/curvature (the admin role): the built key, or the job that builds it."""
+        body = {"model": model, "kind": kind, "tokens": tokens, "corpus": corpus}
+        return self._call("POST", "/v1/curvature", json=body)
+
     def version(self, version_id: str) -> dict:
         """GET /v1/versions/{id}: the manifest."""
         return self._call("GET", f"/v1/versions/{version_id}")

@@ -2,11 +2,16 @@
 
 Complex values are JSON, e.g.::
 
-    CRISPEDIT_API_KEYS='{"<sha256 of the key>": {"name": "team-a", "models": ["smollm2"]}}'
+    CRISPEDIT_API_KEYS='{"<sha256 of the key>": {"name": "ci", "team": "team-a",
+        "grants": [{"model": "smollm2", "stream": "prod-*", "role": "read"},
+                   {"model": "smollm2", "role": "admin"}]}}'
     CRISPEDIT_MODELS='{"smollm2": {"layers": ["model.layers.20.mlp.down_proj"]}}'
 
 API keys are configured by their sha256 only (`python -m service.keys hash KEY` prints it), so a
-leaked configuration file does not leak a usable key.
+leaked configuration file does not leak a usable key. Keys may also live in a file
+(`CRISPEDIT_API_KEYS_FILE`, same JSON), which `service.keyring` reloads without a restart. What a
+key may do is decided in `service.access`; the legacy form `{"name", "models"}` is a key of team
+`name` with `edit` on its own streams of those models.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.jobs import CURVATURE_FUNCTION, JOB_FUNCTION
@@ -23,15 +28,52 @@ from contract.jobs import CURVATURE_FUNCTION, JOB_FUNCTION
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
+TEAM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Role = Literal["read", "edit", "admin"]
+
+
+def _pattern():
+    """A glob over model or stream names (fnmatch: `*`, `?`, `[...]`), or a plain name."""
+    return Field(default="*", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._*?\[\]!-]+$")
+
+
+class Grant(BaseModel):
+    """One line of a key's grants: `role` on the streams matching `stream` of the models
+    matching `model`, owned by the key's own team (`owners` null), by the listed teams, or by
+    anyone (`*`)."""
+
+    model_config = {"extra": "forbid"}
+    model: str = _pattern()
+    stream: str = _pattern()
+    role: Role
+    owners: list[str] | Literal["*"] | None = None
+
+
 class ApiKey(BaseModel):
-    """One API key's grant: a name (for logs, job metadata, rate limits) and its models."""
+    """One API key: its name (for logs and rate limits), its team, and its ordered grants.
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    `models` is the legacy form: without `grants`, the key has `edit` on its team's own streams of
+    those models ("*": every served model). `id` is set from the key's sha256 by `Settings` (a
+    short prefix, safe to record as who did something).
+    """
+
+    model_config = {"extra": "forbid"}
+    name: str = Field(min_length=1, max_length=64, pattern=TEAM_PATTERN)
+    team: str | None = Field(default=None, pattern=TEAM_PATTERN)
     models: list[str] | Literal["*"] = "*"
+    grants: list[Grant] | None = None
+    id: str = ""
 
-    def allows(self, model: str) -> bool:
-        """Whether this key may use `model` ("*" grants every served model)."""
-        return self.models == "*" or model in self.models
+    @model_validator(mode="after")
+    def _defaults(self) -> ApiKey:
+        if self.team is None:
+            self.team = self.name
+        if self.grants is not None and self.models != "*":
+            raise ValueError("give a key `grants` or (the legacy form) `models`, not both")
+        if self.grants is None:
+            names = ["*"] if self.models == "*" else self.models
+            self.grants = [Grant(model=name, stream="*", role="edit") for name in names]
+        return self
 
 
 class ServedModel(BaseModel):
@@ -54,11 +96,18 @@ class Settings(BaseSettings):
     # garbage collection may remove it, which only costs a recomputation)
     cache_dir: Path | None = None
     api_keys: dict[str, ApiKey] = {}
+    # a JSON file of more keys (same form), reloaded when it changes or on SIGHUP
+    api_keys_file: Path | None = None
+    # "model/stream" globs -> the team that owns matching streams, whoever creates them (and the
+    # owner of matching streams created before owners were recorded)
+    stream_owners: dict[str, str] = {}
     models: dict[str, ServedModel] = {}
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_facts: int = Field(default=100, ge=1)
     rate_limit_per_minute: int = Field(default=600, ge=0)  # per API key; 0 turns it off
+    # requests with a missing or unknown key, per client address and minute; 0 turns it off
+    bad_key_limit_per_minute: int = Field(default=60, ge=0)
 
     job_function: str = JOB_FUNCTION  # import path the worker resolves (tests override)
     job_timeout_s: int = Field(default=3600, ge=1)
@@ -77,15 +126,22 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _hashed_keys(cls, keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
-        bad = [k for k in keys if not SHA256_RE.match(k)]
-        if bad:
-            raise ValueError(
-                "api_keys must be keyed by the lowercase sha256 hex of each key "
-                "(python -m service.keys hash KEY)"
-            )
-        return keys
+        return identified_keys(keys)
 
     @property
     def cumulative_cache_dir(self) -> Path:
         """The folder for cached cumulative deltas."""
         return self.cache_dir or self.store_dir / "tmp" / "api-cache"
+
+
+KEY_ID_CHARS = 12  # of the sha256: what job metadata, manifests and logs record as the key id
+
+
+def identified_keys(keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
+    """`keys` (sha256 -> ApiKey) with each key's `id` set; ValueError unless keyed by sha256."""
+    if any(not SHA256_RE.fullmatch(digest) for digest in keys):
+        raise ValueError(
+            "api_keys must be keyed by the lowercase sha256 hex of each key "
+            "(python -m service.keys hash KEY)"
+        )
+    return {d: k.model_copy(update={"id": d[:KEY_ID_CHARS]}) for d, k in keys.items()}

@@ -1,8 +1,8 @@
 """FastAPI dependencies: settings, the store, Redis, the caller's API key, and path checks.
 
-Routers declare what they need with the `Annotated` aliases at the bottom (`SettingsDep`,
-`StoreDep`, `RedisDep`, `KeyDep`, `StreamDep`); everything lives on `app.state`, set up by
-`service.main.create_app`, so each app instance (tests make many) has its own.
+Routers declare what they need with the `Annotated` aliases (`SettingsDep`, `StoreDep`,
+`RedisDep`, `KeyDep`, `StreamReadDep`, `StreamAdminDep`); everything lives on `app.state`, set up
+by `service.main.create_app`, so each app instance (tests make many) has its own.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from redis import Redis
 
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from curvature_store import Store, StoreError
-from service.auth import authenticate, check_rate_limit
-from service.config import ApiKey, Settings
+from service import access
+from service.auth import check_rate_limit, identify
+from service.config import ApiKey, Role, Settings
 from service.errors import ApiError
 
 _STORE_LOCK = threading.Lock()
@@ -74,10 +75,11 @@ def current_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
-    """The caller's API key grant (401 without a valid key), counted against its rate limit."""
-    settings = request.app.state.settings
-    key = authenticate(settings, credentials.credentials if credentials else None)
-    check_rate_limit(request.app.state.redis, key, settings.rate_limit_per_minute)
+    """The caller's API key (401 without a valid key), counted against its rate limit; a request
+    without a valid key is counted against its client address's bad-key limit (429 beyond)."""
+    state = request.app.state
+    key = identify(state, request.client, credentials.credentials if credentials else None)
+    check_rate_limit(state.redis, key, state.settings.rate_limit_per_minute)
     return key
 
 
@@ -103,30 +105,47 @@ def check_version_id(value: str, field: str = "version_id") -> str:
 
 
 def served_model(settings: Settings, key: ApiKey, model: str, field: str = "model") -> str:
-    """`model` if it is served (else 404) and the key may use it (else 403)."""
-    if model not in settings.models:
+    """`model` if it is served and the key holds a grant on it; else 404, the same answer for
+    both, so that a key does not learn which models other teams use."""
+    if model not in settings.models or not access.may(key, "read", model):
         raise ApiError(404, "unknown_model", f"model {model!r} is not served", field)
-    if not key.allows(model):
-        raise ApiError(403, "forbidden", f"this API key may not use model {model!r}", field)
     return model
 
 
 @dataclass(frozen=True)
 class StreamRef:
-    """A checked `{model}/{stream}` pair from a request path."""
+    """A checked `{model}/{stream}` pair from a request path, and the team that owns it."""
 
     model: str
     stream: str
+    owner: str | None
 
 
-async def stream_ref(model: str, stream: str, settings: SettingsDep, key: KeyDep) -> StreamRef:
-    """The path's model and stream: well-formed (400), served (404), allowed for the key (403)."""
-    check_name(model, "model")
-    check_name(stream, "stream")
-    return StreamRef(served_model(settings, key, model), stream)
+def unknown_stream(model: str, stream: str) -> ApiError:
+    """The 404 of a stream that does not exist, or that the key may not see (the same answer)."""
+    return ApiError(404, "unknown_stream", f"no stream {model}/{stream}", "stream")
 
 
-StreamDep = Annotated[StreamRef, Depends(stream_ref)]
+def stream_for(role: Role):
+    """A dependency: the path's model and stream, well-formed (400), served (404), on which the
+    key holds `role` (404 otherwise, as for a stream that does not exist)."""
+
+    async def dependency(
+        model: str, stream: str, settings: SettingsDep, key: KeyDep, store: MaybeStoreDep
+    ) -> StreamRef:
+        check_name(model, "model")
+        check_name(stream, "stream")
+        served_model(settings, key, model)
+        owner = access.owner_of(settings, store, model, stream)
+        if not access.may(key, role, model, stream, owner):
+            raise unknown_stream(model, stream)
+        return StreamRef(model, stream, owner)
+
+    return dependency
+
+
+StreamReadDep = Annotated[StreamRef, Depends(stream_for("read"))]
+StreamAdminDep = Annotated[StreamRef, Depends(stream_for("admin"))]
 
 
 async def require_json(request: Request) -> None:

@@ -128,10 +128,10 @@ async def _unauthorized(request: Request) -> JSONResponse | None:
     """
     if not request.url.path.startswith("/v1/"):
         return None
-    from service.auth import authenticate, bearer_token  # service.auth imports this module
+    from service.auth import bearer_token, identify  # service.auth imports this module
 
     try:
-        authenticate(request.app.state.settings, bearer_token(request.headers))
+        identify(request.app.state, request.client, bearer_token(request.headers))
     except ApiError as err:
         return await _api_error(request, err)
     return None

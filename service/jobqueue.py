@@ -3,8 +3,9 @@
 The job contract with the worker (queue and key names, the payload, the result, cancellation)
 is written once in `contract.jobs`; this module is the API's side of it. The job function is
 `Settings.job_function` (default `contract.jobs.JOB_FUNCTION`), with RQ's default (pickle)
-serializer. job.meta written by the API at submission: `model`, `stream`, `key_name`,
-`submitted_at`, `n_facts`, `after` (the stream's previous job id, or None); the worker writes
+serializer. job.meta written by the API at submission: `model`, `stream`, `key_name`, `actor`
+(team and key id), `owner` (the stream's team), `submitted_at`, `n_facts`, `after` (the
+stream's previous job id, or None); the worker writes
 `meta["progress"]` (shown as is). A cancelled job ends without publishing, by raising (the job
 fails; shown as `cancelled`) or returning `{"cancelled": True}`.
 
@@ -72,9 +73,11 @@ def submit(
     job_id: str,
     payload: EditPayload,
     curvature_job: str | None = None,
+    owner: str | None = None,
 ) -> Job:
     """Enqueue the edit job `job_id` after the stream's previous unfinished job and, when given,
-    the curvature job it needs (`curvature_for_edit`); the Job.
+    the curvature job it needs (`curvature_for_edit`); the Job. `owner`, the stream's team, is
+    kept in the meta: who may see the job is decided by it (`service.access`).
 
     Raises ApiError 503 when the stream's submission lock cannot be taken in time.
     """
@@ -105,6 +108,8 @@ def submit(
                     "model": model,
                     "stream": stream,
                     "key_name": payload["key_name"],
+                    "actor": payload.get("actor"),
+                    "owner": owner,
                     "submitted_at": payload["submitted_at"],
                     "n_facts": len(payload["facts"]),
                     "after": previous_id,
@@ -159,6 +164,7 @@ def submit_curvature(
                     "model": model,
                     "job_type": "curvature",
                     **{k: payload[k] for k in ("kind", "tokens", "corpus", "key_name")},
+                    "actor": payload.get("actor"),
                     "submitted_at": payload["submitted_at"],
                 },
             )
@@ -171,14 +177,21 @@ def submit_curvature(
 
 
 def curvature_for_edit(
-    redis: Redis, settings: Settings, store: Store, model: str, method: str, key_name: str
+    redis: Redis,
+    settings: Settings,
+    store: Store,
+    model: str,
+    method: str,
+    key_name: str,
+    actor: dict | None = None,
 ) -> str | None:
     """The id of the curvature job an edit with `method` must wait for: None when the method
     needs none or a worker has built it, else the running build or a new one."""
     kind = curvature_kind(method)
     if kind is None or built_curvature(redis, store, model, curvature_spec(kind)) is not None:
         return None
-    job, _ = submit_curvature(redis, settings, curvature_payload(model, kind, None, None, key_name))
+    payload = curvature_payload(model, kind, None, None, key_name, actor)
+    job, _ = submit_curvature(redis, settings, payload)
     return job.id
 
 
@@ -320,6 +333,7 @@ def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
         "model": meta.get("model"),
         "stream": meta.get("stream"),
         "n_facts": meta.get("n_facts"),
+        "submitted_by": meta.get("actor"),
         "position": position,
         "waiting_for": _waiting_for(meta) if rq_status == JobStatus.DEFERRED else None,
         "cancel_requested": cancelled,

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from redis import Redis
 
+from service.auth import KeyRing, install_sighup
 from service.config import Settings
 from service.deps import current_key
 from service.errors import install_error_handlers, responses
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.keys = KeyRing(settings)  # the keys file, re-read when it changes or on SIGHUP
+    install_sighup()
     # Lazy connections: the app starts (and /healthz answers) while Redis is still coming up.
     app.state.redis = Redis.from_url(
         settings.redis_url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30

@@ -173,6 +173,7 @@ class Engine:
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, parent=parent, curvature_key=key, evaluate=evaluate, job=job_id,
+            actor=request.get("actor"),
             cache=self._stream_curvatures, states=self._stream_states, settings=settings,
             progress=False, on_epoch=on_epoch,
         )  # fmt: skip

@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.jobs import CURVATURE_KINDS, curvature_payload, curvature_spec
-from service import jobqueue
+from service import access, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
-from service.errors import responses
+from service.errors import ApiError, responses
 
 router = APIRouter(tags=["curvature"])
 
@@ -61,7 +61,7 @@ class CurvatureAccepted(BaseModel):
     summary="Build a model's capability curvature as a job",
     responses={
         200: {"model": CurvatureAccepted, "description": "Already built: its key"},
-        **responses(403, 404, 415),
+        **responses(404, 415),
     },
 )
 def build_curvature(
@@ -73,9 +73,12 @@ def build_curvature(
     store: StoreDep,
 ) -> CurvatureAccepted:
     """200 with the key when this curvature is built; else 202 with the job that builds it (the
-    one already queued or running for the same request, or a new one). The job's progress
-    (tokens done of the total) and, when done, its `curvature_key` are at GET /v1/jobs/{id}."""
+    one already queued or running for the same request, or a new one). Needs the `admin` role
+    on the model. The job's progress (tokens done of the total) and, when done, its
+    `curvature_key` are at GET /v1/jobs/{id}."""
     model = served_model(settings, key, body.model)
+    unknown = ApiError(404, "unknown_model", f"model {model!r} is not served", "model")
+    access.require(key, "admin", model, None, None, unknown)
     spec = curvature_spec(body.kind, body.tokens, body.corpus)
     built = jobqueue.built_curvature(redis, store, model, spec)
     if built is not None:
@@ -83,7 +86,9 @@ def build_curvature(
         return CurvatureAccepted(
             model=model, kind=body.kind, status="built", key=built, job_id=None, url=None
         )
-    payload = curvature_payload(model, body.kind, body.tokens, body.corpus, key.name)
+    payload = curvature_payload(
+        model, body.kind, body.tokens, body.corpus, key.name, access.actor(key)
+    )
     job, _ = jobqueue.submit_curvature(redis, settings, payload)
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url

@@ -25,8 +25,16 @@ from contract.settings import (
     option_rules,
 )
 from curvature_store import Store
-from service import idempotency, jobqueue
-from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
+from service import access, idempotency, jobqueue
+from service.deps import (
+    KeyDep,
+    RedisDep,
+    SettingsDep,
+    StoreDep,
+    require_json,
+    served_model,
+    unknown_stream,
+)
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["edits"])
@@ -167,7 +175,7 @@ def _to_record(index: int, fact: FactIn) -> dict:
     summary="Submit fact edits as a job",
     responses={
         200: {"model": EditAccepted, "description": "A retry: the job of the first request"},
-        **responses(400, 403, 404, 409, 413, 415),
+        **responses(400, 404, 409, 413, 415),
     },
 )
 def submit_edit(
@@ -186,9 +194,12 @@ def submit_edit(
     must be that version now (409 with the current head otherwise), and the worker checks it
     again when the job runs. An edit whose method needs a curvature that is not built yet waits
     for the job building it (started now if none runs: see POST /v1/curvature); if that build
-    fails, the edit fails saying so.
+    fails, the edit fails saying so. Needs the `edit` role on the stream; the first edit of a
+    new stream makes the key's team its owner (404 for another team's stream).
     """
     model = served_model(settings, key, body.model)
+    owner = access.owner_of(settings, store, model, body.stream)
+    access.require(key, "edit", model, body.stream, owner, unknown_stream(model, body.stream))
     _check_size(body, settings.max_facts)
     records = [_to_record(i, fact) for i, fact in enumerate(body.facts)]
     check_parent = "parent_version" in body.model_fields_set
@@ -199,7 +210,7 @@ def submit_edit(
     )
     if idempotency_key is not None:
         earlier = idempotency.reserve(
-            redis, key.name, idempotency_key, digest, job_id, settings.idempotency_ttl_s
+            redis, key.id, idempotency_key, digest, job_id, settings.idempotency_ttl_s
         )
         if earlier is not None:  # a retry: answer as the first time, without re-checking
             response.status_code = 200
@@ -216,16 +227,24 @@ def submit_edit(
             check_parent=check_parent,
             options=body.options.model_dump(exclude_none=True),
             key_name=key.name,
+            actor=access.actor(key),
         )
+        if owner is None:  # a new stream: of two teams racing to create it, one owns it
+            owner = access.claim(settings, store, key, model, body.stream)
+            access.require(
+                key, "edit", model, body.stream, owner, unknown_stream(model, body.stream)
+            )
         method = body.options.method or DEFAULTS.method
-        build = jobqueue.curvature_for_edit(redis, settings, store, model, method, key.name)
-        job = jobqueue.submit(redis, settings, job_id, payload, curvature_job=build)
+        build = jobqueue.curvature_for_edit(
+            redis, settings, store, model, method, key.name, access.actor(key)
+        )
+        job = jobqueue.submit(redis, settings, job_id, payload, curvature_job=build, owner=owner)
     except BaseException:
         if idempotency_key is not None:
-            idempotency.release(redis, key.name, idempotency_key)
+            idempotency.release(redis, key.id, idempotency_key)
         raise
     if idempotency_key is not None:
-        idempotency.complete(redis, key.name, idempotency_key, digest, job.id)
+        idempotency.complete(redis, key.id, idempotency_key, digest, job.id)
     metrics = request.app.state.metrics
     metrics.edits_accepted.labels(model).inc()
     metrics.facts_accepted.labels(model).inc(len(records))

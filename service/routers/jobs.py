@@ -1,7 +1,8 @@
 """Jobs: status, a server-sent event stream of it, and cancel.
 
-A key sees only the jobs of models it may use; any other job id answers 404, as an unknown one
-does, so that job ids of other tenants cannot be probed.
+A key sees an edit job where `service.access` gives it `read` on the job's stream (cancel: `edit`),
+and a curvature job where it holds a grant on the model (cancel: `admin`); any other job id
+answers 404, as an unknown one does, so that job ids of other teams cannot be probed.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
 
-from service import jobqueue
-from service.config import ApiKey
+from curvature_store import Store
+from service import access, jobqueue
+from service.config import ApiKey, Role, Settings
 from service.deps import KeyDep, MaybeStoreDep, RedisDep, SettingsDep
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["jobs"])
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Actor(BaseModel):
+    team: str
+    key_id: str
 
 
 class Timings(BaseModel):
@@ -49,6 +56,9 @@ class JobView(BaseModel):
     model: str | None
     stream: str | None
     n_facts: int | None
+    submitted_by: Actor | None = Field(
+        default=None, description="Who submitted it: team and key id (never the key)"
+    )
     position: int | None = Field(
         description="Jobs ahead of this one in its model's queue (0: next); null unless queued"
     )
@@ -71,20 +81,42 @@ class JobView(BaseModel):
     error: str | None = Field(description="The error's last line, when failed")
 
 
-def _job_for(redis: Redis, key: ApiKey, job_id: str) -> Job:
-    """The job, or 400 (malformed id) / 404 (unknown, or of a model the key may not use)."""
+def _job_for(
+    redis: Redis, settings: Settings, store: Store | None, key: ApiKey, job_id: str, role: Role
+) -> Job:
+    """The job, or 400 (malformed id) / 404 (unknown, or one the key may not see or act on as
+    `role`: an edit job's stream role, a curvature job's model role, one higher to cancel)."""
     if not JOB_ID_RE.match(job_id):
         raise ApiError(400, "invalid_id", "invalid job id", "job_id")
+    not_found = ApiError(404, "not_found", f"no job {job_id}", "job_id")
     job = jobqueue.fetch(redis, job_id)
-    if job is None or not key.allows(job.meta["model"]):
-        raise ApiError(404, "not_found", f"no job {job_id}", "job_id")
+    if job is None:
+        raise not_found
+    model, stream = job.meta["model"], job.meta.get("stream")
+    if job.meta.get("job_type") == "curvature":
+        access.require(key, "admin" if role != "read" else "read", model, None, None, not_found)
+    else:
+        owner = job.meta.get("owner") or access.owner_of(settings, store, model, stream)
+        access.require(key, role, model, stream, owner, not_found)
     return job
 
 
+def _shown(view: dict, key: ApiKey) -> dict:
+    """The job view as `key` may see it: a curvature build is the model's, seen by every team
+    with a grant on it, but who asked for it only by that team."""
+    if (view.get("submitted_by") or {}).get("team") != key.team:
+        view["submitted_by"] = None
+    return view
+
+
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=responses(400, 404))
-def get_job(job_id: str, key: KeyDep, redis: RedisDep, store: MaybeStoreDep) -> dict:
-    """A job's status, queue position, progress, timings, and its version and metrics or error."""
-    return jobqueue.job_view(redis, _job_for(redis, key, job_id), store)
+def get_job(
+    job_id: str, key: KeyDep, redis: RedisDep, store: MaybeStoreDep, settings: SettingsDep
+) -> dict:
+    """A job's status, queue position, progress, timings, who submitted it, and its version and
+    metrics or error."""
+    job = _job_for(redis, settings, store, key, job_id, "read")
+    return _shown(jobqueue.job_view(redis, job, store), key)
 
 
 @router.post(
@@ -95,15 +127,22 @@ def get_job(job_id: str, key: KeyDep, redis: RedisDep, store: MaybeStoreDep) -> 
         **responses(400, 404, 409),
     },
 )
-def cancel_job(job_id: str, key: KeyDep, redis: RedisDep, response: Response) -> dict:
-    """Cancel a job: 200 when it was waiting and is cancelled now, 202 when it is running (or
-    waiting behind an earlier job of its stream) and its worker will end it without publishing;
-    409 when it has already ended."""
-    job = _job_for(redis, key, job_id)
+def cancel_job(
+    job_id: str,
+    key: KeyDep,
+    redis: RedisDep,
+    response: Response,
+    store: MaybeStoreDep,
+    settings: SettingsDep,
+) -> dict:
+    """Cancel a job (an edit: `edit` role on its stream; a curvature build: `admin`): 200 when it
+    was waiting and is cancelled now, 202 when it is running (or waiting behind an earlier job of
+    its stream) and its worker will end it without publishing; 409 when it has already ended."""
+    job = _job_for(redis, settings, store, key, job_id, "edit")
     if not jobqueue.cancel(redis, job):
         response.status_code = 202
     job.refresh()
-    return jobqueue.job_view(redis, job)
+    return _shown(jobqueue.job_view(redis, job), key)
 
 
 def _sse(event: str, data: object, event_id: int | None = None) -> str:
@@ -129,18 +168,23 @@ async def job_events(
 ) -> StreamingResponse:
     """Server-sent events: a `status` event (the job view, as GET /v1/jobs/{id}) whenever it
     changes, then `end` after a terminal status. The stream also ends after
-    CRISPEDIT_SSE_MAX_S seconds (`timeout` event); comments keep idle connections open."""
-    await run_in_threadpool(_job_for, redis, key, job_id)  # errors before the stream starts
+    CRISPEDIT_SSE_MAX_S seconds (`timeout` event), or with an `error` event when the key is
+    revoked meanwhile; comments keep idle connections open."""
+    # errors before the stream starts
+    await run_in_threadpool(_job_for, redis, settings, store, key, job_id, "read")
 
     def view() -> dict | None:
         job = jobqueue.fetch(redis, job_id)
-        return None if job is None else jobqueue.job_view(redis, job, store)
+        return None if job is None else _shown(jobqueue.job_view(redis, job, store), key)
 
     async def stream() -> AsyncIterator[str]:
         started = last_sent = time.monotonic()
         previous = None
         count = 0
         while True:
+            if not request.app.state.keys.holds(key):  # revoked since the stream began
+                yield _sse("error", {"code": "unauthorized", "message": "the API key is revoked"})
+                return
             try:
                 current = await run_in_threadpool(view)
             except RedisError:

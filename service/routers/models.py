@@ -1,4 +1,4 @@
-"""GET /v1/models: the served models the key may use, their streams and their curvature.
+"""GET /v1/models: the served models the key may use, the streams it may see, and their curvature.
 
 The store keys curvature by content (model fingerprint, layers, corpus...), not by model name. A
 model's curvature is found through the fingerprint configured for it, the base fingerprints and
@@ -14,8 +14,8 @@ from redis import Redis
 
 from contract.jobs import queue_name
 from curvature_store import Store, StoreError
-from service import jobqueue
-from service.config import ServedModel
+from service import access, jobqueue
+from service.config import ApiKey, ServedModel, Settings
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep
 
 router = APIRouter(tags=["models"])
@@ -54,12 +54,18 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-def _describe(store: Store, redis: Redis, name: str, served: ServedModel) -> ModelInfo:
+def _describe(
+    settings: Settings, key: ApiKey, store: Store, redis: Redis, name: str, served: ServedModel
+) -> ModelInfo:
     streams = []
     fingerprints = {served.fingerprint} if served.fingerprint else set()
     keys: set[str] = jobqueue.recorded_curvature(redis, name)
     for model, stream in store.streams():
         if model != name:
+            continue
+        if not access.may(
+            key, "read", model, stream, access.owner_of(settings, store, model, stream)
+        ):
             continue
         info = store.head_info(model, stream)
         streams.append(
@@ -105,8 +111,11 @@ def _status(redis: Redis, name: str, curvature: list[CurvatureInfo]) -> str:
 
 @router.get("/v1/models", response_model=ModelList)
 def list_models(settings: SettingsDep, key: KeyDep, store: StoreDep, redis: RedisDep) -> ModelList:
-    """The served models this key may use, each with its streams' heads and stored curvature."""
-    names = sorted(name for name in settings.models if key.allows(name))
+    """The served models this key may use, each with the heads of the streams it may read and
+    the model's stored curvature."""
+    names = sorted(name for name in settings.models if access.may(key, "read", name))
     return ModelList(
-        models=[_describe(store, redis, name, settings.models[name]) for name in names]
+        models=[
+            _describe(settings, key, store, redis, name, settings.models[name]) for name in names
+        ]
     )

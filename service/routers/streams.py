@@ -1,4 +1,8 @@
-"""Streams: a stream's versions, and rolling its head back."""
+"""Streams: a stream's versions, its log (who moved its head, when), and rolling its head back.
+
+A key sees a stream only where `service.access` gives it `read` (rollback: `admin`); any other
+stream answers 404 as one that does not exist.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,20 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contract.names import DELTA_FILE, VERSION_RE
-from curvature_store import Conflict, NotFound, StoreError
-from service.deps import KeyDep, StoreDep, StreamDep, require_json
+from curvature_store import Conflict, NotFound, Store, StoreError
+from service import access
+from service.config import ApiKey, Settings
+from service.deps import (
+    KeyDep,
+    SettingsDep,
+    StoreDep,
+    StreamAdminDep,
+    StreamReadDep,
+    require_json,
+    unknown_stream,
+)
 from service.errors import ApiError, responses
+from service.routers.jobs import Actor
 
 router = APIRouter(tags=["streams"])
 
@@ -64,17 +79,54 @@ class RollbackRequest(BaseModel):
         return value
 
 
-def _require_stream(store, model: str, stream: str) -> None:
+class Owner(BaseModel):
+    team: str
+    claimed_at: str | None = None
+
+
+class LogEntry(BaseModel):
+    op: str = Field(description="create (a new version) or rollback")
+    version: str | None = Field(description="The head after the move (null: the base)")
+    previous: str | None = Field(description="The head before the move")
+    at: str | None
+    moves: int
+    actor: Actor | None = Field(description="Who moved it: team and key id (never the key)")
+
+
+class StreamLog(BaseModel):
+    model: str
+    stream: str
+    owner: Owner | None = Field(description="The team that owns the stream")
+    entries: list[LogEntry] = Field(description="Every head move, oldest first")
+
+
+def _require_stream(store: Store, model: str, stream: str) -> None:
     if not store.has_stream(model, stream):
-        raise ApiError(404, "unknown_stream", f"no stream {model}/{stream}", "stream")
+        raise unknown_stream(model, stream)
+
+
+def _unknown_version(version: str) -> ApiError:
+    return ApiError(404, "not_found", f"no version {version}", "version")
+
+
+def _check_target(settings: Settings, store: Store, key: ApiKey, version: str) -> None:
+    """404 for a rollback target the key may not read (another team's, or unknown), so that the
+    answer does not tell whether another team's version id exists."""
+    try:
+        manifest = store.manifest(version)
+    except NotFound:
+        raise _unknown_version(version) from None
+    model, stream = manifest["model"], manifest["stream"]
+    owner = access.owner_of(settings, store, model, stream)
+    access.require(key, "read", model, stream, owner, _unknown_version(version))
 
 
 @router.get(
     "/v1/streams/{model}/{stream}/versions",
     response_model=StreamVersions,
-    responses=responses(400, 403, 404),
+    responses=responses(400, 404),
 )
-def list_versions(ref: StreamDep, store: StoreDep) -> StreamVersions:
+def list_versions(ref: StreamReadDep, store: StoreDep) -> StreamVersions:
     """Every version of the stream, newest first, with whether it is in the head's lineage."""
     _require_stream(store, ref.model, ref.stream)
     head = store.head(ref.model, ref.stream)
@@ -102,25 +154,27 @@ def list_versions(ref: StreamDep, store: StoreDep) -> StreamVersions:
     "/v1/streams/{model}/{stream}/rollback",
     response_model=StreamHead,
     dependencies=[Depends(require_json)],
-    responses=responses(400, 403, 404, 409, 413, 415),
+    responses=responses(400, 404, 409, 413, 415),
 )
-def rollback(ref: StreamDep, body: RollbackRequest, store: StoreDep, key: KeyDep) -> StreamHead:
-    """Move the stream's head back to an ancestor version (null: the base model). Nothing is
-    deleted: later versions stay listed, out of the lineage. With `expected_head`, 409 unless
-    the head is still that version (null: the base)."""
+def rollback(
+    ref: StreamAdminDep,
+    body: RollbackRequest,
+    store: StoreDep,
+    key: KeyDep,
+    settings: SettingsDep,
+) -> StreamHead:
+    """Move the stream's head back to an ancestor version (null: the base model); needs the
+    `admin` role. Nothing is deleted: later versions stay listed, out of the lineage. With
+    `expected_head`, 409 unless the head is still that version (null: the base). The stream's
+    log records who did it."""
     _require_stream(store, ref.model, ref.stream)
     if body.version is not None:
-        # a version of a model the key may not use answers as an unknown one (404), not 409:
-        # the answer must not tell whether another tenant's version id exists
-        try:
-            owner = store.manifest(body.version)["model"]
-        except NotFound:
-            owner = None
-        if owner is None or not key.allows(owner):
-            raise ApiError(404, "not_found", f"no version {body.version}", "version")
+        _check_target(settings, store, key, body.version)
     expected = body.expected_head if "expected_head" in body.model_fields_set else ...
     try:
-        info = store.rollback(ref.model, ref.stream, body.version, expected_head=expected)
+        info = store.rollback(
+            ref.model, ref.stream, body.version, expected_head=expected, actor=access.actor(key)
+        )
     except NotFound:
         raise ApiError(404, "not_found", f"no version {body.version}", "version") from None
     except Conflict as err:
@@ -134,4 +188,33 @@ def rollback(ref: StreamDep, body: RollbackRequest, store: StoreDep, key: KeyDep
         count=info["count"],
         moves=info["moves"],
         moved_at=info["moved_at"],
+    )
+
+
+@router.get(
+    "/v1/streams/{model}/{stream}/log",
+    response_model=StreamLog,
+    responses=responses(400, 404),
+)
+def stream_log(ref: StreamReadDep, store: StoreDep) -> StreamLog:
+    """The stream's owner and every move of its head, oldest first: each new version and each
+    rollback, with when and who (team and key id)."""
+    _require_stream(store, ref.model, ref.stream)
+    recorded = store.stream_owner(ref.model, ref.stream) or {}
+    entries = [
+        LogEntry(
+            op=entry.get("op", "unknown"),
+            version=entry.get("version"),
+            previous=entry.get("from"),
+            at=entry.get("at"),
+            moves=entry["moves"],
+            actor=entry.get("actor"),
+        )
+        for entry in store.log(ref.model, ref.stream)
+    ]
+    return StreamLog(
+        model=ref.model,
+        stream=ref.stream,
+        owner=Owner(team=ref.owner, claimed_at=recorded.get("claimed_at")) if ref.owner else None,
+        entries=entries,
     )

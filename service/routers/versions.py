@@ -1,6 +1,7 @@
 """Versions: a version's manifest and its delta file (own, or cumulative against the base).
 
-A key sees only versions of models it may use; others answer 404 like unknown ids.
+A key sees a version where `service.access` gives it `read` on the version's stream; any other
+answers 404 as an unknown id does.
 """
 
 from __future__ import annotations
@@ -11,23 +12,26 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
 from curvature_store import NotFound, Store
-from service import deltas
-from service.config import ApiKey
+from service import access, deltas
+from service.config import ApiKey, Settings
 from service.deps import KeyDep, SettingsDep, StoreDep, check_version_id
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["versions"])
 
 
-def _manifest_for(store: Store, key: ApiKey, version_id: str) -> dict:
-    """The version's manifest, or 400 (malformed id) / 404 (unknown or not the key's model)."""
+def _manifest_for(store: Store, settings: Settings, key: ApiKey, version_id: str) -> dict:
+    """The version's manifest, or 400 (malformed id) / 404 (unknown, or the key may not read
+    its stream)."""
     check_version_id(version_id)
+    not_found = ApiError(404, "not_found", f"no version {version_id}", "version_id")
     try:
         manifest = store.manifest(version_id)
     except NotFound:
-        manifest = None
-    if manifest is None or not key.allows(manifest["model"]):
-        raise ApiError(404, "not_found", f"no version {version_id}", "version_id")
+        raise not_found from None
+    model, stream = manifest["model"], manifest["stream"]
+    owner = access.owner_of(settings, store, model, stream)
+    access.require(key, "read", model, stream, owner, not_found)
     return manifest
 
 
@@ -36,10 +40,11 @@ def _manifest_for(store: Store, key: ApiKey, version_id: str) -> dict:
     response_model=dict[str, Any],
     responses=responses(400, 404),
 )
-def get_version(version_id: str, key: KeyDep, store: StoreDep) -> dict:
-    """The version's manifest: id, model, stream, parent, number, created_at, the facts, the
-    editor's options and metrics, and each file's sha256 and size."""
-    return _manifest_for(store, key, version_id)
+def get_version(version_id: str, key: KeyDep, store: StoreDep, settings: SettingsDep) -> dict:
+    """The version's manifest: id, model, stream, parent, number, created_at, who made it
+    (`actor`: team and key id), the facts, the editor's options and metrics, and each file's
+    sha256 and size."""
+    return _manifest_for(store, settings, key, version_id)
 
 
 @router.get(
@@ -68,7 +73,7 @@ def get_delta(
     """Download the version's delta (safetensors), streamed, with `ETag` (its sha256) and
     `Content-Length`; `?against=base` gives the cumulative delta from the base model, which
     applied to the base gives this version's weights."""
-    manifest = _manifest_for(store, key, version_id)
+    manifest = _manifest_for(store, settings, key, version_id)
     if against == "base":
         path, sha = deltas.cumulative_delta(store, settings.cumulative_cache_dir, version_id)
         filename = f"{version_id}-cumulative.safetensors"

@@ -136,7 +136,7 @@ def _commands(ap: argparse.ArgumentParser, prefix: str = "") -> dict[str, argpar
 def test_every_command_that_loads_a_model_takes_device_and_dtype():
     commands = _commands(parser())
     # the rest read a store, talk to the API, or (plan) build the model without weights
-    no_model = {"curvature ls", "curvature rm", "curvature verify", "download", "plan",
+    no_model = {"curvature ls", "curvature rm", "curvature verify", "download", "log", "plan",
                 "status", "stream delta", "stream ls", "stream rollback", "submit"}  # fmt: skip
     assert set(commands) == LOADS_A_MODEL | no_model
     with_flags = {

@@ -579,3 +579,27 @@ def test_abandoned_staging_is_garbage_not_a_problem(store):
     assert store.collect_garbage() == []  # too young: a writer may still be filling it
     assert store.collect_garbage(max_age_s=0) == [abandoned]
     assert not abandoned.exists() and store.garbage() == [] and store.verify() == []
+
+
+def test_owner_and_actor_in_manifest_and_log(store):
+    """A stream's owner is written once (the first claim wins, whoever claims later); the actor
+    of a create or a rollback lands in the manifest and the log, and a caller cannot forge it."""
+    assert store.stream_owner(MODEL, "owned") is None
+    first = store.claim_stream(MODEL, "owned", {"team": "team-a", "by": {"key_id": "k1"}})
+    again = store.claim_stream(MODEL, "owned", {"team": "team-b"})
+    assert first == again == store.stream_owner(MODEL, "owned") and first["team"] == "team-a"
+    assert first["claimed_at"] and not store.has_stream(MODEL, "owned")  # no version yet
+    raises(store, StoreError, store.claim_stream, MODEL, "x", {"name": "no team"})
+    actor = {"team": "team-a", "key_id": "abc"}
+    files = staged(store, {"w": np.ones(2, dtype=np.float32)})
+    doc = store.create_version(MODEL, "owned", None, files, {"facts": []}, actor=actor)
+    assert store.manifest(doc["id"])["actor"] == actor
+    store.rollback(MODEL, "owned", None, actor={"team": "team-a", "key_id": "def"})
+    log = store.log(MODEL, "owned")
+    assert [(e["op"], e["actor"]["key_id"]) for e in log] == [
+        ("create", "abc"),
+        ("rollback", "def"),
+    ]
+    forged = staged(store, {"w": np.ones(2, dtype=np.float32)})
+    raises(store, StoreError, store.create_version, MODEL, "owned", None, forged, {"actor": actor})
+    assert store.verify() == [] and store.streams() == [(MODEL, "owned")]

@@ -17,8 +17,19 @@ from curvature_store import Store
 REDIS_URL = redis_url(15)
 KEY_ALL = "key-for-every-model"
 KEY_TINY = "key-for-tiny-only"
+KEY_TINY_ADMIN = "key-for-tiny-admin"  # team "tiny-only" too, with the admin role on "tiny"
+KEY_A = "key-of-team-a-admin"  # team-a: admin on every model
+KEY_A_READ = "key-of-team-a-reader"  # team-a: read on every model
+KEY_B = "key-of-team-b-admin"  # team-b: admin on every model
 AUTH = {"Authorization": f"Bearer {KEY_ALL}"}
 AUTH_TINY = {"Authorization": f"Bearer {KEY_TINY}"}
+AUTH_TINY_ADMIN = {"Authorization": f"Bearer {KEY_TINY_ADMIN}"}
+AUTH_ADMIN = {"Authorization": f"Bearer {KEY_A}"}  # rollback and curvature builds need admin
+
+
+def bearer(key: str) -> dict:
+    """The Authorization header of `key`."""
+    return {"Authorization": f"Bearer {key}"}
 
 
 def run_worker(redis: Redis, model: str = "tiny") -> None:

@@ -8,7 +8,16 @@ the other test folders' (tests/crispedit/test_streams.py exists).
 from __future__ import annotations
 
 import pytest
-from api_helpers import KEY_ALL, KEY_TINY, REDIS_URL, record_built
+from api_helpers import (
+    KEY_A,
+    KEY_A_READ,
+    KEY_ALL,
+    KEY_B,
+    KEY_TINY,
+    KEY_TINY_ADMIN,
+    REDIS_URL,
+    record_built,
+)
 from fastapi.testclient import TestClient
 from live import redis_db, serve
 
@@ -28,7 +37,8 @@ def redis():
 
 @pytest.fixture
 def settings(tmp_path, redis, monkeypatch) -> Settings:
-    """Two served models ("tiny", "other"), two keys, small limits, the test job functions. Both
+    """Two served models ("tiny", "other"), keys (legacy ones, and teams: `api_helpers`), small
+    limits, the test job functions. Both
     models have their default curvature built, as after a worker's `--build-curvature` start
     (tests of curvature jobs delete the record: `curvature_index_key`)."""
     store_dir = tmp_path / "store"
@@ -42,11 +52,24 @@ def settings(tmp_path, redis, monkeypatch) -> Settings:
         api_keys={
             hash_key(KEY_ALL): {"name": "all", "models": "*"},
             hash_key(KEY_TINY): {"name": "tiny-only", "models": ["tiny"]},
+            hash_key(KEY_TINY_ADMIN): {
+                "name": "tiny-admin",
+                "team": "tiny-only",
+                "grants": [{"model": "tiny", "role": "admin"}],
+            },
+            hash_key(KEY_A): {"name": "a-admin", "team": "team-a", "grants": [{"role": "admin"}]},
+            hash_key(KEY_A_READ): {
+                "name": "a-read",
+                "team": "team-a",
+                "grants": [{"role": "read"}],
+            },
+            hash_key(KEY_B): {"name": "b-admin", "team": "team-b", "grants": [{"role": "admin"}]},
         },
         models={"tiny": {"layers": ["model.layers.1.mlp.down_proj"]}, "other": {}},
         max_facts=5,
         max_body_bytes=16 * 1024,
         rate_limit_per_minute=1000,
+        bad_key_limit_per_minute=100_000,  # the 401 sweeps make many; test_api_auth lowers it
         job_function="jobs_for_tests.apply_edit",
         curvature_function="jobs_for_tests.build_curvature",
         sse_poll_s=0.05,

@@ -53,6 +53,7 @@ def apply_edit(payload: dict) -> dict:
         head,
         {"delta.safetensors": stage / "d.safetensors"},
         {"facts": payload["facts"], "method": "ft", "metrics": {"n_edits": n, "efficacy": 1.0}},
+        actor=payload.get("actor"),
     )
     _progress(job, phase="done", epoch=1, loss=0.01, facts_done=n)
     return {"version": doc["id"], "metrics": {"n_edits": n, "efficacy": 1.0}}

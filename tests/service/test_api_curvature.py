@@ -4,7 +4,7 @@ an answer at once when it is built, and edits that wait for the build they need.
 from __future__ import annotations
 
 import pytest
-from api_helpers import AUTH, AUTH_TINY, edit_body, job_count, run_worker
+from api_helpers import AUTH, AUTH_ADMIN, AUTH_TINY, edit_body, job_count, run_worker
 from jobs_for_tests import ORDER_KEY
 from rq import Queue
 from rq.job import Job
@@ -21,14 +21,14 @@ def unbuilt(redis):
 
 
 def test_a_curvature_job_builds_once_then_answers_with_its_key(client, redis, store, unbuilt):
-    first = client.post("/v1/curvature", json=BODY, headers=AUTH)
+    first = client.post("/v1/curvature", json=BODY, headers=AUTH_ADMIN)
     assert first.status_code == 202
     job_id = first.json()["job_id"]
     assert first.json()["status"] == "queued" and first.headers["location"] == f"/v1/jobs/{job_id}"
     # the same request while it is queued: the same job, not a second build
-    again = client.post("/v1/curvature", json=BODY, headers=AUTH)
+    again = client.post("/v1/curvature", json=BODY, headers=AUTH_ADMIN)
     assert (again.status_code, again.json()["job_id"]) == (202, job_id)
-    other = client.post("/v1/curvature", json={**BODY, "kind": "ekfac"}, headers=AUTH)
+    other = client.post("/v1/curvature", json={**BODY, "kind": "ekfac"}, headers=AUTH_ADMIN)
     assert other.json()["job_id"] != job_id
     assert Queue(queue_name("tiny"), connection=redis).count == 2  # on the model's queue
 
@@ -44,7 +44,7 @@ def test_a_curvature_job_builds_once_then_answers_with_its_key(client, redis, st
     assert done["progress"] == {"phase": "curvature", "tokens_done": 100, "tokens_total": 100}
     key = done["curvature_key"]
     assert store.curvature_file(key).is_file()
-    built = client.post("/v1/curvature", json=BODY, headers=AUTH)
+    built = client.post("/v1/curvature", json=BODY, headers=AUTH_ADMIN)
     assert built.status_code == 200
     assert built.json() == {
         "model": "tiny", "kind": "kfac", "status": "built", "key": key, "job_id": None, "url": None
@@ -54,18 +54,19 @@ def test_a_curvature_job_builds_once_then_answers_with_its_key(client, redis, st
 
     # removed from the store since: built again, not answered with a key that is gone
     store.remove_curvature(key)
-    rebuilt = client.post("/v1/curvature", json=BODY, headers=AUTH)
+    rebuilt = client.post("/v1/curvature", json=BODY, headers=AUTH_ADMIN)
     assert rebuilt.status_code == 202 and rebuilt.json()["job_id"] != job_id
 
 
 def test_a_curvature_request_is_checked_before_anything_is_enqueued(client, redis, unbuilt):
     cases = [
-        ({**BODY, "model": "nope"}, AUTH, 404, "model"),
-        ({**BODY, "model": "other"}, AUTH_TINY, 403, "model"),
-        ({**BODY, "kind": "fisher"}, AUTH, 422, "kind"),
-        ({**BODY, "tokens": 1}, AUTH, 422, "tokens"),
-        ({**BODY, "corpus": ""}, AUTH, 422, "corpus"),
-        ({**BODY, "layers": "1-3"}, AUTH, 422, "layers"),
+        ({**BODY, "model": "nope"}, AUTH_ADMIN, 404, "model"),
+        ({**BODY, "model": "other"}, AUTH_TINY, 404, "model"),
+        ({**BODY, "model": "tiny"}, AUTH_TINY, 404, "model"),  # edit role: no builds,
+        ({**BODY, "kind": "fisher"}, AUTH_ADMIN, 422, "kind"),
+        ({**BODY, "tokens": 1}, AUTH_ADMIN, 422, "tokens"),
+        ({**BODY, "corpus": ""}, AUTH_ADMIN, 422, "corpus"),
+        ({**BODY, "layers": "1-3"}, AUTH_ADMIN, 422, "layers"),
     ]
     for body, auth, status, field in cases:
         response = client.post("/v1/curvature", json=body, headers=auth)

@@ -48,6 +48,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
         "options",
         "submitted_at",
         "key_name",
+        "actor",
     }
     assert (payload["model"], payload["stream"], payload["key_name"]) == ("tiny", "team-a", "all")
     assert payload["options"] == {

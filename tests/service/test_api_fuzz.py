@@ -82,10 +82,12 @@ def fuzz_settings(tmp_path, fuzz_redis, monkeypatch) -> Settings:
         redis_url=REDIS_URL,
         store_dir=tmp_path / "store",
         api_keys={
-            hash_key(KEY_ALL): {"name": "all", "models": "*"},
+            # admin, so that rollback and curvature requests get past the access check
+            hash_key(KEY_ALL): {"name": "all", "grants": [{"role": "admin"}]},
             hash_key(KEY_TINY): {"name": "tiny-only", "models": ["tiny"]},
         },
         models={"tiny": {"layers": ["model.layers.1.mlp.down_proj"]}, "other": {}},
+        bad_key_limit_per_minute=0,  # the fuzzer sends bad keys by the hundred
         max_facts=5,
         max_body_bytes=16 * 1024,
         rate_limit_per_minute=0,  # the fuzzer sends hundreds of requests a minute
@@ -336,6 +338,7 @@ PATH_PARAM_ROUTES = [
     ("GET", "/v1/versions/{version_id}"),
     ("GET", "/v1/versions/{version_id}/delta"),
     ("GET", "/v1/streams/{model}/{stream}/versions"),
+    ("GET", "/v1/streams/{model}/{stream}/log"),
     ("POST", "/v1/streams/{model}/{stream}/rollback"),
 ]
 TRAVERSALS = [

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from api_helpers import AUTH, AUTH_TINY, make_version
+from api_helpers import AUTH, AUTH_ADMIN, AUTH_TINY, make_version
 from safetensors.numpy import load
 
 from contract.jobs import curvature_index_key
@@ -105,14 +105,18 @@ def test_cumulative_delta_is_the_store_sum_bitwise(client, store, settings, thre
 
 def test_rollback_moves_the_head_and_keeps_the_versions(client, store, three):
     url = "/v1/streams/tiny/main/rollback"
-    stale = client.post(url, json={"version": three[0], "expected_head": three[1]}, headers=AUTH)
+    stale = client.post(
+        url, json={"version": three[0], "expected_head": three[1]}, headers=AUTH_ADMIN
+    )
     assert stale.status_code == 409
     assert (stale.json()["error"]["code"], stale.json()["error"]["head"]) == (
         "stale_head",
         three[2],
     )
 
-    moved = client.post(url, json={"version": three[0], "expected_head": three[2]}, headers=AUTH)
+    moved = client.post(
+        url, json={"version": three[0], "expected_head": three[2]}, headers=AUTH_ADMIN
+    )
     assert moved.status_code == 200
     assert (moved.json()["head"], moved.json()["count"]) == (three[0], 1)
     assert store.head("tiny", "main") == three[0]
@@ -124,21 +128,23 @@ def test_rollback_moves_the_head_and_keeps_the_versions(client, store, three):
     ]
 
     # a version rolled back past is no longer an ancestor of the head
-    forward = client.post(url, json={"version": three[2]}, headers=AUTH)
+    forward = client.post(url, json={"version": three[2]}, headers=AUTH_ADMIN)
     assert (forward.status_code, forward.json()["error"]["field"]) == (409, "version")
-    base = client.post(url, json={"version": None}, headers=AUTH)
+    base = client.post(url, json={"version": None}, headers=AUTH_ADMIN)
     assert base.status_code == 200 and base.json()["head"] is None
 
 
 def test_rollback_refusals(client, store, three):
     url = "/v1/streams/tiny/main/rollback"
-    missing = client.post(url, json={"version": "v" + "f" * 26}, headers=AUTH)
+    missing = client.post(url, json={"version": "v" + "f" * 26}, headers=AUTH_ADMIN)
     assert (missing.status_code, missing.json()["error"]["field"]) == (404, "version")
-    malformed = client.post(url, json={"version": "../x"}, headers=AUTH)
+    malformed = client.post(url, json={"version": "../x"}, headers=AUTH_ADMIN)
     assert (malformed.status_code, malformed.json()["error"]["field"]) == (422, "version")
-    no_field = client.post(url, json={}, headers=AUTH)
+    no_field = client.post(url, json={}, headers=AUTH_ADMIN)
     assert (no_field.status_code, no_field.json()["error"]["field"]) == (422, "version")
-    nostream = client.post("/v1/streams/tiny/x/rollback", json={"version": None}, headers=AUTH)
+    nostream = client.post(
+        "/v1/streams/tiny/x/rollback", json={"version": None}, headers=AUTH_ADMIN
+    )
     assert nostream.status_code == 404
     assert store.head("tiny", "main") == three[2]
 

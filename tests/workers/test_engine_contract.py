@@ -17,7 +17,8 @@ def engine(tmp_path, tiny_model_dir):
 
 def payload(options: dict) -> dict:
     facts = [fact_to_record(fact) for fact in parse_facts(RECORDS)]
-    return edit_payload("tiny", "main", facts, None, False, options, key_name="test")
+    actor = {"team": "team-a", "key_id": "0123456789ab"}
+    return edit_payload("tiny", "main", facts, None, False, options, key_name="test", actor=actor)
 
 
 def test_a_job_runs_with_its_options_and_the_version_records_them(engine):
@@ -32,6 +33,9 @@ def test_a_job_runs_with_its_options_and_the_version_records_them(engine):
     )
     assert manifest["facts"][0]["prompt"] == "The Eiffel Tower is located in the country of"
     assert manifest["metrics"]["epochs"] <= 2
+    # who asked: in the manifest and the stream's log
+    assert manifest["actor"] == {"team": "team-a", "key_id": "0123456789ab"}
+    assert engine.store.log("tiny", "main")[-1]["actor"] == manifest["actor"]
 
 
 def test_bad_options_are_refused_before_any_work(engine):
