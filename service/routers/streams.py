@@ -1,18 +1,39 @@
-"""Streams: a stream's versions, and rolling its head back."""
+"""Streams: the streams a key may read, a stream's versions, and rolling its head back."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contract.names import DELTA_FILE, VERSION_RE
 from curvature_store import Conflict, NotFound, StoreError
-from service.deps import KeyDep, StoreDep, StreamDep, require_json
+from service.access import may
+from service.deps import (
+    KeyDep,
+    SettingsDep,
+    StoreDep,
+    StreamDep,
+    check_name,
+    require_json,
+    served_model,
+)
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["streams"])
+
+
+class StreamSummary(BaseModel):
+    model: str
+    stream: str
+    head: str | None = Field(description="The head version (null: the base model)")
+    versions: int = Field(description="Versions in the head's lineage (rolled back: not counted)")
+    updated_at: str | None = Field(description="When the head last moved")
+
+
+class StreamList(BaseModel):
+    streams: list[StreamSummary] = Field(description="Sorted by model, then stream")
 
 
 class FileInfo(BaseModel):
@@ -67,6 +88,36 @@ class RollbackRequest(BaseModel):
 def _require_stream(store, model: str, stream: str) -> None:
     if not store.has_stream(model, stream):
         raise ApiError(404, "unknown_stream", f"no stream {model}/{stream}", "stream")
+
+
+@router.get("/v1/streams", response_model=StreamList, responses=responses(400, 403, 404))
+def list_streams(
+    settings: SettingsDep,
+    key: KeyDep,
+    store: StoreDep,
+    model: Annotated[str | None, Query(description="Only this model's streams")] = None,
+) -> StreamList:
+    """Every stream of a served model that this key may read, with its head, its number of
+    versions and when its head last moved; `?model=` narrows it to one model."""
+    if model is not None:
+        served_model(settings, key, check_name(model, "model"))
+    found = []
+    for name, stream in store.streams():
+        if name not in settings.models or (model is not None and name != model):
+            continue
+        if not may(key, "read", name, stream):
+            continue
+        info = store.head_info(name, stream)
+        found.append(
+            StreamSummary(
+                model=name,
+                stream=stream,
+                head=info["version"],
+                versions=info["count"],
+                updated_at=info["moved_at"],
+            )
+        )
+    return StreamList(streams=found)
 
 
 @router.get(
