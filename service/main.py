@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI
 from redis import Redis
 
 from service.config import Settings
+from service.console import mount_console
 from service.deps import current_key
 from service.errors import install_error_handlers, responses
 from service.metrics import Metrics
@@ -67,4 +68,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dependencies=[Depends(current_key)],
             responses=responses(401, 422, 429, 503),
         )
+    mount_console(app)  # the web console's static files, at /console/ (no key: the page asks)
     return app
