@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,16 +86,15 @@ def sign_in(page, url: str, key: str) -> None:
     page.get_by_role("heading", name="Models and streams").wait_for()
 
 
-def submit(page, facts: list[dict], evaluate: bool = False) -> None:
+def submit(page, facts: list[dict], stream: str = "team-a", model: str = "tiny") -> None:
     page.get_by_role("navigation").get_by_role("link", name="Submit edits").click()
-    page.get_by_label("Stream").fill("team-a")
+    page.get_by_label("Model").select_option(model)
+    page.get_by_label("Stream").fill(stream)
     for i, fact in enumerate(facts):
         for name, value in fact.items():
             page.get_by_label(f"Fact {i + 1} {name}", exact=True).fill(value)
     page.get_by_label("epochs").fill("8")
     page.get_by_label("learning rate").fill("0.03")
-    if evaluate:
-        page.get_by_label("measure drift").check()
     page.get_by_role("button", name="Submit", exact=True).click()
 
 
@@ -106,6 +106,11 @@ def test_console_in_a_browser(stack):
     from curvature_store import Store
 
     store = Store(settings.store_dir)
+    started = time.monotonic()
+
+    def mark(what: str) -> None:  # where the time goes (pytest -s shows it)
+        print(f"{time.monotonic() - started:6.1f} s  {what}")
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True)
         context = browser.new_context(
@@ -137,6 +142,7 @@ def test_console_in_a_browser(stack):
         shot(page, "2-submit-error")
         assert store.streams() == []  # nothing was enqueued or written
 
+        mark("signed in, refused submission")
         # the first edit, followed live to its version
         page.get_by_label("Fact 1 target", exact=True).fill("Rome")
         page.get_by_label("measure drift").check()
@@ -151,12 +157,14 @@ def test_console_in_a_browser(stack):
         first = store.head("tiny", "team-a")
         expect(page.locator("#job-result")).to_contain_text(first)
 
+        mark("first job done")
         # the second edit, with a target that must render as text, never as markup
         submit(page, [{"prompt": "Robert Boulter is an English", "target": XSS}])
         expect(page.locator("#job-status")).to_have_text("succeeded", timeout=JOB_TIMEOUT_MS)
         second = store.head("tiny", "team-a")
         assert second != first
 
+        mark("second job done")
         # the stream: both versions newest first, metrics, the plot
         page.get_by_role("link", name="tiny / team-a").click()
         rows = page.locator("#versions tbody tr")
@@ -201,6 +209,7 @@ def test_console_in_a_browser(stack):
         assert store.head("tiny", "team-a") == first
         shot(page, "6-rolled-back")
 
+        mark("stream, version, download, rollback")
         # team B's key sees neither the stream nor its versions, even by address
         page.get_by_role("button", name="Sign out").click()
         sign_in(page, url, KEY_B)
@@ -213,6 +222,17 @@ def test_console_in_a_browser(stack):
         expect(page.locator(".error")).to_contain_text("404")
         shot(page, "7-other-team")
 
+        # a job no worker takes (none serves `other`: it waits for a curvature build), cancelled
+        # from its page: the request shows until a worker would end it
+        submit(page, [{"prompt": "The capital of France is", "target": "Berlin"}], "b", "other")
+        expect(page.locator("#job-status")).to_contain_text("queued")
+        expect(page.locator("#job-phase")).to_contain_text("waiting for")
+        page.get_by_role("button", name="Cancel the job").click()
+        expect(page.locator("#job-status")).to_have_text("queued · cancel requested")
+        expect(page.get_by_role("button", name="Cancel the job")).to_be_hidden()
+        shot(page, "8-cancelled")
+
+        mark("other team, cancel")
         assert errors == []
         assert not [u for u in urls if KEY_A in u or KEY_B in u]  # the key never in a URL
         browser.close()

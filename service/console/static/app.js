@@ -353,7 +353,7 @@ function beforeAfter(doc) {
     ["generalization (paraphrases)", tf(b.generalization), tf(a.generalization)],
     ["locality (neighbours unchanged)", b.locality && b.locality.unchanged, a.locality && a.locality.unchanged],
     ["held-out perplexity", b.heldout_ppl, a.heldout_ppl],
-    ["perplexity change vs base", cap(b).ppl_change_pct, cap(a).ppl_change_pct],
+    ["perplexity change vs base, %", cap(b).ppl_change_pct, cap(a).ppl_change_pct],
     ["KL vs base", cap(b).kl, cap(a).kl],
     ["known-fact retention", (cap(b).fact_retention || {}).edited, (cap(a).fact_retention || {}).edited],
   ].filter(([, x, y]) => (x ?? y) !== undefined && (x ?? y) !== null);
@@ -558,7 +558,12 @@ async function jobPage(signal, id) {
   const phases = [];
   const show = (job) => {
     const p = job.progress || {};
-    fill(status, job.status, job.position !== null && job.position !== undefined ? ` (position ${job.position})` : "");
+    fill(
+      status,
+      job.status,
+      job.position !== null && job.position !== undefined ? ` (position ${job.position})` : "",
+      job.cancel_requested && !DONE.has(job.status) ? " · cancel requested" : "",
+    );
     fill(phase, p.phase ?? (job.waiting_for ? `waiting for ${job.waiting_for}` : "–"));
     // the last epoch and loss stay shown once the worker moves on to publishing
     if (p.epoch !== undefined) fill(epoch, `${p.epoch} / ${p.epochs ?? "?"}`);
@@ -575,7 +580,7 @@ async function jobPage(signal, id) {
     if (job.model && job.stream) fill(where, link(streamHref(job.model, job.stream), `${job.model} / ${job.stream}`));
     if (job.status !== lastStatus) announce(`job ${job.status}`);
     lastStatus = job.status;
-    cancel.hidden = DONE.has(job.status);
+    cancel.hidden = DONE.has(job.status) || job.cancel_requested;
     if (job.status === "succeeded" && job.version) {
       if (DONE.has(job.status)) bar.value = bar.max;
       const m = measured(job.metrics);
@@ -591,7 +596,7 @@ async function jobPage(signal, id) {
         ),
       );
     } else if (DONE.has(job.status)) {
-      fill(result, el("p", { class: "error", role: "alert" }, `${job.status}: `, job.error ?? "no error recorded"));
+      fill(result, el("p", { class: "error", role: "alert" }, `${job.status}: `, job.error ?? (job.status === "cancelled" ? "no version was published" : "no error recorded")));
     }
   };
   await followJob(id, show, signal);
