@@ -82,7 +82,7 @@ def shot(page, name: str) -> None:
 def sign_in(page, url: str, key: str) -> None:
     page.goto(f"{url}/console")
     page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_label("API key").press("Enter")  # the keyboard alone signs in
     page.get_by_role("heading", name="Models and streams").wait_for()
 
 
@@ -165,8 +165,15 @@ def test_console_in_a_browser(stack):
         assert second != first
 
         mark("second job done")
+        # the models and streams: the new stream with its head and two versions
+        page.get_by_role("navigation").get_by_role("link", name="Streams").click()
+        listed = page.locator("tr[data-stream='team-a']")
+        expect(listed).to_contain_text(second[:10])
+        expect(listed.locator("td.num")).to_have_text("2")
+        shot(page, "4-streams")
+
         # the stream: both versions newest first, metrics, the plot
-        page.get_by_role("link", name="tiny / team-a").click()
+        listed.get_by_role("link", name="team-a").click()
         rows = page.locator("#versions tbody tr")
         expect(rows).to_have_count(2)
         expect(rows.nth(0)).to_have_attribute("data-version", second)
@@ -181,7 +188,7 @@ def test_console_in_a_browser(stack):
         expect(rows.nth(1)).to_contain_text(f"{drift['ppl_change_pct']:+.2f} %")
         expect(page.locator("#history-plot svg")).to_have_count(2)
         expect(page.locator("#history-plot circle")).to_have_count(3)  # 2 efficacy, 1 drift
-        shot(page, "4-stream")
+        shot(page, "5-stream")
 
         # one version: its facts, before/after, a download checked against its sha256
         page.get_by_role("link", name="#1", exact=True).click()
@@ -195,19 +202,20 @@ def test_console_in_a_browser(stack):
         sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         assert sha == store.manifest(first)["files"]["delta.safetensors"]["sha256"]
         expect(page.locator(".downloads li").first).to_contain_text(f"sha256 {sha} ✓ verified")
-        shot(page, "5-version")
+        shot(page, "6-version")
 
         # roll back to the first version, confirmed in a dialog; the second shows rolled back
         page.go_back()
         page.get_by_role("button", name="Roll back to here").click()
-        page.get_by_role("button", name="Cancel").click()  # cancel first: nothing moves
+        page.keyboard.press("Escape")  # the dialog closes from the keyboard: nothing moves
+        expect(page.locator("#confirm")).to_be_hidden()
         assert store.head("tiny", "team-a") == second
         page.get_by_role("button", name="Roll back to here").click()
         page.locator("#confirm").get_by_role("button", name="Roll back").click()
         expect(rows.nth(0)).to_contain_text("rolled back")
         expect(rows.nth(1)).to_contain_text("head")
         assert store.head("tiny", "team-a") == first
-        shot(page, "6-rolled-back")
+        shot(page, "7-rolled-back")
 
         mark("stream, version, download, rollback")
         # team B's key sees neither the stream nor its versions, even by address
@@ -220,7 +228,7 @@ def test_console_in_a_browser(stack):
         expect(page.locator("#versions")).to_have_count(0)
         page.goto(f"{url}/console/#/version/{first}")
         expect(page.locator(".error")).to_contain_text("404")
-        shot(page, "7-other-team")
+        shot(page, "8-other-team")
 
         # a job no worker takes (none serves `other`: it waits for a curvature build), cancelled
         # from its page: the request shows until a worker would end it
@@ -230,7 +238,7 @@ def test_console_in_a_browser(stack):
         page.get_by_role("button", name="Cancel the job").click()
         expect(page.locator("#job-status")).to_have_text("queued · cancel requested")
         expect(page.get_by_role("button", name="Cancel the job")).to_be_hidden()
-        shot(page, "8-cancelled")
+        shot(page, "9-cancelled")
 
         mark("other team, cancel")
         assert errors == []
