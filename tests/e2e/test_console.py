@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from live import redis_db, redis_url, serve
 
+from service.client import CrispEditClient
 from service.config import Settings
 from service.keys import hash_key
 from service.main import create_app
@@ -140,11 +141,19 @@ def test_console_in_a_browser(stack):
             "aria-invalid", "true"
         )
         shot(page, "2-submit-error")
+        page.get_by_label("Fact 1 target", exact=True).fill("Rome")
+        page.get_by_label("learning rate").fill("fast")
+        page.get_by_role("button", name="Submit", exact=True).click()
+        expect(page.locator("#submit-error")).to_contain_text("options.lr")
+        expect(page.get_by_label("learning rate")).to_have_attribute("aria-invalid", "true")
+        expect(page.get_by_label("Fact 1 target", exact=True)).not_to_have_attribute(
+            "aria-invalid", "true"
+        )
+        page.get_by_label("learning rate").fill("0.03")
         assert store.streams() == []  # nothing was enqueued or written
 
         mark("signed in, refused submission")
         # the first edit, followed live to its version
-        page.get_by_label("Fact 1 target", exact=True).fill("Rome")
         page.get_by_label("measure drift").check()
         page.get_by_role("button", name="Submit", exact=True).click()
         expect(page.get_by_role("heading", name="Job")).to_be_visible()
@@ -163,6 +172,17 @@ def test_console_in_a_browser(stack):
         expect(page.locator("#job-status")).to_have_text("succeeded", timeout=JOB_TIMEOUT_MS)
         second = store.head("tiny", "team-a")
         assert second != first
+
+        # a job that fails in the worker (submitted with the client): its error on its page
+        with CrispEditClient(url, KEY_A) as client:
+            layers = {"layers": ["model.layers.99.mlp.down_proj"]}  # not the worker's layers
+            failing = client.submit(
+                "tiny", [{"prompt": "a", "target": "b"}], "team-a", None, layers
+            )
+        page.goto(f"{url}/console/#/job/{failing['job_id']}")
+        expect(page.locator("#job-status")).to_have_text("failed", timeout=JOB_TIMEOUT_MS)
+        expect(page.get_by_role("alert")).to_contain_text("model.layers.99.mlp.down_proj")
+        assert store.head("tiny", "team-a") == second  # nothing published
 
         mark("second job done")
         # the models and streams: the new stream with its head and two versions

@@ -679,8 +679,10 @@ async function submitPage(signal, params) {
       }
     });
     const options = {};
-    if (epochs.value) options.epochs = Number(epochs.value);
-    if (lr.value) options.lr = Number(lr.value);
+    // what is not a number goes as typed: the API's own message says what is wrong with it
+    const number = (text) => (Number.isFinite(Number(text)) ? Number(text) : text);
+    if (epochs.value) options.epochs = number(epochs.value);
+    if (lr.value) options.lr = number(lr.value);
     if (evaluate.checked) options.evaluate = true;
     const body = { model: model.value, stream: stream.value, facts };
     if (Object.keys(options).length) body.options = options;
