@@ -73,6 +73,7 @@ export async function features() {
     generate: has("/v1/versions/{version_id}/generate", "post"),
     adapter: has("/v1/versions/{version_id}/adapter", "get"),
     log: has("/v1/streams/{model}/{stream}/log", "get"),
+    publish: has("/v1/versions/{version_id}/publish", "post"),
   };
   return featureCache;
 }

@@ -190,13 +190,32 @@ async function streamsPage(signal) {
   );
 }
 
+// A stream policy's bounds in a few words (GET .../policy; 404 `no_policy`: none).
+const BOUNDS = [
+  ["min_efficacy", "efficacy ≥"],
+  ["max_ppl_change_pct", "ppl change ≤"],
+  ["max_kl", "KL ≤"],
+  ["min_fact_retention", "retention ≥"],
+];
+
 function policySummary(policy) {
   if (!policy) return "none";
-  const p = policy.policy || policy;
-  const parts = Object.entries(p)
-    .filter(([, v]) => v !== null && typeof v !== "object")
-    .map(([k, v]) => `${k} ${v}`);
-  return parts.length ? parts.join(", ") : "set";
+  const parts = BOUNDS.filter(([k]) => policy[k] !== null && policy[k] !== undefined).map(
+    ([k, label]) => `${label} ${policy[k]}`,
+  );
+  const prompts = (policy.regression || []).length;
+  if (prompts) parts.push(`${prompts} regression prompt${prompts > 1 ? "s" : ""}`);
+  return parts.length ? parts.join(", ") : "guarded";
+}
+
+// Why a guarded stream's job was rejected: the broken rules of its guard's verdict.
+function rejection(job) {
+  const guard = (job.result && job.result.guard) || {};
+  return (guard.failed || []).map((f) =>
+    f.rule === "regression"
+      ? `regression: “${f.prompt}” answered “${f.answer}”, expected “${f.expected}”`
+      : `${f.rule} ${f.bound}: measured ${fmt(f.value, 4)}`,
+  );
 }
 
 // --- a stream's history ----------------------------------------------------------------------
@@ -237,10 +256,26 @@ async function streamPage(signal, model, stream) {
     }
   }
 
+  async function publish(held) {
+    const ok = await confirmDialog(
+      `Publish version #${held.number} (${held.id}) of ${model}/${stream} although it is ` +
+        "outside the stream's policy? The stream's log records that it was forced.",
+      "Publish",
+    );
+    if (!ok) return;
+    try {
+      await post(`/v1/versions/${seg(held.id)}/publish`, { force: true, expected_head: listing.head });
+      announce(`published version #${held.number}`);
+      await streamPage(pageAbort.signal, model, stream);
+    } catch (err) {
+      fill(document.getElementById("actions-error"), errorBox(err));
+    }
+  }
+
   const rows = versions.map((v) => {
     const m = measured(v.metrics);
     const doc = byId.get(v.id);
-    const state = v.head ? "head" : v.in_lineage ? "in lineage" : "rolled back";
+    const state = v.head ? "head" : v.in_lineage ? "in lineage" : v.held ? "held" : "rolled back";
     return el(
       "tr",
       { class: v.in_lineage ? "" : "rolled-back", dataset: { version: v.id } },
@@ -266,6 +301,9 @@ async function streamPage(signal, model, stream) {
         {},
         v.in_lineage && !v.head
           ? el("button", { type: "button", onclick: () => rollback(v) }, "Roll back to here")
+          : null,
+        v.held && feats.publish
+          ? el("button", { type: "button", onclick: () => publish(v) }, "Publish anyway")
           : null,
       ),
     );
@@ -336,7 +374,7 @@ function historyChart(versions) {
     { id: "history-plot" },
     efficacy,
     drift,
-    el("figcaption", {}, "Oldest to newest; hollow points and × mark rolled-back versions."),
+    el("figcaption", {}, "Oldest to newest; hollow points and × mark versions out of the lineage (rolled back or held)."),
   );
 }
 
@@ -593,6 +631,18 @@ async function jobPage(signal, id) {
           link(versionHref(job.version), `version ${job.version}`),
           ` · efficacy ${fmt(m.efficacyBefore, 2)} → ${fmt(m.efficacy, 2)}`,
           m.ppl !== null ? ` · ppl ${pct(m.ppl)}` : "",
+        ),
+      );
+    } else if (job.status === "rejected") {
+      fill(
+        result,
+        el(
+          "div",
+          { class: "error", role: "alert" },
+          "rejected by the stream's policy; ",
+          job.version ? link(versionHref(job.version), `version ${job.version}`) : "the version",
+          " is kept, not published:",
+          el("ul", {}, rejection(job).map((r) => el("li", {}, r))),
         ),
       );
     } else if (DONE.has(job.status)) {
