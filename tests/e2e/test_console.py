@@ -264,3 +264,68 @@ def test_console_in_a_browser(stack):
         assert errors == []
         assert not [u for u in urls if KEY_A in u or KEY_B in u]  # the key never in a URL
         browser.close()
+
+
+def _has_guard() -> bool:
+    paths = create_app(Settings()).openapi()["paths"]
+    return {"/v1/streams/{model}/{stream}/policy", "/v1/versions/{version_id}/generate"} <= set(
+        paths
+    )
+
+
+@pytest.mark.skipif(
+    not _has_guard(),
+    reason="this API has no stream policies or generate yet (the guard branch adds them)",
+)
+def test_console_on_a_guarded_stream(stack):
+    """Guarded publishing, where the API has it (stream policies, held versions, generate):
+    the policy in words, a rejected job's broken rule, the held version published anyway, and
+    answers at a version and at its parent side by side."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, settings = stack
+    executable = chromium()
+    from curvature_store import Store
+
+    store = Store(settings.store_dir)
+    with CrispEditClient(url, KEY_A) as client:
+        client.set_policy("tiny", "guarded", {"min_efficacy": 1.0})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        sign_in(page, url, KEY_A)
+
+        # a version outside the policy: the job is rejected with the rule it broke
+        submit(page, [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}], "guarded")
+        expect(page.locator("#job-status")).to_have_text("rejected", timeout=JOB_TIMEOUT_MS)
+        expect(page.get_by_role("alert")).to_contain_text("min_efficacy 1")
+        assert store.head("tiny", "guarded") is None
+        shot(page, "10-rejected")
+
+        # the stream: its policy, the held version, published anyway after a confirmation
+        page.get_by_role("navigation").get_by_role("link", name="Streams").click()
+        expect(page.locator("tr[data-stream='guarded']")).to_contain_text("efficacy ≥ 1")
+        page.goto(f"{url}/console/#/stream/tiny/guarded")
+        expect(page.locator("#policy")).to_contain_text("efficacy ≥ 1")
+        row = page.locator("#versions tbody tr").first
+        expect(row).to_contain_text("held")
+        row.get_by_role("button", name="Publish anyway").click()
+        page.locator("#confirm").get_by_role("button", name="Publish").click()
+        expect(row).to_contain_text("head")
+        held = row.get_attribute("data-version")
+        assert store.head("tiny", "guarded") == held
+
+        # before/after by generation: the version and its parent answer side by side
+        row.get_by_role("link", name="#1", exact=True).click()
+        page.get_by_label("Prompts").fill(
+            "The Eiffel Tower is located in\nThe capital of France is"
+        )
+        page.get_by_role("button", name="Answer at this version and its parent").click()
+        answers = page.locator("#generations tbody tr")
+        expect(answers).to_have_count(2, timeout=JOB_TIMEOUT_MS)
+        expect(answers.first.locator("th")).to_have_text("The Eiffel Tower is located in")
+        shot(page, "11-generate")
+        assert errors == []
+        browser.close()

@@ -437,7 +437,8 @@ function generateForm(doc) {
   const out = el("div", { id: "generated" });
   const form = el(
     "form",
-    { method: "post", class: "card" },
+    { method: "post", class: "card stack", id: "generate" },
+    el("h3", {}, "Answers at this version and at its parent"),
     el("label", { for: "prompts" }, "Prompts, one a line (at most 20)"),
     prompts,
     el("button", { type: "submit" }, "Answer at this version and its parent"),
