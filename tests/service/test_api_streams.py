@@ -224,9 +224,7 @@ def test_a_corrupted_cumulative_cache_is_recomputed_not_served(client, store, se
 def test_list_streams_shows_only_what_the_key_may_read(client, store, three):
     other = make_version(store, "other", "team-b", 1.0)["id"]
     make_version(store, "retired", "main", 1.0)  # in the store, but no longer served
-    client.post(
-        "/v1/streams/tiny/main/rollback", headers=AUTH, json={"version": three[0]}
-    ).raise_for_status()
+    store.rollback("tiny", "main", three[0])
     every = client.get("/v1/streams", headers=AUTH)
     assert every.status_code == 200
     listed = every.json()["streams"]
