@@ -222,6 +222,13 @@ def test_console_in_a_browser(stack):
         sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         assert sha == store.manifest(first)["files"]["delta.safetensors"]["sha256"]
         expect(page.locator(".downloads li").first).to_contain_text(f"sha256 {sha} ✓ verified")
+        if "/v1/versions/{version_id}/adapter" in _routes():  # where the API exports adapters
+            page.get_by_label("rank").fill("2")
+            with page.expect_download() as info:
+                page.get_by_role("button", name="Adapter (PEFT LoRA, against base)").click()
+            assert info.value.suggested_filename.endswith("-adapter-r2.tar.gz")
+            sha = hashlib.sha256(Path(info.value.path()).read_bytes()).hexdigest()
+            expect(page.locator(".downloads li").last).to_contain_text(f"sha256 {sha} ✓ verified")
         shot(page, "6-version")
 
         # roll back to the first version, confirmed in a dialog; the second shows rolled back
@@ -266,11 +273,16 @@ def test_console_in_a_browser(stack):
         browser.close()
 
 
+def _routes() -> set[str]:
+    """The API's paths (policies, generate and adapters come with other branches)."""
+    return set(create_app(Settings()).openapi()["paths"])
+
+
 def _has_guard() -> bool:
-    paths = create_app(Settings()).openapi()["paths"]
-    return {"/v1/streams/{model}/{stream}/policy", "/v1/versions/{version_id}/generate"} <= set(
-        paths
-    )
+    return {
+        "/v1/streams/{model}/{stream}/policy",
+        "/v1/versions/{version_id}/generate",
+    } <= _routes()
 
 
 @pytest.mark.skipif(
