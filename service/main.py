@@ -15,6 +15,7 @@ from redis import Redis
 
 from service.auth import KeyRing, install_sighup
 from service.config import Settings
+from service.console import mount_console
 from service.deps import current_key
 from service.errors import install_error_handlers, responses
 from service.metrics import Metrics
@@ -70,4 +71,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dependencies=[Depends(current_key)],
             responses=responses(401, 422, 429, 503),
         )
+    mount_console(app)  # the web console's static files, at /console/ (no key: the page asks)
     return app

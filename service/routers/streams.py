@@ -1,4 +1,5 @@
-"""Streams: a stream's versions, its log (who moved its head, when), and rolling its head back.
+"""Streams: the streams a key may read, a stream's versions, its log (who moved its head, when),
+and rolling its head back.
 
 A key sees a stream only where `service.access` gives it `read` (rollback: `admin`); any other
 stream answers 404 as one that does not exist.
@@ -6,9 +7,9 @@ stream answers 404 as one that does not exist.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contract.names import DELTA_FILE, VERSION_RE
@@ -21,13 +22,27 @@ from service.deps import (
     StoreDep,
     StreamAdminDep,
     StreamReadDep,
+    check_name,
     require_json,
+    served_model,
     unknown_stream,
 )
 from service.errors import ApiError, responses
 from service.routers.jobs import Actor
 
 router = APIRouter(tags=["streams"])
+
+
+class StreamSummary(BaseModel):
+    model: str
+    stream: str
+    head: str | None = Field(description="The head version (null: the base model)")
+    versions: int = Field(description="Versions in the head's lineage (rolled back: not counted)")
+    updated_at: str | None = Field(description="When the head last moved")
+
+
+class StreamList(BaseModel):
+    streams: list[StreamSummary] = Field(description="Sorted by model, then stream")
 
 
 class FileInfo(BaseModel):
@@ -119,6 +134,38 @@ def _check_target(settings: Settings, store: Store, key: ApiKey, version: str) -
     model, stream = manifest["model"], manifest["stream"]
     owner = access.owner_of(settings, store, model, stream)
     access.require(key, "read", model, stream, owner, _unknown_version(version))
+
+
+@router.get("/v1/streams", response_model=StreamList, responses=responses(400, 404))
+def list_streams(
+    settings: SettingsDep,
+    key: KeyDep,
+    store: StoreDep,
+    model: Annotated[str | None, Query(description="Only this model's streams")] = None,
+) -> StreamList:
+    """Every stream of a served model that this key may read, with its head, its number of
+    versions and when its head last moved; `?model=` narrows it to one model."""
+    if model is not None:
+        served_model(settings, key, check_name(model, "model"))
+    found = []
+    for name, stream in store.streams():
+        if name not in settings.models or (model is not None and name != model):
+            continue
+        if not access.may(
+            key, "read", name, stream, access.owner_of(settings, store, name, stream)
+        ):
+            continue
+        info = store.head_info(name, stream)
+        found.append(
+            StreamSummary(
+                model=name,
+                stream=stream,
+                head=info["version"],
+                versions=info["count"],
+                updated_at=info["moved_at"],
+            )
+        )
+    return StreamList(streams=found)
 
 
 @router.get(

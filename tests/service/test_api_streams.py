@@ -225,3 +225,43 @@ def test_a_corrupted_cumulative_cache_is_recomputed_not_served(client, store, se
     _damage(cached, "truncate")
     third = client.get(url, headers=AUTH)
     assert hashlib.sha256(third.content).hexdigest() == third.headers["etag"].strip('"')
+
+
+def test_list_streams_shows_only_what_the_key_may_read(client, store, three):
+    other = make_version(store, "other", "team-b", 1.0)["id"]
+    make_version(store, "retired", "main", 1.0)  # in the store, but no longer served
+    store.rollback("tiny", "main", three[0])
+    every = client.get("/v1/streams", headers=AUTH)
+    assert every.status_code == 200
+    listed = every.json()["streams"]
+    assert [(s["model"], s["stream"]) for s in listed] == [("other", "team-b"), ("tiny", "main")]
+    tiny = listed[1]
+    assert (tiny["head"], tiny["versions"]) == (three[0], 1)  # rolled back: one in the lineage
+    assert tiny["updated_at"] == store.head_info("tiny", "main")["moved_at"]
+    assert listed[0]["head"] == other
+
+    only = client.get("/v1/streams", headers=AUTH_TINY).json()["streams"]
+    assert [(s["model"], s["stream"]) for s in only] == [("tiny", "main")]
+    narrowed = client.get("/v1/streams", params={"model": "other"}, headers=AUTH).json()
+    assert [s["stream"] for s in narrowed["streams"]] == ["team-b"]
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [
+        ("a..b", 400, "invalid_name"),
+        ("gpt-9", 404, "unknown_model"),
+        ("other", 404, "unknown_model"),
+    ],
+)
+def test_list_streams_bad_model_filter(client, store, model, status, code):
+    make_version(store, "other", "main", 1.0)
+    response = client.get("/v1/streams", params={"model": model}, headers=AUTH_TINY)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["field"] == "model"
+
+
+def test_list_streams_needs_a_key(client):
+    assert client.get("/v1/streams").status_code == 401
+    assert client.get("/v1/streams", headers=AUTH).json() == {"streams": []}

@@ -69,6 +69,7 @@ EXPECT: dict[tuple[str, str], Expect] = {
     ("GET", "/metrics"): Expect(role=None, scoped=False),
     ("GET", "/v1/relations"): Expect(role="key", scoped=False),
     ("GET", "/v1/models"): Expect(role="read", scoped=False),
+    ("GET", "/v1/streams"): Expect(role="read", scoped=False),
     ("POST", "/v1/curvature"): Expect(
         role="admin", scoped=False, body=lambda s: {"model": "tiny", "kind": "kfac"}
     ),
@@ -185,7 +186,7 @@ def test_every_route_of_openapi_yaml_against_every_kind_of_key(keys_file, redis)
 
             right = call(KEY_A)
             assert right.status_code in expect.ok, (where, right.text)
-            if template == "/v1/models":
+            if template in ("/v1/models", "/v1/streams"):
                 assert STREAM in right.text and STREAM not in other.text
 
 

@@ -34,6 +34,8 @@ def test_submit_wait_download(api, redis, store, tmp_path):
     assert job["status"] == "succeeded" and seen[-1]["status"] == "succeeded"
     version = job["version"]
     assert api.versions("tiny", "s1")["versions"][0]["id"] == version
+    assert [(s["stream"], s["head"]) for s in api.streams("tiny")["streams"]] == [("s1", version)]
+    assert api.streams()["streams"] == api.streams("tiny")["streams"]
     assert api.version(version)["id"] == version
 
     path = api.download_delta(version, tmp_path / "d.safetensors")
@@ -91,8 +93,15 @@ def test_cli_submit_status_download(live_server, redis, store, tmp_path, capsys)
     target = tmp_path / "delta.safetensors"
     assert main(["download", *api, version, "--out", str(target)]) == 0
     assert target.read_bytes() == store.version_file(version).read_bytes()
+    capsys.readouterr()
+    assert main(["streams", *api, "--model", "tiny"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "stream", "versions", "head", "updated"]
+    assert lines[1].split()[:4] == ["tiny", "c", "1", version]
 
     # errors: one line, exit 2
+    assert main(["streams", *api, "--model", "gpt-9"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
     assert main(["status", *api, "nope-no-such-job"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "404" in err
