@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -21,14 +20,13 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
 
+from contract.names import JOB_ID_RULE, is_job_id
 from service import jobqueue
 from service.config import ApiKey
 from service.deps import KeyDep, MaybeStoreDep, RedisDep, SettingsDep
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["jobs"])
-
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class Timings(BaseModel):
@@ -73,8 +71,8 @@ class JobView(BaseModel):
 
 def _job_for(redis: Redis, key: ApiKey, job_id: str) -> Job:
     """The job, or 400 (malformed id) / 404 (unknown, or of a model the key may not use)."""
-    if not JOB_ID_RE.match(job_id):
-        raise ApiError(400, "invalid_id", "invalid job id", "job_id")
+    if not is_job_id(job_id):
+        raise ApiError(400, "invalid_id", f"invalid job id: {JOB_ID_RULE}", "job_id")
     job = jobqueue.fetch(redis, job_id)
     if job is None or not key.allows(job.meta["model"]):
         raise ApiError(404, "not_found", f"no job {job_id}", "job_id")

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from contract.names import DELTA_FILE, VERSION_RE
+from contract.names import DELTA_FILE, VERSION_RULE, is_version_id
 from curvature_store import Conflict, NotFound, StoreError
 from service.deps import KeyDep, StoreDep, StreamDep, require_json
 from service.errors import ApiError, responses
@@ -59,8 +59,8 @@ class RollbackRequest(BaseModel):
     @field_validator("version", "expected_head")
     @classmethod
     def _version_id(cls, value: str | None) -> str | None:
-        if value is not None and not VERSION_RE.match(value):
-            raise ValueError("expected a version id: 'v' followed by 26 hex digits")
+        if value is not None and not is_version_id(value):
+            raise ValueError(f"not a version id: {VERSION_RULE}")
         return value
 
 

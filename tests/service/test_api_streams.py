@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from api_helpers import AUTH, AUTH_TINY, make_version
+from api_helpers import AUTH, AUTH_TINY, edit_body, make_version
 from safetensors.numpy import load
 
 from contract.jobs import curvature_index_key
@@ -40,6 +40,23 @@ def test_unknown_or_malformed_streams(client, three):
     assert (bad.json()["error"]["code"], bad.json()["error"]["field"]) == ("invalid_name", "stream")
     encoded = client.get("/v1/streams/%2E%2E/main/versions", headers=AUTH)
     assert (encoded.status_code, encoded.json()["error"]["field"]) == (400, "model")
+
+
+def test_a_trailing_newline_is_refused_in_every_name_and_id(client, store, three):
+    # `$` matches before a final newline: each rule must match the whole value
+    streams = client.get("/v1/streams/tiny/main%0A/versions", headers=AUTH)
+    assert (streams.status_code, streams.json()["error"]["field"]) == (400, "stream")
+    version = client.get(f"/v1/versions/{three[0]}%0A", headers=AUTH)
+    assert (version.status_code, version.json()["error"]["field"]) == (400, "version_id")
+    job = client.get("/v1/jobs/abc%0A", headers=AUTH)
+    assert (job.status_code, job.json()["error"]["field"]) == (400, "job_id")
+    edit = client.post("/v1/edits", headers=AUTH, json=edit_body(stream="nl\n"))
+    assert edit.status_code == 422 and edit.json()["error"]["field"] == "stream"
+    rollback = client.post(
+        "/v1/streams/tiny/main/rollback", headers=AUTH, json={"version": three[0] + "\n"}
+    )
+    assert rollback.status_code == 422 and rollback.json()["error"]["field"] == "version"
+    assert store.streams() == [("tiny", "main")]
 
 
 def test_version_manifest(client, store, three):
