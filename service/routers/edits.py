@@ -14,7 +14,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_to_record
+from contract.facts import (
+    FactsError,
+    FactTooLong,
+    UnknownRelation,
+    fact_from_record,
+    fact_to_record,
+)
 from contract.jobs import edit_payload
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from contract.settings import (
@@ -147,14 +153,22 @@ class EditAccepted(BaseModel):
 _FIELD_RE = re.compile(r"field '([^']+)'")
 
 
+# the refusals that `contract.facts` names itself: 400 with their own code; other bad facts 422
+_REFUSED = {FactTooLong: "fact_too_long"}
+
+
 def _to_record(index: int, fact: FactIn) -> dict:
-    """The fact as the engine's canonical record, or ApiError 422 naming `facts[i].field`."""
+    """The fact as the engine's canonical record, or ApiError naming `facts[i].field`: 400 for a
+    fact over the size limits of `contract.facts`, 422 for any other bad fact."""
     where = f"facts[{index}]"
     try:
         return fact_to_record(fact_from_record(fact.model_dump(exclude_none=True), where))
     except FactsError as err:
         found = _FIELD_RE.search(str(err))
         field = f"{where}.{found.group(1)}" if found else where
+        refused = _REFUSED.get(type(err))
+        if refused is not None:
+            raise ApiError(400, refused, str(err), field) from None
         code = "unknown_relation" if isinstance(err, UnknownRelation) else "invalid_fact"
         raise ApiError(422, code, str(err), field) from None
 

@@ -181,6 +181,23 @@ def test_invalid_bodies_are_422_with_the_field_and_enqueue_nothing(
     assert job_count(redis) == 0
 
 
+@pytest.mark.parametrize(
+    ("facts", "field"),
+    [
+        ([fact(subject="s" * 2000, relation="{}" * 1000)], "facts[0].relation"),
+        ([fact(), fact(subject="s" * 1500, relation="{} and {}")], "facts[1].relation"),
+        ([{"prompt": "\U0001f600" * 700, "target": "t"}], "facts[0].prompt"),
+        ([fact(target="t" * 2000, paraphrases=["p" * 100])], "facts[0].paraphrases[0]"),
+    ],
+)
+def test_facts_over_the_size_limits_are_400_before_anything_is_queued(client, redis, facts, field):
+    response = client.post("/v1/edits", json=edit_body(facts=facts), headers=AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("fact_too_long", field)
+    assert job_count(redis) == 0
+
+
 def test_malformed_json_and_wrong_content_type(client, redis):
     broken = client.post(
         "/v1/edits",
