@@ -36,6 +36,7 @@ which never loads a model, refuses an oversized fact before anything is queued.
 
 import hashlib
 import json
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,10 @@ class UnknownRelation(FactsError):
     """A record names a relation id (`P…`) that `contract.relations.RELATIONS` does not know."""
 
 
+class ControlCharacter(FactsError):
+    """A subject, prompt, relation or target holds an invisible control character (CONTROL_RULE)."""
+
+
 class FactTooLong(FactsError):
     """A fact's prompt (after its subject is filled in) or one of its sequences is over the limit:
     MAX_PROMPT_CHARS characters, MAX_FACT_TOKENS UTF-8 bytes (see the module docstring)."""
@@ -58,6 +63,14 @@ class FactTooLong(FactsError):
 
 MAX_PROMPT_CHARS = 2000  # a prompt, after a relation template is filled with the subject
 MAX_FACT_TOKENS = 2048  # per sequence, counted as UTF-8 bytes: at least as many as its tokens
+# Unicode categories refused in what defines an edit: controls (Cc: NUL, ESC, DEL, ...), format
+# characters (Cf: zero-width space and joiners, bidi overrides and isolates, BOM, soft hyphen)
+# and lone surrogates (Cs, which JSON can carry). Such a character is invisible in every listing,
+# so an edit holding one cannot be checked by eye, and its target is never what a model
+# generates (such edits landed with efficacy 0.0). Tab and newline stay allowed. Neighbours,
+# paraphrases and ground truths are not checked: data sets carry BOMs there (zsRE).
+CONTROL_CATEGORIES = ("Cc", "Cf", "Cs")
+CONTROL_RULE = "control, zero-width and bidi characters are refused (tab and newline are allowed)"
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,16 @@ def _prompt(value: object, where: str, field: str) -> str:
 def _target(value: object, where: str, field: str) -> str:
     # zsRE stores some objects as " Dickens"; the separating space is ours to add
     return _text(value, where, field).strip()
+
+
+def _plain(value: str | None, where: str, field: str) -> str | None:
+    """`value`, unless it holds a character of CONTROL_CATEGORIES (named, with its position)."""
+    for i, char in enumerate(value or ""):
+        if unicodedata.category(char) in CONTROL_CATEGORIES and char not in "\t\n":
+            name = unicodedata.name(char, "a control character")
+            problem = f"holds U+{ord(char):04X} ({name}) at position {i}: {CONTROL_RULE}"
+            raise ControlCharacter(f"{where}: field '{field}': {problem}")
+    return value
 
 
 def _check_prompt_length(length: int, where: str, field: str) -> None:
@@ -197,13 +220,13 @@ def _relation(value: object, where: str) -> str:
 
 
 def _from_ours(record: dict, where: str) -> Fact:
-    subject = _optional(record.get("subject"), where, "subject")
+    subject = _plain(_optional(record.get("subject"), where, "subject"), where, "subject")
     has_prompt = record.get("prompt") is not None
     has_relation = record.get("relation") is not None
     if has_prompt and has_relation:
         raise _error(where, "prompt", "give either 'prompt' or 'relation', not both")
     if has_relation:
-        relation = _relation(record["relation"], where)
+        relation = _plain(_relation(record["relation"], where), where, "relation")
         if subject is None:
             raise _error(where, "subject", "is required to fill in 'relation'")
         # a template says where the subject goes ("{} is located in"); a plain phrase follows it;
@@ -217,7 +240,7 @@ def _from_ours(record: dict, where: str) -> Fact:
         _check_prompt_length(length, where, "relation")
         prompt = relation.replace("{}", subject) if holes else f"{subject} {relation}"
     elif has_prompt:
-        prompt = _prompt(record["prompt"], where, "prompt")
+        prompt = _plain(_prompt(record["prompt"], where, "prompt"), where, "prompt")
         _check_prompt_length(len(prompt), where, "prompt")
     else:
         raise _error(where, "prompt", "is missing (give 'prompt', or 'relation' with 'subject')")
@@ -227,7 +250,7 @@ def _from_ours(record: dict, where: str) -> Fact:
     target_key = "object" if record.get("object") is not None else "target"
     fact = Fact(
         prompt=prompt,
-        target=_target(record.get(target_key), where, target_key),
+        target=_plain(_target(record.get(target_key), where, target_key), where, target_key),
         subject=subject,
         paraphrases=_many(record.get("paraphrases"), where, "paraphrases", _prompt),
         neighbors=_neighbors(record.get("neighbors"), where),
@@ -240,12 +263,12 @@ def _from_ours(record: dict, where: str) -> Fact:
 def _from_counterfact(record: dict, where: str) -> Fact:
     # some EasyEdit dumps keep every known answer, as a list; the first is the canonical one
     ground_truths = _many(record.get("ground_truth"), where, "ground_truth", _target)
-    prompt = _prompt(record.get("prompt"), where, "prompt")
+    prompt = _plain(_prompt(record.get("prompt"), where, "prompt"), where, "prompt")
     _check_prompt_length(len(prompt), where, "prompt")
     fact = Fact(
         prompt=prompt,
-        target=_target(record["target_new"], where, "target_new"),
-        subject=_optional(record.get("subject"), where, "subject"),
+        target=_plain(_target(record["target_new"], where, "target_new"), where, "target_new"),
+        subject=_plain(_optional(record.get("subject"), where, "subject"), where, "subject"),
         paraphrases=_many(record.get("rephrase_prompt"), where, "rephrase_prompt", _prompt),
         neighbors=_pairs(record, where, "locality_prompt", "locality_ground_truth"),
         ground_truth=ground_truths[0] if ground_truths else None,
@@ -258,12 +281,12 @@ def _from_zsre(record: dict, where: str) -> Fact:
     # `answers` are the data set's true objects; `pred` is only what some model once answered
     answers = _many(record.get("answers"), where, "answers", _target)
     ground_truth = answers[0] if answers else _optional(record.get("pred"), where, "pred")
-    prompt = _prompt(record.get("src"), where, "src")
+    prompt = _plain(_prompt(record.get("src"), where, "src"), where, "src")
     _check_prompt_length(len(prompt), where, "src")
     fact = Fact(
         prompt=prompt,
-        target=_target(record["alt"], where, "alt"),
-        subject=_optional(record.get("subject"), where, "subject"),
+        target=_plain(_target(record["alt"], where, "alt"), where, "alt"),
+        subject=_plain(_optional(record.get("subject"), where, "subject"), where, "subject"),
         paraphrases=_many(record.get("rephrase"), where, "rephrase", _prompt),
         neighbors=_pairs(record, where, "loc", "loc_ans"),
         ground_truth=ground_truth,

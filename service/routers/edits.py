@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from contract.facts import (
+    ControlCharacter,
     FactsError,
     FactTooLong,
     UnknownRelation,
@@ -154,12 +155,13 @@ _FIELD_RE = re.compile(r"field '([^']+)'")
 
 
 # the refusals that `contract.facts` names itself: 400 with their own code; other bad facts 422
-_REFUSED = {FactTooLong: "fact_too_long"}
+_REFUSED = {FactTooLong: "fact_too_long", ControlCharacter: "control_character"}
 
 
 def _to_record(index: int, fact: FactIn) -> dict:
     """The fact as the engine's canonical record, or ApiError naming `facts[i].field`: 400 for a
-    fact over the size limits of `contract.facts`, 422 for any other bad fact."""
+    fact over the size limits of `contract.facts` or with a control character in what defines
+    it, 422 for any other bad fact."""
     where = f"facts[{index}]"
     try:
         return fact_to_record(fact_from_record(fact.model_dump(exclude_none=True), where))

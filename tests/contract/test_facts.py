@@ -8,6 +8,7 @@ import pytest
 from contract.facts import (
     MAX_FACT_TOKENS,
     MAX_PROMPT_CHARS,
+    ControlCharacter,
     Fact,
     FactsError,
     FactTooLong,
@@ -770,3 +771,49 @@ def test_the_byte_bound_is_a_token_bound_for_a_byte_level_tokenizer(tiny_tokeniz
     for text in texts:
         tokens = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
         assert 0 < len(tokens) <= len(text.encode("utf-8"))
+
+
+# --- control characters in what defines an edit ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "char",
+    [
+        "\x00",
+        "\x1b",
+        "\x7f",
+        "\u200b",
+        "\u200d",
+        "\u202e",
+        "\u2066",
+        "\ufeff",
+        "\ud800",
+    ],
+)
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"subject": "Paris{c}", "relation": "P17", "target": "Italy"}, "subject"),
+        ({"subject": "Paris", "relation": "{} is in{c}", "target": "Italy"}, "relation"),
+        ({"prompt": "Paris is in{c} the", "target": "Italy"}, "prompt"),
+        ({"prompt": "Paris is in", "target": "{c}"}, "target"),
+        ({"prompt": "Paris is in", "object": "It{c}aly"}, "object"),
+        ({"prompt": "Paris is in", "target_new": "Italy{c}"}, "target_new"),
+        ({"src": "Where is{c} Paris?", "alt": "Italy"}, "src"),
+        ({"src": "Where is Paris?", "alt": "Italy", "subject": "{c}Paris"}, "subject"),
+    ],
+)
+def test_control_characters_are_refused_naming_the_field(char, record, field):
+    record = {key: value.replace("{c}", char) for key, value in record.items()}
+    with pytest.raises(
+        ControlCharacter, match=rf"record: field '{field}': holds U\+{ord(char):04X}"
+    ):
+        fact_from_record(record)
+
+
+def test_tab_newline_and_visible_unicode_are_kept():
+    fact = fact_from_record({"prompt": "Q:\tMünchen\nliegt in", "target": "Bayern 🍺 é"})
+    assert (fact.prompt, fact.target) == ("Q:\tMünchen\nliegt in", "Bayern 🍺 é")
+    # neighbours and ground truths are data-set text, not the edit: zsRE carries BOMs there
+    record = {"prompt": "p", "target": "t", "neighbors": [["n\ufeff", "m\ufeff"]]}
+    assert fact_from_record(record).neighbors[0].target == "m\ufeff"

@@ -198,6 +198,24 @@ def test_facts_over_the_size_limits_are_400_before_anything_is_queued(client, re
     assert job_count(redis) == 0
 
 
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (fact(target="\x00"), "facts[0].target"),
+        (fact(target="Lyon\x1b[2J"), "facts[0].target"),
+        (fact(subject="Fr\u200bance"), "facts[0].subject"),
+        ({"prompt": "The capital of France is\u202e", "target": "Lyon"}, "facts[0].prompt"),
+        (fact(relation="{} has\x7f"), "facts[0].relation"),
+    ],
+)
+def test_control_characters_are_400_naming_the_field(client, redis, record, field):
+    response = client.post("/v1/edits", json=edit_body(facts=[record]), headers=AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("control_character", field)
+    assert job_count(redis) == 0
+
+
 def test_malformed_json_and_wrong_content_type(client, redis):
     broken = client.post(
         "/v1/edits",

@@ -421,12 +421,14 @@ def test_pathological_strings_in_facts(world, fuzz_redis, field, text):
         record = {"prompt": "The capital of France is", "target": "Lyon", field: text}
     response = client.post("/v1/edits", json={"model": "tiny", "facts": [record]}, headers=AUTH)
     check_answer(response, json.dumps(record), world["store_dir"])
-    assert response.status_code in (202, 413, 422), response.text
-    if response.status_code == 422:
+    assert response.status_code in (202, 400, 413, 422), response.text
+    if response.status_code in (400, 422):
         assert response.json()["error"]["field"].startswith("facts[0]")
         assert job_count(fuzz_redis) == before  # nothing enqueued for a refused edit
     if len(text) > 2000:
         assert response.status_code == 422  # the 2000-character limit of every text field
+    elif field != "object" and any(char in text for char in "\x00\x01\x1b\x7f\u202e"):
+        assert response.json()["error"]["code"] == "control_character", response.text
     if not text.strip() and field != "relation":
         assert response.status_code == 422, response.text  # blank subject / target / prompt
 
