@@ -33,6 +33,7 @@ from contract.settings import (
 )
 from curvature_store import Store
 from service import idempotency, jobqueue
+from service.config import Settings
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
 from service.errors import ApiError, responses
 
@@ -206,6 +207,7 @@ def submit_edit(
     """
     model = served_model(settings, key, body.model)
     _check_size(body, settings.max_facts)
+    _check_layers(settings, model, body.options.layers)
     records = [_to_record(i, fact) for i, fact in enumerate(body.facts)]
     check_parent = "parent_version" in body.model_fields_set
 
@@ -256,6 +258,32 @@ def _check_size(body: EditRequest, max_facts: int) -> None:
             "too_many_facts",
             f"{len(body.facts)} facts in one request; the limit is {max_facts}",
             "facts",
+        )
+
+
+def _check_layers(settings: Settings, model: str, layers: list[str] | None) -> None:
+    """400 on `options.layers` unless it is the layer list the model's workers edit: a worker
+    edits only its own layers (`workers.engine`), so any other list would wait its turn in the
+    stream and then fail. Without `layers` in the served model's configuration the API cannot
+    tell, and refuses any explicit list."""
+    if layers is None:
+        return
+    served = settings.models[model].layers
+    if served is None:
+        raise ApiError(
+            400,
+            "layers_not_served",
+            f"model {model!r} is edited at its workers' own layers, which this deployment does "
+            "not configure (CRISPEDIT_MODELS layers); leave options.layers out",
+            "options.layers",
+        )
+    if list(layers) != list(served):
+        raise ApiError(
+            400,
+            "layers_not_served",
+            f"the workers of model {model!r} edit layers {served} (GET /v1/models), not "
+            f"{layers}; leave options.layers out or give exactly that list",
+            "options.layers",
         )
 
 

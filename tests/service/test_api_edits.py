@@ -216,6 +216,25 @@ def test_control_characters_are_400_naming_the_field(client, redis, record, fiel
     assert job_count(redis) == 0
 
 
+def test_layers_are_refused_unless_they_are_the_served_ones(client, redis):
+    served = ["model.layers.1.mlp.down_proj"]
+    for model, layers, words in (
+        ("tiny", ["model.layers.2.mlp.down_proj"], "edit layers ['model.layers.1.mlp.down_proj']"),
+        ("tiny", [*served, "model.layers.2.mlp.down_proj"], "GET /v1/models"),
+        ("other", served, "does not configure"),
+    ):
+        body = edit_body(model=model, options={"layers": layers})
+        response = client.post("/v1/edits", json=body, headers=AUTH)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["field"]) == ("layers_not_served", "options.layers")
+        assert words in error["message"]
+    assert job_count(redis) == 0
+    same = client.post("/v1/edits", json=edit_body(options={"layers": served}), headers=AUTH)
+    assert same.status_code == 202
+    assert job_count(redis) == 1
+
+
 def test_malformed_json_and_wrong_content_type(client, redis):
     broken = client.post(
         "/v1/edits",
