@@ -45,6 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             '`{"error": {"code", "message", "field"?}}`.'
         ),
         lifespan=lifespan,
+        # no redirect from /path/ to /path: Starlette builds its Location from the Host header,
+        # which a client controls; an unknown path is the JSON 404 of any other
+        redirect_slashes=False,
     )
     app.state.settings = settings
     # Lazy connections: the app starts (and /healthz answers) while Redis is still coming up.

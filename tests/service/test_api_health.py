@@ -87,6 +87,17 @@ def test_unknown_routes_and_methods_use_the_error_shape(client):
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 
 
+def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_host_header(client):
+    for path in ("/healthz/", "/v1/relations/", "/v1/jobs/abc/", "/metrics/"):
+        response = client.get(
+            path, headers={**AUTH, "Host": "evil.example"}, follow_redirects=False
+        )
+        assert response.status_code == 404, (path, response.status_code)
+        assert "location" not in response.headers
+        assert response.json()["error"]["code"] == "not_found"
+        assert "evil.example" not in response.text
+
+
 def test_job_errors_lose_absolute_paths():
     assert scrub("/srv/store/versions/v1/delta.safetensors is missing") == (
         "delta.safetensors is missing"
