@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # where `?against=base` deltas are cached; default: <store_dir>/tmp/api-cache (the store's
     # garbage collection may remove it, which only costs a recomputation)
     cache_dir: Path | None = None
+    # the most bytes of cumulative deltas kept there; the least recently downloaded go first
+    cache_max_bytes: int = Field(default=1 << 30, ge=0)
     api_keys: dict[str, ApiKey] = {}
     models: dict[str, ServedModel] = {}
 

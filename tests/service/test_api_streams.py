@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import pytest
 from api_helpers import AUTH, AUTH_TINY, edit_body, make_version
+from fastapi.testclient import TestClient
 from safetensors.numpy import load
 
 from contract.jobs import curvature_index_key
 from contract.names import DELTA_FILE
+from service import deltas
+from service.main import create_app
 
 
 @pytest.fixture
@@ -221,6 +225,43 @@ def test_a_corrupted_delta_is_a_json_error_not_a_file(client, store, settings, t
             assert leak not in response.text
     # the undamaged parent is still served
     assert client.get(f"/v1/versions/{three[0]}/delta", headers=AUTH).status_code == 200
+
+
+def test_the_cumulative_cache_is_bounded_least_recently_used_first(
+    settings, store, three, monkeypatch
+):
+    cache = settings.cumulative_cache_dir
+    cumulative = deltas.cumulative_delta(store, cache, three[0])[0]  # all three: the same size
+    size = cumulative.stat().st_size
+    bounded = settings.model_copy(update={"cache_max_bytes": 2 * size + size // 2})
+
+    def download(version: str) -> bytes:
+        response = client.get(f"/v1/versions/{version}/delta?against=base", headers=AUTH)
+        assert response.status_code == 200
+        time.sleep(0.02)  # distinct last-use times
+        return response.content
+
+    def cached() -> set[str]:
+        return {path.stem for path in cache.glob("*.safetensors")}
+
+    with TestClient(create_app(bounded)) as client:
+        first = download(three[0])
+        download(three[1])
+        download(three[2])  # over the bound, but every entry was used a moment ago
+        assert cached() == set(three)
+        monkeypatch.setattr(deltas, "EVICT_GRACE_S", 0.0)
+        for path in cache.glob("*.safetensors"):
+            path.unlink()
+        for path in cache.glob("*.json"):
+            path.unlink()
+        download(three[0])
+        download(three[1])
+        assert download(three[0]) == first  # a hit: three[0] is now the most recently used
+        download(three[2])
+        assert cached() == {three[0], three[2]}  # three[1], the least recently used, went
+        assert set(path.stem for path in cache.glob("*.json")) == cached()
+        download(three[1])  # recomputed after its eviction
+        assert cached() == {three[1], three[2]}
 
 
 def test_a_corrupted_cumulative_cache_is_recomputed_not_served(client, store, settings, three):
