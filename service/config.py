@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     failure_ttl_s: int = Field(default=7 * 86400, ge=1)
     idempotency_ttl_s: int = Field(default=86400, ge=1)
 
+    # /metrics shows route, queue and job counts of every model: open for scrapers by default
+    metrics_require_key: bool = False
+
     sse_poll_s: float = Field(default=0.5, gt=0)
     sse_max_s: float = Field(default=3600.0, gt=0)
     sse_keepalive_s: float = Field(default=15.0, gt=0)

@@ -79,6 +79,20 @@ def test_metrics(client):
     assert "crispedit_redis_up 1.0" in text
 
 
+def test_metrics_behind_a_key_when_the_setting_says_so(client, settings):
+    assert client.get("/metrics").status_code == 200  # the default: open, for scrapers
+    locked = settings.model_copy(update={"metrics_require_key": True})
+    with TestClient(create_app(locked)) as keyed:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = keyed.get("/metrics", headers=headers)
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "unauthorized"
+            assert "crispedit_" not in refused.text
+        allowed = keyed.get("/metrics", headers=AUTH)
+        assert allowed.status_code == 200 and "crispedit_redis_up" in allowed.text
+        assert keyed.get("/healthz").status_code == 200  # probes stay open
+
+
 def test_unknown_routes_and_methods_use_the_error_shape(client):
     missing = client.get("/v2/nothing")
     assert missing.status_code == 404
