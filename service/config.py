@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     sse_poll_s: float = Field(default=0.5, gt=0)
     sse_max_s: float = Field(default=3600.0, gt=0)
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    # open /events streams per API process: per key (429 beyond) and in all (503 beyond); each
+    # holds a connection and polls Redis, so without a cap one key can slow every other request
+    sse_max_per_key: int = Field(default=10, ge=1)
+    sse_max_total: int = Field(default=500, ge=1)
 
     @field_validator("api_keys")
     @classmethod

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -19,12 +20,13 @@ from pydantic import BaseModel, Field
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
+from starlette.types import Receive, Scope, Send
 
 from contract.names import JOB_ID_RULE, is_job_id
 from service import jobqueue
-from service.config import ApiKey
+from service.config import ApiKey, Settings
 from service.deps import KeyDep, MaybeStoreDep, RedisDep, SettingsDep
-from service.errors import ApiError, responses
+from service.errors import ApiError, ErrorResponse, responses
 
 router = APIRouter(tags=["jobs"])
 
@@ -104,6 +106,55 @@ def cancel_job(job_id: str, key: KeyDep, redis: RedisDep, response: Response) ->
     return jobqueue.job_view(redis, job)
 
 
+class _CountedStream(StreamingResponse):
+    """A StreamingResponse that gives its slot back however the response ends (done, client
+    gone, cancelled, even before the first event), since an unstarted generator's `finally`
+    would never run."""
+
+    def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def _open_stream(request: Request, settings: Settings, key: ApiKey) -> Callable[[], None]:
+    """Take one of the process's event-stream slots for `key`, or ApiError: 429 when the key
+    holds `sse_max_per_key` streams, 503 when the process holds `sse_max_total`. Returns the
+    function that gives the slot back (idempotent). Counted per process, on its event loop."""
+    state = request.app.state
+    if not hasattr(state, "sse_open"):
+        state.sse_open = Counter()
+    open_streams: Counter[str] = state.sse_open
+    retry = {"Retry-After": "5"}
+    if open_streams.total() >= settings.sse_max_total:
+        raise ApiError(
+            503, "too_many_streams", "too many open event streams; poll GET /v1/jobs/{id} or "
+            "retry later", headers=retry,
+        )  # fmt: skip
+    if open_streams[key.name] >= settings.sse_max_per_key:
+        raise ApiError(
+            429, "too_many_streams", f"this API key holds {settings.sse_max_per_key} open event "
+            "streams, the limit; close one or poll GET /v1/jobs/{id}", headers=retry,
+        )  # fmt: skip
+    open_streams[key.name] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            open_streams[key.name] -= 1
+            if open_streams[key.name] <= 0:
+                del open_streams[key.name]
+
+    return release
+
+
 def _sse(event: str, data: object, event_id: int | None = None) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
@@ -115,6 +166,16 @@ def _sse(event: str, data: object, event_id: int | None = None) -> str:
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
         **responses(400, 404),
+        429: {
+            "model": ErrorResponse,
+            "description": "The key's open event streams are at the "
+            "limit (CRISPEDIT_SSE_MAX_PER_KEY), or its rate limit",
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "The process's open event streams are at "
+            "the limit (CRISPEDIT_SSE_MAX_TOTAL), or Redis is unavailable",
+        },
     },
 )
 async def job_events(
@@ -127,7 +188,9 @@ async def job_events(
 ) -> StreamingResponse:
     """Server-sent events: a `status` event (the job view, as GET /v1/jobs/{id}) whenever it
     changes, then `end` after a terminal status. The stream also ends after
-    CRISPEDIT_SSE_MAX_S seconds (`timeout` event); comments keep idle connections open."""
+    CRISPEDIT_SSE_MAX_S seconds (`timeout` event); comments keep idle connections open. A key
+    may hold CRISPEDIT_SSE_MAX_PER_KEY streams at once (429 beyond), an API process
+    CRISPEDIT_SSE_MAX_TOTAL (503 beyond)."""
     await run_in_threadpool(_job_for, redis, key, job_id)  # errors before the stream starts
 
     def view() -> dict | None:
@@ -166,8 +229,10 @@ async def job_events(
                 return
             await asyncio.sleep(settings.sse_poll_s)
 
-    return StreamingResponse(
+    release = _open_stream(request, settings, key)  # the last check: nothing raises after it
+    return _CountedStream(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        release=release,
     )
