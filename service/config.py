@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     models: dict[str, ServedModel] = {}
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # seconds a request's headers, and then its body, may take to arrive (service.server)
+    read_timeout_s: float = Field(default=10.0, gt=0)
     max_facts: int = Field(default=100, ge=1)
     rate_limit_per_minute: int = Field(default=600, ge=0)  # per API key; 0 turns it off
 

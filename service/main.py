@@ -1,6 +1,7 @@
 """The app factory: `create_app(settings)` wires settings, Redis, the store, middleware and routers.
 
-Run it with `uvicorn --factory service.main:create_app` (settings from `CRISPEDIT_*` variables).
+Run it with `uvicorn --factory service.main:create_app --http service.server:TimedH11Protocol`
+(settings from `CRISPEDIT_*` variables; the protocol gives request headers a deadline).
 Nothing here, nor anything it imports, imports torch: the engine runs in the workers only.
 """
 
@@ -59,7 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     # Added last = outermost: metrics see every request, including those refused as too large.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.read_timeout_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     app.include_router(health.router)
