@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 
 from redis import Redis
 from rq import Queue, SimpleWorker
+from rq.registry import StartedJobRegistry
 from rq.worker import WorkerStatus
 
 from contract.jobs import curvature_index_key, curvature_kind, curvature_spec, queue_name
@@ -51,7 +52,9 @@ class ResidentWorker(SimpleWorker):
     Because it beats every `heartbeat_interval` seconds, a job's heartbeat can expire after three
     missed beats instead of RQ's job timeout + 60 s: a worker killed mid-job is noticed within
     half a minute, and RQ's registry cleanup then marks its job failed (never re-queued: the edit
-    may have been half done, so the client decides whether to resubmit). The store is untouched:
+    may have been half done, so the client decides whether to resubmit). That cleanup is run by
+    every live worker between beats (`reap_abandoned`) and by the API whenever it shows a running
+    job, not only by RQ's maintenance (every 10 minutes). The store is untouched:
     nothing is published before the edit completes.
     """
 
@@ -63,9 +66,10 @@ class ResidentWorker(SimpleWorker):
         stop = threading.Event()
 
         def sweep() -> None:
-            while not stop.wait(self.ready_sweep_interval):
+            while not stop.wait(min(self.ready_sweep_interval, self.heartbeat_interval)):
                 try:
                     self.drain_ready()
+                    self.reap_abandoned()
                 except Exception:  # Redis away for a moment: the next sweep retries
                     log.exception("ready-registry sweep failed")
 
@@ -122,6 +126,13 @@ class ResidentWorker(SimpleWorker):
                 pushed += len(registry.cleanup())
             time.sleep(random.uniform(0.0, 0.05))
         return pushed
+
+    def reap_abandoned(self) -> None:
+        """Fail the jobs of this worker's queues whose worker died (heartbeat expired): RQ's
+        own maintenance does it only every 10 minutes, which would leave a dead worker's job
+        `running`, and its stream stalled, that long while this worker idles beside it."""
+        for queue in self.queues:
+            StartedJobRegistry(queue=queue).cleanup()  # what service.jobqueue.fetch does too
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return max(1, round(3 * self.heartbeat_interval))
