@@ -518,3 +518,39 @@ def test_too_many_facts_and_deep_nesting(world, fuzz_redis):
     for response in (many, huge_list, nested):
         check_answer(response, "", world["store_dir"])
     assert job_count(fuzz_redis) == before
+
+
+# A lone surrogate (valid JSON, not valid Unicode text), a template that would multiply its
+# subject, and control characters, in every text field of a fact: refused (400/422), never a 500.
+HOSTILE_FIELDS = {
+    "subject": '"Fr\\ud800ance"',
+    "target": '"L\\udfffyon"',
+    "ground_truth": '"\\ud800"',
+    "paraphrases": '["a\\ud800", "\\u0000\\u001b[2J"]',
+    "neighbors": '[{"prompt": "p\\ud800", "target": "t"}]',
+    "relation": '"' + "{}" * 1000 + '"',
+}
+
+
+@pytest.mark.parametrize("field", HOSTILE_FIELDS)
+def test_hostile_fact_fields_are_refused_never_a_500(world, fuzz_redis, field):
+    client = world["client"]
+    before = job_count(fuzz_redis)
+    subject = '"' + "s" * 2000 + '"' if field == "relation" else '"France"'
+    record = {"subject": subject, "relation": '"P36"', "target": '"Lyon"'}
+    record[field] = HOSTILE_FIELDS[field]
+    body = (
+        '{"model": "tiny", "facts": [{'
+        + ", ".join(f'"{key}": {value}' for key, value in record.items())
+        + "}]}"
+    )
+    for headers in ({}, {"Idempotency-Key": "kë\u202e".encode()}):
+        response = client.post(
+            "/v1/edits",
+            content=body.encode(),
+            headers={**AUTH, **headers, "Content-Type": "application/json"},
+        )
+        check_answer(response, body, world["store_dir"])
+        assert response.status_code in (400, 422), response.text
+        assert response.json()["error"]["field"].startswith("facts[0]")
+    assert job_count(fuzz_redis) == before
