@@ -267,6 +267,7 @@ def main() -> None:
         env["CRISPEDIT_REDIS_URL"] = private_redis(stack, RUN_DIR / "redis") + "/0"
         worker_env = {**env, "OMP_NUM_THREADS": str(args.worker_threads)}
         api = start(stack, "API", [str(bin_dir / "uvicorn"), "--factory", "service.main:create_app",
+                                   "--http", "service.server:TimedH11Protocol",
                                    "--host", "127.0.0.1", "--port", str(port),
                                    "--workers", str(args.api_workers),
                                    "--log-level", "warning", "--no-access-log"],

@@ -22,10 +22,21 @@ Keys we do not know are ignored, since other tools add their own.
 This module is the one place that turns records into facts: the engine, its CLI, the API and the
 bench all read facts through it, so the same record means the same edit everywhere. It is
 standard library only, because the API's request path must not import torch.
+
+Size limits, checked here because this is where a relation template is expanded: a prompt holds at
+most MAX_PROMPT_CHARS characters after its subject is filled in (a template of a thousand `{}`
+would otherwise multiply a short request a thousandfold), and every sequence the engine builds
+from a fact (prompt + " " + target, each paraphrase with the target, each neighbour with its
+answer) holds at most MAX_FACT_TOKENS UTF-8 bytes. That byte count bounds the tokens without a
+tokenizer: the byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM2, Qwen) and the SentencePiece ones
+with byte fallback (Llama 2, Mistral, Gemma) emit at most one token per UTF-8 byte, so a sequence
+is at most MAX_FACT_TOKENS tokens plus the model's special and chat-template tokens. The API,
+which never loads a model, refuses an oversized fact before anything is queued.
 """
 
 import hashlib
 import json
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +50,27 @@ class FactsError(ValueError):
 
 class UnknownRelation(FactsError):
     """A record names a relation id (`P…`) that `contract.relations.RELATIONS` does not know."""
+
+
+class ControlCharacter(FactsError):
+    """A subject, prompt, relation or target holds an invisible control character (CONTROL_RULE)."""
+
+
+class FactTooLong(FactsError):
+    """A fact's prompt (after its subject is filled in) or one of its sequences is over the limit:
+    MAX_PROMPT_CHARS characters, MAX_FACT_TOKENS UTF-8 bytes (see the module docstring)."""
+
+
+MAX_PROMPT_CHARS = 2000  # a prompt, after a relation template is filled with the subject
+MAX_FACT_TOKENS = 2048  # per sequence, counted as UTF-8 bytes: at least as many as its tokens
+# Unicode categories refused in what defines an edit: controls (Cc: NUL, ESC, DEL, ...), format
+# characters (Cf: zero-width space and joiners, bidi overrides and isolates, BOM, soft hyphen)
+# and lone surrogates (Cs, which JSON can carry). Such a character is invisible in every listing,
+# so an edit holding one cannot be checked by eye, and its target is never what a model
+# generates (such edits landed with efficacy 0.0). Tab and newline stay allowed. Neighbours,
+# paraphrases and ground truths are not checked: data sets carry BOMs there (zsRE).
+CONTROL_CATEGORIES = ("Cc", "Cf", "Cs")
+CONTROL_RULE = "control, zero-width and bidi characters are refused (tab and newline are allowed)"
 
 
 @dataclass(frozen=True)
@@ -87,6 +119,41 @@ def _prompt(value: object, where: str, field: str) -> str:
 def _target(value: object, where: str, field: str) -> str:
     # zsRE stores some objects as " Dickens"; the separating space is ours to add
     return _text(value, where, field).strip()
+
+
+def _plain(value: str | None, where: str, field: str) -> str | None:
+    """`value`, unless it holds a character of CONTROL_CATEGORIES (named, with its position)."""
+    for i, char in enumerate(value or ""):
+        if unicodedata.category(char) in CONTROL_CATEGORIES and char not in "\t\n":
+            name = unicodedata.name(char, "a control character")
+            problem = f"holds U+{ord(char):04X} ({name}) at position {i}: {CONTROL_RULE}"
+            raise ControlCharacter(f"{where}: field '{field}': {problem}")
+    return value
+
+
+def _check_prompt_length(length: int, where: str, field: str) -> None:
+    if length > MAX_PROMPT_CHARS:
+        problem = f"makes a prompt of {length} characters; the limit is {MAX_PROMPT_CHARS}"
+        raise FactTooLong(f"{where}: field '{field}': {problem}")
+
+
+def _check_sequences(fact: Fact, where: str, fields: tuple[str, str, str, str]) -> Fact:
+    """The fact, unless one of the sequences the engine builds from it is over MAX_FACT_TOKENS
+    bytes; `fields` spells (prompt, target, paraphrases, neighbours) as the record does."""
+    prompt, target, paraphrases, neighbors = fields
+    sequences = [(prompt, fact.prompt, fact.target)]
+    sequences += [(f"{paraphrases}[{i}]", p, fact.target) for i, p in enumerate(fact.paraphrases)]
+    sequences += [(f"{neighbors}[{i}]", n.prompt, n.target) for i, n in enumerate(fact.neighbors)]
+    for field, text, answer in sequences:
+        size = len(f"{text} {answer}".encode("utf-8", "surrogatepass"))
+        if size > MAX_FACT_TOKENS:
+            field = target if field == prompt and len(answer) > len(text) else field
+            problem = (
+                f"makes a sequence of {size} UTF-8 bytes (up to as many tokens) with its "
+                f"answer; the limit is {MAX_FACT_TOKENS}"
+            )
+            raise FactTooLong(f"{where}: field '{field}': {problem}")
+    return fact
 
 
 def _optional(value: object, where: str, field: str) -> str | None:
@@ -153,60 +220,78 @@ def _relation(value: object, where: str) -> str:
 
 
 def _from_ours(record: dict, where: str) -> Fact:
-    subject = _optional(record.get("subject"), where, "subject")
+    subject = _plain(_optional(record.get("subject"), where, "subject"), where, "subject")
     has_prompt = record.get("prompt") is not None
     has_relation = record.get("relation") is not None
     if has_prompt and has_relation:
         raise _error(where, "prompt", "give either 'prompt' or 'relation', not both")
     if has_relation:
-        relation = _relation(record["relation"], where)
+        relation = _plain(_relation(record["relation"], where), where, "relation")
         if subject is None:
             raise _error(where, "subject", "is required to fill in 'relation'")
-        # a template says where the subject goes ("{} is located in"); a plain phrase follows it
-        prompt = relation.replace("{}", subject) if "{}" in relation else f"{subject} {relation}"
+        # a template says where the subject goes ("{} is located in"); a plain phrase follows it;
+        # the length is checked before the string is built, which may be a thousandfold larger
+        holes = relation.count("{}")
+        length = (
+            len(relation) + holes * (len(subject) - 2)
+            if holes
+            else len(subject) + 1 + len(relation)
+        )
+        _check_prompt_length(length, where, "relation")
+        prompt = relation.replace("{}", subject) if holes else f"{subject} {relation}"
     elif has_prompt:
-        prompt = _prompt(record["prompt"], where, "prompt")
+        prompt = _plain(_prompt(record["prompt"], where, "prompt"), where, "prompt")
+        _check_prompt_length(len(prompt), where, "prompt")
     else:
         raise _error(where, "prompt", "is missing (give 'prompt', or 'relation' with 'subject')")
 
     if record.get("target") is not None and record.get("object") is not None:
         raise _error(where, "target", "give either 'target' or 'object', not both")
     target_key = "object" if record.get("object") is not None else "target"
-    return Fact(
+    fact = Fact(
         prompt=prompt,
-        target=_target(record.get(target_key), where, target_key),
+        target=_plain(_target(record.get(target_key), where, target_key), where, target_key),
         subject=subject,
         paraphrases=_many(record.get("paraphrases"), where, "paraphrases", _prompt),
         neighbors=_neighbors(record.get("neighbors"), where),
         ground_truth=_optional(record.get("ground_truth"), where, "ground_truth"),
     )
+    prompt_key = "relation" if has_relation else "prompt"
+    return _check_sequences(fact, where, (prompt_key, target_key, "paraphrases", "neighbors"))
 
 
 def _from_counterfact(record: dict, where: str) -> Fact:
     # some EasyEdit dumps keep every known answer, as a list; the first is the canonical one
     ground_truths = _many(record.get("ground_truth"), where, "ground_truth", _target)
-    return Fact(
-        prompt=_prompt(record.get("prompt"), where, "prompt"),
-        target=_target(record["target_new"], where, "target_new"),
-        subject=_optional(record.get("subject"), where, "subject"),
+    prompt = _plain(_prompt(record.get("prompt"), where, "prompt"), where, "prompt")
+    _check_prompt_length(len(prompt), where, "prompt")
+    fact = Fact(
+        prompt=prompt,
+        target=_plain(_target(record["target_new"], where, "target_new"), where, "target_new"),
+        subject=_plain(_optional(record.get("subject"), where, "subject"), where, "subject"),
         paraphrases=_many(record.get("rephrase_prompt"), where, "rephrase_prompt", _prompt),
         neighbors=_pairs(record, where, "locality_prompt", "locality_ground_truth"),
         ground_truth=ground_truths[0] if ground_truths else None,
     )
+    fields = ("prompt", "target_new", "rephrase_prompt", "locality_prompt")
+    return _check_sequences(fact, where, fields)
 
 
 def _from_zsre(record: dict, where: str) -> Fact:
     # `answers` are the data set's true objects; `pred` is only what some model once answered
     answers = _many(record.get("answers"), where, "answers", _target)
     ground_truth = answers[0] if answers else _optional(record.get("pred"), where, "pred")
-    return Fact(
-        prompt=_prompt(record.get("src"), where, "src"),
-        target=_target(record["alt"], where, "alt"),
-        subject=_optional(record.get("subject"), where, "subject"),
+    prompt = _plain(_prompt(record.get("src"), where, "src"), where, "src")
+    _check_prompt_length(len(prompt), where, "src")
+    fact = Fact(
+        prompt=prompt,
+        target=_plain(_target(record["alt"], where, "alt"), where, "alt"),
+        subject=_plain(_optional(record.get("subject"), where, "subject"), where, "subject"),
         paraphrases=_many(record.get("rephrase"), where, "rephrase", _prompt),
         neighbors=_pairs(record, where, "loc", "loc_ans"),
         ground_truth=ground_truth,
     )
+    return _check_sequences(fact, where, ("src", "alt", "rephrase", "loc"))
 
 
 # -----------------------------------------------------------------------------

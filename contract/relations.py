@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-RELATION_ID_RE = re.compile(r"^P[1-9][0-9]*$")
+RELATION_ID_RE = re.compile(r"P[1-9][0-9]*")
 
 RELATIONS: dict[str, str] = {
     "P17": "{} is located in the country of",
@@ -48,4 +48,4 @@ RELATIONS: dict[str, str] = {
 
 def is_relation_id(relation: str) -> bool:
     """Whether `relation` has the form of a Wikidata property id (P followed by digits)."""
-    return bool(RELATION_ID_RE.match(relation.strip()))
+    return bool(RELATION_ID_RE.fullmatch(relation.strip()))

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import secrets
 import signal
 import stat
@@ -47,13 +46,12 @@ from safetensors.numpy import save_file
 from contract.names import (
     CURVATURE_FILE,
     DELTA_FILE,
-    FILE_RE,
-    KEY_RE,
-    NAME_RE,
     NAME_RULE,
-    VERSION_RE,
     VERSION_RULE,
+    is_curvature_key,
+    is_file_name,
     is_name,
+    is_sha256,
     is_version_id,
 )
 from contract.names import HEAD_FILE as HEAD
@@ -77,7 +75,6 @@ META_KEY = "crispedit"  # the safetensors metadata key the engine uses for its J
 CUMULATIVE_FORMAT = 1  # format_version of a cumulative delta file (the engine's delta format)
 GARBAGE_AGE_S = 3600.0
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 CURVATURE_FIELDS = (
     "model_fingerprint",
@@ -160,14 +157,14 @@ def _check_version_id(value: object, field: str = "version id") -> str:
 
 def _check_key(value: object) -> str:
     """A well-formed curvature key (32 hex digits), or StoreError."""
-    if not isinstance(value, str) or not KEY_RE.match(value):
+    if not is_curvature_key(value):
         raise StoreError(f"invalid curvature key {_show(value)}: expected 32 hex digits")
     return value
 
 
 def _check_file_name(value: object) -> str:
     """A file name a version may hold (`NAME.safetensors`, no folders), or StoreError."""
-    if not isinstance(value, str) or not FILE_RE.match(value):
+    if not is_file_name(value):
         raise StoreError(f"invalid file name {_show(value)}: expected NAME.safetensors")
     return value
 
@@ -430,7 +427,7 @@ class Store:
         rel = self._rel(path)
         if doc.get("key") != key or not isinstance(doc.get("key_fields"), dict):
             raise Corrupt(f"{rel} does not describe curvature {key}")
-        if not SHA_RE.match(str(doc.get("sha256"))) or not isinstance(doc.get("bytes"), int):
+        if not is_sha256(doc.get("sha256")) or not isinstance(doc.get("bytes"), int):
             raise Corrupt(f"{rel} has no valid sha256/bytes record")
         return doc
 
@@ -516,7 +513,7 @@ class Store:
         """Manifests of all stored curvature, oldest first (unreadable ones are left to verify)."""
         docs = []
         for entry in sorted((self.root / "curvature").iterdir()):
-            if KEY_RE.match(entry.name):
+            if is_curvature_key(entry.name):
                 with contextlib.suppress(Corrupt):
                     doc = self._curvature_manifest(entry.name)
                     if doc is not None:
@@ -551,7 +548,7 @@ class Store:
         except FileNotFoundError:
             return {"version": None, "count": 0, "moves": 0, "moved_at": None}
         version = info.get("version")
-        if version is not None and not (isinstance(version, str) and VERSION_RE.match(version)):
+        if version is not None and not is_version_id(version):
             raise Corrupt(f"{self._rel(path)} names an invalid version")
         if not isinstance(info.get("count"), int) or not isinstance(info.get("moves"), int):
             raise Corrupt(f"{self._rel(path)} has no valid count/moves")
@@ -657,11 +654,9 @@ class Store:
         number = doc.get("number")
         if (
             doc.get("id") != version_id
-            or not isinstance(doc.get("model"), str)
-            or not NAME_RE.match(doc["model"])
-            or not isinstance(doc.get("stream"), str)
-            or not NAME_RE.match(doc["stream"])
-            or not (parent is None or (isinstance(parent, str) and VERSION_RE.match(parent)))
+            or not is_name(doc.get("model"))
+            or not is_name(doc.get("stream"))
+            or not (parent is None or is_version_id(parent))
             or isinstance(number, bool)
             or not isinstance(number, int)
             or number < 1
@@ -671,9 +666,9 @@ class Store:
             raise Corrupt(f"{rel} is not a valid version manifest")
         for name, record in files.items():
             if (
-                not FILE_RE.match(name)
+                not is_file_name(name)
                 or not isinstance(record, dict)
-                or not SHA_RE.match(str(record.get("sha256")))
+                or not is_sha256(record.get("sha256"))
                 or not isinstance(record.get("bytes"), int)
             ):
                 raise Corrupt(f"{rel} has an invalid record for file {_show(name)}")
@@ -769,7 +764,7 @@ class Store:
         found = []
         for head in (self.root / "streams").glob(f"*/*/{HEAD}"):
             model, stream = head.parent.parent.name, head.parent.name
-            if NAME_RE.match(model) and NAME_RE.match(stream):
+            if is_name(model) and is_name(stream):
                 found.append((model, stream))
         return sorted(found)
 
@@ -1082,7 +1077,7 @@ class Store:
         found = {e["version"] for e in self._read_log(sdir) if isinstance(e.get("version"), str)}
         with contextlib.suppress(StoreError):
             version = self._read_head(sdir)["version"]
-            while version is not None and VERSION_RE.match(version):
+            while version is not None and is_version_id(version):
                 found.add(version)
                 try:
                     version = self._read_manifest(version, missing=Corrupt).get("parent")
@@ -1103,7 +1098,7 @@ class Store:
         for model, stream in self.streams():
             referenced |= self._referenced_versions(model, stream)
         for entry in sorted((self.root / "versions").iterdir()):
-            if VERSION_RE.match(entry.name) and entry.name not in referenced:
+            if is_version_id(entry.name) and entry.name not in referenced:
                 with contextlib.suppress(StoreError):  # unreadable ones are verify's business
                     self._read_manifest(entry.name, missing=Corrupt)
                     found.append(entry)

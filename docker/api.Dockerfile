@@ -56,4 +56,6 @@ ENV WEB_CONCURRENCY=2
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
-CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+# --http: uvicorn's h11 protocol with a deadline on request headers (service/server.py)
+CMD ["uvicorn", "--factory", "service.main:create_app", "--http", "service.server:TimedH11Protocol", \
+     "--host", "0.0.0.0", "--port", "8000"]

@@ -88,6 +88,7 @@ def main() -> None:
     with ExitStack() as stack:
         env["CRISPEDIT_REDIS_URL"] = private_redis(stack, run_dir / "redis") + "/0"
         api = start(stack, "API", [str(bin_dir / "uvicorn"), "--factory", "service.main:create_app",
+                                   "--http", "service.server:TimedH11Protocol",
                                    "--host", "127.0.0.1", "--port", str(port)],
                     env, run_dir / "api.log")  # fmt: skip
         worker = start(stack, "worker", [str(bin_dir / "crispedit"), "worker", "--model", "smollm2",

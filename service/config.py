@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     # where `?against=base` deltas are cached; default: <store_dir>/tmp/api-cache (the store's
     # garbage collection may remove it, which only costs a recomputation)
     cache_dir: Path | None = None
+    # the most bytes of cumulative deltas kept there; the least recently downloaded go first
+    cache_max_bytes: int = Field(default=1 << 30, ge=0)
     api_keys: dict[str, ApiKey] = {}
     # a JSON file of more keys (same form), reloaded when it changes or on SIGHUP
     api_keys_file: Path | None = None
@@ -104,6 +106,8 @@ class Settings(BaseSettings):
     models: dict[str, ServedModel] = {}
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # seconds a request's headers, and then its body, may take to arrive (service.server)
+    read_timeout_s: float = Field(default=10.0, gt=0)
     max_facts: int = Field(default=100, ge=1)
     rate_limit_per_minute: int = Field(default=600, ge=0)  # per API key; 0 turns it off
     # requests with a missing or unknown key, per client address and minute; 0 turns it off
@@ -119,9 +123,16 @@ class Settings(BaseSettings):
     failure_ttl_s: int = Field(default=7 * 86400, ge=1)
     idempotency_ttl_s: int = Field(default=86400, ge=1)
 
+    # /metrics shows route, queue and job counts of every model: open for scrapers by default
+    metrics_require_key: bool = False
+
     sse_poll_s: float = Field(default=0.5, gt=0)
     sse_max_s: float = Field(default=3600.0, gt=0)
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    # open /events streams per API process: per key (429 beyond) and in all (503 beyond); each
+    # holds a connection and polls Redis, so without a cap one key can slow every other request
+    sse_max_per_key: int = Field(default=10, ge=1)
+    sse_max_total: int = Field(default=500, ge=1)
 
     @field_validator("api_keys")
     @classmethod

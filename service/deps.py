@@ -83,6 +83,16 @@ def current_key(
     return key
 
 
+def metrics_access(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """For /metrics: nothing by default (scrapers hold no key), a valid API key (as
+    `current_key`) when `metrics_require_key` is set."""
+    if request.app.state.settings.metrics_require_key:
+        current_key(request, credentials)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RedisDep = Annotated[Redis, Depends(get_redis)]
 StoreDep = Annotated[Store, Depends(get_store)]

@@ -33,6 +33,7 @@ from redis import Redis
 from redis.exceptions import LockError, RedisError
 from rq import Queue
 from rq.job import Dependency, Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq.results import Result
 
 from contract.jobs import (
@@ -212,14 +213,35 @@ def _unfinished(redis: Redis, job_id: str) -> bool:
 
 
 def fetch(redis: Redis, job_id: str) -> Job | None:
-    """One of our edit jobs, or None (unknown, expired, or not created by this API)."""
+    """One of our edit jobs, or None (unknown, expired, or not created by this API).
+
+    A job still running is first checked against its queue's started registry
+    (`reap_abandoned`), so a job whose worker died shows as failed once its heartbeat has
+    expired, whether or not any worker is left to notice."""
     try:
         job = Job.fetch(job_id, connection=redis)
     except RedisError:  # Redis is down: a 503, never "no such job"
         raise
     except Exception:  # NoSuchJobError, or a job whose data no longer deserializes
         return None
-    return job if isinstance(job.meta.get("model"), str) else None
+    if not isinstance(job.meta.get("model"), str):
+        return None
+    if job.get_status(refresh=False) == JobStatus.STARTED and reap_abandoned(redis, job.origin):
+        job.refresh()
+    return job
+
+
+def reap_abandoned(redis: Redis, queue_name: str) -> bool:
+    """Fail the jobs of `queue_name` whose worker's heartbeat has expired (RQ's started-registry
+    cleanup: marked failed, never re-queued, their stream's next job released); whether there
+    were any. RQ's own workers do this only every 10 minutes; the API does it when it shows a
+    running job and `workers.worker.ResidentWorker` every few seconds, so a dead worker's job
+    ends within its heartbeat TTL (three beats) plus that."""
+    registry = StartedJobRegistry(queue_name, connection=redis)
+    if not registry.get_expired_job_ids():
+        return False
+    registry.cleanup()
+    return True
 
 
 def cancel_requested(redis: Redis, job: Job) -> bool:

@@ -1,6 +1,7 @@
 """The app factory: `create_app(settings)` wires settings, Redis, the store, middleware and routers.
 
-Run it with `uvicorn --factory service.main:create_app` (settings from `CRISPEDIT_*` variables).
+Run it with `uvicorn --factory service.main:create_app --http service.server:TimedH11Protocol`
+(settings from `CRISPEDIT_*` variables; the protocol gives request headers a deadline).
 Nothing here, nor anything it imports, imports torch: the engine runs in the workers only.
 """
 
@@ -47,6 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             '`{"error": {"code", "message", "field"?}}`.'
         ),
         lifespan=lifespan,
+        # no redirect from /path/ to /path: Starlette builds its Location from the Host header,
+        # which a client controls; an unknown path is the JSON 404 of any other
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.keys = KeyRing(settings)  # the keys file, re-read when it changes or on SIGHUP
@@ -60,7 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     # Added last = outermost: metrics see every request, including those refused as too large.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.read_timeout_s
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     app.include_router(health.router)

@@ -6,6 +6,7 @@ server-sent events) pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,16 +16,20 @@ from service.metrics import Metrics
 
 
 class BodyLimitMiddleware:
-    """413 for a request body over `max_bytes`, by its Content-Length or by what actually arrives.
+    """413 for a request body over `max_bytes`, by its Content-Length or by what actually arrives;
+    408 for one that has not all arrived `timeout_s` seconds after its headers.
 
     The body is read (up to the limit) before the app sees the request and replayed to it, so a
-    client that lies about, or omits, Content-Length cannot push more than the limit into memory.
-    Bodies are small JSON documents here; buffering them costs nothing.
+    client that lies about, or omits, Content-Length cannot push more than the limit into memory,
+    nor hold the request open by sending it slowly (the headers' deadline is
+    `service.server.TimedH11Protocol`'s). Bodies are small JSON documents here; buffering them
+    costs nothing.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -36,8 +41,14 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                message = await asyncio.wait_for(receive(), left)
+            except TimeoutError:
+                await self._too_slow(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -59,6 +70,15 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: wait for the disconnect, as Starlette expects
 
         await self.app(scope, replay, send)
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {self.timeout_s:g} s",
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(

@@ -23,6 +23,7 @@ import uvicorn
 from redis import Redis
 
 from service.local import private_redis
+from service.server import HTTP_PROTOCOL
 
 _servers = ExitStack()
 atexit.register(_servers.close)
@@ -57,7 +58,10 @@ def redis_db(url: str) -> Iterator[Redis]:
 @contextmanager
 def serve(app) -> Iterator[str]:
     """Serve `app` with uvicorn on a free port of 127.0.0.1 in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", http=HTTP_PROTOCOL
+    )  # served as the deployment serves it, with the headers' deadline
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -12,10 +12,12 @@ cancelled leaves its checkpoint, from which the next one resumes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
@@ -29,6 +31,8 @@ from contract.jobs import (
     curvature_spec,
 )
 from workers.engine import CurvatureMissing, Engine, JobCancelled
+
+log = logging.getLogger(__name__)
 
 _ENGINES: dict[str, Engine] = {}
 
@@ -50,9 +54,12 @@ def _reporter(job: Job | None) -> Callable[[dict], None]:
 
     def report(progress: dict) -> None:
         if job is not None:
-            job.meta = job.get_meta(refresh=True)
-            job.meta["progress"] = progress
-            job.save_meta()
+            try:
+                job.meta = job.get_meta(refresh=True)
+                job.meta["progress"] = progress
+                job.save_meta()
+            except RedisError:  # Redis away past the client's retries: the edit goes on
+                log.warning("progress of job %s not saved: Redis unavailable", job.id)
 
     return report
 
@@ -62,8 +69,11 @@ def _cancel_check(job: Job | None) -> Callable[[], bool]:
         if job is None:
             return False
         # the API sets both: the key survives a meta save that raced with its request
-        flagged = job.connection.exists(cancel_key(job.id))
-        return bool(flagged or job.get_meta(refresh=True).get("cancel_requested"))
+        try:
+            flagged = job.connection.exists(cancel_key(job.id))
+            return bool(flagged or job.get_meta(refresh=True).get("cancel_requested"))
+        except RedisError:  # no cancel can have been requested through a Redis that is away
+            return False
 
     return cancelled
 

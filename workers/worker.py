@@ -30,7 +30,12 @@ import time
 from datetime import datetime, timezone
 
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 from rq import Queue, SimpleWorker
+from rq.registry import StartedJobRegistry
 from rq.worker import WorkerStatus
 
 from contract.jobs import curvature_index_key, curvature_kind, curvature_spec, queue_name
@@ -39,6 +44,11 @@ from workers.engine import Engine
 from workers.jobs import record_curvature, register
 
 HEARTBEAT_S = 10.0
+# A worker's Redis commands are retried through an outage this long (backoff 0.1 s doubling to
+# REDIS_BACKOFF_CAP_S): a job running meanwhile goes on, and its outcome is written once Redis
+# is back. Keep it under the heartbeat's TTL (3 beats) or the job is failed as abandoned.
+REDIS_OUTAGE_S = 25.0
+REDIS_BACKOFF_CAP_S = 2.0
 READY_SWEEP_S = 2.0
 STOP_POLL_S = 1
 WARM_UP_PRINT_S = 30.0
@@ -51,7 +61,9 @@ class ResidentWorker(SimpleWorker):
     Because it beats every `heartbeat_interval` seconds, a job's heartbeat can expire after three
     missed beats instead of RQ's job timeout + 60 s: a worker killed mid-job is noticed within
     half a minute, and RQ's registry cleanup then marks its job failed (never re-queued: the edit
-    may have been half done, so the client decides whether to resubmit). The store is untouched:
+    may have been half done, so the client decides whether to resubmit). That cleanup is run by
+    every live worker between beats (`reap_abandoned`) and by the API whenever it shows a running
+    job, not only by RQ's maintenance (every 10 minutes). The store is untouched:
     nothing is published before the edit completes.
     """
 
@@ -63,9 +75,10 @@ class ResidentWorker(SimpleWorker):
         stop = threading.Event()
 
         def sweep() -> None:
-            while not stop.wait(self.ready_sweep_interval):
+            while not stop.wait(min(self.ready_sweep_interval, self.heartbeat_interval)):
                 try:
                     self.drain_ready()
+                    self.reap_abandoned()
                 except Exception:  # Redis away for a moment: the next sweep retries
                     log.exception("ready-registry sweep failed")
 
@@ -123,6 +136,13 @@ class ResidentWorker(SimpleWorker):
             time.sleep(random.uniform(0.0, 0.05))
         return pushed
 
+    def reap_abandoned(self) -> None:
+        """Fail the jobs of this worker's queues whose worker died (heartbeat expired): RQ's
+        own maintenance does it only every 10 minutes, which would leave a dead worker's job
+        `running`, and its stream stalled, that long while this worker idles beside it."""
+        for queue in self.queues:
+            StartedJobRegistry(queue=queue).cleanup()  # what service.jobqueue.fetch does too
+
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return max(1, round(3 * self.heartbeat_interval))
 
@@ -167,7 +187,7 @@ def run_worker(
     print(f"loading {model} ...", flush=True)
     engine = Engine(model, store_dir, **engine_options)
     register(engine)
-    connection = Redis.from_url(redis_url)
+    connection = worker_redis(redis_url)
     connection.delete(curvature_index_key(model))
     kind = curvature_kind(DEFAULTS.method)
     if build_curvature and kind is not None:
@@ -177,6 +197,27 @@ def run_worker(
     worker.heartbeat_interval = heartbeat_s
     print(f"worker {worker.name} serving {model} on queue {queue.name}", flush=True)
     return worker.work(burst=burst)
+
+
+def worker_redis(url: str, outage_s: float = REDIS_OUTAGE_S) -> Redis:
+    """A Redis client whose every command (the worker loop's, the heartbeat's, the job's) is
+    retried with exponential backoff for about `outage_s` seconds on a connection error or a
+    timeout, instead of RQ ending the worker on the first one. A command retried after Redis
+    answered it but before the reply arrived runs twice; RQ's writes are idempotent but for
+    queue pushes, which happen when a job is enqueued, not in a worker's job."""
+    waits, retries = 0.0, 0
+    while waits < outage_s:
+        waits += min(REDIS_BACKOFF_CAP_S, 0.1 * 2 ** (retries + 1))
+        retries += 1
+    retry = Retry(ExponentialBackoff(cap=REDIS_BACKOFF_CAP_S, base=0.1), retries)
+    return Redis.from_url(
+        url,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=2,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
 
 
 def warm_up(engine: Engine, connection: Redis, kind: str) -> str:

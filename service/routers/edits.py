@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from contract.facts import FactsError, UnknownRelation, fact_from_record, fact_to_record
+from contract.facts import (
+    ControlCharacter,
+    FactsError,
+    FactTooLong,
+    UnknownRelation,
+    fact_from_record,
+    fact_to_record,
+)
 from contract.jobs import edit_payload
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from contract.settings import (
@@ -26,6 +33,7 @@ from contract.settings import (
 )
 from curvature_store import Store
 from service import access, idempotency, jobqueue
+from service.config import Settings
 from service.deps import (
     KeyDep,
     RedisDep,
@@ -155,14 +163,23 @@ class EditAccepted(BaseModel):
 _FIELD_RE = re.compile(r"field '([^']+)'")
 
 
+# the refusals that `contract.facts` names itself: 400 with their own code; other bad facts 422
+_REFUSED = {FactTooLong: "fact_too_long", ControlCharacter: "control_character"}
+
+
 def _to_record(index: int, fact: FactIn) -> dict:
-    """The fact as the engine's canonical record, or ApiError 422 naming `facts[i].field`."""
+    """The fact as the engine's canonical record, or ApiError naming `facts[i].field`: 400 for a
+    fact over the size limits of `contract.facts` or with a control character in what defines
+    it, 422 for any other bad fact."""
     where = f"facts[{index}]"
     try:
         return fact_to_record(fact_from_record(fact.model_dump(exclude_none=True), where))
     except FactsError as err:
         found = _FIELD_RE.search(str(err))
         field = f"{where}.{found.group(1)}" if found else where
+        refused = _REFUSED.get(type(err))
+        if refused is not None:
+            raise ApiError(400, refused, str(err), field) from None
         code = "unknown_relation" if isinstance(err, UnknownRelation) else "invalid_fact"
         raise ApiError(422, code, str(err), field) from None
 
@@ -201,6 +218,7 @@ def submit_edit(
     owner = access.owner_of(settings, store, model, body.stream)
     access.require(key, "edit", model, body.stream, owner, unknown_stream(model, body.stream))
     _check_size(body, settings.max_facts)
+    _check_layers(settings, model, body.options.layers)
     records = [_to_record(i, fact) for i, fact in enumerate(body.facts)]
     check_parent = "parent_version" in body.model_fields_set
 
@@ -259,6 +277,32 @@ def _check_size(body: EditRequest, max_facts: int) -> None:
             "too_many_facts",
             f"{len(body.facts)} facts in one request; the limit is {max_facts}",
             "facts",
+        )
+
+
+def _check_layers(settings: Settings, model: str, layers: list[str] | None) -> None:
+    """400 on `options.layers` unless it is the layer list the model's workers edit: a worker
+    edits only its own layers (`workers.engine`), so any other list would wait its turn in the
+    stream and then fail. Without `layers` in the served model's configuration the API cannot
+    tell, and refuses any explicit list."""
+    if layers is None:
+        return
+    served = settings.models[model].layers
+    if served is None:
+        raise ApiError(
+            400,
+            "layers_not_served",
+            f"model {model!r} is edited at its workers' own layers, which this deployment does "
+            "not configure (CRISPEDIT_MODELS layers); leave options.layers out",
+            "options.layers",
+        )
+    if list(layers) != list(served):
+        raise ApiError(
+            400,
+            "layers_not_served",
+            f"the workers of model {model!r} edit layers {served} (GET /v1/models), not "
+            f"{layers}; leave options.layers out or give exactly that list",
+            "options.layers",
         )
 
 

@@ -1,16 +1,18 @@
-"""Liveness, readiness and Prometheus metrics: no API key (orchestrators and scrapers call them)."""
+"""Liveness, readiness and Prometheus metrics: no API key (orchestrators and scrapers call them),
+except for /metrics when CRISPEDIT_METRICS_REQUIRE_KEY is set."""
 
 from __future__ import annotations
 
 import os
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from service.deps import RedisDep, open_store
+from service.deps import RedisDep, metrics_access, open_store
+from service.errors import responses
 
 router = APIRouter(tags=["health"])
 
@@ -59,10 +61,15 @@ def readyz(request: Request, redis: RedisDep) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    dependencies=[Depends(metrics_access)],
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+        **responses(401, 429),
+    },
 )
 def metrics(request: Request) -> Response:
     """Prometheus metrics: requests by route and status, latency, queue depth and jobs by status
-    per model, edits accepted."""
+    per model, edits accepted. Open by default; with CRISPEDIT_METRICS_REQUIRE_KEY, only with
+    `Authorization: Bearer KEY` (any valid key)."""
     data = generate_latest(request.app.state.metrics.registry)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -21,16 +21,16 @@ from pydantic import BaseModel, Field
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
+from starlette.types import Receive, Scope, Send
 
+from contract.names import JOB_ID_RULE, is_job_id
 from curvature_store import Store
 from service import access, jobqueue
 from service.config import ApiKey, Role, Settings
 from service.deps import KeyDep, MaybeStoreDep, RedisDep, SettingsDep
-from service.errors import ApiError, responses
+from service.errors import ApiError, ErrorResponse, responses
 
 router = APIRouter(tags=["jobs"])
-
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class Actor(BaseModel):
@@ -86,8 +86,8 @@ def _job_for(
 ) -> Job:
     """The job, or 400 (malformed id) / 404 (unknown, or one the key may not see or act on as
     `role`: an edit job's stream role, a curvature job's model role, one higher to cancel)."""
-    if not JOB_ID_RE.match(job_id):
-        raise ApiError(400, "invalid_id", "invalid job id", "job_id")
+    if not is_job_id(job_id):
+        raise ApiError(400, "invalid_id", f"invalid job id: {JOB_ID_RULE}", "job_id")
     not_found = ApiError(404, "not_found", f"no job {job_id}", "job_id")
     job = jobqueue.fetch(redis, job_id)
     if job is None:
@@ -145,6 +145,55 @@ def cancel_job(
     return _shown(jobqueue.job_view(redis, job), key)
 
 
+class _CountedStream(StreamingResponse):
+    """A StreamingResponse that gives its slot back however the response ends (done, client
+    gone, cancelled, even before the first event), since an unstarted generator's `finally`
+    would never run."""
+
+    def __init__(self, *args: Any, release: Callable[[], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def _open_stream(request: Request, settings: Settings, key: ApiKey) -> Callable[[], None]:
+    """Take one of the process's event-stream slots for `key`, or ApiError: 429 when the key
+    holds `sse_max_per_key` streams, 503 when the process holds `sse_max_total`. Returns the
+    function that gives the slot back (idempotent). Counted per process, on its event loop."""
+    state = request.app.state
+    if not hasattr(state, "sse_open"):
+        state.sse_open = Counter()
+    open_streams: Counter[str] = state.sse_open
+    retry = {"Retry-After": "5"}
+    if open_streams.total() >= settings.sse_max_total:
+        raise ApiError(
+            503, "too_many_streams", "too many open event streams; poll GET /v1/jobs/{id} or "
+            "retry later", headers=retry,
+        )  # fmt: skip
+    if open_streams[key.name] >= settings.sse_max_per_key:
+        raise ApiError(
+            429, "too_many_streams", f"this API key holds {settings.sse_max_per_key} open event "
+            "streams, the limit; close one or poll GET /v1/jobs/{id}", headers=retry,
+        )  # fmt: skip
+    open_streams[key.name] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            open_streams[key.name] -= 1
+            if open_streams[key.name] <= 0:
+                del open_streams[key.name]
+
+    return release
+
+
 def _sse(event: str, data: object, event_id: int | None = None) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
@@ -156,6 +205,16 @@ def _sse(event: str, data: object, event_id: int | None = None) -> str:
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
         **responses(400, 404),
+        429: {
+            "model": ErrorResponse,
+            "description": "The key's open event streams are at the "
+            "limit (CRISPEDIT_SSE_MAX_PER_KEY), or its rate limit",
+        },
+        503: {
+            "model": ErrorResponse,
+            "description": "The process's open event streams are at "
+            "the limit (CRISPEDIT_SSE_MAX_TOTAL), or Redis is unavailable",
+        },
     },
 )
 async def job_events(
@@ -169,7 +228,9 @@ async def job_events(
     """Server-sent events: a `status` event (the job view, as GET /v1/jobs/{id}) whenever it
     changes, then `end` after a terminal status. The stream also ends after
     CRISPEDIT_SSE_MAX_S seconds (`timeout` event), or with an `error` event when the key is
-    revoked meanwhile; comments keep idle connections open."""
+    revoked meanwhile; comments keep idle connections open. A key may hold
+    CRISPEDIT_SSE_MAX_PER_KEY streams at once (429 beyond), an API process CRISPEDIT_SSE_MAX_TOTAL
+    (503 beyond)."""
     # errors before the stream starts
     await run_in_threadpool(_job_for, redis, settings, store, key, job_id, "read")
 
@@ -212,8 +273,10 @@ async def job_events(
                 return
             await asyncio.sleep(settings.sse_poll_s)
 
-    return StreamingResponse(
+    release = _open_stream(request, settings, key)  # the last check: nothing raises after it
+    return _CountedStream(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        release=release,
     )

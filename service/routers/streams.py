@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from contract.names import DELTA_FILE, VERSION_RE
+from contract.names import DELTA_FILE, VERSION_RULE, is_version_id
 from curvature_store import Conflict, NotFound, Store, StoreError
 from service import access
 from service.config import ApiKey, Settings
@@ -89,8 +89,8 @@ class RollbackRequest(BaseModel):
     @field_validator("version", "expected_head")
     @classmethod
     def _version_id(cls, value: str | None) -> str | None:
-        if value is not None and not VERSION_RE.match(value):
-            raise ValueError("expected a version id: 'v' followed by 26 hex digits")
+        if value is not None and not is_version_id(value):
+            raise ValueError(f"not a version id: {VERSION_RULE}")
         return value
 
 

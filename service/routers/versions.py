@@ -75,7 +75,9 @@ def get_delta(
     applied to the base gives this version's weights."""
     manifest = _manifest_for(store, settings, key, version_id)
     if against == "base":
-        path, sha = deltas.cumulative_delta(store, settings.cumulative_cache_dir, version_id)
+        path, sha = deltas.cumulative_delta(
+            store, settings.cumulative_cache_dir, version_id, settings.cache_max_bytes
+        )
         filename = f"{version_id}-cumulative.safetensors"
     else:
         path, sha = deltas.version_delta(store, version_id)

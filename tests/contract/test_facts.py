@@ -6,8 +6,12 @@ from pathlib import Path
 import pytest
 
 from contract.facts import (
+    MAX_FACT_TOKENS,
+    MAX_PROMPT_CHARS,
+    ControlCharacter,
     Fact,
     FactsError,
+    FactTooLong,
     Neighbor,
     UnknownRelation,
     fact_from_record,
@@ -704,3 +708,112 @@ def test_facts_are_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EIFFEL_FACT.target = "Paris"  # type: ignore[misc]
     assert len({EIFFEL_FACT, fact_from_record(EIFFEL)}) == 1
+
+
+# --- size limits: the expanded prompt and the bytes (>= tokens) of each sequence ---------------
+
+
+def test_a_template_cannot_multiply_the_prompt_past_the_limit():
+    # 1,000 holes filled with a 2,000-character subject: 2,000,000 characters, if built
+    record = {"subject": "s" * 2000, "relation": "{}" * 1000, "target": "t"}
+    with pytest.raises(FactTooLong, match=r"record: field 'relation': makes a prompt of 2000000"):
+        fact_from_record(record)
+    fits = {"subject": "s" * 999, "relation": "{} {}", "target": "t"}
+    assert len(fact_from_record(fits).prompt) == 1999
+    with pytest.raises(FactTooLong, match="field 'relation'"):
+        fact_from_record({**fits, "subject": "s" * 1000, "relation": "{}, {}"})
+    with pytest.raises(FactTooLong, match="field 'relation'"):  # a phrase follows the subject
+        fact_from_record({"subject": "s" * 1990, "relation": "is located in", "target": "t"})
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"prompt": "p" * (MAX_PROMPT_CHARS + 1), "target": "t"}, "prompt"),
+        ({"prompt": "p", "target_new": "t", "subject": "s" * 3000}, None),
+        ({"src": "p" * (MAX_PROMPT_CHARS + 1), "alt": "t"}, "src"),
+    ],
+)
+def test_a_literal_prompt_over_the_limit_is_refused_in_every_format(record, field):
+    if field is None:  # CounterFact's subject is not in the prompt: nothing to refuse
+        assert fact_from_record(record).subject == "s" * 3000
+        return
+    with pytest.raises(FactTooLong, match=f"field '{field}'"):
+        fact_from_record(record)
+
+
+def test_each_sequence_is_bounded_in_utf8_bytes():
+    half = MAX_FACT_TOKENS // 2
+    # 4-byte characters: 700 of them are within the character limit but 2,800 bytes
+    with pytest.raises(FactTooLong, match=r"field 'prompt': makes a sequence of 2802 UTF-8 bytes"):
+        fact_from_record({"prompt": "\U0001f600" * 700, "target": "t"})
+    with pytest.raises(FactTooLong, match="field 'target'"):
+        fact_from_record({"prompt": "p", "target": "t" * MAX_FACT_TOKENS})
+    with pytest.raises(FactTooLong, match=r"field 'paraphrases\[1\]'"):
+        fact_from_record({"prompt": "p", "target": "t" * half, "paraphrases": ["a", "b" * half]})
+    with pytest.raises(FactTooLong, match=r"field 'neighbors\[0\]'"):
+        fact_from_record({"prompt": "p", "target": "t", "neighbors": [["n" * half, "m" * half]]})
+    with pytest.raises(FactTooLong, match=r"field 'locality_prompt\[0\]'"):
+        fact_from_record({"prompt": "p", "target_new": "t", "locality_prompt": "n" * half,
+                          "locality_ground_truth": "m" * half})  # fmt: skip
+    exact = {"prompt": "p" * (MAX_FACT_TOKENS - 2), "target": "t"}  # 2048 bytes with the space
+    with pytest.raises(FactTooLong):
+        fact_from_record(exact)  # MAX_PROMPT_CHARS first
+    exact = {"prompt": "p" * 1000, "target": "t" * (MAX_FACT_TOKENS - 1001)}
+    assert fact_from_record(exact).target == "t" * (MAX_FACT_TOKENS - 1001)
+    with pytest.raises(FactTooLong):
+        fact_from_record({**exact, "target": exact["target"] + "t"})
+
+
+def test_the_byte_bound_is_a_token_bound_for_a_byte_level_tokenizer(tiny_tokenizer):
+    # the worst cases for a BPE: text its merges never saw, emoji, combining marks, CJK
+    texts = ["\U0001f600" * 50, "e\u0301" * 100, "漢字" * 100, "Zq" * 300, "{}" * 500]
+    for text in texts:
+        tokens = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert 0 < len(tokens) <= len(text.encode("utf-8"))
+
+
+# --- control characters in what defines an edit ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "char",
+    [
+        "\x00",
+        "\x1b",
+        "\x7f",
+        "\u200b",
+        "\u200d",
+        "\u202e",
+        "\u2066",
+        "\ufeff",
+        "\ud800",
+    ],
+)
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"subject": "Paris{c}", "relation": "P17", "target": "Italy"}, "subject"),
+        ({"subject": "Paris", "relation": "{} is in{c}", "target": "Italy"}, "relation"),
+        ({"prompt": "Paris is in{c} the", "target": "Italy"}, "prompt"),
+        ({"prompt": "Paris is in", "target": "{c}"}, "target"),
+        ({"prompt": "Paris is in", "object": "It{c}aly"}, "object"),
+        ({"prompt": "Paris is in", "target_new": "Italy{c}"}, "target_new"),
+        ({"src": "Where is{c} Paris?", "alt": "Italy"}, "src"),
+        ({"src": "Where is Paris?", "alt": "Italy", "subject": "{c}Paris"}, "subject"),
+    ],
+)
+def test_control_characters_are_refused_naming_the_field(char, record, field):
+    record = {key: value.replace("{c}", char) for key, value in record.items()}
+    with pytest.raises(
+        ControlCharacter, match=rf"record: field '{field}': holds U\+{ord(char):04X}"
+    ):
+        fact_from_record(record)
+
+
+def test_tab_newline_and_visible_unicode_are_kept():
+    fact = fact_from_record({"prompt": "Q:\tMünchen\nliegt in", "target": "Bayern 🍺 é"})
+    assert (fact.prompt, fact.target) == ("Q:\tMünchen\nliegt in", "Bayern 🍺 é")
+    # neighbours and ground truths are data-set text, not the edit: zsRE carries BOMs there
+    record = {"prompt": "p", "target": "t", "neighbors": [["n\ufeff", "m\ufeff"]]}
+    assert fact_from_record(record).neighbors[0].target == "m\ufeff"

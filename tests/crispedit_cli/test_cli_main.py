@@ -78,6 +78,19 @@ BAD_INPUTS = {
         lambda t, c: _edit(c, write_jsonl(t / "f.jsonl", [FACTS[0], {**FACTS[1], "target": ""}])),
         ["f.jsonl", "line 2", "'target'", "non-empty"],
     ),
+    "facts-control-character": (
+        lambda t, c: _edit(c, write_json(t / "f.json", [{**FACTS[0], "target": "Rome\u202e"}])),
+        ["f.json", "record 0", "'target'", "U+202E", "RIGHT-TO-LEFT OVERRIDE"],
+    ),
+    "facts-expanded-prompt": (
+        lambda t, c: _edit(
+            c,
+            write_json(
+                t / "f.json", [{"subject": "s" * 2000, "relation": "{}" * 1000, "target": "t"}]
+            ),
+        ),
+        ["f.json", "record 0", "'relation'", "2000000 characters"],
+    ),
     "facts-not-found": (
         lambda t, c: _edit(c, t / "missing.json"),
         ["not found", "missing.json"],

@@ -122,6 +122,7 @@ def test_edits_on_a_stream(run, tmp_path, tiny_model_dir, facts):
             "no curvature store",
         ),
         (["edit", "--store", "{tmp}/s", "--stream", "../x", "--out", "{tmp}/o"], "stream"),
+        (["edit", "--store", "{tmp}/s", "--stream", "nl\n", "--out", "{tmp}/o"], "stream"),
     ],
 )
 def test_store_usage_errors(run, tmp_path, tiny_model_dir, facts, args, message):

@@ -526,7 +526,9 @@ def test_unparsable_manifest_and_head_are_corrupt(store):
 # --- names, ids and path traversal -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["../etc", "a/b", "..", ".hidden", "a..b", "", "x" * 129, "a b", 5])
+@pytest.mark.parametrize(
+    "bad", ["../etc", "a/b", "..", ".hidden", "a..b", "", "x" * 129, "a b", 5, "nl\n", "a\nb"]
+)
 def test_bad_stream_and_model_names_are_refused(tmp_path, bad):
     store = Store(tmp_path / "store")
     files = staged(store, {"a.weight": np.ones(2, np.float32)})
@@ -541,7 +543,8 @@ def test_bad_stream_and_model_names_are_refused(tmp_path, bad):
 
 
 @pytest.mark.parametrize(
-    "bad", ["../../x", "v" + "0" * 25, "v" + "0" * 25 + "/", "V" + "0" * 26, None]
+    "bad",
+    ["../../x", "v" + "0" * 25, "v" + "0" * 25 + "/", "V" + "0" * 26, "v" + "0" * 26 + "\n", None],
 )
 def test_bad_version_ids_are_refused_before_touching_the_disk(store, tmp_path, bad):
     new_version(store, 1)
@@ -561,9 +564,10 @@ def test_bad_version_ids_are_refused_before_touching_the_disk(store, tmp_path, b
 
 def test_bad_file_names_and_curvature_keys_are_refused(store):
     v1 = new_version(store, 1)
-    for name in ("../manifest.json", "manifest.json", "/etc/passwd", "a/b.safetensors"):
+    for name in ("../manifest.json", "manifest.json", "/etc/passwd", "a/b.safetensors",
+                 "delta.safetensors\n"):  # fmt: skip
         raises(store, StoreError, store.version_file, v1["id"], name)
-    for key in ("../x", "0" * 31, "G" * 32, "../../" + "0" * 26):
+    for key in ("../x", "0" * 31, "G" * 32, "../../" + "0" * 26, "0" * 32 + "\n"):
         for call in (store.curvature_file, store.verify_curvature, store.remove_curvature):
             raises(store, StoreError, call, key)
 

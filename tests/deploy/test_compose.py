@@ -401,7 +401,8 @@ def test_api_dockerfile_installs_no_engine_and_runs_uvicorn():
         assert "-r" in words or "--no-deps" in words, f"pip install {words} pulls in torch"
         assert not {canonicalize_name(w) for w in words} & ENGINE_DISTRIBUTIONS
     assert argv_of(last(API, "CMD")) == [
-        "uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000",
+        "uvicorn", "--factory", "service.main:create_app",
+        "--http", "service.server:TimedH11Protocol", "--host", "0.0.0.0", "--port", "8000",
     ]  # fmt: skip
     assert last(API, "ENTRYPOINT") is None
     check = " ".join(healthcheck_argv(API))

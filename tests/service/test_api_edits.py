@@ -182,6 +182,60 @@ def test_invalid_bodies_are_422_with_the_field_and_enqueue_nothing(
     assert job_count(redis) == 0
 
 
+@pytest.mark.parametrize(
+    ("facts", "field"),
+    [
+        ([fact(subject="s" * 2000, relation="{}" * 1000)], "facts[0].relation"),
+        ([fact(), fact(subject="s" * 1500, relation="{} and {}")], "facts[1].relation"),
+        ([{"prompt": "\U0001f600" * 700, "target": "t"}], "facts[0].prompt"),
+        ([fact(target="t" * 2000, paraphrases=["p" * 100])], "facts[0].paraphrases[0]"),
+    ],
+)
+def test_facts_over_the_size_limits_are_400_before_anything_is_queued(client, redis, facts, field):
+    response = client.post("/v1/edits", json=edit_body(facts=facts), headers=AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("fact_too_long", field)
+    assert job_count(redis) == 0
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (fact(target="\x00"), "facts[0].target"),
+        (fact(target="Lyon\x1b[2J"), "facts[0].target"),
+        (fact(subject="Fr\u200bance"), "facts[0].subject"),
+        ({"prompt": "The capital of France is\u202e", "target": "Lyon"}, "facts[0].prompt"),
+        (fact(relation="{} has\x7f"), "facts[0].relation"),
+    ],
+)
+def test_control_characters_are_400_naming_the_field(client, redis, record, field):
+    response = client.post("/v1/edits", json=edit_body(facts=[record]), headers=AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("control_character", field)
+    assert job_count(redis) == 0
+
+
+def test_layers_are_refused_unless_they_are_the_served_ones(client, redis):
+    served = ["model.layers.1.mlp.down_proj"]
+    for model, layers, words in (
+        ("tiny", ["model.layers.2.mlp.down_proj"], "edit layers ['model.layers.1.mlp.down_proj']"),
+        ("tiny", [*served, "model.layers.2.mlp.down_proj"], "GET /v1/models"),
+        ("other", served, "does not configure"),
+    ):
+        body = edit_body(model=model, options={"layers": layers})
+        response = client.post("/v1/edits", json=body, headers=AUTH)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["field"]) == ("layers_not_served", "options.layers")
+        assert words in error["message"]
+    assert job_count(redis) == 0
+    same = client.post("/v1/edits", json=edit_body(options={"layers": served}), headers=AUTH)
+    assert same.status_code == 202
+    assert job_count(redis) == 1
+
+
 def test_malformed_json_and_wrong_content_type(client, redis):
     broken = client.post(
         "/v1/edits",

@@ -424,12 +424,14 @@ def test_pathological_strings_in_facts(world, fuzz_redis, field, text):
         record = {"prompt": "The capital of France is", "target": "Lyon", field: text}
     response = client.post("/v1/edits", json={"model": "tiny", "facts": [record]}, headers=AUTH)
     check_answer(response, json.dumps(record), world["store_dir"])
-    assert response.status_code in (202, 413, 422), response.text
-    if response.status_code == 422:
+    assert response.status_code in (202, 400, 413, 422), response.text
+    if response.status_code in (400, 422):
         assert response.json()["error"]["field"].startswith("facts[0]")
         assert job_count(fuzz_redis) == before  # nothing enqueued for a refused edit
     if len(text) > 2000:
         assert response.status_code == 422  # the 2000-character limit of every text field
+    elif field != "object" and any(char in text for char in "\x00\x01\x1b\x7f\u202e"):
+        assert response.json()["error"]["code"] == "control_character", response.text
     if not text.strip() and field != "relation":
         assert response.status_code == 422, response.text  # blank subject / target / prompt
 
@@ -518,4 +520,40 @@ def test_too_many_facts_and_deep_nesting(world, fuzz_redis):
     assert (nested.status_code, nested.json()["error"]["field"]) == (422, "body")
     for response in (many, huge_list, nested):
         check_answer(response, "", world["store_dir"])
+    assert job_count(fuzz_redis) == before
+
+
+# A lone surrogate (valid JSON, not valid Unicode text), a template that would multiply its
+# subject, and control characters, in every text field of a fact: refused (400/422), never a 500.
+HOSTILE_FIELDS = {
+    "subject": '"Fr\\ud800ance"',
+    "target": '"L\\udfffyon"',
+    "ground_truth": '"\\ud800"',
+    "paraphrases": '["a\\ud800", "\\u0000\\u001b[2J"]',
+    "neighbors": '[{"prompt": "p\\ud800", "target": "t"}]',
+    "relation": '"' + "{}" * 1000 + '"',
+}
+
+
+@pytest.mark.parametrize("field", HOSTILE_FIELDS)
+def test_hostile_fact_fields_are_refused_never_a_500(world, fuzz_redis, field):
+    client = world["client"]
+    before = job_count(fuzz_redis)
+    subject = '"' + "s" * 2000 + '"' if field == "relation" else '"France"'
+    record = {"subject": subject, "relation": '"P36"', "target": '"Lyon"'}
+    record[field] = HOSTILE_FIELDS[field]
+    body = (
+        '{"model": "tiny", "facts": [{'
+        + ", ".join(f'"{key}": {value}' for key, value in record.items())
+        + "}]}"
+    )
+    for headers in ({}, {"Idempotency-Key": "kë\u202e".encode()}):
+        response = client.post(
+            "/v1/edits",
+            content=body.encode(),
+            headers={**AUTH, **headers, "Content-Type": "application/json"},
+        )
+        check_answer(response, body, world["store_dir"])
+        assert response.status_code in (400, 422), response.text
+        assert response.json()["error"]["field"].startswith("facts[0]")
     assert job_count(fuzz_redis) == before

@@ -79,12 +79,37 @@ def test_metrics(client):
     assert "crispedit_redis_up 1.0" in text
 
 
+def test_metrics_behind_a_key_when_the_setting_says_so(client, settings):
+    assert client.get("/metrics").status_code == 200  # the default: open, for scrapers
+    locked = settings.model_copy(update={"metrics_require_key": True})
+    with TestClient(create_app(locked)) as keyed:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = keyed.get("/metrics", headers=headers)
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "unauthorized"
+            assert "crispedit_" not in refused.text
+        allowed = keyed.get("/metrics", headers=AUTH)
+        assert allowed.status_code == 200 and "crispedit_redis_up" in allowed.text
+        assert keyed.get("/healthz").status_code == 200  # probes stay open
+
+
 def test_unknown_routes_and_methods_use_the_error_shape(client):
     missing = client.get("/v2/nothing")
     assert missing.status_code == 404
     assert missing.json() == {"error": {"code": "not_found", "message": "Not Found"}}
     wrong = client.delete("/healthz")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_host_header(client):
+    for path in ("/healthz/", "/v1/relations/", "/v1/jobs/abc/", "/metrics/"):
+        response = client.get(
+            path, headers={**AUTH, "Host": "evil.example"}, follow_redirects=False
+        )
+        assert response.status_code == 404, (path, response.status_code)
+        assert "location" not in response.headers
+        assert response.json()["error"]["code"] == "not_found"
+        assert "evil.example" not in response.text
 
 
 def test_job_errors_lose_absolute_paths():

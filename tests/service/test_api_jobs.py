@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import ExitStack
 
 import httpx
 from api_helpers import AUTH, AUTH_TINY, edit_body, job_count, run_worker
+from live import serve, wait_for
 from rq import Queue
 
 from contract.jobs import queue_name
+from service.main import create_app
 
 
 def test_status_from_queued_to_succeeded(client, redis, store):
@@ -150,3 +153,51 @@ def test_events_stream_until_the_job_ends(live_server, redis, settings):
         assert replay.text.count("event: status") == 1 and "event: end" in replay.text
         assert http.get("/v1/jobs/nosuch/events").status_code == 404
     assert job_count(redis) == 1
+
+
+def test_open_event_streams_are_capped_per_key_and_in_all(settings, redis):
+    """Real HTTP: streams held open on a queued job; the cap per key answers 429, the cap of the
+    process 503, and a stream the client closes gives its slot back."""
+    capped = settings.model_copy(update={"sse_max_per_key": 2, "sse_max_total": 3})
+    with serve(create_app(capped)) as url, ExitStack() as held:
+        http = held.enter_context(httpx.Client(base_url=url, timeout=10))
+        events = http.post("/v1/edits", json=edit_body(), headers=AUTH).json()["url"] + "/events"
+
+        readers = []
+
+        def status_of_a_new_stream(auth: dict, keep: bool = True) -> int:
+            client = held.enter_context(httpx.Client(base_url=url, timeout=10))
+            with ExitStack() as stream:
+                response = stream.enter_context(client.stream("GET", events, headers=auth))
+                if response.status_code == 200:
+                    lines = response.iter_lines()  # kept: dropping it would close the response
+                    next(lines)  # open, and counted
+                    readers.append(lines)
+                    if keep:
+                        held.push(stream.pop_all())
+                else:
+                    response.read()
+                    assert response.json()["error"]["code"] == "too_many_streams"
+                    assert response.headers["retry-after"]
+                return response.status_code
+
+        assert status_of_a_new_stream(AUTH) == status_of_a_new_stream(AUTH) == 200
+        assert status_of_a_new_stream(AUTH) == 429  # this key's cap
+        assert status_of_a_new_stream(AUTH_TINY) == 200  # another key: its own count
+        assert status_of_a_new_stream(AUTH_TINY) == 503  # the process's cap
+        assert http.get(events.removesuffix("/events"), headers=AUTH).status_code == 200
+
+        # a stream the client closes: the server notices at its next poll, the slot comes back
+        assert status_of_a_new_stream(AUTH_TINY, keep=False) == 503
+        held.close()
+        with httpx.Client(base_url=url, timeout=10) as again:
+            wait_for(
+                lambda: again.get(events.removesuffix("/events"), headers=AUTH).is_success
+                and _opens(again, events), 5, "the slots to come back",
+            )  # fmt: skip
+
+
+def _opens(client: httpx.Client, events: str) -> bool:
+    """Whether a new event stream opens (and close it at once)."""
+    with client.stream("GET", events, headers=AUTH) as response:
+        return response.status_code == 200

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import pytest
-from api_helpers import AUTH, AUTH_ADMIN, AUTH_TINY, make_version
+from api_helpers import AUTH, AUTH_ADMIN, AUTH_TINY, edit_body, make_version
+from fastapi.testclient import TestClient
 from safetensors.numpy import load
 
 from contract.jobs import curvature_index_key
 from contract.names import DELTA_FILE
+from service import deltas
+from service.main import create_app
 
 
 @pytest.fixture
@@ -40,6 +44,23 @@ def test_unknown_or_malformed_streams(client, three):
     assert (bad.json()["error"]["code"], bad.json()["error"]["field"]) == ("invalid_name", "stream")
     encoded = client.get("/v1/streams/%2E%2E/main/versions", headers=AUTH)
     assert (encoded.status_code, encoded.json()["error"]["field"]) == (400, "model")
+
+
+def test_a_trailing_newline_is_refused_in_every_name_and_id(client, store, three):
+    # `$` matches before a final newline: each rule must match the whole value
+    streams = client.get("/v1/streams/tiny/main%0A/versions", headers=AUTH)
+    assert (streams.status_code, streams.json()["error"]["field"]) == (400, "stream")
+    version = client.get(f"/v1/versions/{three[0]}%0A", headers=AUTH)
+    assert (version.status_code, version.json()["error"]["field"]) == (400, "version_id")
+    job = client.get("/v1/jobs/abc%0A", headers=AUTH)
+    assert (job.status_code, job.json()["error"]["field"]) == (400, "job_id")
+    edit = client.post("/v1/edits", headers=AUTH, json=edit_body(stream="nl\n"))
+    assert edit.status_code == 422 and edit.json()["error"]["field"] == "stream"
+    rollback = client.post(
+        "/v1/streams/tiny/main/rollback", headers=AUTH, json={"version": three[0] + "\n"}
+    )
+    assert rollback.status_code == 422 and rollback.json()["error"]["field"] == "version"
+    assert store.streams() == [("tiny", "main")]
 
 
 def test_version_manifest(client, store, three):
@@ -210,6 +231,43 @@ def test_a_corrupted_delta_is_a_json_error_not_a_file(client, store, settings, t
             assert leak not in response.text
     # the undamaged parent is still served
     assert client.get(f"/v1/versions/{three[0]}/delta", headers=AUTH).status_code == 200
+
+
+def test_the_cumulative_cache_is_bounded_least_recently_used_first(
+    settings, store, three, monkeypatch
+):
+    cache = settings.cumulative_cache_dir
+    cumulative = deltas.cumulative_delta(store, cache, three[0])[0]  # all three: the same size
+    size = cumulative.stat().st_size
+    bounded = settings.model_copy(update={"cache_max_bytes": 2 * size + size // 2})
+
+    def download(version: str) -> bytes:
+        response = client.get(f"/v1/versions/{version}/delta?against=base", headers=AUTH)
+        assert response.status_code == 200
+        time.sleep(0.02)  # distinct last-use times
+        return response.content
+
+    def cached() -> set[str]:
+        return {path.stem for path in cache.glob("*.safetensors")}
+
+    with TestClient(create_app(bounded)) as client:
+        first = download(three[0])
+        download(three[1])
+        download(three[2])  # over the bound, but every entry was used a moment ago
+        assert cached() == set(three)
+        monkeypatch.setattr(deltas, "EVICT_GRACE_S", 0.0)
+        for path in cache.glob("*.safetensors"):
+            path.unlink()
+        for path in cache.glob("*.json"):
+            path.unlink()
+        download(three[0])
+        download(three[1])
+        assert download(three[0]) == first  # a hit: three[0] is now the most recently used
+        download(three[2])
+        assert cached() == {three[0], three[2]}  # three[1], the least recently used, went
+        assert set(path.stem for path in cache.glob("*.json")) == cached()
+        download(three[1])  # recomputed after its eviction
+        assert cached() == {three[1], three[2]}
 
 
 def test_a_corrupted_cumulative_cache_is_recomputed_not_served(client, store, settings, three):

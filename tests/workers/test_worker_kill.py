@@ -22,9 +22,8 @@ import time
 import pytest
 from live import redis_url, wait_for
 from redis import Redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry
 
 from contract.jobs import curvature_payload, edit_payload, queue_name
 from curvature_store import Store
@@ -34,6 +33,13 @@ from service.config import Settings
 REDIS_URL = redis_url(13)
 FACT = [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}]
 HEARTBEAT_S = 0.5
+# the heartbeat's TTL (three beats, whole seconds: 2 s) and a sweep of a live worker (one beat),
+# with a second for a loaded machine: the README's bound (30 s for 10 s beats) at this scale
+NOTICED_S = 2 + HEARTBEAT_S + 1.0
+
+
+def failed(job: Job | None) -> bool:
+    return job is not None and job.get_status(refresh=False) == JobStatus.FAILED
 
 
 def submit(redis: Redis, epochs: int) -> Job:
@@ -121,8 +127,8 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(
 
     queue = Queue(queue_name("tiny"), connection=redis)
     assert Job.fetch(job.id, connection=redis).get_status() == JobStatus.STARTED  # not noticed yet
-    time.sleep(3 * HEARTBEAT_S + 1)  # its heartbeat expires after three missed beats
-    StartedJobRegistry(queue=queue).cleanup()
+    # no worker is left: the API notices, when it shows the job, once the heartbeat has expired
+    wait_for(lambda: failed(jobqueue.fetch(redis, job.id)), NOTICED_S, "the API to notice")
     job = Job.fetch(job.id, connection=redis)
     assert job.get_status() == JobStatus.FAILED
     assert queue.count == 0  # not re-queued
@@ -155,3 +161,41 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(
         assert result["cache_hit"] is False and result["resumed_from"] is not None
         assert store.curvature_file(result["key"]).is_file()
     redis.flushdb()
+
+
+def test_a_live_worker_notices_its_dead_neighbour_without_help(
+    prepared_store, tmp_path, tiny_model_dir
+):
+    """Two workers on one queue; the one running a job is killed. Nobody calls RQ's cleanup and
+    nobody asks the API: the surviving worker fails the job within the heartbeat's TTL and a
+    sweep, and then runs the stream's next job, which waited behind it."""
+    redis = Redis.from_url(REDIS_URL)
+    redis.flushdb()
+    store_dir = tmp_path / "store"
+    shutil.copytree(prepared_store, store_dir)
+    queue = Queue(queue_name("tiny"), connection=redis)
+    workers = [start_worker(tiny_model_dir, store_dir) for _ in range(2)]
+    try:
+        wait_for(lambda: len(Worker.all(queue=queue)) == 2, 120, "two workers")
+        long = submit(redis, epochs=100_000)
+        after = submit(redis, epochs=2)  # the same stream: waits for `long`
+        wait_for(lambda: phase(redis, long) == "edit", 60, "the edit to start")
+        name = Job.fetch(long.id, connection=redis).worker_name
+        pid = int(redis.hget(f"rq:worker:{name}", "pid"))
+        victim = next(w for w in workers if w.pid == pid)
+        os.kill(pid, signal.SIGKILL)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+        killed = time.monotonic()
+
+        def status(job: Job) -> str:  # as stored: no cleanup on the way
+            return redis.hget(Job.key_for(job.id), "status").decode()
+
+        wait_for(lambda: status(long) == JobStatus.FAILED, NOTICED_S, "the live worker to notice")
+        assert time.monotonic() - killed <= NOTICED_S
+        wait_for(lambda: status(after) == JobStatus.FINISHED, 120, "the next job to run")
+        assert queue.count == 0  # the dead worker's job was not re-queued
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+                worker.wait(timeout=30)
