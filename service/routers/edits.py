@@ -26,6 +26,7 @@ from contract.settings import (
 )
 from curvature_store import Store
 from service import idempotency, jobqueue
+from service.access import may
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, require_json, served_model
 from service.errors import ApiError, responses
 
@@ -92,6 +93,10 @@ class EditOptions(BaseModel):
     evaluate: bool | None = Field(
         default=None, description="Measure the edit (efficacy, locality, perplexity) before and "
         "after; the results land in the version's metrics.",
+    )  # fmt: skip
+    force: bool | None = Field(
+        default=None, description="On a guarded stream, publish the version even when it is "
+        "outside the stream's policy (recorded as forced in the stream's log). Admin keys only.",
     )  # fmt: skip
 
     @field_validator("clip")
@@ -189,6 +194,10 @@ def submit_edit(
     fails, the edit fails saying so.
     """
     model = served_model(settings, key, body.model)
+    if body.options.force and not may(key, "admin", model, body.stream):
+        raise ApiError(
+            403, "forbidden", "only an admin key may force past a stream's policy", "options.force"
+        )
     _check_size(body, settings.max_facts)
     records = [_to_record(i, fact) for i, fact in enumerate(body.facts)]
     check_parent = "parent_version" in body.model_fields_set

@@ -41,10 +41,15 @@ class Timings(BaseModel):
 class JobView(BaseModel):
     job_id: str
     url: str
-    type: Literal["edit", "curvature"] = Field(
-        description="An edit (POST /v1/edits) or a curvature build (POST /v1/curvature)"
+    type: Literal["edit", "curvature", "generate"] = Field(
+        description="An edit (POST /v1/edits), a curvature build (POST /v1/curvature) or "
+        "completions at a version (POST /v1/versions/{id}/generate)"
     )
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "rejected"] = Field(
+        description="rejected: an edit on a guarded stream whose version is outside the "
+        "stream's policy (kept, not published; `result.guard` holds the metrics and the failed "
+        "rules)"
+    )
     rq_status: str = Field(description="RQ's own status (queued, deferred, started, ...)")
     model: str | None
     stream: str | None
@@ -62,7 +67,9 @@ class JobView(BaseModel):
         "build, pass, tokens_done and tokens_total"
     )
     timings: Timings
-    version: str | None = Field(description="The version the job published")
+    version: str | None = Field(
+        description="The version the job published (or kept, when rejected; or answers as)"
+    )
     metrics: Any = None
     curvature_key: str | None = Field(
         default=None, description="The store key a curvature job built (or found)"
