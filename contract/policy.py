@@ -22,7 +22,7 @@ from typing import Any
 
 MAX_REGRESSION_PROMPTS = 20
 MAX_PROMPT_CHARS = 2000
-HELDOUT_TOKENS = 2048  # the worker's `evaluate` sample too: ~2 s of SmolLM2 forward passes
+HELDOUT_TOKENS = 2048  # the largest part of a full check: ~85 CPU-s on SmolLM2 (bench/README.md)
 MAX_HELDOUT_TOKENS = 16384
 RETENTION_FACTS = 100
 MAX_RETENTION_FACTS = 1000  # the bundled CounterFact file holds 1,000 records

@@ -311,9 +311,9 @@ def edit_on_stream(
 
     A guarded stream (one with a policy in the store, `contract.policy`) measures the new
     version before the head moves (`guard.judge`; the manifest's "guard" holds the result): a
-    version outside the policy is kept but not published (`Store.create_version(publish=False)`;
-    listed as held) unless `force`, which publishes it and notes
-    `forced` in the stream's log. A policy that does not parse raises PolicyError before any work.
+    version outside the policy is kept but not published (`Store.create_version(publish=False)`,
+    listed as held) unless `force`, which publishes it and notes `forced` in the stream's log.
+    A stored policy that does not parse raises PolicyError before any work.
     """
     overrides = {k: v for k, v in editor_options.items() if k in OPTION_NAMES}
     runtime = {k: v for k, v in editor_options.items() if k not in OPTION_NAMES}

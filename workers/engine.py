@@ -183,7 +183,8 @@ class Engine:
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, parent=parent, curvature_key=key, evaluate=evaluate, job=job_id,
             cache=self._stream_curvatures, states=self._stream_states, settings=settings,
-            force=bool(request["options"].get("force")), progress=False, on_epoch=on_epoch,
+            force=bool((request.get("options") or {}).get("force")), progress=False,
+            on_epoch=on_epoch,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
         return edit_result(manifest, time.perf_counter() - started)
