@@ -288,6 +288,7 @@ def edit_on_stream(
     states: StreamStateCache | None = None,
     settings: EditSettings = DEFAULTS,
     force: bool = False,
+    on_phase: Callable[[str], None] | None = None,
     **editor_options,
 ) -> tuple[dict, Delta]:
     """Apply `facts` on top of the stream head and publish the result as a new version.
@@ -313,7 +314,8 @@ def edit_on_stream(
     version before the head moves (`guard.judge`; the manifest's "guard" holds the result): a
     version outside the policy is kept but not published (`Store.create_version(publish=False)`,
     listed as held) unless `force`, which publishes it and notes `forced` in the stream's log.
-    A stored policy that does not parse raises PolicyError before any work.
+    A stored policy that does not parse raises PolicyError before any work. `on_phase("guard")`,
+    when given, is called as the check starts (it takes what the policy's sample sizes cost).
     """
     overrides = {k: v for k, v in editor_options.items() if k in OPTION_NAMES}
     runtime = {k: v for k, v in editor_options.items() if k not in OPTION_NAMES}
@@ -358,6 +360,8 @@ def edit_on_stream(
         manifest["metrics"]["evaluation"] = {"before": before, "after": after}
     publish, note = True, None
     if policy is not None:
+        if on_phase is not None:
+            on_phase("guard")
         verdict = judge(
             model, tokenizer, base, parent_cumulative, facts, policy,
             delta.report["efficacy"], chat=chat,

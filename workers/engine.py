@@ -179,12 +179,16 @@ class Engine:
         chat_template = settings.chat_template
         evaluate = (lambda model: self.evaluate(model, facts, chat_template)) if measure else None
         parent = request.get("parent_version") if request.get("check_parent") else ...
+        force = bool((request.get("options") or {}).get("force"))
+
+        def on_phase(phase: str) -> None:  # the policy check, between the edit and "done"
+            report({"phase": phase, "facts_total": len(facts)})
+
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, parent=parent, curvature_key=key, evaluate=evaluate, job=job_id,
             cache=self._stream_curvatures, states=self._stream_states, settings=settings,
-            force=bool((request.get("options") or {}).get("force")), progress=False,
-            on_epoch=on_epoch,
+            force=force, progress=False, on_epoch=on_epoch, on_phase=on_phase,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
         return edit_result(manifest, time.perf_counter() - started)

@@ -63,8 +63,9 @@ class JobView(BaseModel):
     )
     cancel_requested: bool
     progress: Any = Field(
-        description="What the worker reports: phase, epoch, loss, facts_done; for a curvature "
-        "build, pass, tokens_done and tokens_total"
+        description="What the worker reports: phase (curvature, edit, guard: a guarded "
+        "stream's policy check, done), epoch, loss, facts_done; for a curvature build, pass, "
+        "tokens_done and tokens_total"
     )
     timings: Timings
     version: str | None = Field(

@@ -13,6 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from live import redis_db, redis_url, serve, wait_for
 from rq import Queue
+from rq.job import Job
 
 from contract.jobs import queue_name
 from crispedit.delta import add_to_weights
@@ -116,8 +117,16 @@ def test_outside_the_policy_the_version_is_held_and_force_publishes_it(stack):
     assert (last["op"], last["forced"], last["failed"]) == ("create", True, ["regression"])
 
 
-def test_a_version_within_the_policy_is_published_with_its_measurements(stack):
+def test_a_version_within_the_policy_is_published_with_its_measurements(stack, monkeypatch):
     client, engine, redis = stack
+    phases = []
+    save_meta = Job.save_meta
+
+    def spy(job):
+        phases.append(job.meta.get("progress", {}).get("phase"))
+        save_meta(job)
+
+    monkeypatch.setattr(Job, "save_meta", spy)
     policy = {"min_efficacy": 0.0, "max_kl": 1e6, "max_ppl_change_pct": 1e6,
               "min_fact_retention": 0.0, "heldout_tokens": 256, "retention_facts": 10}  # fmt: skip
     assert client.put("/v1/streams/tiny/main/policy", json=policy, headers=AUTH).status_code == 200
@@ -131,6 +140,7 @@ def test_a_version_within_the_policy_is_published_with_its_measurements(stack):
         0 <= metrics["fact_retention"] <= 1 and metrics["efficacy"] == done["metrics"]["efficacy"]
     )
     assert engine.store.head("tiny", "main") == done["version"]
+    assert phases[-2:] == ["guard", "done"]  # the check is a phase of its own in the progress
 
 
 def test_bad_policies_are_refused_naming_the_field_and_change_nothing(stack):
