@@ -3,9 +3,9 @@
 The API enqueues, on the RQ queue `queue_name(model)`, the function `JOB_FUNCTION` (by its dotted
 path, so the API never imports torch) with one plain-JSON argument, an `EditPayload` built by
 `edit_payload`. `facts` are `contract.facts.fact_to_record` records; `options` holds only what
-the client set: options of `contract.settings.EditSettings`, and `evaluate`, which is the job's
-own (measure the edit), not the editor's. `check_parent` true means the head must be
-`parent_version` (None: the base) when the job runs.
+the client set: options of `contract.settings.EditSettings`, and `evaluate` and `force`, which
+are the job's own (measure the edit; publish past a guarded stream's policy), not the editor's.
+`check_parent` true means the head must be `parent_version` (None: the base) when the job runs.
 
 While it runs, the job's meta holds `progress` ({phase, epoch, epochs, loss, facts_total,
 facts_done}); the API sets `cancel_requested` in the meta and the key `cancel_key(id)` (which
@@ -25,6 +25,9 @@ curvature job (enqueued if none is running), and the edit fails with a clear err
 build did not produce it. While it runs, a curvature job's meta holds `progress` ({phase:
 "curvature", pass, tokens_done, tokens_total}); it returns a `CurvatureResult`.
 
+A generate job (`GENERATE_FUNCTION`, a `GeneratePayload` built by `generate_payload`, on the
+same model queue) returns a `GenerateResult`: greedy completions at a version and its parent.
+
 Standard library only, like the rest of `contract`.
 """
 
@@ -40,7 +43,12 @@ from contract.settings import EditSettings, resolve_method
 JOB_FUNCTION = "workers.jobs.apply_edit"
 CURVATURE_FUNCTION = "workers.jobs.build_curvature"
 CURVATURE_KINDS = ("kfac", "ekfac")
-JOB_OPTIONS = ("evaluate",)  # a request's options that are the job's, not the editor's
+JOB_OPTIONS = ("evaluate", "force")  # a request's options that are the job's, not the editor's
+GENERATE_FUNCTION = "workers.jobs.generate"
+MAX_PROMPTS = 20  # prompts of one generate job
+PROMPT_CHARS = 2000
+GENERATE_TOKENS = 24  # greedy tokens per completion, by default
+MAX_GENERATE_TOKENS = 64
 PREFIX = "crispedit"
 
 
@@ -108,7 +116,9 @@ class EditPayload(TypedDict):
 
 
 class EditResult(TypedDict):
-    """What an edit job returns: the new version's summary and the job's duration."""
+    """What an edit job returns: the new version's summary and the job's duration. On a guarded
+    stream `guard` holds the policy's verdict (`crispedit.guard.judge`) and `rejected` is true
+    when the version was kept without moving the head (the API shows the job as `rejected`)."""
 
     version: str
     number: int
@@ -116,6 +126,37 @@ class EditResult(TypedDict):
     stream: str
     metrics: dict
     seconds: float
+    rejected: bool
+    guard: dict | None
+
+
+class GeneratePayload(TypedDict):
+    """The generate job's one argument: greedy completions of `prompts` at `version` and at its
+    parent, `max_new_tokens` each."""
+
+    model: str
+    version: str
+    prompts: list[str]
+    max_new_tokens: int
+    submitted_at: str
+    key_name: str
+
+
+class GenerateResult(TypedDict):
+    """What a generate job returns: per prompt `{prompt, version, parent}` completions."""
+
+    version: str
+    parent: str | None
+    completions: list[dict]
+    seconds: float
+
+
+class JobArgumentError(ValueError):
+    """A job argument is out of bounds; `field` names it as the request spells it."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
 
 
 class CurvaturePayload(TypedDict):
@@ -180,12 +221,15 @@ def job_settings(options: Mapping[str, Any] | None) -> tuple[EditSettings, bool]
     """A payload's options as (the editor's settings, whether to evaluate the edit).
     Raises SettingsError naming an unknown or bad option."""
     options = dict(options or {})
-    evaluate = bool(options.pop("evaluate", None))
+    evaluate = bool(options.get("evaluate"))
+    for name in JOB_OPTIONS:
+        options.pop(name, None)
     return EditSettings.from_options(options), evaluate
 
 
 def edit_result(manifest: Mapping[str, Any], seconds: float) -> EditResult:
-    """The job's return value for the version `manifest` it published in `seconds`."""
+    """The job's return value for the version `manifest` it made in `seconds`."""
+    guard = manifest.get("guard")
     return EditResult(
         version=manifest["id"],
         number=manifest["number"],
@@ -193,6 +237,39 @@ def edit_result(manifest: Mapping[str, Any], seconds: float) -> EditResult:
         stream=manifest["stream"],
         metrics=manifest["metrics"],
         seconds=round(seconds, 3),
+        rejected=guard is not None and not guard["passed"] and not guard["forced"],
+        guard=guard,
+    )
+
+
+def generate_payload(
+    model: str, version: str, prompts: list[str], max_new_tokens: int | None, key_name: str
+) -> GeneratePayload:
+    """The generate job's argument, stamped with the submission time. JobArgumentError names
+    `prompts` (none, more than MAX_PROMPTS), `prompts[i]` (empty or too long) or
+    `max_new_tokens` (outside 1..MAX_GENERATE_TOKENS)."""
+    if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPTS:
+        count = len(prompts) if isinstance(prompts, list) else "no list of"
+        raise JobArgumentError("prompts", f"holds {count} prompts; give 1 to {MAX_PROMPTS}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise JobArgumentError(f"prompts[{i}]", "must be a non-empty string")
+        if len(prompt) > PROMPT_CHARS:
+            raise JobArgumentError(f"prompts[{i}]", f"is longer than {PROMPT_CHARS} characters")
+    tokens = GENERATE_TOKENS if max_new_tokens is None else max_new_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int):
+        raise JobArgumentError("max_new_tokens", f"must be an integer, not {tokens!r}")
+    if not 1 <= tokens <= MAX_GENERATE_TOKENS:
+        raise JobArgumentError(
+            "max_new_tokens", f"must be 1 to {MAX_GENERATE_TOKENS}, not {tokens}"
+        )
+    return GeneratePayload(
+        model=model,
+        version=version,
+        prompts=list(prompts),
+        max_new_tokens=tokens,
+        submitted_at=now_iso(),
+        key_name=key_name,
     )
 
 

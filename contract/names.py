@@ -34,6 +34,7 @@ STATE_FILE = "state.safetensors"  # the whole stream state as sums (versions bef
 CURVATURE_FILE = "curvature.safetensors"
 MANIFEST_FILE = "manifest.json"  # of a version or a curvature artifact
 HEAD_FILE = "HEAD.json"  # a stream's head pointer
+POLICY_FILE = "policy.json"  # a stream's publishing policy (contract.policy)
 
 
 def is_name(value: object) -> bool:

@@ -279,11 +279,13 @@ def generate_answers(
     batch_size: int = GEN_BATCH,
     *,
     chat: bool = False,
+    whole: bool = False,
 ) -> list[str]:
     """The model's greedy answer to each prompt: the generated text up to (not including) the
     first ".", newline or EOS after any leading whitespace, stripped. Prompts are batched with left
     padding (the tokenizer's padding side is restored afterwards) and a row stops generating once
-    its answer has ended. `chat`: each prompt is asked as a user turn of the chat template."""
+    its answer has ended. `chat`: each prompt is asked as a user turn of the chat template.
+    `whole`: the whole greedy completion instead, up to EOS or `max_new_tokens`, as generated."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -304,11 +306,14 @@ def generate_answers(
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
-                stopping_criteria=StoppingCriteriaList([_AnswerEnded(tokenizer, start)]),
+                stopping_criteria=StoppingCriteriaList(
+                    [] if whole else [_AnswerEnded(tokenizer, start)]
+                ),
             )
             for row in out[:, start:].tolist():
                 row = row[: row.index(eos)] if eos in row else row
-                answers.append(_cut_answer(tokenizer.decode(row, skip_special_tokens=True)))
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                answers.append(text if whole else _cut_answer(text))
     finally:
         tokenizer.padding_side = side
     return answers

@@ -37,7 +37,8 @@ store's cumulative delta to the base model reproduces the edited weights bitwise
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +260,24 @@ def set_weights(
     add_to_weights(
         model, {k: v for k, v in cumulative.items() if k.removesuffix(".weight") in base}
     )
+
+
+@contextmanager
+def weights_at(
+    model: nn.Module, base: dict[str, torch.Tensor], cumulative: dict[str, torch.Tensor]
+) -> Iterator[None]:
+    """Inside: the edited layers at `base + cumulative` (`set_weights`, so bitwise a version's
+    weights); on exit, even when the body raises, the weights they held before come back bit for
+    bit. Lets a resident model answer as another version of its stream for a moment."""
+    layers = get_layers(model, list(base))
+    saved = {name: module.weight.detach().clone() for name, module in layers.items()}
+    try:
+        set_weights(model, base, cumulative)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, module in layers.items():
+                module.weight.copy_(saved[name])
 
 
 def accumulate(cumulative: dict[str, torch.Tensor], delta: Delta) -> dict[str, torch.Tensor]:

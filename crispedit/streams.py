@@ -26,6 +26,7 @@ from torch import nn
 
 from contract.facts import Fact, fact_to_record
 from contract.names import CURVATURE_FILE, DELTA_FILE, ROWS_FILE, STATE_FILE
+from contract.policy import Policy
 from contract.settings import DEFAULTS, OPTION_NAMES, EditSettings
 from crispedit.artifacts import ArtifactError, load_tensors, save_tensors
 from crispedit.curvature import (
@@ -37,6 +38,8 @@ from crispedit.curvature import (
 )
 from crispedit.delta import Delta
 from crispedit.editor import CrispEditor
+from crispedit.evaluate import generate_answers
+from crispedit.guard import judge
 from crispedit.models import get_layers, model_fingerprint
 from crispedit.projector import resolve_method
 from crispedit.sequential import (
@@ -46,6 +49,7 @@ from crispedit.sequential import (
     edit_set_factors,
     set_weights,
     stream_curvature,
+    weights_at,
 )
 from curvature_store import Conflict, Store, StoreError
 
@@ -284,6 +288,8 @@ def edit_on_stream(
     cache: StreamCurvatureCache | None = None,
     states: StreamStateCache | None = None,
     settings: EditSettings = DEFAULTS,
+    force: bool = False,
+    on_phase: Callable[[str], None] | None = None,
     **editor_options,
 ) -> tuple[dict, Delta]:
     """Apply `facts` on top of the stream head and publish the result as a new version.
@@ -305,12 +311,21 @@ def edit_on_stream(
     `StreamStateCache`, spares it from rebuilding the head's stream state along the chain (the
     new version's state is put there once published). Returns the new version's manifest and the
     delta against its parent.
+
+    A guarded stream (one with a policy in the store, `contract.policy`) measures the new
+    version before the head moves (`guard.judge`; the manifest's "guard" holds the result): a
+    version outside the policy is kept but not published (`Store.create_version(publish=False)`,
+    listed as held) unless `force`, which publishes it and notes `forced` in the stream's log.
+    A stored policy that does not parse raises PolicyError before any work. `on_phase("guard")`,
+    when given, is called as the check starts (it takes what the policy's sample sizes cost).
     """
     overrides = {k: v for k, v in editor_options.items() if k in OPTION_NAMES}
     runtime = {k: v for k, v in editor_options.items() if k not in OPTION_NAMES}
     settings = settings.override(method=method, gamma=gamma, beta=beta, **overrides)
     layers = list(base)
     head = store.head(model_name, stream)
+    stored_policy = store.policy(model_name, stream)
+    policy = Policy.from_dict(stored_policy) if stored_policy is not None else None
     if parent is not ... and parent != head:
         raise Conflict(f"stream head is {head or 'base'}, not {parent or 'base'}", head=head)
     set_weights(model, base, {})
@@ -327,7 +342,7 @@ def edit_on_stream(
     delta = editor.edit(facts)
     chat = editor.chat  # the edit set is measured on the prompts as the edit wrapped them
     del editor, curvature  # the projectors' copies on the device: not needed past the edit
-    cumulative = accumulate(cumulative, delta)
+    parent_cumulative, cumulative = cumulative, accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
     after = evaluate(model) if evaluate is not None else None
     rows = edit_set_factors(model, tokenizer, layers, facts, chat=chat)
@@ -345,8 +360,23 @@ def edit_on_stream(
         manifest["job"] = job
     if evaluate is not None:
         manifest["metrics"]["evaluation"] = {"before": before, "after": after}
-    published = _publish(store, model_name, stream, head, delta, rows, manifest, actor)
-    if states is not None:
+    publish, note = True, None
+    if policy is not None:
+        if on_phase is not None:
+            on_phase("guard")
+        verdict = judge(
+            model, tokenizer, base, parent_cumulative, facts, policy,
+            delta.report["efficacy"], chat=chat,
+        )  # fmt: skip
+        forced = force and not verdict["passed"]
+        manifest["guard"] = {**verdict, "forced": forced}
+        publish = verdict["passed"] or force
+        if not verdict["passed"]:
+            note = {"forced": forced, "failed": [f["rule"] for f in verdict["failed"]]}
+    published = _publish(
+        store, model_name, stream, head, delta, rows, manifest, actor, publish, note
+    )
+    if states is not None and publish:  # a held version's state is no stream's next
         states.put(model_name, stream, published["id"], next_state)
     return published, delta
 
@@ -400,14 +430,19 @@ def _publish(
     rows: EditRows,
     manifest: dict,
     actor: dict | None = None,
+    publish: bool = True,
+    note: dict | None = None,
 ) -> dict:
     """Stage the delta and the edit rows and create the version on `head` (Conflict, and nothing
-    published, when another writer moved it), made by `actor`; the stored manifest."""
+    published, when another writer moved it), made by `actor`, moving the head to it unless not
+    `publish`; the stored manifest."""
     stage = store.staging_dir()
     delta.save(stage / DELTA_FILE)
     save_tensors(stage / ROWS_FILE, rows.to_tensors(), {"edit_tokens": rows.tokens})
     files = {DELTA_FILE: stage / DELTA_FILE, ROWS_FILE: stage / ROWS_FILE}
-    return store.create_version(model_name, stream, head, files, manifest, actor=actor)
+    return store.create_version(
+        model_name, stream, head, files, manifest, actor=actor, publish=publish, note=note
+    )
 
 
 def materialize(
@@ -425,3 +460,46 @@ def materialize(
             f"version {version} belongs to model {manifest['base_fingerprint']}, this is {found}"
         )
     set_weights(model, base, read_cumulative(store, version))
+
+
+def completions(
+    store: Store,
+    version: str,
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    base: dict[str, torch.Tensor] | None = None,
+) -> list[dict]:
+    """Greedy completions of `prompts` at `version` and at its parent, `{prompt, version,
+    parent}` each: the whole text of up to `max_new_tokens` tokens, the prompts wrapped in the
+    chat template when the version's edit was (`options.chat_template`).
+
+    `model` is the base model, or any version of the stream with `base` given (a worker's
+    resident model): its weights are the same bit for bit afterwards (`sequential.weights_at`).
+    StoreError when the version was made on other layers or another base model."""
+    manifest = store.manifest(version)
+    layers = manifest["layers"]
+    if base is None:
+        base = base_weights(model, layers)
+    if list(base) != layers:
+        raise StoreError(f"version {version} edits layers {layers}, not {list(base)}")
+    with weights_at(model, base, {}):
+        found = model_fingerprint(model, layers)
+    if found != manifest["base_fingerprint"]:
+        raise StoreError(
+            f"version {version} belongs to model {manifest['base_fingerprint']}, this is {found}"
+        )
+    chat = manifest.get("options", {}).get("chat_template") == "on"
+    answers = {}
+    for side, at in (("version", version), ("parent", manifest["parent"])):
+        with weights_at(model, base, read_cumulative(store, at)):
+            answers[side] = generate_answers(
+                model, tokenizer, list(prompts), max_new_tokens, chat=chat, whole=True
+            )
+    return [
+        {"prompt": prompt, "version": after, "parent": before}
+        for prompt, after, before in zip(
+            prompts, answers["version"], answers["parent"], strict=True
+        )
+    ]

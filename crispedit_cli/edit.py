@@ -86,6 +86,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
             version, delta = edit_on_stream(
                 store, store_model_name(args), args.stream, model, tokenizer, base, curvature,
                 facts, settings=settings, parent=parent, curvature_key=curvature_key,
+                force=args.force,
             )  # fmt: skip
         report = {
             **delta.report,
@@ -104,6 +105,13 @@ def cmd_edit(args: argparse.Namespace) -> None:
         f"{report['efficacy_before']:.2f} -> {report['efficacy']:.2f} in {report['epochs']} "
         f"epochs; wrote {' and '.join(where)}"
     )
+    guard = version.get("guard") if version else None
+    if guard is not None and not guard["passed"] and not guard["forced"]:
+        rules = ", ".join(sorted({f["rule"] for f in guard["failed"]}))
+        raise CLIError(
+            f"version {version['id']} is outside the policy of {args.stream} ({rules}): kept, "
+            "not published; the head stays (--force publishes past the policy)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +158,9 @@ def add_edit(sub: argparse._SubParsersAction) -> None:
     edit.add_argument("--stream", help="edit on top of this stream's head; publish a version")
     edit.add_argument("--model-name", help="the model's name in the store (default: alias/folder)")
     edit.add_argument("--parent", help="expected head (a version id or 'base'); else a conflict")
+    edit.add_argument(
+        "--force", action="store_true", help="publish even when outside the stream's policy"
+    )
     add_settings_args(edit)
     add_curvature_args(edit)
     add_placement_args(edit)

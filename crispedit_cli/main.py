@@ -25,7 +25,7 @@ from crispedit_cli.edit import add_apply, add_demo, add_edit
 from crispedit_cli.evaluate import add_eval
 from crispedit_cli.plan import add_plan
 from crispedit_cli.remote import add_api_commands, add_worker
-from crispedit_cli.store import add_curvature_store, add_stream
+from crispedit_cli.store import add_curvature_store, add_generate, add_stream
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     add_curvature_store(curv_sub)
     add_edit(sub)
     add_stream(sub)
+    add_generate(sub)
     add_apply(sub)
     add_eval(sub)
     add_worker(sub)

@@ -59,6 +59,12 @@ def _show_progress(job: dict) -> None:
 def _job_summary(job: dict) -> str:
     if job["status"] == "succeeded":
         return f"job {job['job_id']} succeeded: version {job['version']}, metrics {job['metrics']}"
+    if job["status"] == "rejected":
+        failed = ", ".join(sorted({f["rule"] for f in job["result"]["guard"]["failed"]}))
+        return (
+            f"job {job['job_id']} rejected: version {job['version']} is outside the stream's "
+            f"policy ({failed}); kept, not published"
+        )
     if job["status"] in ("failed", "cancelled"):
         return f"job {job['job_id']} {job['status']}: {job.get('error')}"
     return f"job {job['job_id']} {job['status']}"
@@ -70,6 +76,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
     facts = [fact_to_record(f) for f in load_facts(args.facts, limit=args.limit)]
     options = given_options(args)  # the API applies its defaults and its own limits
+    if args.force:
+        options["force"] = True
     with api_client(args) as client:
         accepted = client.submit(
             args.model, facts, args.stream, args.parent, options, args.idempotency_key
@@ -178,6 +186,9 @@ def add_api_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--stream", default="main")
     submit.add_argument("--parent", help="expected head version")
     add_settings_args(submit, api_only=True)
+    submit.add_argument(
+        "--force", action="store_true", help="publish even outside the stream's policy (admin)"
+    )
     submit.add_argument("--idempotency-key")
     submit.add_argument("--wait", action="store_true", help="poll until the job ends")
     submit.set_defaults(func=cmd_submit)

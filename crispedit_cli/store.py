@@ -3,16 +3,19 @@
     crispedit curvature ls --store runs/store
     crispedit stream ls --store runs/store --model-name smollm2 --stream main
     crispedit stream materialize --store runs/store --model smollm2 --version V --out runs/m
+    crispedit generate --store runs/store --model smollm2 --version V --prompt "Ice is"
 
-Only `stream materialize` loads a model (on `--device`, in `--dtype`, the dtype it is saved in);
-the others read and write the store alone.
+Only `stream materialize` and `generate` load a model (on `--device`, in `--dtype`, the dtype
+it is saved in); the others read and write the store alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+from contract.jobs import GENERATE_TOKENS, MAX_PROMPTS
 from crispedit_cli.common import add_placement_args, load_model_of, open_store, staged_output
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +103,28 @@ def cmd_stream_materialize(args: argparse.Namespace) -> None:
     print(f"model at version {args.version} -> {args.out}")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """`crispedit generate`: greedy completions at a version and at its parent, locally (the
+    model loaded, the version's cumulative delta applied and taken off again)."""
+    from contract.jobs import generate_payload
+    from crispedit.streams import completions
+
+    store = open_store(args.store, create=False)
+    manifest = store.manifest(args.version)  # fails before the model loads when unknown
+    generate_payload(manifest["model"], args.version, args.prompt, args.max_new_tokens, "cli")
+    model, tokenizer = load_model_of(args)
+    tokens = args.max_new_tokens or GENERATE_TOKENS
+    found = completions(store, args.version, model, tokenizer, args.prompt, tokens)
+    if args.json:
+        print(json.dumps({"version": args.version, "parent": manifest["parent"],
+                          "completions": found}, indent=2))  # fmt: skip
+        return
+    for item in found:
+        print(f"prompt   {item['prompt']}")
+        print(f"  {manifest['parent'] or 'base':<27} {item['parent']!r}")
+        print(f"  {args.version:<27} {item['version']!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
@@ -149,3 +174,24 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
     mat.add_argument("--out", required=True)
     add_placement_args(mat)
     mat.set_defaults(func=cmd_stream_materialize)
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    """`crispedit generate`."""
+    gen = sub.add_parser(
+        "generate", help="greedy completions at a version and at its parent (local model)"
+    )
+    gen.add_argument("--store", required=True)
+    gen.add_argument("--model", required=True, help="the stream's base model")
+    gen.add_argument("--version", required=True)
+    gen.add_argument(
+        "--prompt", action="append", required=True, help=f"repeat for up to {MAX_PROMPTS} prompts"
+    )
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"greedy tokens per completion (default {GENERATE_TOKENS})",
+    )
+    gen.add_argument("--json", action="store_true", help="print the completions as JSON")
+    add_placement_args(gen)
+    gen.set_defaults(func=cmd_generate)

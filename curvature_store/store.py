@@ -56,6 +56,7 @@ from contract.names import (
 )
 from contract.names import HEAD_FILE as HEAD
 from contract.names import MANIFEST_FILE as MANIFEST
+from contract.names import POLICY_FILE as POLICY
 from curvature_store.files import (
     age_s,
     atomic_write,
@@ -594,9 +595,10 @@ class Store:
         entries = self._read_log(sdir)
         if info["moves"] <= (entries[-1]["moves"] if entries else 0):
             return
-        created = {e.get("version") for e in entries if e.get("op") == "create"}
+        created = {e.get("version") for e in entries if e.get("op") in ("create", "publish")}
+        held = {e.get("version") for e in entries if e.get("op") == "held"}
         op = (
-            "create"
+            ("publish" if info["version"] in held else "create")
             if info["version"] is not None and info["version"] not in created
             else "rollback"
         )
@@ -612,10 +614,17 @@ class Store:
         )
 
     def _move_head(
-        self, sdir: Path, old: dict, version: str | None, count: int, op: str, actor: dict | None
+        self,
+        sdir: Path,
+        old: dict,
+        version: str | None,
+        count: int,
+        op: str,
+        actor: dict | None = None,
+        note: dict | None = None,
     ) -> dict:
         """Rewrite HEAD.json (the commit point), then log the move (with `actor`, who made it,
-        when known). Call under the stream's lock."""
+        when known, and `note`'s fields, such as `forced`). Call under the stream's lock."""
         info = {"version": version, "count": count, "moves": old["moves"] + 1, "moved_at": _now()}
         atomic_write_json(sdir / HEAD, info)
         if old["moves"] == 0:  # a new stream: make its folders' own entries durable too
@@ -628,6 +637,7 @@ class Store:
             "from": old["version"],
             "at": info["moved_at"],
             "moves": info["moves"],
+            **(note or {}),
         }
         if actor is not None:
             entry["actor"] = actor
@@ -776,8 +786,15 @@ class Store:
         files: dict[str, str | Path],
         manifest: dict,
         actor: dict | None = None,
+        publish: bool = True,
+        note: dict | None = None,
     ) -> dict:
         """Create a version on the stream's head and move the head to it; the stored manifest.
+
+        With `publish=False` the version is kept but the head stays (a guarded stream's version
+        outside its policy): the log records it as `held`, `versions` lists it with `held` true,
+        and `publish_version` can move the head to it later. `note`'s fields go into the log
+        entry (e.g. `{"forced": true}`).
 
         `files` maps names (`delta.safetensors`, required; `rows.safetensors`, optional; any
         `NAME.safetensors`) to files the caller wrote, best under `staging_dir()`. `parent` is the
@@ -821,7 +838,9 @@ class Store:
                 doc["actor"] = actor
             atomic_write_json(work / MANIFEST, doc)
             _failpoint("create:staged")
-            final = self._publish(sdir, model, stream, parent, work, version_id, number, actor)
+            final = self._publish(
+                sdir, model, stream, parent, work, version_id, number, actor, publish, note
+            )
         finally:
             for src in sources.values():
                 src.unlink(missing_ok=True)  # moved in already, unless we failed before that
@@ -850,9 +869,12 @@ class Store:
         version_id: str,
         number: int,
         actor: dict | None,
+        publish: bool = True,
+        note: dict | None = None,
     ) -> Path:
         """Under the stream's lock: check the head again, rename the staged version `work` into
-        place and move the head to it; returns the version's folder."""
+        place and move the head to it (or, with `publish=False`, log it as held); returns the
+        version's folder."""
         with self._lock(sdir / LOCK):
             info = self._read_head(sdir)
             self._check_head(sdir, model, stream, info, parent)
@@ -861,8 +883,107 @@ class Store:
             os.rename(work, final)
             fsync_dir(final.parent)
             _failpoint("create:published")
-            self._move_head(sdir, info, version_id, number, "create", actor)
+            if publish:
+                self._move_head(sdir, info, version_id, number, "create", actor, note)
+            else:
+                self._hold(sdir, info, version_id, actor, note)
         return final
+
+    def _hold(
+        self, sdir: Path, info: dict, version_id: str, actor: dict | None, note: dict | None
+    ) -> None:
+        """Log a version that was kept without moving the head. The log is what keeps it out of
+        `garbage`, so its append must succeed (unlike a head move's, which `_repair_log`
+        repairs); a stream first written this way gets its HEAD.json (at the base) too."""
+        if not (sdir / HEAD).exists():
+            atomic_write_json(sdir / HEAD, info)
+            fsync_dir(sdir.parent)
+            fsync_dir(sdir.parent.parent)
+        entry = {
+            "op": "held",
+            "version": version_id,
+            "from": info["version"],
+            "at": _now(),
+            "moves": info["moves"],  # the head did not move: repair must not count this one
+            **(note or {}),
+        }
+        if actor is not None:
+            entry["actor"] = actor
+        self._append_log(sdir, entry)
+
+    def publish_version(
+        self,
+        model: str,
+        stream: str,
+        version_id: str,
+        expected_head: str | EllipsisType | None = ...,
+        note: dict | None = None,
+        actor: dict | None = None,
+    ) -> dict:
+        """Move the head to a held version (`create_version(publish=False)`) whose parent is the
+        head; the new head info. The log entry records `actor` (who published it) and `note`'s
+        fields.
+
+        NotFound for an unknown version; StoreError when it is on another stream or was
+        published already; Conflict (with `.head`) when its parent is not the head any more (the
+        stream moved on since it was made) or the head is not `expected_head`."""
+        sdir = self._stream_dir(model, stream)
+        _check_version_id(version_id)
+        doc = self._read_manifest(version_id)
+        if (doc["model"], doc["stream"]) != (model, stream):
+            raise StoreError(f"version {version_id} is not on stream {model}/{stream}")
+        with self._lock(sdir / LOCK):
+            info = self._read_head(sdir)
+            if expected_head is not ...:
+                self._check_head(sdir, model, stream, info, expected_head)
+            if version_id not in self._held(sdir):
+                raise StoreError(f"version {version_id} was published already")
+            if doc["parent"] != info["version"]:
+                raise Conflict(
+                    f"version {version_id} was made on {doc['parent'] or 'the base'}, but the "
+                    f"head of {model}/{stream} is now {info['version'] or 'the base'}",
+                    head=info["version"],
+                )
+            self._repair_log(sdir, info)
+            return self._move_head(sdir, info, version_id, doc["number"], "publish", actor, note)
+
+    def _held(self, sdir: Path) -> set[str]:
+        """The versions of a stream that were kept without ever becoming its head."""
+        entries = self._read_log(sdir)
+        held = {e["version"] for e in entries if e.get("op") == "held"}
+        published = {e.get("version") for e in entries if e.get("op") in ("create", "publish")}
+        return held - published
+
+    # --- stream policies ---
+
+    def policy(self, model: str, stream: str) -> dict | None:
+        """The stream's publishing policy as stored (`contract.policy.Policy.to_dict`), or None
+        for an unguarded stream. Corrupt when the file is not a JSON object."""
+        path = self._stream_dir(model, stream) / POLICY
+        try:
+            return self._read_json(path, "stream policy")
+        except FileNotFoundError:
+            return None
+
+    def set_policy(self, model: str, stream: str, policy: dict) -> None:
+        """Store `policy` (a JSON object, validated by the caller) with the stream, atomically;
+        the stream need not have a version yet."""
+        _check_json(policy, "policy")
+        sdir = self._stream_dir(model, stream)
+        sdir.mkdir(parents=True, exist_ok=True)
+        with self._lock(sdir / LOCK):
+            atomic_write_json(sdir / POLICY, policy)
+
+    def delete_policy(self, model: str, stream: str) -> bool:
+        """Remove the stream's policy; whether it had one."""
+        sdir = self._stream_dir(model, stream)
+        if not (sdir / POLICY).exists():
+            return False
+        with self._lock(sdir / LOCK):
+            existed = (sdir / POLICY).exists()
+            (sdir / POLICY).unlink(missing_ok=True)
+            fsync_dir(sdir)
+        return existed
 
     def manifest(self, version_id: str) -> dict:
         """A version's manifest (StoreError for a malformed id, NotFound for an unknown one)."""
@@ -897,7 +1018,8 @@ class Store:
         return self._chain(upto, model, stream)
 
     def versions(self, model: str, stream: str) -> list[dict]:
-        """Every version ever created on the stream, newest first, each with `"in_lineage"`.
+        """Every version ever created on the stream, newest first, each with `"in_lineage"` and
+        `"held"` (kept without ever being published: outside the stream's policy).
 
         Versions rolled back past stay listed (with `in_lineage` False): nothing is ever deleted.
         The order is the order in which they were committed.
@@ -907,15 +1029,17 @@ class Store:
         order: list[str] = []
         for entry in self._read_log(sdir):
             version = entry.get("version")
-            if entry.get("op") == "create" and isinstance(version, str) and version not in order:
+            kept = entry.get("op") in ("create", "held")
+            if kept and isinstance(version, str) and version not in order:
                 order.append(version)
         # A head committed just before a crash may be missing from the log; its lineage is known.
         order += [doc["id"] for doc in reversed(lineage) if doc["id"] not in order]
         in_lineage = {doc["id"] for doc in lineage}
+        held = self._held(sdir) - in_lineage
         result = []
         for version in reversed(order):
             doc = self._read_manifest(_check_version_id(version), missing=Corrupt)
-            result.append({**doc, "in_lineage": version in in_lineage})
+            result.append({**doc, "in_lineage": version in in_lineage, "held": version in held})
         return result
 
     def rollback(
@@ -942,11 +1066,8 @@ class Store:
             raise NotFound(f"no stream {model}/{stream}")
         with self._lock(sdir / LOCK):
             info = self._read_head(sdir)
-            if expected_head is not ... and info["version"] != expected_head:
-                raise Conflict(
-                    f"stream {model}/{stream} has head {info['version']}, not {expected_head}",
-                    head=info["version"],
-                )
+            if expected_head is not ...:
+                self._check_head(sdir, model, stream, info, expected_head)
             count = 0
             if version_id is not None:
                 doc = self._read_manifest(version_id)

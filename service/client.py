@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled", "rejected")
 
 
 class ApiError(Exception):
@@ -146,6 +146,43 @@ class CrispEditClient:
         if expected_head is not None:
             body["expected_head"] = expected_head
         return self._call("POST", f"/v1/streams/{model}/{stream}/rollback", json=body)
+
+    def policy(self, model: str, stream: str = "main") -> dict:
+        """GET /v1/streams/{model}/{stream}/policy (ApiError 404 `no_policy` when unguarded)."""
+        return self._call("GET", f"/v1/streams/{model}/{stream}/policy")
+
+    def set_policy(self, model: str, stream: str, policy: dict) -> dict:
+        """PUT /v1/streams/{model}/{stream}/policy: guard the stream; the stored policy."""
+        return self._call("PUT", f"/v1/streams/{model}/{stream}/policy", json=policy)
+
+    def delete_policy(self, model: str, stream: str = "main") -> None:
+        """DELETE /v1/streams/{model}/{stream}/policy: stop guarding the stream."""
+        _raise_for_error(self.http.delete(f"/v1/streams/{model}/{stream}/policy"))
+
+    def publish(self, version_id: str, expected_head: str | None = None) -> dict:
+        """POST /v1/versions/{id}/publish with force: move the head to a held version."""
+        body: dict[str, Any] = {"force": True}
+        if expected_head is not None:
+            body["expected_head"] = expected_head
+        return self._call("POST", f"/v1/versions/{version_id}/publish", json=body)
+
+    def generate(
+        self,
+        version_id: str,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        timeout: float = 600.0,
+    ) -> list[dict]:
+        """POST /v1/versions/{id}/generate and wait for the job: `{prompt, version, parent}`
+        greedy completions at the version and at its parent. RuntimeError when the job fails."""
+        body: dict[str, Any] = {"prompts": prompts}
+        if max_new_tokens is not None:
+            body["max_new_tokens"] = max_new_tokens
+        accepted = self._call("POST", f"/v1/versions/{version_id}/generate", json=body)
+        job = self.wait(accepted["job_id"], timeout=timeout)
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"generate job {job['job_id']} {job['status']}: {job['error']}")
+        return job["result"]["completions"]
 
     def download_delta(self, version_id: str, out: str | Path, against: str = "parent") -> Path:
         """Stream a version's delta to `out`, verified against its ETag (sha256), atomically."""

@@ -7,7 +7,10 @@ serializer. job.meta written by the API at submission: `model`, `stream`, `key_n
 (team and key id), `owner` (the stream's team), `submitted_at`, `n_facts`, `after` (the
 stream's previous job id, or None); the worker writes
 `meta["progress"]` (shown as is). A cancelled job ends without publishing, by raising (the job
-fails; shown as `cancelled`) or returning `{"cancelled": True}`.
+fails; shown as `cancelled`) or returning `{"cancelled": True}`. An edit on a guarded stream
+whose version is outside the stream's policy returns `{"rejected": True, ...}`: shown as
+`rejected` (its version kept, the head unmoved). A generate job (`submit_generate`) has
+`job_type: "generate"` and the `version` it answers as.
 
 Ordering: every job of a (model, stream) depends on the stream's previous job while that one has
 not ended (`Dependency(allow_failure=True)`: a failed edit does not block the next one), so the
@@ -37,8 +40,10 @@ from rq.registry import StartedJobRegistry
 from rq.results import Result
 
 from contract.jobs import (
+    GENERATE_FUNCTION,
     CurvaturePayload,
     EditPayload,
+    GeneratePayload,
     cancel_key,
     curvature_index_key,
     curvature_jobs_key,
@@ -56,7 +61,7 @@ from service.config import Settings
 from service.errors import ApiError, scrub
 
 RQ_TERMINAL = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = {"succeeded", "failed", "cancelled", "rejected"}
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -123,6 +128,29 @@ def submit(
             503, "unavailable", f"stream {model}/{stream} is busy; retry the request"
         ) from None
     return job
+
+
+def submit_generate(redis: Redis, settings: Settings, payload: GeneratePayload) -> Job:
+    """Enqueue a generate job (`contract.jobs.GENERATE_FUNCTION`) on the model's queue, with
+    the edit job timeout; it waits for no stream (a version never changes). Its meta has
+    `job_type: "generate"` and `version`."""
+    model = payload["model"]
+    return Queue(queue_name(model), connection=redis).enqueue_call(
+        func=GENERATE_FUNCTION,
+        args=(payload,),
+        job_id=uuid.uuid4().hex,
+        timeout=settings.job_timeout_s,
+        result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.failure_ttl_s,
+        description=f"generate {model}: {len(payload['prompts'])} prompts at {payload['version']}",
+        meta={
+            "model": model,
+            "job_type": "generate",
+            "version": payload["version"],
+            "key_name": payload["key_name"],
+            "submitted_at": payload["submitted_at"],
+        },
+    )
 
 
 def built_curvature(redis: Redis, store: Store, model: str, spec: str) -> str | None:
@@ -274,7 +302,8 @@ def _public_status(rq_status: JobStatus, cancelled: bool, value: Any) -> str:
         return "cancelled" if cancelled else "failed"
     if rq_status == JobStatus.FINISHED:
         stopped = isinstance(value, dict) and value.get("cancelled") is True
-        return "cancelled" if stopped else "succeeded"
+        rejected = isinstance(value, dict) and value.get("rejected") is True
+        return "cancelled" if stopped else "rejected" if rejected else "succeeded"
     if rq_status == JobStatus.STARTED:
         return "running"
     return "queued"  # queued, deferred, scheduled, created, ready_to_enqueue, rate_limited
@@ -339,7 +368,7 @@ def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
     if rq_status == JobStatus.QUEUED:
         position = Queue(job.origin, connection=redis).get_job_position(job.id)
     result = None
-    if status == "succeeded":
+    if status in ("succeeded", "rejected"):
         result = _jsonable(value if isinstance(value, dict) else {"value": value})
     meta = job.meta
     progress = meta.get("progress")
@@ -366,7 +395,7 @@ def job_view(redis: Redis, job: Job, store: Store | None = None) -> dict:
             "started_at": _iso(job.started_at),
             "ended_at": _iso(job.ended_at),
         },
-        "version": result.get("version") if isinstance(result, dict) else None,
+        "version": result.get("version") if isinstance(result, dict) else meta.get("version"),
         "metrics": result.get("metrics") if isinstance(result, dict) else None,
         "curvature_key": curvature_key,
         "result": result,

@@ -14,7 +14,15 @@ from collections.abc import Callable
 import torch
 
 from contract.facts import Fact, parse_facts
-from contract.jobs import EditPayload, EditResult, curvature_kind, edit_result, job_settings
+from contract.jobs import (
+    EditPayload,
+    EditResult,
+    GeneratePayload,
+    GenerateResult,
+    curvature_kind,
+    edit_result,
+    job_settings,
+)
 from crispedit.curvature import Curvature, plan_curvature
 from crispedit.evaluate import evaluate_edit, swapped_weights
 from crispedit.models import load_model, parse_layers
@@ -24,6 +32,7 @@ from crispedit.streams import (
     StreamStateCache,
     base_weights,
     cached_curvature,
+    completions,
     edit_on_stream,
 )
 from curvature_store import Store
@@ -170,12 +179,37 @@ class Engine:
         chat_template = settings.chat_template
         evaluate = (lambda model: self.evaluate(model, facts, chat_template)) if measure else None
         parent = request.get("parent_version") if request.get("check_parent") else ...
+        force = bool((request.get("options") or {}).get("force"))
+
+        def on_phase(phase: str) -> None:  # the policy check, between the edit and "done"
+            report({"phase": phase, "facts_total": len(facts)})
+
         manifest, _ = edit_on_stream(
             self.store, self.name, request["stream"], self.model, self.tokenizer, self.base,
             capability, facts, parent=parent, curvature_key=key, evaluate=evaluate, job=job_id,
             actor=request.get("actor"),
             cache=self._stream_curvatures, states=self._stream_states, settings=settings,
-            progress=False, on_epoch=on_epoch,
+            force=force, progress=False, on_epoch=on_epoch, on_phase=on_phase,
         )  # fmt: skip
         report({"phase": "done", "facts_total": len(facts), "facts_done": len(facts)})
         return edit_result(manifest, time.perf_counter() - started)
+
+    def generate(self, request: GeneratePayload) -> GenerateResult:
+        """Greedy completions of the request's prompts at its version and at the version's
+        parent (`contract.jobs.GeneratePayload`, `crispedit.streams.completions`). The resident
+        model answers as each version for a moment and holds its weights bit for bit afterwards.
+        ValueError for another model's version; StoreError for one of other layers or base."""
+        started = time.perf_counter()
+        manifest = self.store.manifest(request["version"])
+        if manifest["model"] != self.name or request["model"] != self.name:
+            raise ValueError(f"this worker serves {self.name!r}, not {manifest['model']!r}")
+        found = completions(
+            self.store, manifest["id"], self.model, self.tokenizer, request["prompts"],
+            request["max_new_tokens"], base=self.base,
+        )  # fmt: skip
+        return GenerateResult(
+            version=manifest["id"],
+            parent=manifest["parent"],
+            completions=found,
+            seconds=round(time.perf_counter() - started, 3),
+        )

@@ -1,5 +1,5 @@
-"""The worker's side of the job contract (`contract.jobs`): the RQ job functions `apply_edit` and
-`build_curvature`.
+"""The worker's side of the job contract (`contract.jobs`): the RQ job functions `apply_edit`,
+`build_curvature` and `generate`.
 
 They find this process's resident engine for the payload's model, report progress into the job's
 meta, and check for a cancellation request before work and between epochs (or batches of a
@@ -26,6 +26,8 @@ from contract.jobs import (
     CurvatureResult,
     EditPayload,
     EditResult,
+    GeneratePayload,
+    GenerateResult,
     cancel_key,
     curvature_index_key,
     curvature_spec,
@@ -97,6 +99,12 @@ def apply_edit(request: EditPayload) -> EditResult:
         if build is None:
             raise
         raise CurvatureMissing(f"{err}; the curvature job {build} did not build it") from None
+
+
+def generate(request: GeneratePayload) -> GenerateResult:
+    """RQ job: greedy completions at a version and at its parent with this process's resident
+    engine, whose weights are restored bit for bit afterwards (`Engine.generate`)."""
+    return _engine(request.get("model")).generate(request)
 
 
 def build_curvature(request: CurvaturePayload) -> CurvatureResult:

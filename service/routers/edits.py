@@ -109,6 +109,10 @@ class EditOptions(BaseModel):
         default=None, description="Measure the edit (efficacy, locality, perplexity) before and "
         "after; the results land in the version's metrics.",
     )  # fmt: skip
+    force: bool | None = Field(
+        default=None, description="On a guarded stream, publish the version even when it is "
+        "outside the stream's policy (recorded as forced in the stream's log). Admin keys only.",
+    )  # fmt: skip
 
     @field_validator("clip")
     @classmethod
@@ -217,6 +221,10 @@ def submit_edit(
     model = served_model(settings, key, body.model)
     owner = access.owner_of(settings, store, model, body.stream)
     access.require(key, "edit", model, body.stream, owner, unknown_stream(model, body.stream))
+    if body.options.force and not access.may(key, "admin", model, body.stream, owner):
+        raise ApiError(
+            403, "forbidden", "only an admin key may force past a stream's policy", "options.force"
+        )
     _check_size(body, settings.max_facts)
     _check_layers(settings, model, body.options.layers)
     records = [_to_record(i, fact) for i, fact in enumerate(body.facts)]

@@ -48,10 +48,15 @@ class Timings(BaseModel):
 class JobView(BaseModel):
     job_id: str
     url: str
-    type: Literal["edit", "curvature"] = Field(
-        description="An edit (POST /v1/edits) or a curvature build (POST /v1/curvature)"
+    type: Literal["edit", "curvature", "generate"] = Field(
+        description="An edit (POST /v1/edits), a curvature build (POST /v1/curvature) or "
+        "completions at a version (POST /v1/versions/{id}/generate)"
     )
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "rejected"] = Field(
+        description="rejected: an edit on a guarded stream whose version is outside the "
+        "stream's policy (kept, not published; `result.guard` holds the metrics and the failed "
+        "rules)"
+    )
     rq_status: str = Field(description="RQ's own status (queued, deferred, started, ...)")
     model: str | None
     stream: str | None
@@ -68,11 +73,14 @@ class JobView(BaseModel):
     )
     cancel_requested: bool
     progress: Any = Field(
-        description="What the worker reports: phase, epoch, loss, facts_done; for a curvature "
-        "build, pass, tokens_done and tokens_total"
+        description="What the worker reports: phase (curvature, edit, guard: a guarded "
+        "stream's policy check, done), epoch, loss, facts_done; for a curvature build, pass, "
+        "tokens_done and tokens_total"
     )
     timings: Timings
-    version: str | None = Field(description="The version the job published")
+    version: str | None = Field(
+        description="The version the job published (or kept, when rejected; or answers as)"
+    )
     metrics: Any = None
     curvature_key: str | None = Field(
         default=None, description="The store key a curvature job built (or found)"
@@ -175,21 +183,21 @@ def _open_stream(request: Request, settings: Settings, key: ApiKey) -> Callable[
             503, "too_many_streams", "too many open event streams; poll GET /v1/jobs/{id} or "
             "retry later", headers=retry,
         )  # fmt: skip
-    if open_streams[key.name] >= settings.sse_max_per_key:
+    if open_streams[key.id] >= settings.sse_max_per_key:
         raise ApiError(
             429, "too_many_streams", f"this API key holds {settings.sse_max_per_key} open event "
             "streams, the limit; close one or poll GET /v1/jobs/{id}", headers=retry,
         )  # fmt: skip
-    open_streams[key.name] += 1
+    open_streams[key.id] += 1
     released = False
 
     def release() -> None:
         nonlocal released
         if not released:
             released = True
-            open_streams[key.name] -= 1
-            if open_streams[key.name] <= 0:
-                del open_streams[key.name]
+            open_streams[key.id] -= 1
+            if open_streams[key.id] <= 0:
+                del open_streams[key.id]
 
     return release
 

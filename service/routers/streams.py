@@ -56,6 +56,11 @@ class VersionSummary(BaseModel):
     parent: str | None
     created_at: str | None
     in_lineage: bool = Field(description="In the head's lineage (false: rolled back past)")
+    held: bool = Field(
+        default=False,
+        description="Kept outside the stream's policy, never published (POST "
+        "/v1/versions/{id}/publish with force publishes it)",
+    )
     head: bool
     n_facts: int | None
     method: str | None
@@ -187,6 +192,7 @@ def list_versions(ref: StreamReadDep, store: StoreDep) -> StreamVersions:
                 parent=doc["parent"],
                 created_at=doc.get("created_at"),
                 in_lineage=doc["in_lineage"],
+                held=doc.get("held", False),
                 head=doc["id"] == head,
                 n_facts=len(facts) if isinstance(facts, list) else None,
                 method=doc.get("method") if isinstance(doc.get("method"), str) else None,

@@ -1,4 +1,6 @@
-"""Versions: a version's manifest and its delta file (own, or cumulative against the base).
+"""Versions: a version's manifest and its delta file (own, or cumulative against the base);
+publishing a held version (one kept outside its stream's policy) by force; completions at a
+version and at its parent, by a worker of its model.
 
 A key sees a version where `service.access` gives it `read` on the version's stream; any other
 answers 404 as an unknown id does.
@@ -8,14 +10,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
 
-from curvature_store import NotFound, Store
-from service import access, deltas
+from contract.jobs import (
+    GENERATE_TOKENS,
+    MAX_GENERATE_TOKENS,
+    MAX_PROMPTS,
+    JobArgumentError,
+    generate_payload,
+)
+from contract.names import VERSION_RULE, is_version_id
+from curvature_store import Conflict, NotFound, Store, StoreError
+from service import access, deltas, jobqueue
 from service.config import ApiKey, Settings
-from service.deps import KeyDep, SettingsDep, StoreDep, check_version_id
+from service.deps import (
+    KeyDep,
+    RedisDep,
+    SettingsDep,
+    StoreDep,
+    check_version_id,
+    require_json,
+    served_model,
+)
 from service.errors import ApiError, responses
+from service.routers.streams import StreamHead
 
 router = APIRouter(tags=["versions"])
 
@@ -93,4 +113,104 @@ def get_delta(
         return Response(status_code=304, headers=headers)
     return FileResponse(
         path, media_type="application/octet-stream", filename=filename, headers=headers
+    )
+
+
+class PublishRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    force: bool = Field(
+        description="Must be true: the version is outside its stream's policy (it was held)"
+    )
+    expected_head: str | None = Field(
+        default=None, description="When given, the head must still be this (409 otherwise)"
+    )
+
+
+@router.post(
+    "/v1/versions/{version_id}/publish",
+    response_model=StreamHead,
+    dependencies=[Depends(require_json)],
+    responses=responses(400, 404, 409, 413, 415),
+)
+def publish_version(
+    version_id: str, body: PublishRequest, key: KeyDep, store: StoreDep, settings: SettingsDep
+) -> StreamHead:
+    """Publish a held version (an edit job on a guarded stream `rejected` it) by force: the
+    head moves to it, and the stream's log records `forced` and who did it (team and key id).
+    `force` must be true; the version's parent must still be the head (409 `stale_head`
+    otherwise: the stream moved on since), and a version published already answers 409
+    `not_held`. Admin keys only."""
+    manifest = _manifest_for(store, settings, key, version_id)
+    model, stream = manifest["model"], manifest["stream"]
+    owner = access.owner_of(settings, store, model, stream)
+    not_found = ApiError(404, "not_found", f"no version {version_id}", "version_id")
+    access.require(key, "admin", model, stream, owner, not_found)
+    if not body.force:
+        raise ApiError(
+            400, "force_required", "publishing a version outside its policy needs force", "force"
+        )
+    if body.expected_head is not None and not is_version_id(body.expected_head):
+        raise ApiError(400, "invalid_id", f"invalid version id: {VERSION_RULE}", "expected_head")
+    expected = body.expected_head if "expected_head" in body.model_fields_set else ...
+    try:
+        info = store.publish_version(
+            model, stream, version_id, expected, {"forced": True}, access.actor(key)
+        )
+    except Conflict as err:
+        raise ApiError(409, "stale_head", str(err), "expected_head", head=err.head) from None
+    except StoreError as err:
+        raise ApiError(409, "not_held", str(err), "version_id") from None
+    return StreamHead(model=model, stream=stream, head=info["version"], count=info["count"],
+                         moves=info["moves"], moved_at=info["moved_at"])  # fmt: skip
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[str] = Field(
+        description=f"1 to {MAX_PROMPTS} prompts, each non-empty",
+        examples=[["The Eiffel Tower is in"]],
+    )
+    max_new_tokens: int | None = Field(
+        default=None, description=f"Greedy tokens per completion, 1 to {MAX_GENERATE_TOKENS} "
+        f"(default {GENERATE_TOKENS})",
+    )  # fmt: skip
+
+
+class GenerateAccepted(BaseModel):
+    job_id: str
+    url: str = Field(description="Where to poll the job (GET); its result holds the completions")
+    model: str
+    version: str
+
+
+@router.post(
+    "/v1/versions/{version_id}/generate",
+    status_code=202,
+    response_model=GenerateAccepted,
+    dependencies=[Depends(require_json)],
+    responses=responses(400, 403, 404, 413, 415, 422),
+)
+def generate(
+    version_id: str,
+    body: GenerateRequest,
+    key: KeyDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    redis: RedisDep,
+    response: Response,
+) -> GenerateAccepted:
+    """Queue greedy completions of up to 20 prompts at this version and at its parent to a
+    worker of the version's model, which answers as each version for a moment and restores its
+    resident weights bit for bit. 202 with the job; the finished job's `result.completions` is a
+    list of `{prompt, version, parent}`. Works for held versions too (try before forcing)."""
+    manifest = _manifest_for(store, settings, key, version_id)  # 404 unless the key may read it
+    model = served_model(settings, key, manifest["model"], "version_id")
+    try:
+        payload = generate_payload(model, version_id, body.prompts, body.max_new_tokens, key.name)
+    except JobArgumentError as err:
+        raise ApiError(422, "invalid_request", str(err), err.field) from None
+    job = jobqueue.submit_generate(redis, settings, payload)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return GenerateAccepted(
+        job_id=job.id, url=f"/v1/jobs/{job.id}", model=model, version=version_id
     )

@@ -33,7 +33,7 @@ from workers.engine import Engine
 
 DTYPE_OF = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 LOADS_A_MODEL = {
-    "curvature build", "edit", "apply", "eval", "stream materialize", "worker", "demo"
+    "curvature build", "edit", "apply", "eval", "stream materialize", "generate", "worker", "demo"
 }  # fmt: skip
 KEY = f"{DEFAULT_LAYERS[0]}.weight"
 
@@ -162,13 +162,15 @@ def _refused_commands(tmp, model, facts) -> dict[str, tuple[list, object]]:
                  tmp / "e.json"),
         "stream materialize": (["stream", "materialize", "--store", store, "--model", model,
                                 "--version", "v" + "0" * 26, "--out", out], out),
+        "generate": (["generate", "--store", store, "--model", model, "--version", "v" + "0" * 26,
+                      "--prompt", "Ice is"], store),
         "worker": (["worker", "--model", model, "--store", store], store),
         "demo": (["demo", "--model", model, "--out", out], out),
     }  # fmt: skip
 
 
 REFUSED = ["curvature build", "curvature build --store", "edit", "edit --stream", "apply", "eval",
-           "stream materialize", "worker", "demo"]  # fmt: skip
+           "stream materialize", "generate", "worker", "demo"]  # fmt: skip
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps", "tpu"])

@@ -340,6 +340,11 @@ PATH_PARAM_ROUTES = [
     ("GET", "/v1/streams/{model}/{stream}/versions"),
     ("GET", "/v1/streams/{model}/{stream}/log"),
     ("POST", "/v1/streams/{model}/{stream}/rollback"),
+    ("GET", "/v1/streams/{model}/{stream}/policy"),
+    ("PUT", "/v1/streams/{model}/{stream}/policy"),
+    ("DELETE", "/v1/streams/{model}/{stream}/policy"),
+    ("POST", "/v1/versions/{version_id}/publish"),
+    ("POST", "/v1/versions/{version_id}/generate"),
 ]
 TRAVERSALS = [
     "..",

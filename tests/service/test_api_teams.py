@@ -90,6 +90,27 @@ EXPECT: dict[tuple[str, str], Expect] = {
     ("GET", "/v1/versions/{version_id}/delta"): Expect(
         role="read", missing={"version_id": UNKNOWN_VERSION}
     ),
+    ("GET", "/v1/streams/{model}/{stream}/policy"): Expect(
+        role="read", missing={"stream": "no-such"}
+    ),
+    # (no `missing`: a policy may guard a stream before its first version)
+    ("PUT", "/v1/streams/{model}/{stream}/policy"): Expect(role="admin", body=lambda s: {}),
+    ("DELETE", "/v1/streams/{model}/{stream}/policy"): Expect(
+        role="admin", ok=(204,), missing={"stream": "no-such"}
+    ),
+    # the scene's version is the head already: the right key gets as far as 409 not_held
+    ("POST", "/v1/versions/{version_id}/publish"): Expect(
+        role="admin",
+        ok=(409,),
+        body=lambda s: {"force": True},
+        missing={"version_id": UNKNOWN_VERSION},
+    ),
+    ("POST", "/v1/versions/{version_id}/generate"): Expect(
+        role="read",
+        ok=(202,),
+        body=lambda s: {"prompts": ["The Eiffel Tower is in"]},
+        missing={"version_id": UNKNOWN_VERSION},
+    ),
 }
 
 
@@ -133,6 +154,8 @@ def make_scene(client: TestClient, redis, settings) -> Scene:
     version = client.get(f"/v1/jobs/{job}", headers=bearer(KEY_A)).json()["version"]
     assert version is not None
     queued = client.post("/v1/edits", json=edit_body(stream=STREAM), headers=bearer(KEY_A))
+    guarded = client.put(f"/v1/streams/tiny/{STREAM}/policy", json={}, headers=bearer(KEY_A))
+    assert guarded.status_code == 200, guarded.text
     return Scene(job=job, queued=queued.json()["job_id"], version=version, revoked=revoked)
 
 
