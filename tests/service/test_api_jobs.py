@@ -162,13 +162,16 @@ def test_open_event_streams_are_capped_per_key_and_in_all(settings, redis):
     with serve(create_app(capped)) as url, ExitStack() as held:
         http = held.enter_context(httpx.Client(base_url=url, timeout=10))
         events = http.post("/v1/edits", json=edit_body(), headers=AUTH).json()["url"] + "/events"
-
+        # another team's key follows its own job (it may not see the first)
+        tiny = edit_body(stream="tiny-own")
+        tiny_events = http.post("/v1/edits", json=tiny, headers=AUTH_TINY).json()["url"] + "/events"
         readers = []
 
         def status_of_a_new_stream(auth: dict, keep: bool = True) -> int:
             client = held.enter_context(httpx.Client(base_url=url, timeout=10))
+            path = tiny_events if auth is AUTH_TINY else events
             with ExitStack() as stream:
-                response = stream.enter_context(client.stream("GET", events, headers=auth))
+                response = stream.enter_context(client.stream("GET", path, headers=auth))
                 if response.status_code == 200:
                     lines = response.iter_lines()  # kept: dropping it would close the response
                     next(lines)  # open, and counted
