@@ -3,6 +3,7 @@
     crispedit curvature ls --store runs/store
     crispedit stream ls --store runs/store --model-name smollm2 --stream main
     crispedit stream materialize --store runs/store --model smollm2 --version V --out runs/m
+    crispedit export --store runs/store --version V --format peft --rank 16 --out runs/adapter
 
 Only `stream materialize` loads a model (on `--device`, in `--dtype`, the dtype it is saved in);
 the others read and write the store alone.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contract.adapters import FORMATS
 from crispedit_cli.common import add_placement_args, load_model_of, open_store, staged_output
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +102,24 @@ def cmd_stream_materialize(args: argparse.Namespace) -> None:
     print(f"model at version {args.version} -> {args.out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """`crispedit export`: a version's cumulative delta as a PEFT LoRA adapter (folder or
+    archive), by a truncated SVD of each layer (crispedit.adapter)."""
+    from contract.adapters import check_rank_choice
+    from crispedit.adapter import save_adapter
+
+    check_rank_choice(args.rank, args.energy)  # before the store is read
+    store = open_store(args.store, create=False)
+    manifest = store.manifest(args.version)
+    report = save_adapter(
+        args.out, store.cumulative_delta(args.version), manifest, rank=args.rank,
+        energy=args.energy, dtype=args.dtype, device=args.device, base_model=args.base_model,
+    )  # fmt: skip
+    for layer, info in report["layers"].items():
+        print(f"{layer}  rank {info['rank']:>4}  relative error {info['relative_error']:.4f}")
+    print(f"adapter of {args.version} (r={report['r']}) -> {args.out}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
@@ -149,3 +169,25 @@ def add_stream(sub: argparse._SubParsersAction) -> None:
     mat.add_argument("--out", required=True)
     add_placement_args(mat)
     mat.set_defaults(func=cmd_stream_materialize)
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    """`crispedit export`."""
+    p = sub.add_parser(
+        "export", help="a version's cumulative delta as a PEFT LoRA adapter (folder or archive)"
+    )
+    p.add_argument("--store", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--format", choices=FORMATS, default="peft")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="the rank of every layer's factors")
+    size.add_argument(
+        "--energy", type=float,
+        help="per layer, the smallest rank keeping this share of the squared singular values",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="a folder, or a .tar.gz/.tgz/.zip archive")
+    p.add_argument(
+        "--base-model", help="base_model_name_or_path of the config (default: the store's name)"
+    )
+    add_placement_args(p)  # --device: where the SVD runs; --dtype: of the saved factors
+    p.set_defaults(func=cmd_export)
