@@ -130,15 +130,34 @@ class CrispEditClient:
 
     def download_delta(self, version_id: str, out: str | Path, against: str = "parent") -> Path:
         """Stream a version's delta to `out`, verified against its ETag (sha256), atomically."""
+        params = {"against": "base"} if against == "base" else {}
+        return self._download(f"/v1/versions/{version_id}/delta", params, out)
+
+    def download_adapter(
+        self,
+        version_id: str,
+        out: str | Path,
+        rank: int | None = None,
+        energy: float | None = None,
+        archive: str = "tar.gz",
+    ) -> Path:
+        """Stream the version's PEFT LoRA adapter archive (`tar.gz` or `zip`) of rank `rank`, or
+        of the per-layer rank holding `energy`, to `out`, verified against its ETag."""
+        params: dict[str, Any] = {"against": "base", "format": "peft", "archive": archive}
+        if rank is not None:
+            params["rank"] = rank
+        if energy is not None:
+            params["energy"] = energy
+        return self._download(f"/v1/versions/{version_id}/adapter", params, out)
+
+    def _download(self, path: str, params: dict[str, Any], out: str | Path) -> Path:
+        """GET `path` streamed into `out` through a temp file, checked against the ETag (the
+        file's sha256) and renamed into place; ApiError for an error answer or a mismatch."""
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        params = {"against": "base"} if against == "base" else {}
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
         try:
-            with (
-                os.fdopen(fd, "wb") as f,
-                self.http.stream("GET", f"/v1/versions/{version_id}/delta", params=params) as r,
-            ):
+            with os.fdopen(fd, "wb") as f, self.http.stream("GET", path, params=params) as r:
                 if r.status_code >= 400:
                     r.read()
                     _raise_for_error(r)

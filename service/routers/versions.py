@@ -1,4 +1,5 @@
-"""Versions: a version's manifest and its delta file (own, or cumulative against the base).
+"""Versions: a version's manifest, its delta file (own, or cumulative against the base), and that
+delta as a PEFT LoRA adapter archive.
 
 A key sees only versions of models it may use; others answer 404 like unknown ids.
 """
@@ -10,8 +11,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
+from contract.adapters import ARCHIVES, FORMATS, AdapterError
 from curvature_store import NotFound, Store
-from service import deltas
+from service import adapters, deltas
+from service.access import require
 from service.config import ApiKey
 from service.deps import KeyDep, SettingsDep, StoreDep, check_version_id
 from service.errors import ApiError, responses
@@ -86,4 +89,88 @@ def get_delta(
         return Response(status_code=304, headers=headers)
     return FileResponse(
         path, media_type="application/octet-stream", filename=filename, headers=headers
+    )
+
+
+def readable_manifest(store: Store, key: ApiKey, version_id: str) -> dict:
+    """The version's manifest if `key` may read its stream (service.access), else 404 like an
+    unknown id; 400 for a malformed id."""
+    check_version_id(version_id)
+    try:
+        manifest = store.manifest(version_id)
+    except NotFound:
+        raise ApiError(404, "not_found", f"no version {version_id}", "version_id") from None
+    require(
+        key, "read", manifest["model"], manifest["stream"], f"version {version_id}", "version_id"
+    )
+    return manifest
+
+
+ARCHIVE_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
+
+
+@router.get(
+    "/v1/versions/{version_id}/adapter",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {t: {} for t in ARCHIVE_TYPES.values()},
+            "description": "The adapter folder (adapter_config.json, adapter_model.safetensors, "
+            "crispedit_adapter.json) as an archive; ETag is its quoted sha256",
+        },
+        304: {"description": "Not modified (If-None-Match matched the ETag)"},
+        **responses(400, 404, 422),
+    },
+)
+def get_adapter(
+    version_id: str,
+    key: KeyDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    against: Annotated[
+        Literal["base"], Query(description="the adapter holds the cumulative delta from the base")
+    ] = "base",
+    rank: Annotated[
+        int | None, Query(ge=1, description="every layer's rank (at most min(d_out, d_in))")
+    ] = None,
+    energy: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=1,
+            description="per layer, the smallest rank keeping this share of the "
+            "squared singular values (instead of rank)",
+        ),
+    ] = None,
+    adapter_format: Annotated[
+        Literal[FORMATS], Query(alias="format", description="the adapter format")
+    ] = "peft",
+    archive: Annotated[Literal[ARCHIVES], Query(description="the archive type")] = "tar.gz",
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Download the version's cumulative delta as a PEFT LoRA adapter: a truncated SVD of each
+    edited layer at `rank` (or the rank holding `energy` of it), `lora_alpha = r`, with the
+    per-layer rank and relative Frobenius error in `crispedit_adapter.json`. Load it with
+    `PeftModel.from_pretrained(base_model, folder)` or an inference server's LoRA loader."""
+    manifest = readable_manifest(store, key, version_id)
+    try:
+        path, sha = adapters.adapter_archive(
+            store, settings.cumulative_cache_dir, version_id, rank, energy, archive
+        )
+    except AdapterError as err:
+        raise ApiError(422, "invalid_adapter", str(err), err.field) from None
+    headers = {
+        "ETag": deltas.etag(sha),
+        "X-Content-SHA256": sha,
+        "X-Model": manifest["model"],
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if deltas.not_modified(if_none_match, sha):
+        return Response(status_code=304, headers=headers)
+    spec = f"r{rank}" if rank is not None else f"e{energy:g}"
+    return FileResponse(
+        path,
+        media_type=ARCHIVE_TYPES[archive],
+        filename=f"{version_id}-adapter-{spec}.{archive}",
+        headers=headers,
     )
