@@ -335,6 +335,7 @@ PATH_PARAM_ROUTES = [
     ("GET", "/v1/jobs/{job_id}/events"),
     ("GET", "/v1/versions/{version_id}"),
     ("GET", "/v1/versions/{version_id}/delta"),
+    ("GET", "/v1/versions/{version_id}/adapter"),
     ("GET", "/v1/streams/{model}/{stream}/versions"),
     ("POST", "/v1/streams/{model}/{stream}/rollback"),
 ]
