@@ -35,3 +35,8 @@ def is_name(value: object) -> bool:
 def is_version_id(value: object) -> bool:
     """Whether `value` is a well-formed version id (VERSION_RULE)."""
     return isinstance(value, str) and bool(VERSION_RE.match(value))
+
+
+CHECKPOINT_MANIFEST = "checkpoint.json"  # a merged checkpoint's files, sizes and sha256
+# a file of a merged checkpoint (HF folder): config, tokenizer, weights shards; no folders
+CHECKPOINT_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -16,7 +16,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
-from curvature_store import Store, StoreError
+from curvature_store import NotFound, Store, StoreError
+from service.access import Role, require
 from service.auth import authenticate, check_rate_limit
 from service.config import ApiKey, Settings
 from service.errors import ApiError
@@ -100,6 +101,18 @@ def check_version_id(value: str, field: str = "version_id") -> str:
     if not is_version_id(value):
         raise ApiError(400, "invalid_id", f"invalid version id: {VERSION_RULE}", field)
     return value
+
+
+def version_for(store: Store, key: ApiKey, version_id: str, role: Role) -> dict:
+    """The version's manifest when `key` holds `role` on its stream (service.access); else 404,
+    as for an unknown id (400 for a malformed one)."""
+    check_version_id(version_id)
+    try:
+        manifest = store.manifest(version_id)
+    except NotFound:
+        raise ApiError(404, "not_found", f"no version {version_id}", "version_id") from None
+    require(key, role, manifest["model"], manifest["stream"], f"version {version_id}", "version_id")
+    return manifest
 
 
 def served_model(settings: Settings, key: ApiKey, model: str, field: str = "model") -> str:

@@ -18,7 +18,17 @@ from service.deps import current_key
 from service.errors import install_error_handlers, responses
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.routers import curvature, edits, health, jobs, models, relations, streams, versions
+from service.routers import (
+    checkpoints,
+    curvature,
+    edits,
+    health,
+    jobs,
+    models,
+    relations,
+    streams,
+    versions,
+)
 
 API_VERSION = "1.0.0"
 
@@ -60,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     app.include_router(health.router)
-    for module in (edits, curvature, jobs, streams, versions, models, relations):
+    for module in (edits, curvature, jobs, streams, versions, checkpoints, models, relations):
         # every /v1 route: the API key, and the errors any of them can answer
         app.include_router(
             module.router,

@@ -41,8 +41,9 @@ class Timings(BaseModel):
 class JobView(BaseModel):
     job_id: str
     url: str
-    type: Literal["edit", "curvature"] = Field(
-        description="An edit (POST /v1/edits) or a curvature build (POST /v1/curvature)"
+    type: Literal["edit", "curvature", "checkpoint"] = Field(
+        description="An edit (POST /v1/edits), a curvature build (POST /v1/curvature) or a "
+        "merged checkpoint (POST /v1/versions/{id}/checkpoint)"
     )
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     rq_status: str = Field(description="RQ's own status (queued, deferred, started, ...)")
@@ -62,7 +63,9 @@ class JobView(BaseModel):
         "build, pass, tokens_done and tokens_total"
     )
     timings: Timings
-    version: str | None = Field(description="The version the job published")
+    version: str | None = Field(
+        description="The version the job published (a checkpoint job: the version it wrote)"
+    )
     metrics: Any = None
     curvature_key: str | None = Field(
         default=None, description="The store key a curvature job built (or found)"

@@ -14,9 +14,8 @@ from fastapi.responses import FileResponse
 from contract.adapters import ARCHIVES, FORMATS, AdapterError
 from curvature_store import NotFound, Store
 from service import adapters, deltas
-from service.access import require
 from service.config import ApiKey
-from service.deps import KeyDep, SettingsDep, StoreDep, check_version_id
+from service.deps import KeyDep, SettingsDep, StoreDep, check_version_id, version_for
 from service.errors import ApiError, responses
 
 router = APIRouter(tags=["versions"])
@@ -92,20 +91,6 @@ def get_delta(
     )
 
 
-def readable_manifest(store: Store, key: ApiKey, version_id: str) -> dict:
-    """The version's manifest if `key` may read its stream (service.access), else 404 like an
-    unknown id; 400 for a malformed id."""
-    check_version_id(version_id)
-    try:
-        manifest = store.manifest(version_id)
-    except NotFound:
-        raise ApiError(404, "not_found", f"no version {version_id}", "version_id") from None
-    require(
-        key, "read", manifest["model"], manifest["stream"], f"version {version_id}", "version_id"
-    )
-    return manifest
-
-
 ARCHIVE_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
 
 
@@ -152,7 +137,7 @@ def get_adapter(
     edited layer at `rank` (or the rank holding `energy` of it), `lora_alpha = r`, with the
     per-layer rank and relative Frobenius error in `crispedit_adapter.json`. Load it with
     `PeftModel.from_pretrained(base_model, folder)` or an inference server's LoRA loader."""
-    manifest = readable_manifest(store, key, version_id)
+    manifest = version_for(store, key, version_id, "read")
     try:
         path, sha = adapters.adapter_archive(
             store, settings.cumulative_cache_dir, version_id, rank, energy, archive

@@ -49,6 +49,8 @@ def settings(tmp_path, redis, monkeypatch) -> Settings:
         rate_limit_per_minute=1000,
         job_function="jobs_for_tests.apply_edit",
         curvature_function="jobs_for_tests.build_curvature",
+        checkpoint_function="jobs_for_tests.write_checkpoint",
+        checkpoints_kept=2,
         sse_poll_s=0.05,
     )
 

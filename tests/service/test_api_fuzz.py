@@ -336,6 +336,9 @@ PATH_PARAM_ROUTES = [
     ("GET", "/v1/versions/{version_id}"),
     ("GET", "/v1/versions/{version_id}/delta"),
     ("GET", "/v1/versions/{version_id}/adapter"),
+    ("POST", "/v1/versions/{version_id}/checkpoint"),
+    ("GET", "/v1/versions/{version_id}/checkpoint"),
+    ("GET", "/v1/versions/{version_id}/checkpoint/files/{name}"),
     ("GET", "/v1/streams/{model}/{stream}/versions"),
     ("POST", "/v1/streams/{model}/{stream}/rollback"),
 ]
