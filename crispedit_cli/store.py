@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contract.adapters import FORMATS
+from contract.adapters import DEFAULT_RANK, FORMATS
 from crispedit_cli.common import add_placement_args, load_model_of, open_store, staged_output
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +179,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--format", choices=FORMATS, default="peft")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--rank", type=int, help="the rank of every layer's factors")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--rank", type=int, help=f"the rank of every layer's factors (default {DEFAULT_RANK})"
+    )
     size.add_argument(
         "--energy", type=float,
         help="per layer, the smallest rank keeping this share of the squared singular values",

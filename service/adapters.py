@@ -42,7 +42,7 @@ def adapter_archive(
     and NotFound for an unknown version."""
     check_rank_choice(rank, energy)
     manifest = store.manifest(version_id)
-    spec = f"r{rank}" if rank is not None else f"e{energy!r}"
+    spec = f"e{energy!r}" if energy is not None else f"r{rank}" if rank is not None else "default"
     path = cache_dir / "adapters" / f"{version_id}-{spec}.{archive}"
     if not path.is_file():
         deltas = store.cumulative_delta(version_id)

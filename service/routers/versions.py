@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
-from contract.adapters import ARCHIVES, FORMATS, AdapterError
+from contract.adapters import ARCHIVES, DEFAULT_RANK, FORMATS, AdapterError
 from curvature_store import NotFound, Store
 from service import adapters, deltas
 from service.config import ApiKey
@@ -116,7 +116,12 @@ def get_adapter(
         Literal["base"], Query(description="the adapter holds the cumulative delta from the base")
     ] = "base",
     rank: Annotated[
-        int | None, Query(ge=1, description="every layer's rank (at most min(d_out, d_in))")
+        int | None,
+        Query(
+            ge=1,
+            description="every layer's rank (at most min(d_out, d_in)); with neither rank nor "
+            f"energy: {DEFAULT_RANK}, capped at each layer's size",
+        ),
     ] = None,
     energy: Annotated[
         float | None,
@@ -152,7 +157,7 @@ def get_adapter(
     }
     if deltas.not_modified(if_none_match, sha):
         return Response(status_code=304, headers=headers)
-    spec = f"r{rank}" if rank is not None else f"e{energy:g}"
+    spec = f"e{energy:g}" if energy is not None else f"r{rank or DEFAULT_RANK}"
     return FileResponse(
         path,
         media_type=ARCHIVE_TYPES[archive],

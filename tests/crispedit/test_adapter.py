@@ -16,6 +16,7 @@ from contract.adapters import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_MANIFEST_FILE,
     ADAPTER_WEIGHTS_FILE,
+    DEFAULT_RANK,
     AdapterError,
     choose_rank,
 )
@@ -144,7 +145,7 @@ def test_energy_keeps_the_smallest_rank_holding_that_share():
     ("rank", "energy", "field"),
     [(0, None, "rank"), (-2, None, "rank"), (33, None, "rank"), (2.5, None, "rank"),
      (None, 0.0, "energy"), (None, 1.5, "energy"), (None, float("nan"), "energy"),
-     (2, 0.9, "energy"), (None, None, "rank")],
+     (2, 0.9, "energy")],
 )  # fmt: skip
 def test_bad_rank_or_energy_is_refused_and_writes_nothing(rank, energy, field, tmp_path):
     deltas, manifest = tiny_delta("llama")  # min(d_out, d_in) = 32
@@ -152,6 +153,13 @@ def test_bad_rank_or_energy_is_refused_and_writes_nothing(rank, energy, field, t
         save_adapter(tmp_path / "out", deltas, manifest, rank=rank, energy=energy)
     assert err.value.field == field
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_without_rank_or_energy_the_default_rank_capped_at_each_layer():
+    deltas, manifest = tiny_delta("llama")  # min(d_out, d_in) = 32 < DEFAULT_RANK
+    _, config, report = adapter_tensors(deltas, manifest)
+    assert report["default_rank"] and report["rank"] == DEFAULT_RANK
+    assert config["r"] == 32 and all(x["rank"] == 32 for x in report["layers"].values())
 
 
 def test_numpy_deltas_and_another_dtype(tmp_path):

@@ -103,10 +103,16 @@ def test_bad_export_is_one_line_and_writes_nothing(cli, tmp_path, args, message)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
-def test_rank_and_energy_together_or_neither_are_usage_errors(cli, tmp_path, capsys):
+def test_rank_and_energy_together_are_a_usage_error(cli, tmp_path):
     _, head, _ = stream_of_two(tmp_path / "store")
-    for extra in (["--rank", "2", "--energy", "0.9"], []):
-        with pytest.raises(SystemExit) as exit_:
-            cli("export", "--store", tmp_path / "store", "--version", head, *extra, "--out", "o")
-        assert exit_.value.code == 2
-    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exit_:
+        cli(
+            "export", "--store", tmp_path / "store", "--version", head, "--rank", "2",
+            "--energy", "0.9", "--out", tmp_path / "o",
+        )  # fmt: skip
+    assert exit_.value.code == 2 and not (tmp_path / "o").exists()
+    # neither: the default rank, capped at the layers' size (32)
+    code, out, _ = cli(
+        "export", "--store", tmp_path / "store", "--version", head, "--out", tmp_path / "o2"
+    )
+    assert code == 0 and "(r=32)" in out

@@ -85,6 +85,8 @@ def test_the_adapter_is_the_engines_export_of_the_cumulative_delta(client, store
     energy = client.get(f"/v1/versions/{two[1]}/adapter?energy=0.999999", headers=AUTH)
     energy_report = json.loads(members(energy.content)["crispedit_adapter.json"])
     assert [layer["rank"] for layer in energy_report["layers"].values()] == [6, 6]
+    default = client.get(f"/v1/versions/{two[1]}/adapter", headers=AUTH)  # DEFAULT_RANK, capped
+    assert json.loads(members(default.content)["adapter_config.json"])["r"] == 12
     again = client.get(
         f"/v1/versions/{two[1]}/adapter?rank=6",
         headers={**AUTH, "If-None-Match": response.headers["etag"]},
@@ -102,7 +104,6 @@ def test_the_adapter_is_the_engines_export_of_the_cumulative_delta(client, store
         ("energy=0", 422, "energy"),
         ("energy=1.5", 422, "energy"),
         ("rank=2&energy=0.9", 422, "energy"),
-        ("", 422, "rank"),
         ("rank=2&archive=rar", 422, "archive"),
         ("rank=2&format=lora", 422, "format"),
         ("rank=2&against=parent", 422, "against"),
