@@ -29,9 +29,10 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_MANIFEST_FILE = "crispedit_adapter.json"  # per layer rank and error: ours, not peft's
 ARCHIVES = ("tar.gz", "zip")
-# The rank when neither rank nor energy is given (capped at each layer's min(d_out, d_in)): the
-# smallest of bench/results/adapter.md's ranks that keeps ≥ 0.98 of the full delta's efficacy on
-# 100 CounterFact edits of SmolLM2 with no more drift.
+# The rank when neither rank nor energy is given (capped at each layer's min(d_out, d_in)).
+# Provisional: bench/adapter.py measures efficacy and drift against rank (100 CounterFact edits of
+# SmolLM2); the default is to become the smallest rank keeping ≥ 0.98 of the full delta's
+# efficacy with no more drift, once bench/results/adapter.md holds those figures.
 DEFAULT_RANK = 64
 FORMATS = ("peft",)
 # Layers stored (d_in, d_out) in versions that predate the manifest's `transposed_layers`: the
