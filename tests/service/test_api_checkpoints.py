@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from api_helpers import AUTH, AUTH_TINY, job_count, make_version, run_worker
+from api_helpers import AUTH, AUTH_TINY, KEY_ALL, job_count, make_version, run_worker
 
 from curvature_store.checkpoints import checkpoint_dir, list_checkpoints
+from service.client import ApiError, CrispEditClient
 
 SHARD = "model-00001-of-00002.safetensors"
 SHARD_BYTES = bytes(range(256)) * 40
@@ -106,3 +107,29 @@ def test_bad_unknown_and_forbidden_versions(client, redis, store, version):
     refused = client.post(f"/v1/versions/{unserved}/checkpoint", headers=AUTH)
     assert (refused.status_code, refused.json()["error"]["code"]) == (404, "unknown_model")
     assert job_count(redis) == jobs
+
+
+def test_the_client_writes_waits_and_downloads_resuming_a_broken_file(
+    live_server, redis, version, tmp_path
+):
+    with CrispEditClient(live_server, KEY_ALL) as api:
+        accepted = api.create_checkpoint(version)
+        assert accepted["status"] == "queued"
+        run_worker(redis)
+        assert api.wait(accepted["job_id"], timeout=30)["status"] == "succeeded"
+        assert api.create_checkpoint(version)["status"] == "ready"
+        out = api.download_checkpoint(version, tmp_path / "model")
+        assert (out / SHARD).read_bytes() == SHARD_BYTES
+        # a broken download: half a shard as .part, and a corrupt one
+        (out / SHARD).unlink()
+        (out / f"{SHARD}.part").write_bytes(SHARD_BYTES[:1234])
+        (out / "config.json").write_text("tampered")
+        api.download_checkpoint(version, out)
+        assert (out / SHARD).read_bytes() == SHARD_BYTES
+        assert (out / "config.json").read_text() == '{"model_type": "llama"}'
+        assert sorted(p.name for p in out.iterdir()) == [
+            "config.json", SHARD, "model-00002-of-00002.safetensors",
+        ]  # fmt: skip
+        with pytest.raises(ApiError) as err:
+            api.checkpoint(f"v{'0' * 26}")
+        assert err.value.status == 404
