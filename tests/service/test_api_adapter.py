@@ -142,3 +142,33 @@ def test_the_client_downloads_an_adapter_checked_against_its_etag(live_server, t
             api.download_adapter(two[0], out / "b.tar.gz", rank=50)
         assert (err.value.status, err.value.field) == (422, "rank")
     assert sorted(p.name for p in out.iterdir()) == ["a.zip"]
+
+
+def test_the_cli_downloads_an_adapter(live_server, two, tmp_path, capsys):
+    from crispedit_cli.main import main
+
+    api = ["--api", live_server, "--key", KEY_ALL]
+    out = tmp_path / "a.tar.gz"
+    assert (
+        main(["download", *api, two[1], "--format", "peft", "--rank", "4", "--out", str(out)]) == 0
+    )
+    assert json.loads(members(out.read_bytes())["adapter_config.json"])["r"] == 4
+    bad = [
+        "download",
+        *api,
+        two[1],
+        "--format",
+        "peft",
+        "--rank",
+        "99",
+        "--out",
+        str(tmp_path / "b.zip"),
+    ]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank 99 is above" in err
+    assert (
+        main(["download", *api, two[1], "--format", "peft", "--out", str(tmp_path / "a.bin")]) == 2
+    )
+    assert main(["download", *api, two[1], "--rank", "2", "--out", str(tmp_path / "d")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "store"]

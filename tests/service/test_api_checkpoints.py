@@ -133,3 +133,18 @@ def test_the_client_writes_waits_and_downloads_resuming_a_broken_file(
         with pytest.raises(ApiError) as err:
             api.checkpoint(f"v{'0' * 26}")
         assert err.value.status == 404
+
+
+def test_the_cli_writes_and_downloads_a_checkpoint(live_server, redis, version, tmp_path, capsys):
+    from crispedit_cli.main import main
+
+    api = ["--api", live_server, "--key", KEY_ALL]
+    assert main(["checkpoint", *api, version]) == 0
+    assert "job " in capsys.readouterr().out
+    run_worker(redis)
+    assert main(["checkpoint", *api, version, "--out", str(tmp_path / "m")]) == 0
+    assert "3 files" in capsys.readouterr().out
+    assert (tmp_path / "m" / SHARD).read_bytes() == SHARD_BYTES
+    assert main(["checkpoint", *api, f"v{'0' * 26}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "404" in err
