@@ -15,6 +15,7 @@ from safetensors.numpy import save
 
 from contract.adapters import (
     ADAPTER_WEIGHTS_FILE,
+    DEFAULT_RANK,
     adapter_documents,
     build_adapter,
     check_rank_choice,
@@ -42,7 +43,8 @@ def adapter_archive(
     and NotFound for an unknown version."""
     check_rank_choice(rank, energy)
     manifest = store.manifest(version_id)
-    spec = f"e{energy!r}" if energy is not None else f"r{rank}" if rank is not None else "default"
+    # the default's value is in the name: a changed DEFAULT_RANK never serves a stale archive
+    spec = f"e{energy!r}" if energy is not None else f"r{rank}" if rank else f"d{DEFAULT_RANK}"
     path = cache_dir / "adapters" / f"{version_id}-{spec}.{archive}"
     if not path.is_file():
         deltas = store.cumulative_delta(version_id)
