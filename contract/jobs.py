@@ -28,6 +28,11 @@ build did not produce it. While it runs, a curvature job's meta holds `progress`
 A generate job (`GENERATE_FUNCTION`, a `GeneratePayload` built by `generate_payload`, on the
 same model queue) returns a `GenerateResult`: greedy completions at a version and its parent.
 
+A merged checkpoint (the full model at a version, as a Hugging Face folder in the store) is
+written by a job of its own (`CHECKPOINT_FUNCTION`, with a `CheckpointPayload`, on the model's
+queue); `keep` is the API's retention setting, applied by the worker once the checkpoint is in
+(`curvature_store.checkpoints.prune`). It returns a `CheckpointResult`.
+
 Standard library only, like the rest of `contract`.
 """
 
@@ -42,6 +47,7 @@ from contract.settings import EditSettings, resolve_method
 
 JOB_FUNCTION = "workers.jobs.apply_edit"
 CURVATURE_FUNCTION = "workers.jobs.build_curvature"
+CHECKPOINT_FUNCTION = "workers.jobs.write_checkpoint"
 CURVATURE_KINDS = ("kfac", "ekfac")
 JOB_OPTIONS = ("evaluate", "force")  # a request's options that are the job's, not the editor's
 GENERATE_FUNCTION = "workers.jobs.generate"
@@ -80,6 +86,11 @@ def curvature_index_key(model: str) -> str:
 def curvature_jobs_key(model: str) -> str:
     """The Redis hash, written by the API, of the model's latest curvature job: spec -> job id."""
     return f"{PREFIX}:curvature-jobs:{model}"
+
+
+def checkpoint_jobs_key(model: str) -> str:
+    """The Redis hash, written by the API, of the model's latest checkpoint job per version."""
+    return f"{PREFIX}:checkpoint-jobs:{model}"
 
 
 def curvature_lock_key(model: str) -> str:
@@ -179,6 +190,26 @@ class CurvatureResult(TypedDict):
     tokens: int
     cache_hit: bool
     resumed_from: dict | None
+    seconds: float
+
+
+class CheckpointPayload(TypedDict):
+    """The checkpoint job's one argument."""
+
+    model: str
+    version: str
+    keep: int  # checkpoints the store keeps, the newest; older ones are removed
+    submitted_at: str
+    key_name: str
+
+
+class CheckpointResult(TypedDict):
+    """What a checkpoint job returns: the version, its files and their total size."""
+
+    version: str
+    files: list[str]
+    bytes: int
+    pruned: list[str]
     seconds: float
 
 
@@ -294,4 +325,14 @@ def curvature_payload(
         submitted_at=now_iso(),
         key_name=key_name,
         actor=actor,
+    )
+
+
+def checkpoint_payload(model: str, version: str, keep: int, key_name: str) -> CheckpointPayload:
+    """The checkpoint job's argument, stamped with the submission time; ValueError for a
+    retention under 1."""
+    if keep < 1:
+        raise ValueError(f"keep at least 1 checkpoint, not {keep}")
+    return CheckpointPayload(
+        model=model, version=version, keep=keep, submitted_at=now_iso(), key_name=key_name
     )

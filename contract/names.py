@@ -65,3 +65,8 @@ def is_sha256(value: object) -> bool:
 def is_job_id(value: object) -> bool:
     """Whether `value` is a well-formed job id (JOB_ID_RULE)."""
     return isinstance(value, str) and bool(JOB_ID_RE.fullmatch(value))
+
+
+CHECKPOINT_MANIFEST = "checkpoint.json"  # a merged checkpoint's files, sizes and sha256
+# a file of a merged checkpoint (HF folder): config, tokenizer, weights shards; no folders
+CHECKPOINT_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -40,7 +40,7 @@ from crispedit.delta import Delta
 from crispedit.editor import CrispEditor
 from crispedit.evaluate import generate_answers
 from crispedit.guard import judge
-from crispedit.models import get_layers, model_fingerprint
+from crispedit.models import get_layers, is_conv1d, model_fingerprint
 from crispedit.projector import resolve_method
 from crispedit.sequential import (
     EditRows,
@@ -355,6 +355,8 @@ def edit_on_stream(
         "weights_fingerprint": model_fingerprint(model, layers),
         "curvature_key": curvature_key,
         "edit_tokens": state.tokens + rows.tokens,  # of the stream so far
+        # stored (d_in, d_out), GPT-2's Conv1D: what an adapter export must transpose
+        "transposed_layers": [n for n, m in get_layers(model, layers).items() if is_conv1d(m)],
     }
     if job is not None:
         manifest["job"] = job

@@ -6,6 +6,7 @@
     crispedit eval --model smollm2 --delta runs/e1 --facts facts.json --json runs/e1/eval.json
     crispedit demo
     crispedit plan --model llama-3-8b --layers 21-25
+    crispedit export --store runs/store --version V --format peft --rank 16 --out adapter.tar.gz
 
 Every failure is one line on stderr (`crispedit: error: ...`) and exit status 2; a command that
 fails writes nothing to its `--out` (results are staged in a temp folder and moved in at the end).
@@ -25,7 +26,7 @@ from crispedit_cli.edit import add_apply, add_demo, add_edit
 from crispedit_cli.evaluate import add_eval
 from crispedit_cli.plan import add_plan
 from crispedit_cli.remote import add_api_commands, add_worker
-from crispedit_cli.store import add_curvature_store, add_generate, add_stream
+from crispedit_cli.store import add_curvature_store, add_export, add_generate, add_stream
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     add_edit(sub)
     add_stream(sub)
     add_generate(sub)
+    add_export(sub)
     add_apply(sub)
     add_eval(sub)
     add_worker(sub)

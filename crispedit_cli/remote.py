@@ -114,10 +114,44 @@ def cmd_streams(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    """`crispedit download`: a version's delta, its sha256 checked against the API's ETag."""
+    """`crispedit download`: a version's delta, or (`--format peft`) its PEFT adapter archive,
+    the sha256 checked against the API's ETag."""
+    from contract.adapters import archive_kind
+
+    if args.format == "delta":
+        if args.rank is not None or args.energy is not None:
+            raise CLIError("--rank and --energy are for --format peft")
+        with api_client(args) as client:
+            path = client.download_delta(args.version, args.out, against=args.against)
+        print(f"delta of {args.version} against {args.against} -> {path} (sha256 verified)")
+        return
+    archive = archive_kind(str(args.out))
+    if archive is None:
+        raise CLIError(f"--out {args.out}: an adapter downloads as a .tar.gz, .tgz or .zip file")
     with api_client(args) as client:
-        path = client.download_delta(args.version, args.out, against=args.against)
-    print(f"delta of {args.version} against {args.against} -> {path} (sha256 verified)")
+        path = client.download_adapter(args.version, args.out, args.rank, args.energy, archive)
+    print(f"adapter of {args.version} -> {path} (sha256 verified)")
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> None:
+    """`crispedit checkpoint`: have the workers write the merged model at a version into the
+    store (`--wait`: until written), and (`--out`) download its files, resumably."""
+    with api_client(args) as client:
+        accepted = client.create_checkpoint(args.version)
+        if accepted["status"] != "ready":
+            print(f"checkpoint of {args.version}: job {accepted['job_id']}", flush=True)
+            if not (args.wait or args.out):
+                return
+            job = client.wait(accepted["job_id"], timeout=args.timeout, on_progress=_show_progress)
+            if job["status"] != "succeeded":
+                raise CLIError(f"checkpoint job {job['status']}: {job.get('error')}")
+        listing = client.checkpoint(args.version)
+        print(
+            f"checkpoint of {args.version}: {len(listing['files'])} files, {listing['bytes']} bytes"
+        )
+        if args.out:
+            client.download_checkpoint(args.version, args.out)
+            print(f"-> {args.out} (sha256 verified)")
 
 
 def cmd_log(args: argparse.Namespace) -> None:
@@ -178,7 +212,7 @@ def _api_parser(sub: argparse._SubParsersAction, name: str, help_text: str):
 
 
 def add_api_commands(sub: argparse._SubParsersAction) -> None:
-    """`crispedit submit`, `status`, `streams`, `download` and `log`."""
+    """`crispedit submit`, `status`, `streams`, `download`, `log` and `checkpoint`."""
     submit = _api_parser(sub, "submit", "post fact edits to the API")
     submit.add_argument("--model", required=True)
     submit.add_argument("--facts", required=True)
@@ -199,12 +233,21 @@ def add_api_commands(sub: argparse._SubParsersAction) -> None:
     streams = _api_parser(sub, "streams", "list the streams the key may read")
     streams.add_argument("--model", help="only this model's streams")
     streams.set_defaults(func=cmd_streams)
-    download = _api_parser(sub, "download", "download a version's delta")
+    download = _api_parser(sub, "download", "download a version's delta or PEFT adapter")
     download.add_argument("version")
-    download.add_argument("--out", required=True, help="a .safetensors file")
+    download.add_argument("--out", required=True, help="a .safetensors file (an adapter: .tar.gz)")
     download.add_argument("--against", choices=["parent", "base"], default="parent")
+    download.add_argument("--format", choices=["delta", "peft"], default="delta")
+    size = download.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=int, help="--format peft: every layer's rank")
+    size.add_argument("--energy", type=float, help="--format peft: share of singular values")
     download.set_defaults(func=cmd_download)
     log = _api_parser(sub, "log", "show a stream's head moves: what, when and who")
     log.add_argument("--model", required=True)
     log.add_argument("--stream", default="main")
     log.set_defaults(func=cmd_log)
+    checkpoint = _api_parser(sub, "checkpoint", "write (and download) a version's merged model")
+    checkpoint.add_argument("version")
+    checkpoint.add_argument("--wait", action="store_true", help="until the job has written it")
+    checkpoint.add_argument("--out", help="download its files into this folder (resumable)")
+    checkpoint.set_defaults(func=cmd_checkpoint)

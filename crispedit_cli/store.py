@@ -4,6 +4,7 @@
     crispedit stream ls --store runs/store --model-name smollm2 --stream main
     crispedit stream materialize --store runs/store --model smollm2 --version V --out runs/m
     crispedit generate --store runs/store --model smollm2 --version V --prompt "Ice is"
+    crispedit export --store runs/store --version V --format peft --rank 16 --out runs/adapter
 
 Only `stream materialize` and `generate` load a model (on `--device`, in `--dtype`, the dtype
 it is saved in); the others read and write the store alone.
@@ -15,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from contract.adapters import DEFAULT_RANK, FORMATS
 from contract.jobs import GENERATE_TOKENS, MAX_PROMPTS
 from crispedit_cli.common import add_placement_args, load_model_of, open_store, staged_output
 
@@ -125,6 +127,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"  {args.version:<27} {item['version']!r}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """`crispedit export`: a version's cumulative delta as a PEFT LoRA adapter (folder or
+    archive), by a truncated SVD of each layer (crispedit.adapter)."""
+    from contract.adapters import check_rank_choice
+    from crispedit.adapter import save_adapter
+
+    check_rank_choice(args.rank, args.energy)  # before the store is read
+    store = open_store(args.store, create=False)
+    manifest = store.manifest(args.version)
+    report = save_adapter(
+        args.out, store.cumulative_delta(args.version), manifest, rank=args.rank,
+        energy=args.energy, dtype=args.dtype, device=args.device, base_model=args.base_model,
+    )  # fmt: skip
+    for layer, info in report["layers"].items():
+        print(f"{layer}  rank {info['rank']:>4}  relative error {info['relative_error']:.4f}")
+    print(f"adapter of {args.version} (r={report['r']}) -> {args.out}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments
 
@@ -195,3 +215,27 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
     add_placement_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    """`crispedit export`."""
+    p = sub.add_parser(
+        "export", help="a version's cumulative delta as a PEFT LoRA adapter (folder or archive)"
+    )
+    p.add_argument("--store", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--format", choices=FORMATS, default="peft")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--rank", type=int, help=f"the rank of every layer's factors (default {DEFAULT_RANK})"
+    )
+    size.add_argument(
+        "--energy", type=float,
+        help="per layer, the smallest rank keeping this share of the squared singular values",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="a folder, or a .tar.gz/.tgz/.zip archive")
+    p.add_argument(
+        "--base-model", help="base_model_name_or_path of the config (default: the store's name)"
+    )
+    add_placement_args(p)  # --device: where the SVD runs; --dtype: of the saved factors
+    p.set_defaults(func=cmd_export)

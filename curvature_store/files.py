@@ -11,14 +11,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from contract.adapters import archive_kind
 
 
 def sha256_file(path: str | Path) -> str:
@@ -118,3 +123,48 @@ def age_s(path: Path) -> float:
     except OSError:
         return 0.0
     return time.time() - newest
+
+
+def write_bundle(out: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name → bytes) as one unit: into the folder `out`, or as the archive `out`
+    when its name ends in `.tar.gz`/`.tgz` or `.zip` (`contract.adapters.archive_kind`).
+
+    An archive is written with `atomic_write`. A folder is filled in a temp folder beside it and
+    renamed into place when `out` does not exist yet; an existing folder gets each file replaced
+    (atomically one by one), so what is there is either the old file or the new one.
+    """
+    kind = archive_kind(out.name)
+    if kind is not None:
+        atomic_write(out, lambda tmp: _write_archive(tmp, kind, files))
+        return
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    if out.is_dir():
+        for name, data in files.items():
+            atomic_write_bytes(out / name, data)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            (stage / name).write_bytes(data)
+            with open(stage / name, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    fsync_dir(out.parent)
+
+
+def _write_archive(path: Path, kind: str, files: dict[str, bytes]) -> None:
+    """A gzipped tar or a zip of `files` at `path`, every member dated now."""
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+        return
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+            archive.addfile(info, io.BytesIO(data))

@@ -186,15 +186,76 @@ class CrispEditClient:
 
     def download_delta(self, version_id: str, out: str | Path, against: str = "parent") -> Path:
         """Stream a version's delta to `out`, verified against its ETag (sha256), atomically."""
+        params = {"against": "base"} if against == "base" else {}
+        return self._download(f"/v1/versions/{version_id}/delta", params, out)
+
+    def download_adapter(
+        self,
+        version_id: str,
+        out: str | Path,
+        rank: int | None = None,
+        energy: float | None = None,
+        archive: str = "tar.gz",
+    ) -> Path:
+        """Stream the version's PEFT LoRA adapter archive (`tar.gz` or `zip`) of rank `rank`, or
+        of the per-layer rank holding `energy`, to `out`, verified against its ETag."""
+        params: dict[str, Any] = {"against": "base", "format": "peft", "archive": archive}
+        if rank is not None:
+            params["rank"] = rank
+        if energy is not None:
+            params["energy"] = energy
+        return self._download(f"/v1/versions/{version_id}/adapter", params, out)
+
+    def create_checkpoint(self, version_id: str) -> dict:
+        """POST /v1/versions/{id}/checkpoint: `{status: ready}`, or the job writing it (`job_id`,
+        `url`: follow it with `wait`)."""
+        return self._call("POST", f"/v1/versions/{version_id}/checkpoint")
+
+    def checkpoint(self, version_id: str) -> dict:
+        """GET /v1/versions/{id}/checkpoint: the files (name, bytes, sha256, url)."""
+        return self._call("GET", f"/v1/versions/{version_id}/checkpoint")
+
+    def download_checkpoint(self, version_id: str, out: str | Path) -> Path:
+        """Download every file of the version's checkpoint into the folder `out`, each checked
+        against its sha256. A file already complete is skipped, and one whose download broke
+        (`NAME.part`) resumes where it stopped, with a range request."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.checkpoint(version_id)["files"]:
+            self._download_resumable(f["url"], out / f["name"], f["sha256"])
+        return out
+
+    def _download_resumable(self, url: str, out: Path, sha256: str) -> None:
+        """GET `url` into `out` through `out.part`, continuing a partial `.part` with
+        `Range: bytes=N-`; ApiError when the whole file does not have `sha256`."""
+        if out.is_file() and _sha256(out) == sha256:
+            return
+        part = out.with_name(out.name + ".part")
+        start = part.stat().st_size if part.is_file() else 0
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        with self.http.stream("GET", url, headers=headers) as r:
+            if r.status_code == 416:  # the part is whole already (or longer: start again)
+                r.read()
+            else:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_error(r)
+                with open(part, "ab" if r.status_code == 206 else "wb") as f:
+                    for chunk in r.iter_bytes(1 << 20):
+                        f.write(chunk)
+        if _sha256(part) != sha256:
+            part.unlink()
+            raise ApiError(200, "checksum_mismatch", f"{out.name} does not match its sha256")
+        os.replace(part, out)
+
+    def _download(self, path: str, params: dict[str, Any], out: str | Path) -> Path:
+        """GET `path` streamed into `out` through a temp file, checked against the ETag (the
+        file's sha256) and renamed into place; ApiError for an error answer or a mismatch."""
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        params = {"against": "base"} if against == "base" else {}
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
         try:
-            with (
-                os.fdopen(fd, "wb") as f,
-                self.http.stream("GET", f"/v1/versions/{version_id}/delta", params=params) as r,
-            ):
+            with os.fdopen(fd, "wb") as f, self.http.stream("GET", path, params=params) as r:
                 if r.status_code >= 400:
                     r.read()
                     _raise_for_error(r)
@@ -209,6 +270,14 @@ class CrispEditClient:
         finally:
             Path(tmp).unlink(missing_ok=True)
         return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _raise_for_error(response: httpx.Response) -> None:

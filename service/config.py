@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract.jobs import CURVATURE_FUNCTION, JOB_FUNCTION
+from contract.jobs import CHECKPOINT_FUNCTION, CURVATURE_FUNCTION, JOB_FUNCTION
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     # a curvature build over a real corpus (~10k articles, an 8B model) takes hours, and an
     # interrupted one resumes from its checkpoint: the limit only stops a build that hangs
     curvature_timeout_s: int = Field(default=24 * 3600, ge=1)
+    checkpoint_function: str = CHECKPOINT_FUNCTION  # import path of the checkpoint job (tests too)
+    checkpoint_timeout_s: int = Field(default=3600, ge=1)
+    checkpoints_kept: int = Field(default=3, ge=1)  # merged checkpoints kept, the newest
     result_ttl_s: int = Field(default=7 * 86400, ge=1)  # how long finished jobs stay readable
     failure_ttl_s: int = Field(default=7 * 86400, ge=1)
     idempotency_ttl_s: int = Field(default=86400, ge=1)

@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
-from curvature_store import Store, StoreError
+from curvature_store import NotFound, Store, StoreError
 from service import access
 from service.auth import check_rate_limit, identify
 from service.config import ApiKey, Role, Settings
@@ -112,6 +112,24 @@ def check_version_id(value: str, field: str = "version_id") -> str:
     if not is_version_id(value):
         raise ApiError(400, "invalid_id", f"invalid version id: {VERSION_RULE}", field)
     return value
+
+
+def version_for(
+    settings: Settings, store: Store, key: ApiKey, version_id: str, role: Role = "read"
+) -> dict:
+    """The version's manifest when `key` holds `role` on its stream (service.access); else 404,
+    as for an unknown id (400 for a malformed one), so that another team's ids do not leak."""
+    check_version_id(version_id)
+    not_found = ApiError(404, "not_found", f"no version {version_id}", "version_id")
+    try:
+        manifest = store.manifest(version_id)
+    except NotFound:
+        raise not_found from None
+    model, stream = manifest["model"], manifest["stream"]
+    access.require(
+        key, role, model, stream, access.owner_of(settings, store, model, stream), not_found
+    )
+    return manifest
 
 
 def served_model(settings: Settings, key: ApiKey, model: str, field: str = "model") -> str:

@@ -41,10 +41,12 @@ from rq.results import Result
 
 from contract.jobs import (
     GENERATE_FUNCTION,
+    CheckpointPayload,
     CurvaturePayload,
     EditPayload,
     GeneratePayload,
     cancel_key,
+    checkpoint_jobs_key,
     curvature_index_key,
     curvature_jobs_key,
     curvature_kind,
@@ -203,6 +205,42 @@ def submit_curvature(
             503, "unavailable", f"the curvature of {model} is busy; retry the request"
         ) from None
     return job, True
+
+
+def submit_checkpoint(redis: Redis, settings: Settings, payload: CheckpointPayload) -> Job:
+    """The job writing the checkpoint of `payload`'s version: the one queued or running for it,
+    or a new one on the model's queue (meta `job_type: "checkpoint"`, `version`). Raises
+    ApiError 503 when the model's lock cannot be taken in time."""
+    model, version = payload["model"], payload["version"]
+    try:
+        with redis.lock(curvature_lock_key(model), timeout=30, sleep=0.002, blocking_timeout=10):
+            previous = redis.hget(checkpoint_jobs_key(model), version)
+            if previous is not None and _unfinished(redis, previous.decode()):
+                job = fetch(redis, previous.decode())
+                if job is not None:
+                    return job
+            job = Queue(queue_name(model), connection=redis).enqueue_call(
+                func=settings.checkpoint_function,
+                args=(payload,),
+                job_id=uuid.uuid4().hex,
+                timeout=settings.checkpoint_timeout_s,
+                result_ttl=settings.result_ttl_s,
+                failure_ttl=settings.failure_ttl_s,
+                description=f"checkpoint {model}: {version}",
+                meta={
+                    "model": model,
+                    "job_type": "checkpoint",
+                    "version": version,
+                    "key_name": payload["key_name"],
+                    "submitted_at": payload["submitted_at"],
+                },
+            )
+            redis.hset(checkpoint_jobs_key(model), version, job.id)
+    except LockError:
+        raise ApiError(
+            503, "unavailable", f"the queue of {model} is busy; retry the request"
+        ) from None
+    return job
 
 
 def curvature_for_edit(

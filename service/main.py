@@ -22,6 +22,7 @@ from service.errors import install_error_handlers, responses
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.routers import (
+    checkpoints,
     curvature,
     edits,
     health,
@@ -80,7 +81,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     app.include_router(health.router)
-    for module in (edits, curvature, jobs, streams, policies, versions, models, relations):
+    for module in (
+        edits,
+        curvature,
+        jobs,
+        streams,
+        policies,
+        versions,
+        checkpoints,
+        models,
+        relations,
+    ):
         # every /v1 route: the API key, and the errors any of them can answer
         app.include_router(
             module.router,

@@ -34,12 +34,15 @@ from crispedit.streams import (
     cached_curvature,
     completions,
     edit_on_stream,
+    materialize,
 )
 from curvature_store import Store
+from curvature_store.checkpoints import prune, publish_checkpoint, read_checkpoint
 
 CURVATURE_TOKENS = 20_000
 EVAL_TOKENS = 2048
 EVAL_RETENTION = 100  # known-fact retention is cheap; generation and MMLU are not: a job skips them
+SHARD_SIZE = "2GB"  # of a merged checkpoint's safetensors shards (what HF hubs serve well)
 
 
 class JobCancelled(Exception):
@@ -213,3 +216,26 @@ class Engine:
             completions=found,
             seconds=round(time.perf_counter() - started, 3),
         )
+
+    def write_checkpoint(self, version: str, keep: int) -> tuple[dict, list[str]]:
+        """Write the full model at `version` (base + its cumulative delta, in the resident
+        model's dtype) as a Hugging Face folder into the store: sharded safetensors, config and
+        tokenizer, staged and renamed in whole (`curvature_store.checkpoints`), then keep the
+        `keep` newest checkpoints. Returns the checkpoint's manifest (the one already there
+        when it exists) and the versions whose checkpoints were pruned. The resident model is
+        back at the base weights afterwards, whatever happens."""
+        manifest = self.store.manifest(version)
+        if manifest["model"] != self.name:
+            raise ValueError(f"this worker serves {self.name!r}, not {manifest['model']!r}")
+        existing = read_checkpoint(self.store, version)
+        if existing is not None:
+            return existing, prune(self.store, keep)
+        stage = self.store.staging_dir()
+        try:
+            materialize(self.store, version, self.model, self.base)
+            self.model.save_pretrained(stage, max_shard_size=SHARD_SIZE)
+            self.tokenizer.save_pretrained(stage)
+        finally:
+            self.set_weights_to_base()
+        checkpoint = publish_checkpoint(self.store, version, stage)
+        return checkpoint, prune(self.store, keep)

@@ -1,5 +1,5 @@
 """The worker's side of the job contract (`contract.jobs`): the RQ job functions `apply_edit`,
-`build_curvature` and `generate`.
+`build_curvature`, `generate` and `write_checkpoint`.
 
 They find this process's resident engine for the payload's model, report progress into the job's
 meta, and check for a cancellation request before work and between epochs (or batches of a
@@ -22,6 +22,8 @@ from rq import get_current_job
 from rq.job import Job
 
 from contract.jobs import (
+    CheckpointPayload,
+    CheckpointResult,
     CurvaturePayload,
     CurvatureResult,
     EditPayload,
@@ -137,5 +139,26 @@ def build_curvature(request: CurvaturePayload) -> CurvatureResult:
         resumed_from=manifest.get("meta", {}).get("resumed_from")
         if not manifest["cache_hit"]
         else None,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def write_checkpoint(request: CheckpointPayload) -> CheckpointResult:
+    """RQ job: write the merged checkpoint of a version into the store with this process's
+    resident model (`Engine.write_checkpoint`), then apply the retention `keep`."""
+    started = time.perf_counter()
+    engine = _engine(request.get("model"))
+    job = get_current_job()
+    report, cancelled = _reporter(job), _cancel_check(job)
+    if cancelled():
+        raise JobCancelled("cancelled before it started; nothing was written")
+    report({"phase": "checkpoint", "version": request["version"]})
+    manifest, pruned = engine.write_checkpoint(request["version"], request["keep"])
+    report({"phase": "done", "version": request["version"]})
+    return CheckpointResult(
+        version=manifest["version"],
+        files=sorted(manifest["files"]),
+        bytes=manifest["bytes"],
+        pruned=pruned,
         seconds=round(time.perf_counter() - started, 3),
     )

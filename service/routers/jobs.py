@@ -48,9 +48,10 @@ class Timings(BaseModel):
 class JobView(BaseModel):
     job_id: str
     url: str
-    type: Literal["edit", "curvature", "generate"] = Field(
-        description="An edit (POST /v1/edits), a curvature build (POST /v1/curvature) or "
-        "completions at a version (POST /v1/versions/{id}/generate)"
+    type: Literal["edit", "curvature", "generate", "checkpoint"] = Field(
+        description="An edit (POST /v1/edits), a curvature build (POST /v1/curvature), "
+        "completions at a version (POST /v1/versions/{id}/generate) or a merged checkpoint "
+        "(POST /v1/versions/{id}/checkpoint)"
     )
     status: Literal["queued", "running", "succeeded", "failed", "cancelled", "rejected"] = Field(
         description="rejected: an edit on a guarded stream whose version is outside the "
@@ -79,7 +80,8 @@ class JobView(BaseModel):
     )
     timings: Timings
     version: str | None = Field(
-        description="The version the job published (or kept, when rejected; or answers as)"
+        description="The version the job published (or kept, when rejected; or answers as; a "
+        "checkpoint job: the version it wrote)"
     )
     metrics: Any = None
     curvature_key: str | None = Field(

@@ -1,6 +1,6 @@
-"""Versions: a version's manifest and its delta file (own, or cumulative against the base);
-publishing a held version (one kept outside its stream's policy) by force; completions at a
-version and at its parent, by a worker of its model.
+"""Versions: a version's manifest, its delta file (own, or cumulative against the base) and that
+delta as a PEFT LoRA adapter archive; publishing a held version (one kept outside its stream's
+policy) by force; completions at a version and at its parent, by a worker of its model.
 
 A key sees a version where `service.access` gives it `read` on the version's stream; any other
 answers 404 as an unknown id does.
@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract.adapters import ARCHIVES, DEFAULT_RANK, FORMATS, AdapterError
 from contract.jobs import (
     GENERATE_TOKENS,
     MAX_GENERATE_TOKENS,
@@ -22,37 +23,21 @@ from contract.jobs import (
     generate_payload,
 )
 from contract.names import VERSION_RULE, is_version_id
-from curvature_store import Conflict, NotFound, Store, StoreError
-from service import access, deltas, jobqueue
-from service.config import ApiKey, Settings
+from curvature_store import Conflict, StoreError
+from service import access, adapters, deltas, jobqueue
 from service.deps import (
     KeyDep,
     RedisDep,
     SettingsDep,
     StoreDep,
-    check_version_id,
     require_json,
     served_model,
+    version_for,
 )
 from service.errors import ApiError, responses
 from service.routers.streams import StreamHead
 
 router = APIRouter(tags=["versions"])
-
-
-def _manifest_for(store: Store, settings: Settings, key: ApiKey, version_id: str) -> dict:
-    """The version's manifest, or 400 (malformed id) / 404 (unknown, or the key may not read
-    its stream)."""
-    check_version_id(version_id)
-    not_found = ApiError(404, "not_found", f"no version {version_id}", "version_id")
-    try:
-        manifest = store.manifest(version_id)
-    except NotFound:
-        raise not_found from None
-    model, stream = manifest["model"], manifest["stream"]
-    owner = access.owner_of(settings, store, model, stream)
-    access.require(key, "read", model, stream, owner, not_found)
-    return manifest
 
 
 @router.get(
@@ -64,7 +49,7 @@ def get_version(version_id: str, key: KeyDep, store: StoreDep, settings: Setting
     """The version's manifest: id, model, stream, parent, number, created_at, who made it
     (`actor`: team and key id), the facts, the editor's options and metrics, and each file's
     sha256 and size."""
-    return _manifest_for(store, settings, key, version_id)
+    return version_for(settings, store, key, version_id)
 
 
 @router.get(
@@ -93,7 +78,7 @@ def get_delta(
     """Download the version's delta (safetensors), streamed, with `ETag` (its sha256) and
     `Content-Length`; `?against=base` gives the cumulative delta from the base model, which
     applied to the base gives this version's weights."""
-    manifest = _manifest_for(store, settings, key, version_id)
+    manifest = version_for(settings, store, key, version_id)
     if against == "base":
         path, sha = deltas.cumulative_delta(
             store, settings.cumulative_cache_dir, version_id, settings.cache_max_bytes
@@ -140,7 +125,7 @@ def publish_version(
     `force` must be true; the version's parent must still be the head (409 `stale_head`
     otherwise: the stream moved on since), and a version published already answers 409
     `not_held`. Admin keys only."""
-    manifest = _manifest_for(store, settings, key, version_id)
+    manifest = version_for(settings, store, key, version_id)
     model, stream = manifest["model"], manifest["stream"]
     owner = access.owner_of(settings, store, model, stream)
     not_found = ApiError(404, "not_found", f"no version {version_id}", "version_id")
@@ -203,7 +188,7 @@ def generate(
     worker of the version's model, which answers as each version for a moment and restores its
     resident weights bit for bit. 202 with the job; the finished job's `result.completions` is a
     list of `{prompt, version, parent}`. Works for held versions too (try before forcing)."""
-    manifest = _manifest_for(store, settings, key, version_id)  # 404 unless the key may read it
+    manifest = version_for(settings, store, key, version_id)  # 404 unless the key may read it
     model = served_model(settings, key, manifest["model"], "version_id")
     try:
         payload = generate_payload(model, version_id, body.prompts, body.max_new_tokens, key.name)
@@ -213,4 +198,79 @@ def generate(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return GenerateAccepted(
         job_id=job.id, url=f"/v1/jobs/{job.id}", model=model, version=version_id
+    )
+
+
+ARCHIVE_TYPES = {"tar.gz": "application/gzip", "zip": "application/zip"}
+
+
+@router.get(
+    "/v1/versions/{version_id}/adapter",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {t: {} for t in ARCHIVE_TYPES.values()},
+            "description": "The adapter folder (adapter_config.json, adapter_model.safetensors, "
+            "crispedit_adapter.json) as an archive; ETag is its quoted sha256",
+        },
+        304: {"description": "Not modified (If-None-Match matched the ETag)"},
+        **responses(400, 404, 422),
+    },
+)
+def get_adapter(
+    version_id: str,
+    key: KeyDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    against: Annotated[
+        Literal["base"], Query(description="the adapter holds the cumulative delta from the base")
+    ] = "base",
+    rank: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            description="every layer's rank (at most min(d_out, d_in)); with neither rank nor "
+            f"energy: {DEFAULT_RANK}, capped at each layer's size",
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=1,
+            description="per layer, the smallest rank keeping this share of the "
+            "squared singular values (instead of rank)",
+        ),
+    ] = None,
+    adapter_format: Annotated[
+        Literal[FORMATS], Query(alias="format", description="the adapter format")
+    ] = "peft",
+    archive: Annotated[Literal[ARCHIVES], Query(description="the archive type")] = "tar.gz",
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Download the version's cumulative delta as a PEFT LoRA adapter: a truncated SVD of each
+    edited layer at `rank` (or the rank holding `energy` of it), `lora_alpha = r`, with the
+    per-layer rank and relative Frobenius error in `crispedit_adapter.json`. Load it with
+    `PeftModel.from_pretrained(base_model, folder)` or an inference server's LoRA loader."""
+    manifest = version_for(settings, store, key, version_id, "read")
+    try:
+        path, sha = adapters.adapter_archive(
+            store, settings.cumulative_cache_dir, version_id, rank, energy, archive
+        )
+    except AdapterError as err:
+        raise ApiError(422, "invalid_adapter", str(err), err.field) from None
+    headers = {
+        "ETag": deltas.etag(sha),
+        "X-Content-SHA256": sha,
+        "X-Model": manifest["model"],
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if deltas.not_modified(if_none_match, sha):
+        return Response(status_code=304, headers=headers)
+    spec = f"e{energy:g}" if energy is not None else f"r{rank or DEFAULT_RANK}"
+    return FileResponse(
+        path,
+        media_type=ARCHIVE_TYPES[archive],
+        filename=f"{version_id}-adapter-{spec}.{archive}",
+        headers=headers,
     )

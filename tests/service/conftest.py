@@ -72,6 +72,8 @@ def settings(tmp_path, redis, monkeypatch) -> Settings:
         bad_key_limit_per_minute=100_000,  # the 401 sweeps make many; test_api_auth lowers it
         job_function="jobs_for_tests.apply_edit",
         curvature_function="jobs_for_tests.build_curvature",
+        checkpoint_function="jobs_for_tests.write_checkpoint",
+        checkpoints_kept=2,
         sse_poll_s=0.05,
     )
 

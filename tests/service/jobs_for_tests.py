@@ -101,3 +101,20 @@ def build_curvature(payload: dict) -> dict:
 def fail_curvature(payload: dict) -> dict:
     """Fail the way a build on a missing corpus would."""
     raise FileNotFoundError("corpus /data/corpus/missing.jsonl does not exist")
+
+
+def write_checkpoint(payload: dict) -> dict:
+    """Write a stand-in checkpoint (a config and two 'shards' of known bytes) through the real
+    store functions, then apply the retention, as the worker's job does."""
+    from curvature_store.checkpoints import prune, publish_checkpoint
+
+    job = get_current_job()
+    _progress(job, phase="checkpoint", version=payload["version"])
+    store = Store(os.environ["CRISPEDIT_TEST_STORE"])
+    stage = store.staging_dir()
+    (stage / "config.json").write_text('{"model_type": "llama"}')
+    for i in (1, 2):
+        (stage / f"model-0000{i}-of-00002.safetensors").write_bytes(bytes(range(256)) * 40 * i)
+    manifest = publish_checkpoint(store, payload["version"], stage)
+    pruned = prune(store, payload["keep"])
+    return {"version": payload["version"], "files": sorted(manifest["files"]), "pruned": pruned}

@@ -105,6 +105,19 @@ EXPECT: dict[tuple[str, str], Expect] = {
         body=lambda s: {"force": True},
         missing={"version_id": UNKNOWN_VERSION},
     ),
+    ("GET", "/v1/versions/{version_id}/adapter"): Expect(
+        role="read", missing={"version_id": UNKNOWN_VERSION}
+    ),
+    # written in the scene already: the right key's second request answers 200
+    ("POST", "/v1/versions/{version_id}/checkpoint"): Expect(
+        role="edit", ok=(200, 202), missing={"version_id": UNKNOWN_VERSION}
+    ),
+    ("GET", "/v1/versions/{version_id}/checkpoint"): Expect(
+        role="read", missing={"version_id": UNKNOWN_VERSION}
+    ),
+    ("GET", "/v1/versions/{version_id}/checkpoint/files/{name}"): Expect(
+        role="read", missing={"version_id": UNKNOWN_VERSION}
+    ),
     ("POST", "/v1/versions/{version_id}/generate"): Expect(
         role="read",
         ok=(202,),
@@ -127,6 +140,7 @@ def fill(template: str, scene: Scene, **override: str) -> str:
         "stream": STREAM,
         "job_id": scene.queued if template.endswith("/cancel") else scene.job,
         "version_id": scene.version,
+        "name": "config.json",  # a file of the scene's checkpoint
         **override,
     }
     for name, value in values.items():
@@ -153,6 +167,9 @@ def make_scene(client: TestClient, redis, settings) -> Scene:
     job = first.json()["job_id"]
     version = client.get(f"/v1/jobs/{job}", headers=bearer(KEY_A)).json()["version"]
     assert version is not None
+    written = client.post(f"/v1/versions/{version}/checkpoint", headers=bearer(KEY_A))
+    assert written.status_code == 202, written.text
+    run_worker(redis)
     queued = client.post("/v1/edits", json=edit_body(stream=STREAM), headers=bearer(KEY_A))
     guarded = client.put(f"/v1/streams/tiny/{STREAM}/policy", json={}, headers=bearer(KEY_A))
     assert guarded.status_code == 200, guarded.text
