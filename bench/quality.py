@@ -235,7 +235,7 @@ def curvature_for(store, model, tokenizer, run: Run):
 
 def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     """Edit (batch or sequential) and evaluate one run; the row for the runs file."""
-    from crispedit.editor import CrispEditor
+    from crispedit.editor import make_editor
     from crispedit.evaluate import evaluate_edit, teacher_forced_accuracy
     from crispedit.models import load_model, parse_layers
     from crispedit.sequential import set_weights
@@ -252,7 +252,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     started = time.perf_counter()
     chunks = []
     if run.chunk == 0:
-        CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings).edit(facts)
+        make_editor(model, tokenizer, curvature, settings, layers=layers).edit(facts)
     else:
         stream = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
         first = [(f.prompt, f.target) for f in facts[: run.chunk]]
