@@ -14,11 +14,19 @@ from contract.facts import Fact
 from contract.settings import EditSettings, SettingsError
 from crispedit.alphaedit import AlphaEditor, alphaedit_solve, null_space_projector
 from crispedit.corpus import ASSETS, pad_batches, read_documents, token_sequences
-from crispedit.curvature import collect_curvature
+from crispedit.curvature import collect_curvature, plan_curvature
 from crispedit.delta import Delta, apply_delta
 from crispedit.editor import CrispEditor, make_editor
 from crispedit.memit import MemitEditor, memit_solve, subject_position
 from crispedit.models import get_layers, parse_layers
+from crispedit.streams import (
+    base_weights,
+    cached_curvature,
+    edit_on_stream,
+    materialize,
+    read_state,
+)
+from curvature_store import Store
 
 # subject None: the value sits at the prompt's last token, and one-token targets (in the tiny
 # tokenizer): a tiny random model's attention is too weak to carry a value to later positions
@@ -199,3 +207,35 @@ def test_both_land_counterfact_edits_on_smollm2(smollm2, method):
     delta = make_editor(model, tokenizer, curvature, settings, layers=layers, **QUIET).edit(facts)
     print(method, delta.report["efficacy"], delta.report["loss_curve"])
     assert delta.report["efficacy_before"] < 0.5 and delta.report["efficacy"] >= 0.8
+
+
+def test_alphaedit_on_a_stream_keeps_off_the_earlier_edits_keys(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = make_tiny("llama")
+    layers = parse_layers(model, "1-2")
+    store = Store(tmp_path / "store")
+    recipe = plan_curvature(model, tok, "wikitext", 400, layers, seq_len=64)
+    curvature, _ = cached_curvature(store, model, tok, recipe, progress=False)
+    middle = min(float(c.eigen("A", "cpu")[0].median()) for c in curvature.layers.values())
+    settings = EditSettings(method="alphaedit", null_threshold=middle, alphaedit_l2=1e-2)
+    base = base_weights(make_tiny("llama"), layers)
+
+    def on_stream(facts):
+        return edit_on_stream(store, "tiny", "main", model, tok, base, curvature, facts,
+                              settings=settings, **QUIET)  # fmt: skip
+
+    first, _ = on_stream(LAST_TOKEN_FACTS[:2])
+    second, delta = on_stream(LAST_TOKEN_FACTS[2:])
+    assert second["method"] == "alphaedit" and second["parent"] == first["id"]
+    assert delta.report["previous_edits"] and delta.report["n_edits"] == 1
+    # the same edit from the first version without the earlier keys moves them more
+    materialize(store, first["id"], model, base)
+    alone = AlphaEditor(model, tok, curvature, settings, layers=layers, **QUIET)
+    unaware = alone.edit(LAST_TOKEN_FACTS[2:])
+    S_A = read_state(store, first["id"]).S_A
+
+    def on_earlier(tensors):  # ‖Δ K_p‖² = tr(Δ S_A Δᵀ), summed over the layers
+        return sum(float(((tensors[f"{n}.weight"].double() @ S_A[n]) * tensors[f"{n}.weight"])
+                         .sum()) for n in layers)  # fmt: skip
+
+    assert on_earlier(delta.tensors) < 0.9 * on_earlier(unaware.tensors)
