@@ -77,6 +77,7 @@ class Run:
     value_steps: int = 25
     value_lr: float = 0.5
     value_clamp: float = 4.0
+    value_contexts: int = 5
     kl_factor: float = 0.0625
     covariance_weight: float = 15_000.0
     null_threshold: float = 0.02

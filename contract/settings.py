@@ -155,6 +155,11 @@ class EditSettings:
         4.0, "memit/alphaedit: the value change's largest norm, in norms of the hidden state.",
         gt=0.0, api=True,
     )  # fmt: skip
+    value_contexts: int = _option(
+        5, "memit/alphaedit: short generated prefixes the value must hold under (0: the prompt "
+        "alone), at most 5.",
+        ge=0, le=5,
+    )  # fmt: skip
     kl_factor: float = _option(
         0.0625, "memit/alphaedit: weight of the KL on '{subject} is a' prompts in the value "
         "optimisation.",

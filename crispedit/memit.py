@@ -8,8 +8,8 @@ For each fact (subject s, prompt p, target o) and the edited layers l_1 < ... < 
        min_δ  mean_j −log P(o | x_j ⊕ p ; h_L += δ)
               + kl_factor · KL(P(· | "{s} is a") ‖ P(· | "{s} is a" ; h_L += δ))
               + WEIGHT_DECAY · ‖δ‖² / ‖h_L‖²
-   over short context prefixes x_j (the empty one and CONTEXTS greedy continuations of the model),
-   keeping ‖δ‖ ≤ value_clamp · ‖h_L‖ after every step.
+   over short context prefixes x_j (the empty one and `value_contexts` greedy continuations of
+   the model's), keeping ‖δ‖ ≤ value_clamp · ‖h_L‖ after every step.
 2. Spread. For l = l_1 .. l_L in turn, on the model as updated so far: the keys k (the input of
    layer l at the subject's last token, averaged over the prefixes), the residual r = (z − h_L) /
    (layers left, this one included), and the least-squares update (the paper's eq. 14)
@@ -71,7 +71,8 @@ VALUE_STOP = 5e-2  # a chunk whose facts' losses are all below this stops optimi
 KL_PROMPT = (
     "{} is a"  # the prompt whose next token the value must not change (the subject's essence)
 )
-# the context prefixes the value must hold under: greedy continuations of these starters
+# the context prefixes the value must hold under: greedy continuations of the first
+# `value_contexts` of these starters (contract.settings caps it at their number)
 CONTEXTS = ("The", "Therefore", "Because", "I", "You")
 CONTEXT_TOKENS = 5
 VALUE_BATCH = 16  # facts whose values are optimised together (each its own δ)
@@ -264,6 +265,7 @@ class MemitEditor:
             "value_steps": s.value_steps,
             "value_lr": s.value_lr,
             "value_clamp": s.value_clamp,
+            "value_contexts": s.value_contexts,
             "kl_factor": s.kl_factor,
             **self._solve_options(),
             "chat_template": "on" if self.chat else "off",
@@ -293,7 +295,7 @@ class MemitEditor:
         device = next(self.model.parameters()).device
         texts = []
         with torch.no_grad():
-            for starter in CONTEXTS:
+            for starter in CONTEXTS[: self.settings.value_contexts]:
                 ids = self.tokenizer(starter, add_special_tokens=False)["input_ids"]
                 for _ in range(CONTEXT_TOKENS):
                     logits = self.model(input_ids=torch.tensor([ids], device=device)).logits
