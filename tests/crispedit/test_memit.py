@@ -201,7 +201,7 @@ def test_both_land_counterfact_edits_on_smollm2(smollm2, method):
 
     model, tokenizer = smollm2()
     layers = parse_layers(model, "4-8")
-    curvature = curvature_for(model, tokenizer, layers, tokens=4096, seq_len=256)
+    curvature = curvature_for(model, tokenizer, layers, tokens=2048, seq_len=256)
     facts = load_facts(ASSETS / "counterfact-edit-1k.json", limit=5)
     settings = EditSettings(method=method, covariance_weight=1500.0)
     delta = make_editor(model, tokenizer, curvature, settings, layers=layers, **QUIET).edit(facts)
