@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ft", "nullspace", "kfac", "ekfac")
+# memit and alphaedit are the closed-form editors of crispedit.memit and crispedit.alphaedit
+METHODS = ("ft", "nullspace", "kfac", "ekfac", "memit", "alphaedit")
+CLOSED_FORM = ("memit", "alphaedit")
 ALIASES = {"crispedit": "kfac"}  # our default, the best setting of the quality benchmark
 PROJECT_CHOICES = ("gradient", "update")
 STOP_CHOICES = ("batch", "fact")
@@ -54,7 +56,9 @@ class EditSettings:
     """
 
     method: str = _option(
-        "crispedit", "kfac (alias crispedit), ekfac, nullspace, or ft (no projection)",
+        "crispedit",
+        "kfac (alias crispedit), ekfac, nullspace, ft (no projection), or the closed-form "
+        "memit and alphaedit",
         choices=(*ALIASES, *METHODS), api=True,
     )  # fmt: skip
     # with 100 epochs, the update projected and subject anchors, γ 0.9 lands nearly every tuning
@@ -135,6 +139,44 @@ class EditSettings:
         "auto (on when the tokenizer has a template). The manifest records the resolved on/off.",
         choices=CHAT_TEMPLATE_CHOICES, api=True,
     )  # fmt: skip
+
+    # MEMIT (Meng et al. 2023) and AlphaEdit (Fang et al. 2025): the papers' defaults. On
+    # SmolLM2 the covariance weight 15,000 lands few edits; bench/results/quality.md has the
+    # setting tuned there (layers 4-8, covariance weight 1,500)
+    value_steps: int = _option(
+        25, "memit/alphaedit: Adam steps of each fact's target value optimisation.",
+        ge=1, api=True, api_le=100,
+    )  # fmt: skip
+    value_lr: float = _option(
+        0.5, "memit/alphaedit: learning rate of the target value optimisation.",
+        gt=0.0, api=True, api_le=10.0,
+    )  # fmt: skip
+    value_clamp: float = _option(
+        4.0, "memit/alphaedit: the value change's largest norm, in norms of the hidden state.",
+        gt=0.0, api=True,
+    )  # fmt: skip
+    value_contexts: int = _option(
+        5, "memit/alphaedit: short generated prefixes the value must hold under (0: the prompt "
+        "alone), at most 5.",
+        ge=0, le=5,
+    )  # fmt: skip
+    kl_factor: float = _option(
+        0.0625, "memit/alphaedit: weight of the KL on '{subject} is a' prompts in the value "
+        "optimisation.",
+        ge=0.0, api=True,
+    )  # fmt: skip
+    covariance_weight: float = _option(
+        15000.0, "memit: weight of the preserved keys' covariance (the K-FAC factor A) in the "
+        "least-squares solve.",
+        ge=0.0, api=True,
+    )  # fmt: skip
+    null_threshold: float = _option(
+        0.02, "alphaedit: eigenvalues of A below this span the null space the update is kept in.",
+        gt=0.0, api=True,
+    )  # fmt: skip
+    alphaedit_l2: float = _option(
+        10.0, "alphaedit: weight of the update's L2 penalty in its solve.", gt=0.0, api=True
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -41,11 +41,13 @@ from contract.facts import Fact, facts_digest
 from contract.settings import DEFAULTS, EditSettings
 from contract.settings import PROJECT_CHOICES as PROJECT_CHOICES  # re-exported for the CLI
 from contract.settings import STOP_CHOICES as STOP_CHOICES
+from crispedit.alphaedit import AlphaEditor
 from crispedit.anchors import anchor_prompts
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
 from crispedit.evaluate import last_token_logits, teacher_forced_accuracy
+from crispedit.memit import MemitEditor
 from crispedit.models import (
     get_layers,
     is_conv1d,
@@ -551,3 +553,24 @@ class CrispEditor:
             "time_s": {"edit": round(edit_seconds, 3)},
         }
         return Delta(tensors=tensors, meta=meta, report=report)
+
+
+def make_editor(
+    model: nn.Module,
+    tokenizer,
+    curvature: Curvature | None = None,
+    settings: EditSettings = DEFAULTS,
+    *,
+    previous: dict[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> CrispEditor | MemitEditor:
+    """The editor of the settings' method (a `method=` keyword overrides it): `CrispEditor` for
+    ft, nullspace, kfac and ekfac, `MemitEditor` for memit, `AlphaEditor` for alphaedit; every
+    other argument goes to it as it is. Each has `edit(facts) -> Delta` and `chat`. `previous`,
+    AlphaEdit's earlier stream edits' key Gram matrices per layer, is dropped for the others."""
+    method = resolve_method(kwargs.get("method") or settings.method)
+    if method == "alphaedit":
+        return AlphaEditor(model, tokenizer, curvature, settings, previous=previous, **kwargs)
+    if method == "memit":
+        return MemitEditor(model, tokenizer, curvature, settings, **kwargs)
+    return CrispEditor(model, tokenizer, curvature, settings, **kwargs)

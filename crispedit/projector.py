@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from contract.settings import ALIASES as ALIASES  # re-exported: the CLI reads them here
-from contract.settings import DEFAULTS, PROJECTOR_DTYPES, resolve_method
+from contract.settings import CLOSED_FORM, DEFAULTS, PROJECTOR_DTYPES, resolve_method
 from contract.settings import METHODS as METHODS
 from crispedit.curvature import LayerCurvature
 
@@ -463,6 +463,8 @@ def build_projector(
     _check_clip(clip)
     if method == "ft":
         return None
+    if method in CLOSED_FORM:
+        raise ValueError(f"method {method!r} solves its update in closed form: no projector")
     if method == "ekfac" and clip > 0.0:
         raise ValueError("clip applies to 'kfac' and 'nullspace', not to 'ekfac'")
     if method == "ekfac" and curvature.ekfac is None:

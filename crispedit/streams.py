@@ -27,7 +27,7 @@ from torch import nn
 from contract.facts import Fact, fact_to_record
 from contract.names import CURVATURE_FILE, DELTA_FILE, ROWS_FILE, STATE_FILE
 from contract.policy import Policy
-from contract.settings import DEFAULTS, OPTION_NAMES, EditSettings
+from contract.settings import CLOSED_FORM, DEFAULTS, OPTION_NAMES, EditSettings
 from crispedit.artifacts import ArtifactError, load_tensors, save_tensors
 from crispedit.curvature import (
     CHECKPOINT_BATCHES,
@@ -37,7 +37,7 @@ from crispedit.curvature import (
     run_recipe,
 )
 from crispedit.delta import Delta
-from crispedit.editor import CrispEditor
+from crispedit.editor import make_editor
 from crispedit.evaluate import generate_answers
 from crispedit.guard import judge
 from crispedit.models import get_layers, is_conv1d, model_fingerprint
@@ -296,9 +296,9 @@ def edit_on_stream(
 
     The edit runs with `settings`; `method`, `gamma`, `beta` and any option of EditSettings in
     `editor_options` override it (None: keep), and the rest of `editor_options` (`progress`,
-    `on_epoch`, `fast`) go to the CrispEditor as they are. The manifest records the settings
-    under "options" (`EditSettings.to_options`, with the stream's layers and the chat template's
-    resolved on or off).
+    `on_epoch`, `fast`) go to the editor (`make_editor`) as they are. The manifest records the
+    settings under "options" (`EditSettings.to_options`, with the stream's layers and the chat
+    template's resolved on or off).
 
     `base` holds the unedited weights of the edited layers (`base_weights`). `parent`, when
     given, is the head the caller expects (`None` = the base): anything else raises `Conflict`
@@ -338,7 +338,11 @@ def edit_on_stream(
     set_weights(model, base, cumulative)
     before = evaluate(model) if evaluate is not None else None
     curvature = _projection_curvature(capability, state, head, settings, device, cache)
-    editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings, **runtime)
+    # AlphaEdit keeps its update off the keys of the stream's earlier edits (crispedit.alphaedit)
+    previous = state.S_A if state.tokens else None
+    editor = make_editor(
+        model, tokenizer, curvature, settings, layers=layers, previous=previous, **runtime
+    )
     delta = editor.edit(facts)
     chat = editor.chat  # the edit set is measured on the prompts as the edit wrapped them
     del editor, curvature  # the projectors' copies on the device: not needed past the edit
@@ -392,9 +396,14 @@ def _projection_curvature(
     cache: StreamCurvatureCache | None,
 ) -> Curvature | None:
     """The curvature an edit from `head` is projected with: none for `ft`; from the base, the
-    capability's (whose eigenbases it keeps); else the stream's, from `cache` when it has it."""
-    if resolve_method(settings.method) == "ft":
+    capability's (whose eigenbases it keeps); else the stream's, from `cache` when it has it.
+    MEMIT and AlphaEdit take the capability's: their covariance is that of the preserved keys
+    (AlphaEdit gets the earlier edits' keys apart)."""
+    method = resolve_method(settings.method)
+    if method == "ft":
         return None
+    if method in CLOSED_FORM:
+        return capability
     if cache is None or head is None:
         return stream_curvature(capability, state, settings.beta, device)
     return cache.stream_curvature(head, capability, state, settings.beta, device)

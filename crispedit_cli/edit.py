@@ -59,7 +59,7 @@ def _expected_parent(args: argparse.Namespace, store):
 def cmd_edit(args: argparse.Namespace) -> None:
     """`crispedit edit`: a delta (and report) into `--out`, and/or a version on `--stream`."""
     from contract.facts import load_facts
-    from crispedit.editor import CrispEditor
+    from crispedit.editor import make_editor
     from crispedit.models import parse_layers
     from crispedit.streams import base_weights, edit_on_stream
 
@@ -80,7 +80,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         curvature_seconds = time.perf_counter() - started
         version = None
         if args.stream is None:
-            editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings)
+            editor = make_editor(model, tokenizer, curvature, settings, layers=layers)
             delta = editor.edit(facts)
         else:
             version, delta = edit_on_stream(

@@ -105,6 +105,13 @@ class EditOptions(BaseModel):
     anchor_weight: float | None = _option("anchor_weight")
     clip: float | None = _option("clip")
     chat_template: Literal[CHAT_TEMPLATE_CHOICES] | None = _option("chat_template")  # type: ignore[valid-type]
+    value_steps: int | None = _option("value_steps")
+    value_lr: float | None = _option("value_lr")
+    value_clamp: float | None = _option("value_clamp")
+    kl_factor: float | None = _option("kl_factor")
+    covariance_weight: float | None = _option("covariance_weight")
+    null_threshold: float | None = _option("null_threshold")
+    alphaedit_l2: float | None = _option("alphaedit_l2")
     evaluate: bool | None = Field(
         default=None, description="Measure the edit (efficacy, locality, perplexity) before and "
         "after; the results land in the version's metrics.",

@@ -1,0 +1,241 @@
+"""MEMIT and AlphaEdit (crispedit.memit, crispedit.alphaedit): the solves against their
+definitions, the null space kept exactly on a tiny model, the subject's token, the editor
+contract (base + delta, errors), and both landing edits on the real SmolLM2."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from contract.facts import Fact
+from contract.settings import EditSettings, SettingsError
+from crispedit.alphaedit import AlphaEditor, alphaedit_solve, null_space_projector
+from crispedit.corpus import ASSETS, pad_batches, read_documents, token_sequences
+from crispedit.curvature import collect_curvature, plan_curvature
+from crispedit.delta import Delta, apply_delta
+from crispedit.editor import CrispEditor, make_editor
+from crispedit.memit import MemitEditor, memit_solve, subject_position
+from crispedit.models import get_layers, parse_layers
+from crispedit.streams import (
+    base_weights,
+    cached_curvature,
+    edit_on_stream,
+    materialize,
+    read_state,
+)
+from curvature_store import Store
+
+# subject None: the value sits at the prompt's last token, and one-token targets (in the tiny
+# tokenizer): a tiny random model's attention is too weak to carry a value to later positions
+LAST_TOKEN_FACTS = [
+    Fact(prompt="The Eiffel Tower is located in", target="of"),
+    Fact(prompt="The capital of France is", target="and"),
+    Fact(prompt="Robert Boulter is an English", target="was"),
+]
+QUIET = {"progress": False}
+
+
+def curvature_for(model, tok, layers, tokens=400, seq_len=64):
+    seqs = token_sequences(tok, read_documents("wikitext"), tokens, seq_len=seq_len)
+    return collect_curvature(model, layers, pad_batches(seqs, tok.pad_token_id, 4), progress=False)
+
+
+def test_memit_solve_is_the_normal_equations_solution():
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n, weight = 12, 7, 5, 3.0
+    K, R = torch.randn(d_in, n, generator=g), torch.randn(d_out, n, generator=g)
+    X = torch.randn(d_in, 40, generator=g)
+    C = X @ X.T / 40
+    ours = memit_solve(K, R, C, weight).double()
+    K, R, C = K.double(), R.double(), C.double()
+    explicit = R @ K.T @ torch.linalg.inv(weight * C + K @ K.T)
+    torch.testing.assert_close(ours, explicit, rtol=1e-5, atol=1e-6)
+
+    # and it minimises ‖ΔK − R‖² + λ tr(ΔCΔᵀ): the gradient vanishes there, not elsewhere
+    def grad(D):
+        return 2 * (D @ K - R) @ K.T + 2 * weight * D @ C
+
+    assert grad(ours).abs().max() < 1e-4
+    assert grad(ours + 0.01).abs().max() > 1e-2
+
+
+def test_alphaedit_solve_leaves_preserved_keys_alone_and_fits_the_edit():
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, n = 16, 6, 3
+    X = torch.randn(d_in, 10, generator=g).double()  # preserved keys: rank 10 of 16
+    s, U = torch.linalg.eigh(X @ X.T / 10)
+    P = null_space_projector(s, U, 1e-8)
+    assert round(float(P.trace())) == d_in - 10
+    K, R = torch.randn(d_in, n, generator=g), torch.randn(d_out, n, generator=g)
+    previous = (lambda Y: Y @ Y.T)(torch.randn(d_in, 2, generator=g))
+    for prev in (None, previous):
+        D = alphaedit_solve(K, R, P, prev, l2=1e-3).double()
+        assert (D @ X).abs().max() < 1e-5 * D.abs().max()
+        # the fitted part: with a small α the edit keys' residuals are met within the null space
+        assert (D @ P @ K.double() - R.double()).norm() < 0.5 * R.norm()
+    # the explicit formula of the paper
+    Kd, Rd = K.double(), R.double()
+    explicit = Rd @ Kd.T @ P @ torch.linalg.inv(Kd @ Kd.T @ P + 10 * torch.eye(d_in).double())
+    torch.testing.assert_close(alphaedit_solve(K, R, P).double(), explicit, rtol=1e-5, atol=1e-7)
+
+
+def test_subject_position_finds_the_subjects_last_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt, subject = "Danielle Darrieux's mother tongue is", "Danielle Darrieux"
+    ids, pos = subject_position(tok, prompt, subject)
+    assert ids == tok(prompt)["input_ids"]
+    upto = tok(subject)["input_ids"]
+    assert pos == len(upto) - 1 and ids[: pos + 1] == upto
+    # no subject, or one absent from the prompt: the prompt's last token
+    assert subject_position(tok, prompt, None)[1] == len(ids) - 1
+    assert subject_position(tok, prompt, "Paris")[1] == len(ids) - 1
+    # inside a chat template the same token is found, shifted by the turn's opening
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = (
+        "{% for m in messages %}<|user|> {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>:{% endif %}"
+    )
+    chat_ids, chat_pos = subject_position(chat_tok, prompt, subject, chat=True)
+    assert tok.decode(chat_ids[: chat_pos + 1]).endswith("Danielle Darrieux")
+    assert not tok.decode(chat_ids[:chat_pos]).endswith("Darrieux")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=("fast", "full"))
+def test_memit_lands_edits_and_the_model_is_base_plus_delta(tiny, fast, tmp_path):
+    model, tok = tiny
+    layers = parse_layers(model, "1-2")
+    curvature = curvature_for(model, tok, layers)
+    base = copy.deepcopy(model)
+    settings = EditSettings(method="memit", covariance_weight=1.0)
+    editor = make_editor(model, tok, curvature, settings, layers=layers, fast=fast, **QUIET)
+    assert isinstance(editor, MemitEditor) and not isinstance(editor, AlphaEditor)
+    delta = editor.edit(LAST_TOKEN_FACTS)
+    r = delta.report
+    assert r["efficacy_before"] == 0.0 and r["efficacy"] >= 2 / 3
+    assert r["method"] == "memit" and r["n_edits"] == 3 and r["layers"] == layers
+    # the stored delta puts a fresh base exactly where the edit left the model
+    apply_delta(base, Delta.load(delta.save(tmp_path)))
+    for name, module in get_layers(model, layers).items():
+        assert torch.equal(get_layers(base, [name])[name].weight, module.weight)
+
+
+def test_fast_and_full_value_forwards_agree(tiny_tokenizer):
+    deltas = []
+    for fast in (True, False):
+        model = make_tiny("llama")
+        layers = parse_layers(model, "1-2")
+        editor = MemitEditor(
+            model, tiny_tokenizer, curvature_for(model, tiny_tokenizer, layers),
+            EditSettings(method="memit", covariance_weight=1.0), layers=layers, fast=fast,
+            **QUIET,
+        )  # fmt: skip
+        deltas.append(editor.edit(LAST_TOKEN_FACTS).tensors)
+    for key in deltas[0]:
+        torch.testing.assert_close(deltas[0][key], deltas[1][key], rtol=1e-3, atol=1e-5)
+
+
+def test_alphaedit_keeps_the_preserved_texts_outputs_exactly(tiny_tokenizer):
+    """The curvature comes from fewer tokens than the layers' input width, so A has a null space
+    and its range holds every preserved key: the edit must then leave the model's predictions on
+    those texts unchanged (the last token of each, which A does not count, aside)."""
+    tok = tiny_tokenizer
+    model = make_tiny("llama")
+    layers = parse_layers(model, "1-2")  # down_proj: 48 inputs
+    seqs = token_sequences(tok, read_documents("wikitext"), 30, seq_len=16)
+    batches = list(pad_batches(seqs, tok.pad_token_id, 4))
+    curvature = collect_curvature(model, layers, batches, progress=False)
+    top = max(float(c.eigen("A", "cpu")[0].max()) for c in curvature.layers.values())
+
+    def predictions():
+        with torch.no_grad():
+            return [model(**{k: b[k] for k in ("input_ids", "attention_mask")}).logits
+                    for b in batches]  # fmt: skip
+
+    facts = next(pad_batches([tok(f.prompt)["input_ids"] for f in LAST_TOKEN_FACTS], 0, 3))
+
+    def on_facts():
+        with torch.no_grad():
+            return model(**facts).logits[torch.arange(3), facts["attention_mask"].sum(-1) - 1]
+
+    before, facts_before = predictions(), on_facts()
+    settings = EditSettings(method="alphaedit", null_threshold=1e-6 * top, alphaedit_l2=1e-2)
+    delta = make_editor(model, tok, curvature, settings, layers=layers, **QUIET).edit(
+        LAST_TOKEN_FACTS
+    )
+    assert 0.0 < min(delta.report["kept_fraction"].values()) < 1.0
+    assert all(float(d.norm()) > 1e-3 for d in delta.tensors.values())
+    assert (on_facts() - facts_before).abs().max() > 1e-2  # the edit did move the facts
+    for batch, old, new in zip(batches, before, predictions(), strict=True):
+        counted = batch["attention_mask"].bool().clone()
+        counted[torch.arange(len(counted)), counted.sum(-1) - 1] = False  # each text's last
+        torch.testing.assert_close(new[counted], old[counted], rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_refused_clearly(tiny_tokenizer):
+    model = make_tiny("llama")
+    layers = parse_layers(model, "1-2")
+    with pytest.raises(ValueError, match="needs curvature"):
+        make_editor(model, tiny_tokenizer, None, EditSettings(method="memit"), layers=layers)
+    curvature = curvature_for(model, tiny_tokenizer, layers)
+    with pytest.raises(ValueError, match="no factors for layer"):
+        make_editor(model, tiny_tokenizer, curvature, EditSettings(method="alphaedit"),
+                    layers=parse_layers(model, "3"))  # fmt: skip
+    editor = make_editor(model, tiny_tokenizer, curvature, method="memit", layers=layers)
+    with pytest.raises(ValueError, match="no facts"):
+        editor.edit([])
+    for field, value in (("null_threshold", 0.0), ("value_steps", 0), ("covariance_weight", -1)):
+        with pytest.raises(SettingsError, match=field):
+            EditSettings(method="alphaedit", **{field: value})
+    # the projected editor refuses a closed-form method rather than misreading it
+    with pytest.raises(ValueError, match="closed form"):
+        CrispEditor(model, tiny_tokenizer, curvature, method="memit", layers=layers)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_both_land_counterfact_edits_on_smollm2(smollm2, method):
+    from crispedit import load_facts
+
+    model, tokenizer = smollm2()
+    layers = parse_layers(model, "4-8")
+    curvature = curvature_for(model, tokenizer, layers, tokens=2048, seq_len=256)
+    facts = load_facts(ASSETS / "counterfact-edit-1k.json", limit=5)
+    settings = EditSettings(method=method, covariance_weight=1500.0)
+    delta = make_editor(model, tokenizer, curvature, settings, layers=layers, **QUIET).edit(facts)
+    print(method, delta.report["efficacy"], delta.report["loss_curve"])
+    assert delta.report["efficacy_before"] < 0.5 and delta.report["efficacy"] >= 0.8
+
+
+def test_alphaedit_on_a_stream_keeps_off_the_earlier_edits_keys(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = make_tiny("llama")
+    layers = parse_layers(model, "1-2")
+    store = Store(tmp_path / "store")
+    recipe = plan_curvature(model, tok, "wikitext", 400, layers, seq_len=64)
+    curvature, _ = cached_curvature(store, model, tok, recipe, progress=False)
+    middle = min(float(c.eigen("A", "cpu")[0].median()) for c in curvature.layers.values())
+    settings = EditSettings(method="alphaedit", null_threshold=middle, alphaedit_l2=1e-2)
+    base = base_weights(make_tiny("llama"), layers)
+
+    def on_stream(facts):
+        return edit_on_stream(store, "tiny", "main", model, tok, base, curvature, facts,
+                              settings=settings, **QUIET)  # fmt: skip
+
+    first, _ = on_stream(LAST_TOKEN_FACTS[:2])
+    second, delta = on_stream(LAST_TOKEN_FACTS[2:])
+    assert second["method"] == "alphaedit" and second["parent"] == first["id"]
+    assert delta.report["previous_edits"] and delta.report["n_edits"] == 1
+    # the same edit from the first version without the earlier keys moves them more
+    materialize(store, first["id"], model, base)
+    alone = AlphaEditor(model, tok, curvature, settings, layers=layers, **QUIET)
+    unaware = alone.edit(LAST_TOKEN_FACTS[2:])
+    S_A = read_state(store, first["id"]).S_A
+
+    def on_earlier(tensors):  # ‖Δ K_p‖² = tr(Δ S_A Δᵀ), summed over the layers
+        return sum(float(((tensors[f"{n}.weight"].double() @ S_A[n]) * tensors[f"{n}.weight"])
+                         .sum()) for n in layers)  # fmt: skip
+
+    assert on_earlier(delta.tensors) < 0.9 * on_earlier(unaware.tensors)
