@@ -98,7 +98,14 @@ def lora_factors(
     torch, both work), truncated per `choose_rank`. `svd(delta)` returns (U, S, Vᵀ) thin, as
     `numpy.linalg.svd(x, full_matrices=False)` and `torch.linalg.svd(x, full_matrices=False)` do.
     `info` holds the rank and the relative Frobenius error ‖ΔW - B A‖ / ‖ΔW‖ of the truncation
-    (from the discarded singular values; 0 for an unchanged layer)."""
+    (from the discarded singular values; 0 for an unchanged layer). AdapterError for a delta
+    that is not a matrix (a LoRA adapter factors weight matrices only)."""
+    if len(delta.shape) != 2:
+        raise AdapterError(
+            f"layer {layer}'s delta has shape {tuple(delta.shape)}, not a weight matrix: "
+            "no LoRA adapter can hold it",
+            "version_id",
+        )
     u, s, vt = svd(delta)
     values = [float(x) for x in s.tolist()]
     k = choose_rank(values, rank, energy, layer)

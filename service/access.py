@@ -96,6 +96,18 @@ def claim(settings: Settings, store: Store, key: ApiKey, model: str, stream: str
     return store.claim_stream(model, stream, {"team": team, "by": actor(key)})["team"]
 
 
+def job_scope(settings: Settings, store: Store, key: ApiKey, manifest: dict) -> dict:
+    """The job metadata that decides who may see a job about a version (a checkpoint, a
+    generation): the version's stream and its owner, as for an edit of that stream, and who
+    asked."""
+    model, stream = manifest["model"], manifest["stream"]
+    return {
+        "stream": stream,
+        "owner": owner_of(settings, store, model, stream),
+        "actor": actor(key),
+    }
+
+
 def actor(key: ApiKey) -> dict:
     """Who did something, as job metadata, manifests and stream logs record it: the team and the
     key's id (a short prefix of its sha256), never the key."""

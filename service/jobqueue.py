@@ -132,10 +132,11 @@ def submit(
     return job
 
 
-def submit_generate(redis: Redis, settings: Settings, payload: GeneratePayload) -> Job:
+def submit_generate(redis: Redis, settings: Settings, payload: GeneratePayload, scope: dict) -> Job:
     """Enqueue a generate job (`contract.jobs.GENERATE_FUNCTION`) on the model's queue, with
     the edit job timeout; it waits for no stream (a version never changes). Its meta has
-    `job_type: "generate"` and `version`."""
+    `job_type: "generate"`, `version`, and `scope` (the version's `stream` and its `owner`, and
+    the `actor`), which decide who may see the job, as for an edit of that stream."""
     model = payload["model"]
     return Queue(queue_name(model), connection=redis).enqueue_call(
         func=GENERATE_FUNCTION,
@@ -149,6 +150,7 @@ def submit_generate(redis: Redis, settings: Settings, payload: GeneratePayload) 
             "model": model,
             "job_type": "generate",
             "version": payload["version"],
+            **scope,
             "key_name": payload["key_name"],
             "submitted_at": payload["submitted_at"],
         },
@@ -207,10 +209,13 @@ def submit_curvature(
     return job, True
 
 
-def submit_checkpoint(redis: Redis, settings: Settings, payload: CheckpointPayload) -> Job:
+def submit_checkpoint(
+    redis: Redis, settings: Settings, payload: CheckpointPayload, scope: dict
+) -> Job:
     """The job writing the checkpoint of `payload`'s version: the one queued or running for it,
-    or a new one on the model's queue (meta `job_type: "checkpoint"`, `version`). Raises
-    ApiError 503 when the model's lock cannot be taken in time."""
+    or a new one on the model's queue (meta `job_type: "checkpoint"`, `version`, and `scope`: the
+    version's `stream`, its `owner` and the `actor`, as `submit_generate`). Raises ApiError 503
+    when the model's lock cannot be taken in time."""
     model, version = payload["model"], payload["version"]
     try:
         with redis.lock(curvature_lock_key(model), timeout=30, sleep=0.002, blocking_timeout=10):
@@ -231,6 +236,7 @@ def submit_checkpoint(redis: Redis, settings: Settings, payload: CheckpointPaylo
                     "model": model,
                     "job_type": "checkpoint",
                     "version": version,
+                    **scope,
                     "key_name": payload["key_name"],
                     "submitted_at": payload["submitted_at"],
                 },

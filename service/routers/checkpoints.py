@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from contract.jobs import checkpoint_payload
 from curvature_store import NotFound
 from curvature_store.checkpoints import checkpoint_file, read_checkpoint
-from service import deltas, jobqueue
+from service import access, deltas, jobqueue
 from service.deps import KeyDep, RedisDep, SettingsDep, StoreDep, served_model, version_for
 from service.errors import ApiError, responses
 
@@ -85,7 +85,8 @@ def create_checkpoint(
             checkpoint_url=_url(version_id),
         )  # fmt: skip
     payload = checkpoint_payload(manifest["model"], version_id, settings.checkpoints_kept, key.name)
-    job = jobqueue.submit_checkpoint(redis, settings, payload)
+    scope = access.job_scope(settings, store, key, manifest)
+    job = jobqueue.submit_checkpoint(redis, settings, payload, scope)
     url = f"/v1/jobs/{job.id}"
     response.headers["Location"] = url
     status = jobqueue.job_view(redis, job)["status"]

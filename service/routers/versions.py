@@ -194,7 +194,8 @@ def generate(
         payload = generate_payload(model, version_id, body.prompts, body.max_new_tokens, key.name)
     except JobArgumentError as err:
         raise ApiError(422, "invalid_request", str(err), err.field) from None
-    job = jobqueue.submit_generate(redis, settings, payload)
+    scope = access.job_scope(settings, store, key, manifest)
+    job = jobqueue.submit_generate(redis, settings, payload, scope)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return GenerateAccepted(
         job_id=job.id, url=f"/v1/jobs/{job.id}", model=model, version=version_id

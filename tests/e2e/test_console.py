@@ -178,13 +178,14 @@ def test_console_in_a_browser(stack):
 
         # a job that fails in the worker (submitted with the client): its error on its page
         with CrispEditClient(url, KEY_A) as client:
-            layers = {"layers": ["model.layers.99.mlp.down_proj"]}  # not the worker's layers
+            # the API cannot know the worker's tokenizer has no chat template; the worker can
+            wrapped = {"chat_template": "on"}
             failing = client.submit(
-                "tiny", [{"prompt": "a", "target": "b"}], "team-a", None, layers
+                "tiny", [{"prompt": "a", "target": "b"}], "team-a", None, wrapped
             )
         page.goto(f"{url}/console/#/job/{failing['job_id']}")
         expect(page.locator("#job-status")).to_have_text("failed", timeout=JOB_TIMEOUT_MS)
-        expect(page.get_by_role("alert")).to_contain_text("model.layers.99.mlp.down_proj")
+        expect(page.get_by_role("alert")).to_contain_text("no chat template")
         assert store.head("tiny", "team-a") == second  # nothing published
 
         mark("second job done")

@@ -57,7 +57,7 @@ def test_a_trailing_newline_is_refused_in_every_name_and_id(client, store, three
     edit = client.post("/v1/edits", headers=AUTH, json=edit_body(stream="nl\n"))
     assert edit.status_code == 422 and edit.json()["error"]["field"] == "stream"
     rollback = client.post(
-        "/v1/streams/tiny/main/rollback", headers=AUTH, json={"version": three[0] + "\n"}
+        "/v1/streams/tiny/main/rollback", headers=AUTH_ADMIN, json={"version": three[0] + "\n"}
     )
     assert rollback.status_code == 422 and rollback.json()["error"]["field"] == "version"
     assert store.streams() == [("tiny", "main")]
