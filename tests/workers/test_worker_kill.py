@@ -34,7 +34,7 @@ REDIS_URL = redis_url(13)
 FACT = [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}]
 HEARTBEAT_S = 0.5
 # the heartbeat's TTL (three beats, whole seconds: 2 s) and a sweep of a live worker (one beat),
-# with a second for a loaded machine: the README's bound (30 s for 10 s beats) at this scale
+# with a second for a loaded machine: docs/operations.md's bound (30 s for 10 s beats) at this scale
 NOTICED_S = 2 + HEARTBEAT_S + 1.0
 
 
