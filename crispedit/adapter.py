@@ -14,6 +14,7 @@ device and casts the factors to the model's dtype.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,17 +71,13 @@ def save_adapter(
     out: str | Path,
     deltas: dict[str, torch.Tensor | np.ndarray],
     version_manifest: dict,
-    rank: int | None = None,
-    energy: float | None = None,
-    dtype: torch.dtype = DTYPE,
-    device: torch.device | str | None = None,
-    base_model: str | None = None,
+    **options: Any,
 ) -> dict:
-    """Write the adapter (`adapter_tensors`) to `out`: a folder, or a `.tar.gz`/`.tgz`/`.zip`
+    """Write the adapter of `deltas` (`adapter_tensors`, given its keyword `options`: `rank`,
+    `energy`, `dtype`, `device`, `base_model`) to `out`: a folder, or a `.tar.gz`/`.tgz`/`.zip`
     archive of its files, atomically. Returns the adapter's manifest."""
-    weights, config, manifest = adapter_tensors(
-        deltas, version_manifest, rank, energy, dtype, device, base_model
-    )
+    # the options are adapter_tensors' own, named once there; an unknown one is its TypeError
+    weights, config, manifest = adapter_tensors(deltas, version_manifest, **options)
     files = {ADAPTER_WEIGHTS_FILE: save(weights, metadata={"format": "pt"})}
     files.update(adapter_documents(config, manifest))
     write_bundle(Path(out), files)

@@ -124,33 +124,48 @@ def authenticate(keys: Mapping[str, ApiKey], token: str | None) -> ApiKey:
     return found
 
 
-def check_rate_limit(redis: Redis, key: ApiKey, per_minute: int) -> None:
-    """Count one request for `key` in the current minute; ApiError 429 once over `per_minute`.
+def _count_in_window(redis: Redis, counter: str, per_minute: int, name: str, refusal: str) -> None:
+    """Count one request under `counter` in the current one-minute window (the Redis key
+    `counter:WINDOW`, kept two minutes); ApiError 429 "`refusal`; retry in N s" with a
+    `Retry-After: N` header (N the seconds left in the window) once over `per_minute`.
 
-    Fails open when Redis is unreachable: the routes that need Redis answer 503 themselves, and
-    the store-only routes (versions, deltas) should keep working through a Redis outage.
+    No limit when `per_minute` is 0. Fails open, logging that the `name` is not enforced, when
+    Redis is unreachable: the routes that need Redis answer 503 themselves, and the store-only
+    routes (versions, deltas) should keep working through a Redis outage.
     """
     if per_minute <= 0:
         return
     now = time.time()
     window = int(now // 60)
-    counter = f"crispedit:ratelimit:{key.id or key.name}:{window}"
+    key = f"{counter}:{window}"
     try:
         pipe = redis.pipeline()
-        pipe.incr(counter)
-        pipe.expire(counter, 120)
+        pipe.incr(key)
+        pipe.expire(key, 120)
         count, _ = pipe.execute()
     except RedisError as err:
-        log.warning("rate limit not enforced, Redis unavailable: %s", err)
+        log.warning("%s not enforced, Redis unavailable: %s", name, err)
         return
     if count > per_minute:
         retry_after = max(1, int((window + 1) * 60 - now + 0.999))
         raise ApiError(
             429,
             "rate_limited",
-            f"rate limit of {per_minute} requests per minute exceeded; retry in {retry_after} s",
+            f"{refusal}; retry in {retry_after} s",
             headers={"Retry-After": str(retry_after)},
         )
+
+
+def check_rate_limit(redis: Redis, key: ApiKey, per_minute: int) -> None:
+    """Count one request for `key` in the current minute; ApiError 429 once over `per_minute`
+    (fails open when Redis is unreachable: `_count_in_window`)."""
+    _count_in_window(
+        redis,
+        f"crispedit:ratelimit:{key.id or key.name}",
+        per_minute,
+        "rate limit",
+        f"rate limit of {per_minute} requests per minute exceeded",
+    )
 
 
 def identify(state, client, token: str | None) -> ApiKey:
@@ -168,25 +183,10 @@ def identify(state, client, token: str | None) -> ApiKey:
 def check_bad_key_limit(redis: Redis, address: str, per_minute: int) -> None:
     """Count one request with a missing or unknown key from `address`; ApiError 429 once over
     `per_minute` this minute (fails open when Redis is unreachable, like `check_rate_limit`)."""
-    if per_minute <= 0:
-        return
-    now = time.time()
-    window = int(now // 60)
-    counter = f"crispedit:badkey:{address}:{window}"
-    try:
-        pipe = redis.pipeline()
-        pipe.incr(counter)
-        pipe.expire(counter, 120)
-        count, _ = pipe.execute()
-    except RedisError as err:
-        log.warning("bad-key limit not enforced, Redis unavailable: %s", err)
-        return
-    if count > per_minute:
-        retry_after = max(1, int((window + 1) * 60 - now + 0.999))
-        raise ApiError(
-            429,
-            "rate_limited",
-            "too many requests without a valid API key from this address; "
-            f"retry in {retry_after} s",
-            headers={"Retry-After": str(retry_after)},
-        )
+    _count_in_window(
+        redis,
+        f"crispedit:badkey:{address}",
+        per_minute,
+        "bad-key limit",
+        "too many requests without a valid API key from this address",
+    )

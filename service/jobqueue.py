@@ -170,6 +170,50 @@ def built_curvature(redis: Redis, store: Store, model: str, spec: str) -> str | 
     return key.decode()
 
 
+def _one_job_per(
+    redis: Redis,
+    settings: Settings,
+    payload: CurvaturePayload | CheckpointPayload,
+    jobs_key: str,
+    field: str,
+    busy: str,
+    *,
+    func: str,
+    timeout: int,
+    description: str,
+    meta: dict,
+) -> tuple[Job, bool]:
+    """The job recorded under `field` of the hash `jobs_key` while it is queued or running (and
+    False), else a new job of `func` for `payload` on the model's queue, recorded there (and True).
+
+    The model's curvature lock makes look-up / enqueue / record one step for concurrent
+    submitters, so that one `field` never has two unfinished jobs. Raises ApiError 503 ("`busy`;
+    retry the request") when the lock cannot be taken in time.
+    """
+    model = payload["model"]
+    try:
+        with redis.lock(curvature_lock_key(model), timeout=30, sleep=0.002, blocking_timeout=10):
+            previous = redis.hget(jobs_key, field)
+            if previous is not None and _unfinished(redis, previous.decode()):
+                job = fetch(redis, previous.decode())
+                if job is not None:
+                    return job, False
+            job = Queue(queue_name(model), connection=redis).enqueue_call(
+                func=func,
+                args=(payload,),
+                job_id=uuid.uuid4().hex,
+                timeout=timeout,
+                result_ttl=settings.result_ttl_s,
+                failure_ttl=settings.failure_ttl_s,
+                description=description,
+                meta=meta,
+            )
+            redis.hset(jobs_key, field, job.id)
+    except LockError:
+        raise ApiError(503, "unavailable", f"{busy}; retry the request") from None
+    return job, True
+
+
 def submit_curvature(
     redis: Redis, settings: Settings, payload: CurvaturePayload
 ) -> tuple[Job, bool]:
@@ -177,36 +221,24 @@ def submit_curvature(
     running (and False), or a new one on the model's queue (and True), with the curvature job
     timeout. Raises ApiError 503 when the model's curvature lock cannot be taken in time."""
     model = payload["model"]
-    spec = curvature_spec(payload["kind"], payload["tokens"], payload["corpus"])
-    try:
-        with redis.lock(curvature_lock_key(model), timeout=30, sleep=0.002, blocking_timeout=10):
-            previous = redis.hget(curvature_jobs_key(model), spec)
-            if previous is not None and _unfinished(redis, previous.decode()):
-                job = fetch(redis, previous.decode())
-                if job is not None:
-                    return job, False
-            job = Queue(queue_name(model), connection=redis).enqueue_call(
-                func=settings.curvature_function,
-                args=(payload,),
-                job_id=uuid.uuid4().hex,
-                timeout=settings.curvature_timeout_s,
-                result_ttl=settings.result_ttl_s,
-                failure_ttl=settings.failure_ttl_s,
-                description=f"curvature {model}: {payload['kind']}",
-                meta={
-                    "model": model,
-                    "job_type": "curvature",
-                    **{k: payload[k] for k in ("kind", "tokens", "corpus", "key_name")},
-                    "actor": payload.get("actor"),
-                    "submitted_at": payload["submitted_at"],
-                },
-            )
-            redis.hset(curvature_jobs_key(model), spec, job.id)
-    except LockError:
-        raise ApiError(
-            503, "unavailable", f"the curvature of {model} is busy; retry the request"
-        ) from None
-    return job, True
+    return _one_job_per(
+        redis,
+        settings,
+        payload,
+        curvature_jobs_key(model),
+        curvature_spec(payload["kind"], payload["tokens"], payload["corpus"]),
+        f"the curvature of {model} is busy",
+        func=settings.curvature_function,
+        timeout=settings.curvature_timeout_s,
+        description=f"curvature {model}: {payload['kind']}",
+        meta={
+            "model": model,
+            "job_type": "curvature",
+            **{k: payload[k] for k in ("kind", "tokens", "corpus", "key_name")},
+            "actor": payload.get("actor"),
+            "submitted_at": payload["submitted_at"],
+        },
+    )
 
 
 def submit_checkpoint(
@@ -217,35 +249,25 @@ def submit_checkpoint(
     version's `stream`, its `owner` and the `actor`, as `submit_generate`). Raises ApiError 503
     when the model's lock cannot be taken in time."""
     model, version = payload["model"], payload["version"]
-    try:
-        with redis.lock(curvature_lock_key(model), timeout=30, sleep=0.002, blocking_timeout=10):
-            previous = redis.hget(checkpoint_jobs_key(model), version)
-            if previous is not None and _unfinished(redis, previous.decode()):
-                job = fetch(redis, previous.decode())
-                if job is not None:
-                    return job
-            job = Queue(queue_name(model), connection=redis).enqueue_call(
-                func=settings.checkpoint_function,
-                args=(payload,),
-                job_id=uuid.uuid4().hex,
-                timeout=settings.checkpoint_timeout_s,
-                result_ttl=settings.result_ttl_s,
-                failure_ttl=settings.failure_ttl_s,
-                description=f"checkpoint {model}: {version}",
-                meta={
-                    "model": model,
-                    "job_type": "checkpoint",
-                    "version": version,
-                    **scope,
-                    "key_name": payload["key_name"],
-                    "submitted_at": payload["submitted_at"],
-                },
-            )
-            redis.hset(checkpoint_jobs_key(model), version, job.id)
-    except LockError:
-        raise ApiError(
-            503, "unavailable", f"the queue of {model} is busy; retry the request"
-        ) from None
+    job, _ = _one_job_per(
+        redis,
+        settings,
+        payload,
+        checkpoint_jobs_key(model),
+        version,
+        f"the queue of {model} is busy",
+        func=settings.checkpoint_function,
+        timeout=settings.checkpoint_timeout_s,
+        description=f"checkpoint {model}: {version}",
+        meta={
+            "model": model,
+            "job_type": "checkpoint",
+            "version": version,
+            **scope,
+            "key_name": payload["key_name"],
+            "submitted_at": payload["submitted_at"],
+        },
+    )
     return job
 
 

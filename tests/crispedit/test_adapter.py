@@ -174,6 +174,23 @@ def test_numpy_deltas_and_another_dtype(tmp_path):
         assert torch.equal(w, b16) or np.allclose(w.float(), b16.float(), atol=1e-2)
 
 
+def test_save_adapter_writes_what_adapter_tensors_builds_with_every_option(tmp_path):
+    deltas, manifest = tiny_delta("gpt2")
+    options = {
+        "rank": 5, "energy": None, "dtype": torch.float16, "device": "cpu", "base_model": "other"
+    }  # fmt: skip
+    weights, config, report = adapter_tensors(deltas, manifest, **options)
+    assert save_adapter(tmp_path / "adapter", deltas, manifest, **options) == report
+    saved = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS_FILE)
+    assert saved.keys() == weights.keys()
+    assert all(torch.equal(saved[k], w) and w.dtype == torch.float16 for k, w in weights.items())
+    written = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())
+    assert written == config and written["base_model_name_or_path"] == "other"
+    with pytest.raises(TypeError):  # a misspelt option is refused before anything is written
+        save_adapter(tmp_path / "typo", deltas, manifest, rnak=5)
+    assert not (tmp_path / "typo").exists()
+
+
 @pytest.mark.model
 def test_smollm2_adapter_matches_the_delta(smollm2, tmp_path):
     model, tokenizer = smollm2()

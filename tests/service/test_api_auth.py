@@ -18,9 +18,12 @@ from api_helpers import (
 )
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service import auth
-from service.config import Settings
+from service.config import ApiKey, Settings
 from service.keys import hash_key, main
 from service.main import create_app
 
@@ -91,6 +94,49 @@ def test_rate_limit_per_key(settings, redis):
         # other keys have their own budget; health checks are not counted
         assert client.get("/v1/relations", headers=AUTH_TINY).status_code == 200
         assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("check", "who", "counter", "refusal"),
+    [
+        (
+            auth.check_rate_limit,
+            ApiKey(name="ci", id="k1"),
+            "crispedit:ratelimit:k1",
+            "rate limit of 2 requests per minute exceeded",
+        ),
+        (
+            auth.check_bad_key_limit,
+            "10.0.0.7",
+            "crispedit:badkey:10.0.0.7",
+            "too many requests without a valid API key from this address",
+        ),
+    ],
+)
+def test_a_fixed_window_counts_in_redis_and_says_when_to_retry(
+    redis, monkeypatch, check, who, counter, refusal
+):
+    window = 29_000_000
+    monkeypatch.setattr(auth.time, "time", lambda: window * 60 + 45.2)  # 14.8 s left
+    check(redis, who, 2)
+    check(redis, who, 2)
+    with pytest.raises(auth.ApiError) as refused:
+        check(redis, who, 2)
+    assert (refused.value.status, refused.value.code) == (429, "rate_limited")
+    assert refused.value.message == f"{refusal}; retry in 15 s"
+    assert refused.value.headers["Retry-After"] == "15"
+    assert int(redis.get(f"{counter}:{window}")) == 3
+    assert 0 < redis.ttl(f"{counter}:{window}") <= 120
+    # the next minute is a new window with its own count
+    monkeypatch.setattr(auth.time, "time", lambda: (window + 1) * 60 + 1.0)
+    check(redis, who, 2)
+    assert int(redis.get(f"{counter}:{window + 1}")) == 1
+    # off at 0, and open (nothing raised) when Redis cannot be reached
+    check(redis, who, 0)
+    assert int(redis.get(f"{counter}:{window + 1}")) == 1
+    down = Redis(port=1, retry=Retry(NoBackoff(), 0))  # nothing listens: connection refused
+    for _ in range(3):
+        check(down, who, 1)
 
 
 def test_relations_listed(client):

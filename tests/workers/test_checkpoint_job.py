@@ -4,8 +4,6 @@ that transformers loads as base + cumulative delta; retention prunes the oldest.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import torch
 from live import redis_db, redis_url
@@ -13,15 +11,14 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from worker_helpers import resident_engine, run_burst
 
 from contract.jobs import CHECKPOINT_FUNCTION, checkpoint_payload, queue_name
 from contract.names import DELTA_FILE
 from crispedit.models import get_layers, load_model, model_fingerprint
 from curvature_store.checkpoints import checkpoint_dir, list_checkpoints
 from workers import engine as engine_module
-from workers import jobs
 from workers.engine import Engine
-from workers.worker import ResidentWorker
 
 REDIS_URL = redis_url(8)
 
@@ -34,10 +31,8 @@ def redis():
 
 @pytest.fixture
 def engine(tmp_path, tiny_model_dir):
-    engine = Engine("tiny", str(tmp_path / "store"), model_path=str(tiny_model_dir), tokens=300)
-    jobs.register(engine)
-    yield engine
-    jobs._ENGINES.pop("tiny", None)
+    with resident_engine(tmp_path / "store", tiny_model_dir) as engine:
+        yield engine
 
 
 def publish(engine: Engine, seed: int) -> tuple[str, dict[str, torch.Tensor]]:
@@ -62,7 +57,7 @@ def publish(engine: Engine, seed: int) -> tuple[str, dict[str, torch.Tensor]]:
 def run(redis, version: str, keep: int = 3) -> Job:
     queue = Queue(queue_name("tiny"), connection=redis)
     job = queue.enqueue(CHECKPOINT_FUNCTION, checkpoint_payload("tiny", version, keep, "test"))
-    ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}").work(burst=True)
+    run_burst(redis)
     return Job.fetch(job.id, connection=redis)
 
 

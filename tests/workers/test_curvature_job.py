@@ -9,23 +9,21 @@ import uuid
 
 import pytest
 from live import redis_db, redis_url
-from rq import Queue
 from rq.job import Job, JobStatus
+from worker_helpers import resident_engine, run_burst
 
 from contract.jobs import (
     curvature_index_key,
     curvature_payload,
     curvature_spec,
     edit_payload,
-    queue_name,
 )
 from crispedit.curvature import Curvature
 from curvature_store import Store
 from service import jobqueue
 from service.config import Settings
 from workers import jobs
-from workers.engine import Engine
-from workers.worker import ResidentWorker, run_worker
+from workers.worker import run_worker
 
 REDIS_URL = redis_url(9)
 FACT = [{"prompt": "The Eiffel Tower is located in", "target": "Rome"}]
@@ -41,15 +39,8 @@ def redis():
 @pytest.fixture
 def engine(tmp_path, tiny_model_dir):
     """A resident engine with nothing built yet (a fresh store)."""
-    engine = Engine("tiny", str(tmp_path / "store"), model_path=str(tiny_model_dir), tokens=300)
-    jobs.register(engine)
-    yield engine
-    jobs._ENGINES.pop("tiny", None)
-
-
-def run_burst(redis) -> None:
-    queue = Queue(queue_name("tiny"), connection=redis)
-    ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}").work(burst=True)
+    with resident_engine(tmp_path / "store", tiny_model_dir) as engine:
+        yield engine
 
 
 def submit_edit(redis, engine, method: str = "kfac") -> Job:

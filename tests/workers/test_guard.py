@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from fastapi.testclient import TestClient
 from live import redis_db, redis_url, serve, wait_for
 from rq import Queue
 from rq.job import Job
+from worker_helpers import resident_engine, run_burst
 
 from contract.jobs import queue_name
 from crispedit.delta import add_to_weights
@@ -24,9 +24,6 @@ from service.client import ApiError, CrispEditClient
 from service.config import Settings
 from service.keys import hash_key
 from service.main import create_app
-from workers import jobs
-from workers.engine import Engine
-from workers.worker import ResidentWorker
 
 REDIS_URL = redis_url(8)
 KEY = "guard-test-key"
@@ -38,10 +35,10 @@ IMPOSSIBLE = {"prompt": "The capital of France is", "answer": "zebra quokka narw
 @pytest.fixture
 def stack(tmp_path, tiny_model_dir):
     """(TestClient, engine, redis): the app and a resident engine on one store and Redis."""
-    with redis_db(REDIS_URL) as redis:
-        engine = Engine("tiny", str(tmp_path / "store"), model_path=str(tiny_model_dir), tokens=300)
-        engine.build_curvature("kfac")
-        jobs.register(engine)
+    with (
+        redis_db(REDIS_URL) as redis,
+        resident_engine(tmp_path / "store", tiny_model_dir, build_curvature="kfac") as engine,
+    ):
         settings = Settings(
             redis_url=REDIS_URL,
             store_dir=tmp_path / "store",
@@ -53,16 +50,8 @@ def stack(tmp_path, tiny_model_dir):
             },
             models={"tiny": {}},
         )
-        try:
-            with TestClient(create_app(settings)) as client:
-                yield client, engine, redis
-        finally:
-            jobs._ENGINES.pop("tiny", None)
-
-
-def run_burst(redis) -> None:
-    queue = Queue(queue_name("tiny"), connection=redis)
-    ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}").work(burst=True)
+        with TestClient(create_app(settings)) as client:
+            yield client, engine, redis
 
 
 def edit(client, redis, target: str, **options) -> dict:

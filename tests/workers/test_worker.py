@@ -15,14 +15,13 @@ import torch
 from live import redis_db, redis_url
 from rq import Queue
 from rq.job import Job, JobStatus
+from worker_helpers import resident_engine, run_burst
 
 from contract.jobs import cancel_key, queue_name
 from crispedit.anchors import ANCHOR_WEIGHT, ANCHORS
 from crispedit.delta import add_to_weights
 from crispedit.models import get_layers, load_model
 from crispedit.projector import CLIP
-from workers import jobs
-from workers.engine import Engine
 from workers.worker import ResidentWorker
 
 REDIS_URL = redis_url(14)
@@ -40,11 +39,8 @@ def redis():
 
 @pytest.fixture
 def engine(tmp_path, tiny_model_dir):
-    engine = Engine("tiny", str(tmp_path / "store"), model_path=str(tiny_model_dir), tokens=300)
-    engine.build_curvature("kfac")  # warm, as a worker started with --build-curvature
-    jobs.register(engine)
-    yield engine
-    jobs._ENGINES.pop("tiny", None)
+    with resident_engine(tmp_path / "store", tiny_model_dir, build_curvature="kfac") as engine:
+        yield engine
 
 
 def request(facts, stream="main", **options):
@@ -58,11 +54,6 @@ def request(facts, stream="main", **options):
         "submitted_at": time.time(),
         "key_name": "test",
     }
-
-
-def run_burst(redis) -> None:
-    queue = Queue(queue_name("tiny"), connection=redis)
-    ResidentWorker([queue], connection=redis, name=f"w-{uuid.uuid4().hex[:8]}").work(burst=True)
 
 
 def test_jobs_on_a_stream_become_versions_in_order(redis, engine, tiny_model_dir):
