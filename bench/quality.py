@@ -8,12 +8,12 @@
 
 Every run is one edit (or one sequential stream of edits) of SmolLM2-135M-Instruct followed by
 `crispedit.evaluate.evaluate_edit`: efficacy and generalization (teacher-forced and generated, with
-and without the QA context), locality, held-out perplexity change and KL, known-fact retention and
-MMLU. Runs are appended to bench/results/quality-runs.jsonl as they finish and a run already there
-is skipped (unless it lacks the generation or MMLU figures now asked for), so a long report can be
-built over several sittings; `table` turns the file into bench/results/quality.md and the
-trade-off plot bench/results/quality.png (efficacy against perplexity change, one curve per method
-over γ: the paper's Figure 3 view).
+and without the QA context), locality, the CounterFact literature's ES/PS/NS, held-out perplexity
+change and KL, known-fact retention and MMLU. Runs are appended to bench/results/quality-runs.jsonl
+as they finish and a run already there is skipped (unless it lacks the generation or MMLU figures
+now asked for), so a long report can be built over several sittings; `table` turns the file into
+bench/results/quality.md and the trade-off plot bench/results/quality.png (efficacy against
+perplexity change, one curve per method over γ: the paper's Figure 3 view).
 
 Settings are chosen on the tuning splits only (CounterFact records 0-99; zsRE records 300-399,
 added when the zsRE report showed settings chosen on CounterFact alone under-train zsRE's longer
@@ -364,6 +364,9 @@ COLUMNS = [  # (header, path into evaluate_edit's result, format)
     ("efficacy gen. QA", ("efficacy", "edited", "generation_qa"), "{:.2f}"),
     ("generalization", ("generalization", "edited", "teacher_forced"), "{:.2f}"),
     ("locality", ("locality", "token_agreement"), "{:.2f}"),
+    ("ES", ("scores", "efficacy", "edited"), "{:.2f}"),
+    ("PS", ("scores", "paraphrase", "edited"), "{:.2f}"),
+    ("NS", ("scores", "neighborhood", "edited"), "{:.2f}"),
     ("ppl change", ("capability", "ppl_change_pct"), "{:+.2f} %"),
     ("KL", ("capability", "kl"), "{:.4f}"),
     ("retention (base)", ("capability", "fact_retention"), None),
@@ -381,9 +384,12 @@ def _cell(metrics: dict, path, fmt) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+SUMMARY = ("efficacy", "locality", "PS", "ppl change", "KL")  # the columns of a run's log line
+
+
 def summary(row: dict) -> str:
     m = row["metrics"]
-    return ", ".join(f"{h} {_cell(m, p, f)}" for h, p, f in COLUMNS[:1] + COLUMNS[4:7])
+    return ", ".join(f"{h} {_cell(m, p, f)}" for h, p, f in COLUMNS if h in SUMMARY)
 
 
 def _settings(run: dict, *but: str) -> dict:
@@ -534,6 +540,11 @@ def write_results() -> None:
         "",
         "Efficacy and generalization are the edited model's; locality is the share of neighbour "
         "answer tokens whose prediction is unchanged; retention and MMLU show edited (base). "
+        "ES, PS and NS are the CounterFact literature's scores (Meng et al. 2022): the share of "
+        "edited prompts and of paraphrases where the new object is more likely than the true one, "
+        "and of neighbour prompts where the true one stays more likely (mean per-token "
+        "log-probability, as the papers' code compares them); `-` for runs measured before they "
+        "were recorded, and NS for zsRE, whose neighbours do not share the true object. "
         "Tuning splits: CounterFact records 0-99, zsRE records 300-399; everything else was "
         "never used to choose settings, except the 1,000-edit CounterFact runs, which need every "
         "record.",

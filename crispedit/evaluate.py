@@ -9,6 +9,11 @@ edited layers' weights are swapped in and out around each computation (`swapped_
   "The Mirage of Model Editing", Yang et al. 2025);
 - locality (the neighbour prompts): how many teacher-forced argmax predictions on the neighbours'
   answers the edit left unchanged (EasyEdit's definition);
+- scores: the CounterFact literature's probability comparisons (Meng et al. 2022, "Locating and
+  Editing Factual Associations in GPT"): efficacy, paraphrase and neighbourhood score, the share
+  of prompts where the new object is more likely than the true one (the true one on the
+  neighbours; "likely": mean per-token log-probability of the whole answer, as the papers' code
+  compares them), for facts that carry a true object;
 - capability: held-out perplexity and per-token KL(base ‖ edited) on text the curvature never saw
   (`wikitext-heldout`), known-fact retention on CounterFact records that were not edited (ROME's
   true-vs-counterfactual log-probability test), and 5-shot MMLU accuracy on a bundled subset.
@@ -187,6 +192,11 @@ def _mean_target_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return (picked * counted).sum(-1) / counted.sum(-1)
 
 
+def _key(text: str) -> str:
+    # two spellings of one answer or prompt: case and runs of whitespace do not count
+    return " ".join(text.split()).casefold()
+
+
 def retention_triples(
     edited_facts: Sequence[Fact], limit: int = RETENTION, candidates: Sequence[Fact] | None = None
 ) -> list[tuple[str, str, str]]:
@@ -197,24 +207,45 @@ def retention_triples(
     its subject is among the edited facts', since the edit may rightly have changed it."""
     if candidates is None:
         candidates = load_facts(COUNTERFACT)
-
-    def key(text: str) -> str:
-        return " ".join(text.split()).casefold()
-
-    prompts = {key(f.prompt) for f in edited_facts}
-    subjects = {key(f.subject) for f in edited_facts if f.subject}
+    prompts = {_key(f.prompt) for f in edited_facts}
+    subjects = {_key(f.subject) for f in edited_facts if f.subject}
     triples = []
     for fact in candidates:
         if len(triples) >= limit:
             break
-        if key(fact.prompt) in prompts or (fact.subject and key(fact.subject) in subjects):
+        if _key(fact.prompt) in prompts or (fact.subject and _key(fact.subject) in subjects):
             continue
-        if fact.ground_truth and key(fact.ground_truth) != key(fact.target):
+        if fact.ground_truth and _key(fact.ground_truth) != _key(fact.target):
             triples.append((fact.prompt, fact.ground_truth, fact.target))
     return triples
 
 
 @torch.no_grad()
+def preference(
+    model: nn.Module,
+    tokenizer,
+    triples: Sequence[tuple[str, str, str]],
+    batch_size: int = EVAL_BATCH,
+    *,
+    chat: bool = False,
+) -> float:
+    """Fraction of (prompt, a, b) triples where the model's mean per-token log-probability of
+    answer a given the prompt (teacher-forced) strictly exceeds that of answer b: ROME's
+    comparison of two objects, whose code (`test_batch_prediction`) divides each answer's
+    negative log-likelihood by its token count, so a long answer is not penalised for its length.
+    `chat`: the prompts wrapped in the chat template. NaN for no triples."""
+    if not triples:
+        return float("nan")
+    device = next(model.parameters()).device
+    pairs = [pair for p, a, b in triples for pair in ((p, a), (p, b))]
+    scores = []
+    for batch in target_batches(tokenizer, pairs, batch_size, chat=chat):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores += _mean_target_logprob(logits, batch["labels"]).tolist()
+    return sum(a > b for a, b in zip(scores[0::2], scores[1::2], strict=True)) / len(triples)
+
+
 def fact_retention(
     model: nn.Module,
     tokenizer,
@@ -223,20 +254,68 @@ def fact_retention(
     *,
     chat: bool = False,
 ) -> float:
-    """Fraction of (prompt, true, false) triples where the model's mean per-token log-probability
-    of the true object given the prompt (teacher-forced) exceeds that of the false one, as ROME's
-    CounterFact evaluation scores known facts (`chat`: the prompts wrapped in the chat
-    template). NaN for no triples."""
-    if not triples:
-        return float("nan")
-    device = next(model.parameters()).device
-    pairs = [pair for p, true, false in triples for pair in ((p, true), (p, false))]
-    scores = []
-    for batch in target_batches(tokenizer, pairs, batch_size, chat=chat):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        scores += _mean_target_logprob(logits, batch["labels"]).tolist()
-    return sum(t > f for t, f in zip(scores[0::2], scores[1::2], strict=True)) / len(triples)
+    """Fraction of (prompt, true, false) triples where the model prefers the true object
+    (`preference`), as ROME's CounterFact evaluation scores known facts (`chat`: the prompts
+    wrapped in the chat template). NaN for no triples."""
+    return preference(model, tokenizer, triples, batch_size, chat=chat)
+
+
+def counterfact_triples(facts: Sequence[Fact]) -> dict[str, list[tuple[str, str, str]]]:
+    """The (prompt, preferred, other) triples of the CounterFact scores, by score: `efficacy`
+    (each edited prompt, new target against the true object), `paraphrase` (each paraphrase,
+    likewise) and `neighborhood` (each neighbour prompt, the true object against the new target).
+
+    Only facts with a true object (`ground_truth`) other than their target count. A neighbour
+    counts only when its answer is the fact's true object: CounterFact's neighbourhood prompts
+    are other subjects sharing the relation and the true object, which is what makes "the true
+    object stays more likely" mean "the edit did not spill"; neighbours with other answers
+    (zsRE's Natural Questions) fall outside that definition."""
+    out: dict[str, list[tuple[str, str, str]]] = {
+        "efficacy": [],
+        "paraphrase": [],
+        "neighborhood": [],
+    }
+    for fact in facts:
+        true, new = fact.ground_truth, fact.target
+        if not true or _key(true) == _key(new):
+            continue
+        out["efficacy"].append((fact.prompt, new, true))
+        out["paraphrase"] += [(p, new, true) for p in fact.paraphrases]
+        out["neighborhood"] += [
+            (n.prompt, true, new) for n in fact.neighbors if _key(n.target) == _key(true)
+        ]
+    return out
+
+
+def counterfact_scores(
+    model: nn.Module,
+    tokenizer,
+    facts: Sequence[Fact],
+    edited: Mapping[str, torch.Tensor] | None,
+    *,
+    chat: bool = False,
+) -> dict:
+    """The CounterFact literature's scores (Meng et al. 2022, ROME; reported by MEMIT and
+    AlphaEdit as ES, PS and NS), base and edited: `efficacy`, the share of edited prompts where
+    the new target is more likely than the true object; `paraphrase`, the same on the
+    paraphrases; `neighborhood`, the share of neighbour prompts where the true object stays more
+    likely than the new target. "More likely" compares mean per-token log-probabilities of the
+    whole answer, teacher-forced (`preference`), as the papers' code does. Each score is
+    `{n, base, edited}` over the triples of `counterfact_triples`; with none (facts without a
+    true object) n is 0 and both figures are None."""
+    groups = counterfact_triples(facts)
+
+    def measure() -> dict:
+        return {
+            name: _number(preference(model, tokenizer, triples, chat=chat))
+            for name, triples in groups.items()
+        }
+
+    base, after = _both(model, edited, measure)
+    return {
+        name: {"n": len(triples), "base": base[name], "edited": after[name]}
+        for name, triples in groups.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +649,8 @@ def evaluate_edit(
     """Evaluate an edit of `facts`: the model holds the BASE weights, the edit is `delta`
     (`W_edited - W_base`, a Delta's tensors) or `edited` (the edited layers' weights themselves),
     and with neither the model is compared with itself. Returns a JSON-able dict with the keys
-    efficacy, generalization (paraphrases), locality (neighbours) and capability (held-out
+    efficacy, generalization (paraphrases), locality (neighbours), scores (the CounterFact
+    literature's probability comparisons, `counterfact_scores`) and capability (held-out
     perplexity and KL over `tokens` tokens, known-fact retention on `retention` non-edited
     CounterFact records or on the given `triples`, MMLU accuracy on `mmlu` questions, default all
     bundled). Every metric carries its sample count n; a metric over nothing (0 to skip it) is
@@ -596,6 +676,8 @@ def evaluate_edit(
         generalization = _rewrite_scores(model, tokenizer, paraphrases, edited, generation, chat)
     with _phase(f"locality on {len(neighbors)} neighbours", progress):
         local = locality(model, tokenizer, neighbors, edited, chat=chat)
+    with _phase("CounterFact scores (efficacy, paraphrase, neighbourhood)", progress):
+        scores = counterfact_scores(model, tokenizer, facts, edited, chat=chat)
     with _phase(f"perplexity and KL on {tokens} held-out tokens", progress):
         documents = read_documents(HELDOUT) if tokens else []
         capability = heldout_drift(model, tokenizer, edited, documents, tokens)
@@ -619,5 +701,6 @@ def evaluate_edit(
         "efficacy": efficacy,
         "generalization": generalization,
         "locality": local,
+        "scores": scores,
         "capability": capability,
     }

@@ -19,7 +19,8 @@ from crispedit_cli.common import CLIError, add_placement_args, load_model_of, pl
 
 
 def eval_table(result: dict) -> str:
-    """The metrics of `evaluate_edit` as a table: metric | base | edited | n."""
+    """The metrics of `evaluate_edit` as a table: metric | base | edited | n; the CounterFact
+    scores (ES, PS, NS: `crispedit.evaluate.counterfact_scores`) beside ours."""
     rows = []  # (label, base, edited, n, format)
     for group in ("efficacy", "generalization"):
         g = result[group]
@@ -33,6 +34,15 @@ def eval_table(result: dict) -> str:
     rows += [
         ("locality (token agreement)", None, loc["token_agreement"], loc["n"], ".3f"),
         ("locality (neighbours unchanged)", None, loc["unchanged"], loc["n"], ".3f"),
+    ]
+    for key, label in (
+        ("efficacy", "ES: P(new) > P(true), prompts"),
+        ("paraphrase", "PS: P(new) > P(true), paraphrases"),
+        ("neighborhood", "NS: P(true) > P(new), neighbours"),
+    ):
+        score = result["scores"][key]
+        rows.append((label, score["base"], score["edited"], score["n"], ".3f"))
+    rows += [
         ("held-out perplexity", cap["ppl_base"], cap["ppl_edited"], cap["n_tokens"], ".4g"),
         ("held-out perplexity change %", None, cap["ppl_change_pct"], cap["n_tokens"], "+.3f"),
         ("held-out KL(base‖edited)/token", None, cap["kl"], cap["n_tokens"], ".3g"),

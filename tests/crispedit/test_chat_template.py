@@ -41,9 +41,9 @@ NEWLINE = COLON.replace("<|assistant|>:", "<|assistant|>\n")
 FACTS = [
     Fact("The Eiffel Tower is located in", "Rome", subject="The Eiffel Tower",
          paraphrases=("Where is the Eiffel Tower? It is in",),
-         neighbors=(Neighbor("The Louvre is located in", "Paris"),)),
+         neighbors=(Neighbor("The Louvre is located in", "Paris"),), ground_truth="Paris"),
     Fact("Robert Boulter is an English", "chef", subject="Robert Boulter",
-         neighbors=(Neighbor("Danielle Darrieux speaks", "French"),)),
+         neighbors=(Neighbor("Danielle Darrieux speaks", "French"),), ground_truth="actor"),
 ]  # fmt: skip
 TRIPLES = [("The capital of Italy is", "Rome", "Oslo"), ("Ice is", "cold", "hot")]
 FAST = {"lr": 3e-2, "epochs": 6, "progress": False}
@@ -65,7 +65,8 @@ def wrapped_facts(facts: list[Fact]) -> list[Fact]:
     return [
         Fact(wrapped(f.prompt), f.target, subject=f.subject,
              paraphrases=tuple(wrapped(p) for p in f.paraphrases),
-             neighbors=tuple(Neighbor(wrapped(n.prompt), n.target) for n in f.neighbors))
+             neighbors=tuple(Neighbor(wrapped(n.prompt), n.target) for n in f.neighbors),
+             ground_truth=f.ground_truth)
         for f in facts
     ]  # fmt: skip
 
@@ -174,9 +175,9 @@ def test_an_edit_with_the_template_is_the_edit_of_the_wrapped_prompts(tiny_token
 
 
 def test_an_evaluation_with_the_template_is_that_of_the_wrapped_prompts(tiny_tokenizer):
-    """Efficacy, generalization (teacher-forced and generated), locality and retention with the
-    template on equal those of the template off on prompts wrapped by hand; the held-out text
-    is plain in both."""
+    """Efficacy, generalization (teacher-forced and generated), locality, the CounterFact scores
+    and retention with the template on equal those of the template off on prompts wrapped by
+    hand; the held-out text is plain in both."""
     tok = with_template(tiny_tokenizer)
     model = make_tiny("llama")
     layers = parse_layers(model, "2-3")
@@ -192,6 +193,9 @@ def test_an_evaluation_with_the_template_is_that_of_the_wrapped_prompts(tiny_tok
         model, tok, wrapped_facts(FACTS), delta, triples=hand, chat_template="off", **common
     )
     assert on == by_hand
+    assert {k: v["n"] for k, v in on["scores"].items()} == {
+        "efficacy": 2, "paraphrase": 1, "neighborhood": 1
+    }  # fmt: skip
     plain = evaluate_edit(model, tok, FACTS, delta, triples=TRIPLES, chat_template="off", **common)
     assert plain["capability"]["ppl_edited"] == on["capability"]["ppl_edited"]
     assert plain["locality"] != on["locality"] or plain["efficacy"] != on["efficacy"]

@@ -23,6 +23,8 @@ from crispedit.evaluate import (
     QA_TEMPLATE,
     _both,
     _read_rows,
+    counterfact_scores,
+    counterfact_triples,
     edited_weights,
     evaluate_edit,
     fact_retention,
@@ -36,6 +38,7 @@ from crispedit.evaluate import (
     mmlu_questions,
     normalize_answer,
     perplexity,
+    preference,
     retention_triples,
     swapped_weights,
     teacher_forced_accuracy,
@@ -44,7 +47,7 @@ from crispedit.models import default_target_layers, get_layers, load_model
 from crispedit.targets import encode_pair
 
 ZSRE = Path(COUNTERFACT).parent / "zsre_mend_train-1k.json"
-TOP_KEYS = {"efficacy", "generalization", "locality", "capability"}
+TOP_KEYS = {"efficacy", "generalization", "locality", "scores", "capability"}
 CHEAP = {"tokens": 300, "retention": 6, "mmlu": 0}  # evaluate_edit options for fast runs
 
 
@@ -219,7 +222,7 @@ def test_no_edit_changes_nothing(tiny, how):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     facts = [
         Fact("The Eiffel Tower is located in", "Rome", paraphrases=("The Eiffel Tower is in",),
-             neighbors=(Neighbor("The Louvre is located in", "Paris"),)),
+             neighbors=(Neighbor("The Louvre is located in", "Paris"),), ground_truth="Paris"),
     ]  # fmt: skip
     delta = (
         None if how == "none" else {k: torch.zeros_like(v) for k, v in random_delta(model).items()}
@@ -233,6 +236,7 @@ def test_no_edit_changes_nothing(tiny, how):
     for group in ("efficacy", "generalization"):
         assert result[group]["n"] == 1
         assert result[group]["base"] == result[group]["edited"]
+    assert all(s["n"] == 1 and s["base"] == s["edited"] for s in result["scores"].values())
     assert cap["fact_retention"]["base"] == cap["fact_retention"]["edited"]
     json.dumps(result, allow_nan=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -349,6 +353,119 @@ def test_fact_retention_compares_mean_token_logprobs(tiny):
 
 
 # ---------------------------------------------------------------------------------------------
+# CounterFact scores (ES, PS, NS)
+
+SCORED = [
+    Fact("The Eiffel Tower is located in", "Rome", ground_truth="Paris",
+         paraphrases=("The Eiffel Tower stands in", "Where is the Eiffel Tower? It is in"),
+         neighbors=(Neighbor("The Louvre is located in", "Paris"),
+                    Neighbor("Notre-Dame is in", "paris"),  # the true object, spelt otherwise
+                    Neighbor("The Colosseum is in", "Rome"))),  # not the true object: left out
+    Fact("Danielle Darrieux's mother tongue is", "English language", ground_truth="French",
+         paraphrases=("Danielle Darrieux grew up speaking",),
+         neighbors=(Neighbor("Léon Blum's mother tongue is", "French"),)),
+    Fact("Toko Yasuda plays the", "piano", ground_truth="electric guitar",
+         neighbors=(Neighbor("Jimi Hendrix plays the", "electric guitar"),)),
+    Fact("Ice is", "cold", paraphrases=("Frozen water is",)),  # no true object: left out
+    Fact("Snow is", "White", ground_truth="white", neighbors=(Neighbor("Milk is", "white"),)),
+]  # fmt: skip
+# the triples written out by hand: (prompt, answer that should be the more likely, the other)
+SCORED_TRIPLES = {
+    "efficacy": [
+        ("The Eiffel Tower is located in", "Rome", "Paris"),
+        ("Danielle Darrieux's mother tongue is", "English language", "French"),
+        ("Toko Yasuda plays the", "piano", "electric guitar"),
+    ],
+    "paraphrase": [
+        ("The Eiffel Tower stands in", "Rome", "Paris"),
+        ("Where is the Eiffel Tower? It is in", "Rome", "Paris"),
+        ("Danielle Darrieux grew up speaking", "English language", "French"),
+    ],
+    "neighborhood": [
+        ("The Louvre is located in", "Paris", "Rome"),
+        ("Notre-Dame is in", "Paris", "Rome"),
+        ("Léon Blum's mother tongue is", "French", "English language"),
+        ("Jimi Hendrix plays the", "electric guitar", "piano"),
+    ],
+}
+
+
+def answer_logprobs(model, tokenizer, prompt: str, answer: str) -> list[float]:
+    """Each answer token's log-probability after the prompt: one full forward of that sequence
+    alone (no batch, no padding)."""
+    ids, n = encode_pair(tokenizer, prompt, answer)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    return [logp[t - 1, ids[t]].item() for t in range(n, len(ids))]
+
+
+def brute_scores(model, tokenizer, reduce) -> tuple[dict[str, float], list[bool]]:
+    """Each score as the share of SCORED_TRIPLES whose first answer wins under `reduce` (of the
+    token log-probabilities), and every comparison's outcome."""
+    scores, wins = {}, []
+    for name, triples in SCORED_TRIPLES.items():
+        won = [
+            reduce(answer_logprobs(model, tokenizer, p, a))
+            > reduce(answer_logprobs(model, tokenizer, p, b))
+            for p, a, b in triples
+        ]
+        scores[name], wins = sum(won) / len(won), wins + won
+    return scores, wins
+
+
+def test_counterfact_triples_are_those_written_by_hand():
+    assert counterfact_triples(SCORED) == SCORED_TRIPLES
+
+
+def test_counterfact_scores_equal_a_brute_force_computation(tiny):
+    model, tokenizer = tiny
+    delta = random_delta(model, scale=0.5)
+    result = evaluate_edit(model, tokenizer, SCORED, delta, tokens=0, retention=0, mmlu=0,
+                           generation=False)["scores"]  # fmt: skip
+    assert {k: v["n"] for k, v in result.items()} == {"efficacy": 3, "paraphrase": 3,
+                                                       "neighborhood": 4}  # fmt: skip
+    # batches that split a triple's two answers apart give the same share
+    ns = preference(model, tokenizer, SCORED_TRIPLES["neighborhood"], batch_size=3)
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    base, base_wins = brute_scores(model, tokenizer, mean)
+    _, base_sum_wins = brute_scores(model, tokenizer, sum)
+    add_to_weights(model, delta)  # the edited figures are those of the edited model itself
+    edited, edited_wins = brute_scores(model, tokenizer, mean)
+    _, edited_sum_wins = brute_scores(model, tokenizer, sum)
+    assert {k: v["base"] for k, v in result.items()} == base
+    assert {k: v["edited"] for k, v in result.items()} == edited
+    assert ns == base["neighborhood"]
+    assert base != edited  # the delta moved some comparison
+    # the answers' lengths differ, so the sum of log-probabilities would decide otherwise somewhere:
+    # the scores above compare means, as the papers' code does
+    assert base_wins + edited_wins != base_sum_wins + edited_sum_wins
+
+
+def test_facts_without_a_true_object_have_no_scores(tiny):
+    model, tokenizer = tiny
+    none = {"n": 0, "base": None, "edited": None}
+    facts = [SCORED[3], SCORED[4]]  # no true object; a true object that is the new one
+    result = evaluate_edit(model, tokenizer, facts, random_delta(model), tokens=0, retention=0,
+                           mmlu=0, generation=False)  # fmt: skip
+    assert result["scores"] == {"efficacy": none, "paraphrase": none, "neighborhood": none}
+    assert counterfact_scores(model, tokenizer, [], None)["efficacy"] == none
+    json.dumps(result, allow_nan=False)
+
+
+def test_zsre_has_efficacy_and_paraphrase_scores_but_no_neighbourhood():
+    """zsRE records carry their true answers, so ES and PS are defined; their neighbours are
+    unrelated questions, not other subjects with the true object, so NS is not."""
+    zsre = load_facts(ZSRE, limit=5)
+    triples = counterfact_triples(zsre)
+    assert triples["efficacy"] == [(f.prompt, f.target, f.ground_truth) for f in zsre]
+    assert len(triples["paraphrase"]) == sum(len(f.paraphrases) for f in zsre) > 0
+    assert triples["neighborhood"] == []
+
+
+# ---------------------------------------------------------------------------------------------
 # MMLU
 
 
@@ -437,3 +554,22 @@ def test_smollm2_known_fact_scores_one_every_way(smollm2):
     }  # fmt: skip
     assert result["capability"]["fact_retention"]["base"] > 0.5  # it knows most true objects
     assert result["capability"]["kl"] == 0.0
+
+
+@pytest.mark.model
+def test_smollm2_counterfact_scores_before_any_edit(smollm2):
+    model, tokenizer = smollm2()
+    facts = load_facts(COUNTERFACT, limit=20)
+    result = evaluate_edit(model, tokenizer, facts, None, tokens=0, retention=0, mmlu=0,
+                           generation=False)  # fmt: skip
+    scores = result["scores"]
+    # each bundled record has one paraphrase and one neighbour sharing its true object
+    assert all(s["n"] == 20 and s["base"] == s["edited"] for s in scores.values())
+    # unedited, the model mostly prefers the true object, on the subjects and their neighbours
+    # (with a margin of a few records either way)
+    assert scores["efficacy"]["base"] < 0.5 and scores["neighborhood"]["base"] > 0.5
+    # ES is retention's comparison turned round, on the same prompts
+    triples = [(f.prompt, f.ground_truth, f.target) for f in facts]
+    assert scores["efficacy"]["base"] == pytest.approx(
+        1 - fact_retention(model, tokenizer, triples)
+    )

@@ -23,6 +23,7 @@ FACTS = [
         "target": "Rome",
         "paraphrases": ["The Eiffel Tower stands in", "Where is the Eiffel Tower? It is in"],
         "neighbors": [{"prompt": "The Louvre is located in", "target": "Paris"}],
+        "ground_truth": "Paris",
     },
     {"subject": "Danielle Darrieux", "relation": "{} is in", "target": "English"},
 ]
@@ -55,7 +56,7 @@ def test_eval_writes_metrics_with_counts(cli, tmp_path, tiny_model_dir, delta_fi
     code, stdout, err = cli("eval", *args, "--json", out)
     assert code == 0, err
     result = json.loads(out.read_text())
-    groups = ["efficacy", "generalization", "locality", "capability"]
+    groups = ["efficacy", "generalization", "locality", "scores", "capability"]
     assert list(result) == [*groups, "chat_template", "device", "dtype"]
     assert result["chat_template"] == "off"  # the tiny tokenizer has no template
     auto = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
@@ -67,6 +68,12 @@ def test_eval_writes_metrics_with_counts(cli, tmp_path, tiny_model_dir, delta_fi
             assert set(scores) == {"teacher_forced", "generation", "generation_qa"}
             assert all(0 <= v <= 1 for v in scores.values())
     assert result["locality"]["n"] == 1 and 0 <= result["locality"]["token_agreement"] <= 1
+    # the CounterFact scores: only the first fact has a true object, its neighbour shares it
+    scores = result["scores"]
+    assert {k: v["n"] for k, v in scores.items()} == {
+        "efficacy": 1, "paraphrase": 2, "neighborhood": 1
+    }  # fmt: skip
+    assert all(v[side] in (0, 0.5, 1) for v in scores.values() for side in ("base", "edited"))
     cap = result["capability"]
     assert 0 < cap["n_tokens"] <= 300 and cap["kl"] > 0
     assert cap["ppl_change_pct"] == pytest.approx(100 * (cap["ppl_edited"] / cap["ppl_base"] - 1))
@@ -83,6 +90,9 @@ def test_eval_writes_metrics_with_counts(cli, tmp_path, tiny_model_dir, delta_fi
     assert lines[0].split() == ["metric", "base", "edited", "n"]
     assert any(line.startswith("efficacy (teacher-forced)") for line in lines)
     assert any(line.startswith("MMLU 5-shot") and line.split()[-1] == "2" for line in lines)
+    ps = next(line for line in lines if line.startswith("PS: P(new) > P(true)"))
+    edited = scores["paraphrase"]["edited"]
+    assert ps.split()[-2:] == [f"{edited:.3f}", "2"]
     assert str(out) in lines[-1]
     assert "eval: MMLU" in err
 
