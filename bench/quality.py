@@ -241,7 +241,7 @@ def curvature_for(store, model, tokenizer, run: Run):
     from crispedit.curvature import plan_curvature
     from crispedit.streams import cached_curvature
 
-    if run.method == "ft":
+    if run.method == "ft" and not run.laplace:
         return None, None
     kind = "ekfac" if run.method == "ekfac" else "kfac"
     recipe = plan_curvature(

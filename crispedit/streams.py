@@ -395,13 +395,14 @@ def _projection_curvature(
     device: torch.device,
     cache: StreamCurvatureCache | None,
 ) -> Curvature | None:
-    """The curvature an edit from `head` is projected with: none for `ft`; from the base, the
-    capability's (whose eigenbases it keeps); else the stream's, from `cache` when it has it.
-    MEMIT and AlphaEdit take the capability's: their covariance is that of the preserved keys
-    (AlphaEdit gets the earlier edits' keys apart)."""
+    """The curvature an edit from `head` is projected with: none for `ft` (unless it has a
+    Laplace penalty, which then takes the stream's as the projected methods do); from the base,
+    the capability's (whose eigenbases it keeps); else the stream's, from `cache` when it has
+    it. MEMIT and AlphaEdit take the capability's: their covariance is that of the preserved
+    keys (AlphaEdit gets the earlier edits' keys apart)."""
     method = resolve_method(settings.method)
-    if method == "ft":
-        return None
+    if method == "ft" and (not settings.laplace or capability is None):
+        return None  # an ft edit with laplace and no curvature: the editor says what it lacks
     if method in CLOSED_FORM:
         return capability
     if cache is None or head is None:

@@ -47,6 +47,11 @@ def test_defaults_are_valid_and_round_trip_through_options():
         ({"layers": []}, "layers"),
         ({"layers": ["ok", ""]}, "layers"),
         ({"method": "ekfac", "clip": 0.1}, "clip"),
+        ({"laplace": -0.5}, "laplace"),
+        ({"laplace": math.inf}, "laplace"),
+        ({"laplace": "1"}, "laplace"),
+        ({"method": "memit", "laplace": 1.0}, "laplace"),
+        ({"method": "alphaedit", "laplace": 0.1}, "laplace"),
         ({"momentum": 0.9}, "momentum"),
     ],
 )
