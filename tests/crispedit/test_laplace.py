@@ -13,14 +13,23 @@ from test_device import tiny_batches
 from test_editor import FACTS, curvature_for
 
 from contract.settings import EditSettings, SettingsError
-from crispedit.curvature import Curvature, LayerCurvature, collect_curvature, eigenbasis
+from crispedit.curvature import (
+    Curvature,
+    LayerCurvature,
+    collect_curvature,
+    eigenbasis,
+    plan_curvature,
+)
 from crispedit.editor import CrispEditor
 from crispedit.laplace import layer_form
 from crispedit.models import get_layers, is_conv1d, parse_layers
 from crispedit.sequential import StreamState, stream_curvature
+from crispedit.streams import base_weights, cached_curvature, edit_on_stream, read_state
+from curvature_store import Store
 
 FAST = {"lr": 3e-2, "epochs": 30, "progress": False}
 DEVICE_FAST = {"lr": 3e-2, "epochs": 4, "progress": False}
+STREAM_FAST = {"lr": 3e-2, "epochs": 8}
 
 
 def spd(n: int, seed: int) -> torch.Tensor:
@@ -278,3 +287,47 @@ def test_a_penalised_edit_with_the_model_on_the_accelerator_and_curvature_on_the
         expected.report["predicted_loss_increase"], rel=1e-3
     )
     assert sum(predicted.values()) == pytest.approx(delta.report["predicted_loss_increase"], 1e-4)
+
+
+def test_on_a_stream_laplace_is_recorded_and_ft_takes_the_streams_curvature(
+    tmp_path, tiny_tokenizer
+):
+    """A version's manifest records laplace among its options, and they read back into the
+    settings it ran with; `ft` with a penalty edits under the stream's curvature (the earlier
+    version's factors in it), and without a curvature says that laplace needs one."""
+    model = make_tiny("llama")
+    layers = parse_layers(model, "2-3")
+    store = Store(tmp_path / "store")
+    recipe = plan_curvature(model, tiny_tokenizer, "wikitext", 400, layers, seq_len=64)
+    capability, _ = cached_curvature(store, model, tiny_tokenizer, recipe, progress=False)
+    base = base_weights(make_tiny("llama"), layers)
+    settings = EditSettings(method="ft", laplace=2.0, layers=tuple(layers), **STREAM_FAST)
+    versions = [
+        edit_on_stream(store, "tiny", "main", model, tiny_tokenizer, base, capability, facts,
+                       settings=settings, progress=False)
+        for facts in (FACTS[:1], FACTS[1:2])
+    ]  # fmt: skip
+    for manifest, delta in versions:
+        assert manifest["options"]["laplace"] == 2.0
+        assert EditSettings.from_options(manifest["options"]) == settings
+        assert delta.report["predicted_loss_increase"] > 0
+    # the second edit's prediction: under A_cap + S_A/n and B_cap + S_B/n after the first
+    (first, _), (_, second) = versions
+    state = read_state(store, first["id"])
+    explicit = {
+        name: LayerCurvature(
+            A=c.A.double() + state.S_A[name] / state.tokens,
+            B=c.B.double() + state.S_B[name] / state.tokens,
+        )
+        for name, c in capability.layers.items()
+    }
+    expected = explicit_predicted(model, layers, Curvature(explicit, 0), second)
+    alone = explicit_predicted(model, layers, capability, second)  # what ft would see without
+    assert sum(alone.values()) < 0.9 * second.report["predicted_loss_increase"]
+    for name in layers:
+        assert second.report["predicted_loss_increase_per_layer"][name] == pytest.approx(
+            expected[name], rel=1e-3
+        )
+    with pytest.raises(SettingsError, match="laplace needs curvature"):
+        edit_on_stream(store, "tiny", "other", model, tiny_tokenizer, base, None, FACTS[:1],
+                       settings=settings, progress=False)  # fmt: skip
