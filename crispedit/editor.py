@@ -235,8 +235,10 @@ class CrispEditor:
     ) -> dict[str, LaplaceForm]:
         """One Laplace form per edited layer (crispedit.laplace; none without a curvature), of
         the same curvature as the projectors: a stream's, in a stream. They share the
-        projectors' fp32 bases on the device; with `laplace` 0 they serve the report alone and
-        keep whatever else they need on the host (EK-FAC's eigenvalue matrices included)."""
+        projectors' bases on the device when those are fp32; bf16 ones (`projector_dtype`
+        "model") only with `laplace` 0, where the forms serve the report alone, which then reads
+        them cast to fp32 (the penalty gets fp32 bases of its own). With `laplace` 0 they keep
+        whatever else they need on the host (EK-FAC's eigenvalue matrices included)."""
         if curvature is None:
             return {}
         missing = [n for n in self.layers if n not in curvature.layers]
@@ -247,7 +249,8 @@ class CrispEditor:
         forms = {}
         for name in self.layers:
             P = self.projectors.get(name)
-            shared = P is not None and P.U_B is not None and P.U_A.dtype == torch.float32
+            shared = P is not None and P.U_B is not None
+            shared = shared and (P.U_A.dtype == torch.float32 or not self.settings.laplace)
             bases = (P.U_A, P.U_B) if shared else None
             forms[name] = layer_form(curvature.layers[name], kind, device, place, bases)
             curvature.layers[name].to_host()  # as build_projector leaves it
@@ -264,7 +267,7 @@ class CrispEditor:
         if P is None:
             return tensor
         # the projector works on the (d_out, d_in) view, as weight_matrix gives of the weight
-        return P(tensor.T).T if is_conv1d(self.modules[name]) else P(tensor)
+        return self._oriented(name, P(self._oriented(name, tensor)))
 
     def _oriented(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor of layer `name` in its weight's storage layout as the (d_out, d_in) view, or

@@ -65,11 +65,12 @@ def layer_form(
     bases: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LaplaceForm:
     """The LaplaceForm of one layer's curvature: EK-FAC's eigenvalues for `kind` "ekfac", else
-    the K-FAC products. `bases`, fp32 (U_A, U_B) a projector already holds, are shared rather
-    than copied; otherwise the form's own fp32 copies of the kept eigenbases go to `place`,
-    where its eigenvalues also stay. A factor not yet decomposed is decomposed on `device` (the
-    model's), once, and kept as the projector's are (`LayerCurvature.eigen`). ValueError for
-    "ekfac" on a curvature without EK-FAC eigenvalues."""
+    the K-FAC products. `bases`, the (U_A, U_B) a projector already holds, are shared rather
+    than copied (a bf16 pair is read cast to fp32); otherwise the form's own fp32 copies of the
+    kept eigenbases go to `place`, where its eigenvalues also stay. A factor not yet decomposed
+    is decomposed on `device` (the model's), once, and kept as the projector's are
+    (`LayerCurvature.eigen`). ValueError for "ekfac" on a curvature without EK-FAC
+    eigenvalues."""
     if kind == "ekfac":
         if curvature.ekfac is None:
             raise ValueError("an EK-FAC Laplace form needs curvature built with --kind ekfac")

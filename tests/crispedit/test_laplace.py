@@ -331,3 +331,26 @@ def test_on_a_stream_laplace_is_recorded_and_ft_takes_the_streams_curvature(
     with pytest.raises(SettingsError, match="laplace needs curvature"):
         edit_on_stream(store, "tiny", "other", model, tiny_tokenizer, base, None, FACTS[:1],
                        settings=settings, progress=False)  # fmt: skip
+
+
+def test_a_bf16_model_with_bf16_projectors_penalises_with_fp32_bases(tiny_tokenizer):
+    """projector_dtype "model" on a bf16 model: the report alone reads the projectors' bf16
+    bases (cast), while the penalty gets fp32 bases of its own; the origin of ΔW is the bf16
+    weight, which the fp32 masters start from exactly. Both land the facts and predict the
+    Kronecker form of their delta (to the bf16 bases' precision for the report)."""
+    model = make_tiny("gpt2").to(torch.bfloat16)
+    layers = parse_layers(model, "2-3")
+    curv = curvature_for(make_tiny("gpt2"), tiny_tokenizer, layers)
+    options = {"layers": layers, "projector_dtype": "model", **FAST}
+    reporting = CrispEditor(model, tiny_tokenizer, curv, **options)
+    penalising = CrispEditor(model, tiny_tokenizer, curv, laplace=5.0, **options)
+    for name, P in reporting.projectors.items():
+        assert P.U_A.dtype == torch.bfloat16 and reporting.laplace_forms[name].U_A is P.U_A
+        assert penalising.laplace_forms[name].U_A.dtype == torch.float32
+    delta = penalising.edit(FACTS)
+    assert delta.report["efficacy"] == 1.0
+    expected = explicit_predicted(model, layers, curv, delta)
+    for name, q in reporting.predicted_loss_increase(delta.tensors).items():
+        assert q == pytest.approx(expected[name], rel=3e-2)
+    for name, q in delta.report["predicted_loss_increase_per_layer"].items():
+        assert q == pytest.approx(expected[name], rel=1e-4)
