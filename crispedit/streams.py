@@ -413,8 +413,9 @@ def _projection_curvature(
 def _manifest(
     facts: Sequence[Fact], report: dict, settings: EditSettings, layers: list[str]
 ) -> dict:
-    """What a version records of its edit: the facts, the method and its settings, the metrics."""
-    return {
+    """What a version records of its edit: the facts, the method and its settings, the metrics
+    (with the capability-loss rise its curvature predicts, where the editor reports one)."""
+    manifest = {
         "facts": [fact_to_record(f) for f in facts],
         "method": report["method"],
         "projector": report["projector"],
@@ -431,6 +432,9 @@ def _manifest(
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },
     }
+    if report.get("predicted_loss_increase") is not None:
+        manifest["metrics"]["predicted_loss_increase"] = report["predicted_loss_increase"]
+    return manifest
 
 
 def _publish(

@@ -311,6 +311,10 @@ def test_on_a_stream_laplace_is_recorded_and_ft_takes_the_streams_curvature(
         assert manifest["options"]["laplace"] == 2.0
         assert EditSettings.from_options(manifest["options"]) == settings
         assert delta.report["predicted_loss_increase"] > 0
+        assert (
+            manifest["metrics"]["predicted_loss_increase"]
+            == (delta.report["predicted_loss_increase"])
+        )
     # the second edit's prediction: under A_cap + S_A/n and B_cap + S_B/n after the first
     (first, _), (_, second) = versions
     state = read_state(store, first["id"])
