@@ -71,6 +71,7 @@ class Run:
     loss_stop: float = 0.01  # the editor skips a batch, and stops, below this loss
     stop: str = "batch"  # batch | fact: whose loss is compared with loss_stop (crispedit.editor)
     clip: float = 0.0  # share of each factor's eigenvalues winsorized (crispedit.projector)
+    laplace: float = 0.0  # weight of the K-FAC Laplace penalty (crispedit.laplace); 0: none
     # prompts wrapped in the chat template (crispedit.targets); off: as every run before it was
     chat_template: str = "off"
     # memit / alphaedit (crispedit.memit, crispedit.alphaedit): the papers' defaults
@@ -172,6 +173,12 @@ MEMIT = replace(BASE, method="memit", gamma=0.0, layers="4-8", tokens=10_000,
                 covariance_weight=1_500.0)  # fmt: skip
 ALPHAEDIT = replace(MEMIT, method="alphaedit")
 TUNE += [replace(MEMIT, n=50), replace(ALPHAEDIT, n=50)]
+# the K-FAC Laplace penalty (issue 23, crispedit.laplace): laplace weighs a nat of the predicted
+# capability-loss rise like laplace nats of the facts' loss. At 1 the two count the same, and the
+# penalty acts mostly late, once the facts' loss nears loss_stop and the predicted rise is of its
+# order; at 10 it outweighs the facts' loss there and pulls the kept curved directions back
+# harder, at the risk of edits that no longer land (the efficacy column says which)
+TUNE += [replace(CHOSEN, laplace=1.0), replace(CHOSEN, laplace=10.0)]
 # the report: ours as chosen, then the projector alone and the baselines without anchors (as
 # published) at the 50 epochs they were first measured with (each lands 0.98-1.00 of the edits
 # there), then EK-FAC curvature with ours and as published
@@ -241,7 +248,7 @@ def curvature_for(store, model, tokenizer, run: Run):
     from crispedit.curvature import plan_curvature
     from crispedit.streams import cached_curvature
 
-    if run.method == "ft":
+    if run.method == "ft" and not run.laplace:
         return None, None
     kind = "ekfac" if run.method == "ekfac" else "kfac"
     recipe = plan_curvature(
@@ -268,15 +275,16 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
     settings = run.settings()
     chat = resolve_chat_template(tokenizer, settings.chat_template)
     started = time.perf_counter()
-    chunks = []
+    chunks, predicted = [], None
     if run.chunk == 0:
-        make_editor(model, tokenizer, curvature, settings, layers=layers).edit(facts)
+        delta = make_editor(model, tokenizer, curvature, settings, layers=layers).edit(facts)
+        predicted = delta.report.get("predicted_loss_increase")
     else:
         stream = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
         first = [(f.prompt, f.target) for f in facts[: run.chunk]]
         for i in range(0, run.n, run.chunk):
             t = time.perf_counter()
-            edit_on_stream(
+            _, delta = edit_on_stream(
                 store, MODEL, stream, model, tokenizer, base, curvature, facts[i : i + run.chunk],
                 curvature_key=curvature_key, settings=settings,
             )  # fmt: skip
@@ -290,6 +298,8 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
                     chat=chat,
                 ),
                 "first_chunk_efficacy": teacher_forced_accuracy(model, tokenizer, first, chat=chat),
+                # under the stream's curvature at this chunk: its earlier edits' factors included
+                "predicted_loss_increase": delta.report.get("predicted_loss_increase"),
             }
             chunks.append(chunk)
             log(f"  chunk {len(chunks)}: {chunk}")
@@ -301,6 +311,8 @@ def measure(run: Run, store, mmlu: int | None, generation: bool) -> dict:
         model, tokenizer, facts, edited=edited, triples=retention_triples(run), mmlu=mmlu,
         generation=generation, chat_template=run.chat_template, progress=True,
     )  # fmt: skip
+    if predicted is not None:  # the editor's prediction (issue 23's lever 4), beside the KL
+        metrics.setdefault("capability", {})["predicted_loss_increase"] = predicted
     return {
         "run": asdict(run),
         "metrics": metrics,
@@ -369,6 +381,7 @@ COLUMNS = [  # (header, path into evaluate_edit's result, format)
     ("NS", ("scores", "neighborhood", "edited"), "{:.2f}"),
     ("ppl change", ("capability", "ppl_change_pct"), "{:+.2f} %"),
     ("KL", ("capability", "kl"), "{:.4f}"),
+    ("predicted", ("capability", "predicted_loss_increase"), "{:.4f}"),
     ("retention (base)", ("capability", "fact_retention"), None),
     ("MMLU (base)", ("capability", "mmlu"), None),
 ]
@@ -384,7 +397,8 @@ def _cell(metrics: dict, path, fmt) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-SUMMARY = ("efficacy", "locality", "PS", "ppl change", "KL")  # the columns of a run's log line
+# the columns of a run's log line
+SUMMARY = ("efficacy", "locality", "PS", "ppl change", "KL", "predicted")
 
 
 def summary(row: dict) -> str:

@@ -130,6 +130,20 @@ class EditSettings:
         ge=0.0, lt=1.0, api=True,
     )  # fmt: skip
     beta: float = _option(1.0, "Weight of a stream's earlier edits' curvature.", ge=0.0)
+    # off until measured on the tuning splits. Its unit needs no per-layer normalisation: the
+    # penalty is the predicted rise of the mean capability loss per token (nats), the facts' loss
+    # a mean per target token (nats), so laplace is their exchange rate, the same for any layer
+    # (a layer whose inputs are scaled by c, its weight by 1/c, keeps both losses and their
+    # gradients' ratio) and any model
+    laplace: float = _option(
+        0.0,
+        "Weight of the K-FAC Laplace penalty (Ritter et al. 2018), added to the facts' loss: "
+        "the predicted rise of the capability loss, ½·tr(ΔWᵀ B ΔW A) per layer in nats per "
+        "token, so the edit also avoids kept directions in proportion to their curvature (0: "
+        "off; 1 weighs a nat of it like a nat of the facts' loss). kfac, ekfac, nullspace, and "
+        "ft given a curvature; not memit or alphaedit.",
+        ge=0.0, api=True, api_le=100.0,
+    )  # fmt: skip
     # off until its effect is measured on SmolLM2-Instruct (bench/README.md: the run on
     # CounterFact 0-49 had not finished); auto is the intended default
     chat_template: str = _option(
@@ -185,6 +199,10 @@ class EditSettings:
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.clip and resolve_method(self.method) == "ekfac":
             raise SettingsError("clip", "applies to kfac and nullspace, not to ekfac")
+        if self.laplace and resolve_method(self.method) in CLOSED_FORM:
+            raise SettingsError(
+                "laplace", f"applies to the projected editor, not to {resolve_method(self.method)}"
+            )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> EditSettings:

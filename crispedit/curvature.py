@@ -80,8 +80,11 @@ class LayerCurvature:
     # "A" / "B" -> (the factor it was computed from, its version, (eigenvalues, eigenbasis))
     _eigen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def eigen(self, which: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (ascending) and eigenbasis of factor `which` ("A" or "B") on `device`.
+    def eigen(
+        self, which: str, device: torch.device | str, to: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenbasis of factor `which` ("A" or "B") on `device`
+        (on `to` instead, when given: computed on `device` if need be, returned there).
 
         Computed once per factor value, on `device` (the model's, where the float64 `eigh` is
         fastest), and kept on the host: a worker builds a projector per job from the same
@@ -89,15 +92,16 @@ class LayerCurvature:
         in-place change of the factor (its version counter moves) or a new tensor recomputes;
         a factor set to None (dropped) keeps the eigenbasis it last had.
         """
+        to = device if to is None else to
         kept = self._kept_eigen(which)
         if kept is not None:
-            return kept[0].to(device), kept[1].to(device)
+            return kept[0].to(to), kept[1].to(to)
         factor = getattr(self, which)
         if factor is None:
             raise ValueError(f"factor {which} was dropped before its eigenbasis was computed")
         s, U = eigenbasis(factor.to(device))
         self.keep_eigen(which, s, U)
-        return s, U
+        return s.to(to), U.to(to)
 
     def _kept_eigen(self, which: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The kept eigendecomposition of factor `which`, if it is that of its value now."""

@@ -21,6 +21,12 @@ weights before, is the projected edit itself. The masters and their Adam state a
 copies of the edited layers only; a step works through the layers one at a time, and the edit
 frees them all when it returns.
 
+With `laplace` > 0 each step also descends the K-FAC Laplace penalty (crispedit.laplace):
+laplace times the capability-loss rise ½·tr(ΔWᵀ B ΔW A) that the curvature predicts for the
+masters' change so far, ΔW = master - weight before, its gradient added to the cast gradient
+before projection. It needs the weights before on the device too (in the model's dtype). Every
+edit with a curvature reports that prediction for its delta (`predicted_loss_increase`).
+
 Each step computes the same loss as a full forward, but cheaper where the model allows it
 (`fast=True`, crispedit.prefix): the frozen blocks below the lowest edited one run once per edit,
 and the vocabulary projection only at the target positions.
@@ -38,7 +44,7 @@ import torch
 from torch import nn
 
 from contract.facts import Fact, facts_digest
-from contract.settings import DEFAULTS, EditSettings
+from contract.settings import DEFAULTS, EditSettings, SettingsError
 from contract.settings import PROJECT_CHOICES as PROJECT_CHOICES  # re-exported for the CLI
 from contract.settings import STOP_CHOICES as STOP_CHOICES
 from crispedit.alphaedit import AlphaEditor
@@ -47,6 +53,7 @@ from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
 from crispedit.evaluate import last_token_logits, teacher_forced_accuracy
+from crispedit.laplace import LaplaceForm, layer_form
 from crispedit.memit import MemitEditor
 from crispedit.models import (
     get_layers,
@@ -105,12 +112,15 @@ class _Run:
     prefix: list[torch.Tensor] | None
     anchors: Anchors
     before: dict[str, torch.Tensor]  # per layer, its weight before the edit (model's dtype, host)
+    # the same on the model's device, with a Laplace penalty: its ΔW is taken at every step
+    origin: dict[str, torch.Tensor]
     masters: dict[str, torch.Tensor]  # per layer, the fp32 master Adam updates (storage layout)
     optimizers: dict[str, torch.optim.Adam]
     order: torch.Generator
     base_fingerprint: str
     efficacy_before: float
     losses: list[float] = field(default_factory=list)  # each epoch's mean batch loss
+    penalty: dict[str, torch.Tensor] = field(default_factory=dict)  # per layer, q at its last step
 
 
 @dataclass
@@ -186,11 +196,16 @@ class CrispEditor:
             raise ValueError(
                 f"method {self.settings.method!r} needs curvature (only 'ft' edits without)"
             )
+        if self.settings.laplace and curvature is None:
+            raise SettingsError(
+                "laplace", "needs curvature: 'ft' edits without one only with laplace 0"
+            )
         self.layers = parse_layers(model, _layer_spec(layers, self.settings, curvature))
         self.modules = get_layers(model, self.layers)
         weight = next(model.parameters())
         self.projector_dtype = resolve_projector_dtype(self.settings.projector_dtype, weight.dtype)
         self.projectors = self._build_projectors(curvature, weight.device)
+        self.laplace_forms = self._build_laplace_forms(curvature, weight.device)
         self.fast = FastForward.plan(model, self.layers) if fast else None
 
     def _build_projectors(self, curvature: Curvature | None, device: torch.device) -> dict:
@@ -215,6 +230,32 @@ class CrispEditor:
             for name in self.layers
         }
 
+    def _build_laplace_forms(
+        self, curvature: Curvature | None, device: torch.device
+    ) -> dict[str, LaplaceForm]:
+        """One Laplace form per edited layer (crispedit.laplace; none without a curvature), of
+        the same curvature as the projectors: a stream's, in a stream. They share the
+        projectors' bases on the device when those are fp32; bf16 ones (`projector_dtype`
+        "model") only with `laplace` 0, where the forms serve the report alone, which then reads
+        them cast to fp32 (the penalty gets fp32 bases of its own). With `laplace` 0 they keep
+        whatever else they need on the host (EK-FAC's eigenvalue matrices included)."""
+        if curvature is None:
+            return {}
+        missing = [n for n in self.layers if n not in curvature.layers]
+        if missing:
+            raise ValueError(f"the curvature has no factors for layer {missing[0]!r}")
+        place = device if self.settings.laplace else torch.device("cpu")
+        kind = "ekfac" if self.method == "ekfac" else "kfac"
+        forms = {}
+        for name in self.layers:
+            P = self.projectors.get(name)
+            shared = P is not None and P.U_B is not None
+            shared = shared and (P.U_A.dtype == torch.float32 or not self.settings.laplace)
+            bases = (P.U_A, P.U_B) if shared else None
+            forms[name] = layer_form(curvature.layers[name], kind, device, place, bases)
+            curvature.layers[name].to_host()  # as build_projector leaves it
+        return forms
+
     def _log(self, message: str) -> None:
         if self.progress:
             print(message, file=sys.stderr, flush=True)
@@ -226,7 +267,29 @@ class CrispEditor:
         if P is None:
             return tensor
         # the projector works on the (d_out, d_in) view, as weight_matrix gives of the weight
-        return P(tensor.T).T if is_conv1d(self.modules[name]) else P(tensor)
+        return self._oriented(name, P(self._oriented(name, tensor)))
+
+    def _oriented(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor of layer `name` in its weight's storage layout as the (d_out, d_in) view, or
+        back (GPT-2's Conv1D stores (d_in, d_out): a transpose either way)."""
+        return tensor.T if is_conv1d(self.modules[name]) else tensor
+
+    def _laplace_gradient(self, run: _Run, name: str) -> torch.Tensor:
+        """∇q of layer `name` at its master (ΔW = master - weight before the edit), in the
+        weight's storage layout; q itself is kept for the epoch's log."""
+        delta = run.masters[name] - run.origin[name].float()
+        value, gradient = self.laplace_forms[name](self._oriented(name, delta))
+        run.penalty[name] = value
+        return self._oriented(name, gradient)
+
+    def predicted_loss_increase(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per edited layer, q of its delta in `tensors` (state-dict keyed, storage layout, any
+        device): the rise of the capability loss, in nats per token, that the curvature this
+        editor projects with predicts (crispedit.laplace); empty without a curvature."""
+        return {
+            name: float(form(self._oriented(name, tensors[f"{name}.weight"]), gradient=False)[0])
+            for name, form in self.laplace_forms.items()
+        }
 
     def _token_losses(
         self, batch, fast: FastForward | None, prefix, rows: list[int]
@@ -339,6 +402,12 @@ class CrispEditor:
         masters = {
             n: m.weight.detach().to(torch.float32, copy=True) for n, m in self.modules.items()
         }
+        # exactly the masters' start (fp32 holds every bf16 value), in the model's smaller dtype
+        origin = (
+            {n: m.weight.detach().clone() for n, m in self.modules.items()}
+            if self.settings.laplace
+            else {}
+        )
         # one optimizer per layer: a step then holds one layer's temporaries at a time
         optimizers = {
             n: torch.optim.Adam([w], lr=self.settings.lr, weight_decay=0.0)
@@ -354,6 +423,7 @@ class CrispEditor:
             prefix=prefix,
             anchors=anchors,
             before=before,
+            origin=origin,
             masters=masters,
             optimizers=optimizers,
             # facts are reshuffled every epoch
@@ -384,10 +454,12 @@ class CrispEditor:
             self._step(run)
         run.losses.append(sum(tally.batch_losses) / len(tally.batch_losses))
         kls = tally.anchor_kls
+        q = float(sum(run.penalty.values())) if run.penalty else None
         self._log(
             f"epoch {epoch:2d}/{self.settings.epochs}  loss {run.losses[-1]:.4f}  "
             f"batches skipped {tally.skipped}/{len(batches)}"
             + (f"  anchor KL {sum(kls) / len(kls):.4f}" if kls else "")
+            + (f"  predicted capability loss {q:.2e}" if q is not None else "")
         )
         if self.on_epoch is not None:  # progress reports; raising here aborts the edit
             self.on_epoch({"epoch": epoch, "epochs": self.settings.epochs, "loss": run.losses[-1]})
@@ -487,6 +559,8 @@ class CrispEditor:
                 continue
             module.weight.grad = None
             grad = grad.float()  # the model's-dtype gradient is freed here, before the rotation
+            if self.settings.laplace:  # the penalty's gradient joins the loss's, then projected
+                grad.add_(self._laplace_gradient(run, name), alpha=self.settings.laplace)
             master = run.masters[name]
             master.grad = self._project(name, grad)
             del grad
@@ -509,6 +583,7 @@ class CrispEditor:
         aborts, leaves no copy of the edited layers behind (a traceback keeps `run` alive)."""
         run.masters.clear()
         run.optimizers.clear()
+        run.origin.clear()
         for module in self.modules.values():
             module.weight.grad = None
 
@@ -520,6 +595,7 @@ class CrispEditor:
                 module.weight.copy_(run.before[name])
         add_to_weights(self.model, tensors)
         efficacy = teacher_forced_accuracy(self.model, self.tokenizer, run.pairs, chat=self.chat)
+        predicted = self.predicted_loss_increase(tensors)
         meta = {
             "base_fingerprint": run.base_fingerprint,
             "edited_fingerprint": model_fingerprint(self.model, self.layers),
@@ -540,6 +616,7 @@ class CrispEditor:
             "loss_stop": self.settings.loss_stop,
             "stop": self.settings.stop,
             "clip": self.settings.clip,
+            "laplace": self.settings.laplace,
             "chat_template": "on" if self.chat else "off",
         }
         report = {
@@ -550,6 +627,10 @@ class CrispEditor:
             "loss_curve": [round(x, 6) for x in run.losses],
             "kept_fraction": {n: P.kept_fraction for n, P in self.projectors.items()},
             "delta_norm": {k: float(v.norm()) for k, v in tensors.items()},
+            # ½·vec(ΔW)ᵀ(B⊗A)vec(ΔW) summed over the layers, under this edit's curvature (a
+            # stream's holds its earlier edits' factors too); None without a curvature
+            "predicted_loss_increase": sum(predicted.values()) if predicted else None,
+            "predicted_loss_increase_per_layer": predicted,
             "time_s": {"edit": round(edit_seconds, 3)},
         }
         return Delta(tensors=tensors, meta=meta, report=report)

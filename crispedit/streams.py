@@ -395,13 +395,14 @@ def _projection_curvature(
     device: torch.device,
     cache: StreamCurvatureCache | None,
 ) -> Curvature | None:
-    """The curvature an edit from `head` is projected with: none for `ft`; from the base, the
-    capability's (whose eigenbases it keeps); else the stream's, from `cache` when it has it.
-    MEMIT and AlphaEdit take the capability's: their covariance is that of the preserved keys
-    (AlphaEdit gets the earlier edits' keys apart)."""
+    """The curvature an edit from `head` is projected with: none for `ft` (unless it has a
+    Laplace penalty, which then takes the stream's as the projected methods do); from the base,
+    the capability's (whose eigenbases it keeps); else the stream's, from `cache` when it has
+    it. MEMIT and AlphaEdit take the capability's: their covariance is that of the preserved
+    keys (AlphaEdit gets the earlier edits' keys apart)."""
     method = resolve_method(settings.method)
-    if method == "ft":
-        return None
+    if method == "ft" and (not settings.laplace or capability is None):
+        return None  # an ft edit with laplace and no curvature: the editor says what it lacks
     if method in CLOSED_FORM:
         return capability
     if cache is None or head is None:
@@ -412,8 +413,9 @@ def _projection_curvature(
 def _manifest(
     facts: Sequence[Fact], report: dict, settings: EditSettings, layers: list[str]
 ) -> dict:
-    """What a version records of its edit: the facts, the method and its settings, the metrics."""
-    return {
+    """What a version records of its edit: the facts, the method and its settings, the metrics
+    (with the capability-loss rise its curvature predicts, where the editor reports one)."""
+    manifest = {
         "facts": [fact_to_record(f) for f in facts],
         "method": report["method"],
         "projector": report["projector"],
@@ -430,6 +432,9 @@ def _manifest(
             k: report[k] for k in ("n_edits", "efficacy", "efficacy_before", "epochs", "time_s")
         },
     }
+    if report.get("predicted_loss_increase") is not None:
+        manifest["metrics"]["predicted_loss_increase"] = report["predicted_loss_increase"]
+    return manifest
 
 
 def _publish(

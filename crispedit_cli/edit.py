@@ -75,7 +75,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     with staged_output(args.out) as stage:
         started = time.perf_counter()
         curvature, curvature_key = None, None
-        if method != "ft":
+        if method != "ft" or settings.laplace:  # ft's Laplace penalty needs the curvature
             curvature, curvature_key = edit_curvature(model, tokenizer, args, layers, store)
         curvature_seconds = time.perf_counter() - started
         version = None

@@ -279,10 +279,12 @@ def curvature_for_edit(
     method: str,
     key_name: str,
     actor: dict | None = None,
+    laplace: float = 0.0,
 ) -> str | None:
-    """The id of the curvature job an edit with `method` must wait for: None when the method
-    needs none or a worker has built it, else the running build or a new one."""
-    kind = curvature_kind(method)
+    """The id of the curvature job an edit with `method` (and Laplace weight `laplace`) must
+    wait for: None when it needs none or a worker has built it, else the running build or a
+    new one."""
+    kind = curvature_kind(method, laplace)
     if kind is None or built_curvature(redis, store, model, curvature_spec(kind)) is not None:
         return None
     payload = curvature_payload(model, kind, None, None, key_name, actor)

@@ -104,6 +104,7 @@ class EditOptions(BaseModel):
     anchors: int | None = _option("anchors")
     anchor_weight: float | None = _option("anchor_weight")
     clip: float | None = _option("clip")
+    laplace: float | None = _option("laplace")
     chat_template: Literal[CHAT_TEMPLATE_CHOICES] | None = _option("chat_template")  # type: ignore[valid-type]
     value_steps: int | None = _option("value_steps")
     value_lr: float | None = _option("value_lr")
@@ -121,14 +122,15 @@ class EditOptions(BaseModel):
         "outside the stream's policy (recorded as forced in the stream's log). Admin keys only.",
     )  # fmt: skip
 
-    @field_validator("clip")
+    @field_validator("clip", "laplace")
     @classmethod
-    def _clip_method(cls, value: float | None, info: ValidationInfo) -> float | None:
-        # the rule that ties clip to the method is EditSettings'; bounds were checked above
+    def _option_for_method(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # the rules that tie clip and laplace to the method are EditSettings'; bounds were
+        # checked above
         method = info.data.get("method") or DEFAULTS.method
         if value is not None:
             try:
-                EditSettings(method=method, clip=value)
+                EditSettings(method=method, **{info.field_name: value})
             except SettingsError as err:
                 raise ValueError(str(err)) from None
         return value
@@ -268,8 +270,9 @@ def submit_edit(
                 key, "edit", model, body.stream, owner, unknown_stream(model, body.stream)
             )
         method = body.options.method or DEFAULTS.method
+        laplace = DEFAULTS.laplace if body.options.laplace is None else body.options.laplace
         build = jobqueue.curvature_for_edit(
-            redis, settings, store, model, method, key.name, access.actor(key)
+            redis, settings, store, model, method, key.name, access.actor(key), laplace=laplace
         )
         job = jobqueue.submit(redis, settings, job_id, payload, curvature_job=build, owner=owner)
     except BaseException:

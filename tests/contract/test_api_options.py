@@ -64,10 +64,15 @@ def test_the_api_documents_each_option_as_the_settings_do():
         assert EditOptions.model_fields[name].description == option_rules(name)["doc"]
 
 
-def test_clip_for_ekfac_is_refused_by_both_with_the_same_words():
+@pytest.mark.parametrize(
+    ("method", "option", "value"),
+    (("ekfac", "clip", 0.1), ("memit", "laplace", 1.0), ("alphaedit", "laplace", 0.5)),
+)
+def test_an_option_the_method_refuses_is_refused_by_both_with_the_same_words(method, option, value):
     with pytest.raises(ValidationError) as api:
-        EditOptions(method="ekfac", clip=0.1)
+        EditOptions(method=method, **{option: value})
     with pytest.raises(SettingsError) as engine:
-        EditSettings(method="ekfac", clip=0.1)
+        EditSettings(method=method, **{option: value})
     assert str(engine.value) in str(api.value)
-    assert api.value.errors()[0]["loc"] == ("clip",)
+    assert api.value.errors()[0]["loc"] == (option,)
+    assert getattr(EditOptions(method="kfac", **{option: value}), option) == value

@@ -47,6 +47,11 @@ def test_defaults_are_valid_and_round_trip_through_options():
         ({"layers": []}, "layers"),
         ({"layers": ["ok", ""]}, "layers"),
         ({"method": "ekfac", "clip": 0.1}, "clip"),
+        ({"laplace": -0.5}, "laplace"),
+        ({"laplace": math.inf}, "laplace"),
+        ({"laplace": "1"}, "laplace"),
+        ({"method": "memit", "laplace": 1.0}, "laplace"),
+        ({"method": "alphaedit", "laplace": 0.1}, "laplace"),
         ({"momentum": 0.9}, "momentum"),
     ],
 )
@@ -102,3 +107,12 @@ def test_the_editor_defaults_are_the_settings_defaults():
         DEFAULTS.gamma, DEFAULTS.clip, DEFAULTS.beta,
     ) == (projector.GAMMA, projector.CLIP, sequential.BETA)  # fmt: skip
     assert (DEFAULTS.anchors, DEFAULTS.anchor_weight) == (anchors.ANCHORS, anchors.ANCHOR_WEIGHT)
+
+
+def test_ft_needs_a_curvature_only_for_its_laplace_penalty():
+    from contract.jobs import curvature_kind
+
+    assert curvature_kind("ft") is None and curvature_kind("ft", 0.0) is None
+    assert curvature_kind("ft", 1.0) == "kfac"
+    assert curvature_kind("ekfac", 1.0) == "ekfac" == curvature_kind("ekfac")
+    assert curvature_kind("crispedit", 2.0) == "kfac" == curvature_kind("kfac")

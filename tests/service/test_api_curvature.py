@@ -88,6 +88,12 @@ def test_an_edit_waits_for_the_curvature_it_needs(client, redis, settings, unbui
     assert Job.fetch(build, connection=redis).meta["job_type"] == "curvature"
     assert Job.fetch(edits[1]["job_id"], connection=redis).meta["curvature_job"] == build
     assert client.get(f"/v1/jobs/{ft['job_id']}", headers=AUTH).json()["rq_status"] == "queued"
+    # ft with a Laplace penalty edits under the curvature: it waits too (curvature_kind)
+    options = {"method": "ft", "laplace": 1.0}
+    penalised = client.post(
+        "/v1/edits", json=edit_body(stream="ftl", options=options), headers=AUTH
+    ).json()
+    assert Job.fetch(penalised["job_id"], connection=redis).meta["curvature_job"] == build
 
     run_worker(redis)
     order = [j.decode() for j in redis.lrange(ORDER_KEY, 0, -1)]
