@@ -216,3 +216,24 @@ def test_a_stream_version_records_contexts_and_its_rerun_is_the_same_edit(tmp_pa
                         progress=False).edit(FACTS[:2])  # fmt: skip
     for key, d in delta.tensors.items():
         torch.testing.assert_close(rerun.tensors[key], d, rtol=1e-5, atol=1e-7)
+
+
+def test_with_a_chat_template_the_prefix_sits_in_the_user_turn(setup):
+    """The prefixed prompt is the user's message: the template wraps prefix and prompt
+    together, and the target follows the assistant's generation prompt."""
+    model, tok, layers = setup
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    editor = CrispEditor(model, tok, None, method="ft", layers=layers, contexts=1, anchors=0,
+                         chat_template="on", progress=False)  # fmt: skip
+    run = editor._prepare(FACTS[:1])
+    (prefix,) = context_prefixes(model, tok, 1)
+    batch = editor._batch(run, [0])
+    text = tok.decode(batch["input_ids"][1][batch["attention_mask"][1].bool()])
+    assert text == f"<|user|>{prefix}{FACTS[0].prompt}<eos><|assistant|> {FACTS[0].target}"
+    target = batch["labels"][1][batch["labels"][1] != -100]
+    assert tok.decode(target) == f" {FACTS[0].target}"
+    editor._release(run)
