@@ -144,6 +144,17 @@ class EditSettings:
         "ft given a curvature; not memit or alphaedit.",
         ge=0.0, api=True, api_le=100.0,
     )  # fmt: skip
+    # off until measured on the tuning splits (issue 23: edits that hold for their prompt but
+    # not for its paraphrases); the cap is the number of starters (crispedit.contexts.CONTEXTS)
+    contexts: int = _option(
+        0,
+        "Context prefixes per fact (0: off, at most 10): each fact is also trained after that "
+        "many short texts the model generates (greedy, from fixed starters, once per edit), "
+        "so the edit holds for the fact in a text, not only for its bare prompt. Its anchors "
+        "and efficacy stay on the bare prompt. kfac, ekfac, nullspace and ft; memit and "
+        "alphaedit have value_contexts.",
+        ge=0, le=10, api=True, api_le=10,
+    )  # fmt: skip
     # off until its effect is measured on SmolLM2-Instruct (bench/README.md: the run on
     # CounterFact 0-49 had not finished); auto is the intended default
     chat_template: str = _option(
@@ -202,6 +213,12 @@ class EditSettings:
         if self.laplace and resolve_method(self.method) in CLOSED_FORM:
             raise SettingsError(
                 "laplace", f"applies to the projected editor, not to {resolve_method(self.method)}"
+            )
+        if self.contexts and resolve_method(self.method) in CLOSED_FORM:
+            raise SettingsError(
+                "contexts",
+                f"applies to the projected editor, not to {resolve_method(self.method)} "
+                "(whose value_contexts does this)",
             )
 
     @classmethod

@@ -27,6 +27,12 @@ masters' change so far, ΔW = master - weight before, its gradient added to the 
 before projection. It needs the weights before on the device too (in the model's dtype). Every
 edit with a curvature reports that prediction for its delta (`predicted_loss_increase`).
 
+With `contexts` = k > 0 each fact is trained as k + 1 sequences: its prompt, and the same after
+each of the model's first k context prefixes (crispedit.contexts, generated once per edit), the
+loss the mean over all their target tokens as over a batch of that many facts. A batch and a
+micro-batch still count facts (k + 1 sequences each); a fact's anchors, its loss under
+`stop="fact"` (over all its copies) and the efficacy stay the fact's, on its bare prompt.
+
 Each step computes the same loss as a full forward, but cheaper where the model allows it
 (`fast=True`, crispedit.prefix): the frozen blocks below the lowest edited one run once per edit,
 and the vocabulary projection only at the target positions.
@@ -34,6 +40,7 @@ and the vocabulary projection only at the target positions.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +56,7 @@ from contract.settings import PROJECT_CHOICES as PROJECT_CHOICES  # re-exported 
 from contract.settings import STOP_CHOICES as STOP_CHOICES
 from crispedit.alphaedit import AlphaEditor
 from crispedit.anchors import anchor_prompts
+from crispedit.contexts import context_prefixes
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
@@ -101,15 +109,44 @@ class Anchors:
 
 
 @dataclass
+class Sequences:
+    """An edit's training sequences: per fact its prompt, then the same prompt after each context
+    prefix (`contexts`), each with the fact's target; `of_fact[i]` lists fact i's sequences
+    (its bare prompt first)."""
+
+    pairs: list[tuple[str, str]]
+    of_fact: list[list[int]]
+    prefixes: list[str]
+
+    @classmethod
+    def of(cls, facts: Sequence[Fact], prefixes: Sequence[str]) -> Sequences:
+        """Every fact's sequences under `prefixes` (each ending in ". ": `prefix + prompt`)."""
+        pairs, of_fact = [], []
+        for fact in facts:
+            texts = [fact.prompt, *(prefix + fact.prompt for prefix in prefixes)]
+            of_fact.append(list(range(len(pairs), len(pairs) + len(texts))))
+            pairs += [(text, fact.target) for text in texts]
+        return cls(pairs, of_fact, list(prefixes))
+
+    def rows(self, facts: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+        """The sequences of `facts` (indices), theirs in turn, and each one's position in
+        `facts`."""
+        seqs = [s for r in facts for s in self.of_fact[r]]
+        owner = [j for j, r in enumerate(facts) for _ in self.of_fact[r]]
+        return seqs, torch.tensor(owner, dtype=torch.long)
+
+
+@dataclass
 class _Run:
     """The working state of one `edit` call: made by `_prepare`, its masters and Adam state
     dropped by `_release` before `edit` returns or raises."""
 
     facts: list[Fact]
-    pairs: list[tuple[str, str]]
+    pairs: list[tuple[str, str]]  # per fact, its (prompt, target): what efficacy is measured on
+    sequences: Sequences  # what the steps train on (the pairs, and more with `contexts`)
     device: torch.device
     fast: FastForward | None
-    prefix: list[torch.Tensor] | None
+    prefix: list[torch.Tensor] | None  # per sequence
     anchors: Anchors
     before: dict[str, torch.Tensor]  # per layer, its weight before the edit (model's dtype, host)
     # the same on the model's device, with a Laplace penalty: its ΔW is taken at every step
@@ -392,9 +429,14 @@ class CrispEditor:
         device = next(self.model.parameters()).device
         # the dropout of a model in training mode cannot be cached: full forward then
         fast = self.fast if self.fast is not None and not self.model.training else None
-        # per fact: the hidden states entering the lowest edited block (frozen, so fixed)
+        # on the weights before the edit, once: every epoch trains under the same prefixes
+        prefixes = context_prefixes(self.model, self.tokenizer, self.settings.contexts)
+        sequences = Sequences.of(facts, prefixes)
+        # per sequence: the hidden states entering the lowest edited block (frozen, so fixed)
         prefix = (
-            fast.prefix_states(self.tokenizer, pairs, self.settings.batch_size, chat=self.chat)
+            fast.prefix_states(
+                self.tokenizer, sequences.pairs, self.settings.batch_size, chat=self.chat
+            )
             if fast
             else None
         )
@@ -418,6 +460,7 @@ class CrispEditor:
         return _Run(
             facts=facts,
             pairs=pairs,
+            sequences=sequences,
             device=device,
             fast=fast,
             prefix=prefix,
@@ -436,18 +479,11 @@ class CrispEditor:
         """One pass over the reshuffled facts, a step per batch that has not landed yet; logs
         and reports the epoch, and returns whether the edit has converged (`loss_stop`)."""
         perm = torch.randperm(len(run.pairs), generator=run.order).tolist()
-        batches = list(
-            target_batches(
-                self.tokenizer,
-                [run.pairs[i] for i in perm],
-                self.settings.batch_size,
-                chat=self.chat,
-            )
-        )
+        size = self.settings.batch_size
+        batches = [perm[i : i + size] for i in range(0, len(perm), size)]
         tally = _Tally()
-        for b, batch in enumerate(batches):
-            batch = {k: v.to(run.device) for k, v in batch.items()}
-            rows = perm[b * self.settings.batch_size : (b + 1) * self.settings.batch_size]
+        for rows in batches:
+            batch = self._batch(run, rows)
             if not self._backward(run, batch, rows, tally):
                 tally.skipped += 1
                 continue
@@ -467,6 +503,14 @@ class CrispEditor:
             tally.worst if self.settings.stop == "fact" else run.losses[-1]
         ) < self.settings.loss_stop
 
+    def _batch(self, run: _Run, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The right-padded batch of the sequences of facts `rows`, in their order
+        (`Sequences.rows`), on the model's device."""
+        seqs, _ = run.sequences.rows(rows)
+        pairs = [run.sequences.pairs[s] for s in seqs]
+        batch = next(target_batches(self.tokenizer, pairs, len(pairs), chat=self.chat))
+        return {k: v.to(run.device) for k, v in batch.items()}
+
     def _backward(self, run: _Run, batch: dict, rows: list[int], tally: _Tally) -> bool:
         """Put the batch's loss gradient on the edited weights; False when the batch has landed
         and is skipped. With `micro_batch`, in slices of that many facts (`_micro_backward`)."""
@@ -482,34 +526,39 @@ class CrispEditor:
     def _micro_backward(
         self, run: _Run, batch: dict, rows: list[int], tally: _Tally, micro: int
     ) -> bool:
-        """`_backward` a slice of `micro` facts at a time, so that one slice's activations are
-        held at once: a no-grad pass finds the batch's loss (skip?) and its token and anchor
-        counts, then each slice backpropagates its share of the same loss, so the gradient is
-        the whole batch's up to float rounding."""
+        """`_backward` a slice of `micro` facts (all their sequences) at a time, so that one
+        slice's activations are held at once: a no-grad pass finds the batch's loss (skip?) and
+        its token and anchor counts, then each slice backpropagates its share of the same loss,
+        so the gradient is the whole batch's up to float rounding."""
+        seqs, owner = run.sequences.rows(rows)
+        owner = owner.to(run.device)
+        first = [0, *itertools.accumulate(len(run.sequences.of_fact[r]) for r in rows)]
         slices = [range(i, min(i + micro, len(rows))) for i in range(0, len(rows), micro)]
-        part = lambda r: _rows_of(batch, r.start, r.stop)  # noqa: E731
+        spans = [range(first[r.start], first[r.stop]) for r in slices]  # their batch rows
+        part = lambda s: _rows_of(batch, s.start, s.stop)  # noqa: E731
         with torch.no_grad():
-            losses = [self._token_losses(part(r), run.fast, run.prefix, rows[r.start : r.stop])
-                      for r in slices]  # fmt: skip
+            losses = [self._token_losses(part(s), run.fast, run.prefix, seqs[s.start : s.stop])
+                      for s in spans]  # fmt: skip
         token_losses = torch.cat([t for t, _ in losses])
-        row_of = torch.cat([o + r.start for (_, o), r in zip(losses, slices, strict=True)])
+        row_of = torch.cat([o + s.start for (_, o), s in zip(losses, spans, strict=True)])
+        fact_of = owner[row_of]
         tally.batch_losses.append(token_losses.mean().item())
         landed = torch.zeros(len(rows), dtype=torch.bool, device=token_losses.device)
         if self.settings.stop == "fact":
-            per_fact = fact_losses(token_losses, row_of, len(rows))
+            per_fact = fact_losses(token_losses, fact_of, len(rows))
             tally.worst = max(tally.worst, float(per_fact.max()))
             landed = per_fact < self.settings.loss_stop
             if landed.all():
                 return False
         elif tally.batch_losses[-1] < self.settings.loss_stop:
             return False
-        n_tokens = int((~landed[row_of]).sum())
+        n_tokens = int((~landed[fact_of]).sum())
         n_anchors = sum(len(run.anchors.owned[r]) for r in rows) if self.settings.anchors else 0
         kl_total = 0.0
-        for r in slices:
+        for r, s in zip(slices, spans, strict=True):
             sub_rows = rows[r.start : r.stop]
-            tokens, of = self._token_losses(part(r), run.fast, run.prefix, sub_rows)
-            loss = tokens[~landed[r.start : r.stop][of]].sum() / n_tokens
+            tokens, of = self._token_losses(part(s), run.fast, run.prefix, seqs[s.start : s.stop])
+            loss = tokens[~landed[owner[of + s.start]]].sum() / n_tokens
             if n_anchors:
                 kl = self._anchor_loss(sub_rows, run.anchors, run.fast, run.device, "sum")
                 if kl is not None:
@@ -523,19 +572,21 @@ class CrispEditor:
     def _batch_loss(
         self, run: _Run, batch: dict, rows: list[int], tally: _Tally
     ) -> torch.Tensor | None:
-        """The batch's loss to descend: its facts' target-token loss (only the facts not yet
-        below `loss_stop` under `stop="fact"`) plus the weighted anchor KL; None when the batch
-        has already landed and is skipped."""
-        token_losses, row_of = self._token_losses(batch, run.fast, run.prefix, rows)
+        """The batch's loss to descend: its facts' target-token loss over all their sequences
+        (only the facts not yet below `loss_stop` under `stop="fact"`) plus the weighted anchor
+        KL; None when the batch has already landed and is skipped."""
+        seqs, owner = run.sequences.rows(rows)
+        token_losses, row_of = self._token_losses(batch, run.fast, run.prefix, seqs)
+        fact_of = owner.to(row_of.device)[row_of]  # each target token's fact, 0..len(rows)
         loss = token_losses.mean()
         tally.batch_losses.append(loss.item())
         if self.settings.stop == "fact":
-            per_fact = fact_losses(token_losses, row_of, len(rows))
+            per_fact = fact_losses(token_losses, fact_of, len(rows))
             tally.worst = max(tally.worst, float(per_fact.max()))
             open_ = per_fact >= self.settings.loss_stop  # the facts not yet landed
             if not open_.any():
                 return None
-            loss = token_losses[open_[row_of]].mean()
+            loss = token_losses[open_[fact_of]].mean()
         elif tally.batch_losses[-1] < self.settings.loss_stop:
             return None
         kl = (
@@ -617,12 +668,14 @@ class CrispEditor:
             "stop": self.settings.stop,
             "clip": self.settings.clip,
             "laplace": self.settings.laplace,
+            "contexts": self.settings.contexts,
             "chat_template": "on" if self.chat else "off",
         }
         report = {
             **meta,
             "efficacy": efficacy,
             "efficacy_before": run.efficacy_before,
+            "context_prefixes": run.sequences.prefixes,
             "epochs": len(run.losses),
             "loss_curve": [round(x, 6) for x in run.losses],
             "kept_fraction": {n: P.kept_fraction for n, P in self.projectors.items()},

@@ -9,7 +9,7 @@ For each fact (subject s, prompt p, target o) and the edited layers l_1 < ... < 
               + kl_factor · KL(P(· | "{s} is a") ‖ P(· | "{s} is a" ; h_L += δ))
               + WEIGHT_DECAY · ‖δ‖² / ‖h_L‖²
    over short context prefixes x_j (the empty one and `value_contexts` greedy continuations of
-   the model's), keeping ‖δ‖ ≤ value_clamp · ‖h_L‖ after every step.
+   the model's, crispedit.contexts), keeping ‖δ‖ ≤ value_clamp · ‖h_L‖ after every step.
 2. Spread. For l = l_1 .. l_L in turn, on the model as updated so far: the keys k (the input of
    layer l at the subject's last token, averaged over the prefixes), the residual r = (z − h_L) /
    (layers left, this one included), and the least-squares update (the paper's eq. 14)
@@ -41,6 +41,7 @@ from torch import nn
 
 from contract.facts import Fact, facts_digest
 from contract.settings import DEFAULTS, EditSettings
+from crispedit.contexts import context_prefixes
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
@@ -71,10 +72,6 @@ VALUE_STOP = 5e-2  # a chunk whose facts' losses are all below this stops optimi
 KL_PROMPT = (
     "{} is a"  # the prompt whose next token the value must not change (the subject's essence)
 )
-# the context prefixes the value must hold under: greedy continuations of the first
-# `value_contexts` of these starters (contract.settings caps it at their number)
-CONTEXTS = ("The", "Therefore", "Because", "I", "You")
-CONTEXT_TOKENS = 5
 VALUE_BATCH = 16  # facts whose values are optimised together (each its own δ)
 ROW_BATCH = 64  # rows per forward when reading keys and states
 
@@ -290,19 +287,9 @@ class MemitEditor:
     # the rows: each fact's prompt under each context prefix, and its "{subject} is a" prompt
 
     def _contexts(self) -> list[str]:
-        """The empty prefix and a greedy continuation of `CONTEXT_TOKENS` tokens of each
-        starter, as "… . " prefixes (the same for every edit of this model: greedy)."""
-        device = next(self.model.parameters()).device
-        texts = []
-        with torch.no_grad():
-            for starter in CONTEXTS[: self.settings.value_contexts]:
-                ids = self.tokenizer(starter, add_special_tokens=False)["input_ids"]
-                for _ in range(CONTEXT_TOKENS):
-                    logits = self.model(input_ids=torch.tensor([ids], device=device)).logits
-                    ids.append(int(logits[0, -1].argmax()))
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                texts.append(" ".join(text.split()) + ". ")
-        return ["", *texts]
+        """The empty prefix and the model's first `value_contexts` context prefixes
+        (crispedit.contexts: the same for every edit of this model, greedy)."""
+        return ["", *context_prefixes(self.model, self.tokenizer, self.settings.value_contexts)]
 
     def _rows(self, facts: list[Fact]) -> _Rows:
         """Every fact's rows (`_Rows`), the prompts wrapped as the edit wraps them."""

@@ -105,6 +105,7 @@ class EditOptions(BaseModel):
     anchor_weight: float | None = _option("anchor_weight")
     clip: float | None = _option("clip")
     laplace: float | None = _option("laplace")
+    contexts: int | None = _option("contexts")
     chat_template: Literal[CHAT_TEMPLATE_CHOICES] | None = _option("chat_template")  # type: ignore[valid-type]
     value_steps: int | None = _option("value_steps")
     value_lr: float | None = _option("value_lr")
@@ -122,10 +123,10 @@ class EditOptions(BaseModel):
         "outside the stream's policy (recorded as forced in the stream's log). Admin keys only.",
     )  # fmt: skip
 
-    @field_validator("clip", "laplace")
+    @field_validator("clip", "laplace", "contexts")
     @classmethod
     def _option_for_method(cls, value: float | None, info: ValidationInfo) -> float | None:
-        # the rules that tie clip and laplace to the method are EditSettings'; bounds were
+        # the rules that tie clip, laplace and contexts to the method are EditSettings'; bounds were
         # checked above
         method = info.data.get("method") or DEFAULTS.method
         if value is not None:

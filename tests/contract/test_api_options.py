@@ -66,7 +66,12 @@ def test_the_api_documents_each_option_as_the_settings_do():
 
 @pytest.mark.parametrize(
     ("method", "option", "value"),
-    (("ekfac", "clip", 0.1), ("memit", "laplace", 1.0), ("alphaedit", "laplace", 0.5)),
+    (
+        ("ekfac", "clip", 0.1),
+        ("memit", "laplace", 1.0),
+        ("alphaedit", "laplace", 0.5),
+        ("memit", "contexts", 2),
+    ),
 )
 def test_an_option_the_method_refuses_is_refused_by_both_with_the_same_words(method, option, value):
     with pytest.raises(ValidationError) as api:

@@ -52,6 +52,9 @@ def test_defaults_are_valid_and_round_trip_through_options():
         ({"laplace": "1"}, "laplace"),
         ({"method": "memit", "laplace": 1.0}, "laplace"),
         ({"method": "alphaedit", "laplace": 0.1}, "laplace"),
+        ({"contexts": -1}, "contexts"),
+        ({"contexts": 11}, "contexts"),
+        ({"method": "memit", "contexts": 2}, "contexts"),
         ({"momentum": 0.9}, "momentum"),
     ],
 )

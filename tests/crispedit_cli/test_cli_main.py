@@ -386,8 +386,8 @@ def test_every_edit_setting_is_a_flag_of_edit_and_the_api_ones_of_submit():
         "micro_batch": 2,
         "seed": 3, "project": "gradient", "projector_dtype": "model", "anchors": 1,
         "anchor_weight": 0.5, "anchor_questions": True, "loss_stop": 0.2, "stop": "fact",
-        "clip": 0.01, "beta": 2.0, "laplace": 3.0, "chat_template": "on", "value_steps": 7,
-        "value_lr": 0.1,
+        "clip": 0.01, "beta": 2.0, "laplace": 3.0, "contexts": 2, "chat_template": "on",
+        "value_steps": 7, "value_lr": 0.1,
         "value_clamp": 2.0, "value_contexts": 2, "kl_factor": 0.1, "covariance_weight": 100.0,
         "null_threshold": 0.05, "alphaedit_l2": 1.0,
     }  # fmt: skip
