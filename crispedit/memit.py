@@ -110,9 +110,12 @@ def subject_position(
 def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: float) -> torch.Tensor:
     """MEMIT's update Δ = R Kᵀ (λC + K Kᵀ)⁻¹ for keys K (d_in × n), residuals R (d_out × n) and
     the key covariance C (d_in × d_in), λ = `weight`: the minimiser of ‖Δ K − R‖² + λ tr(Δ C Δᵀ).
-    Solved (not inverted) in float64 on K's device; returns (d_out × d_in) float32."""
+    Solved (not inverted) in float64 on K's device, wherever C is (C is near-singular, as text's
+    covariances are; a bf16 model's own dtype would make the solve meaningless); returns
+    (d_out × d_in) float32."""
     K, R = K.double(), R.double()
-    M = weight * C.to(K.device, torch.float64) + K @ K.T
+    # one float64 d_in × d_in matrix besides the LU factor (and C's copy when it is elsewhere)
+    M = torch.addmm(C.to(K.device, torch.float64), K, K.T, beta=weight)
     # M is symmetric: Δᵀ = M⁻¹ K Rᵀ
     return torch.linalg.solve(M, K @ R.T).T.float()
 
