@@ -49,12 +49,16 @@ def alphaedit_solve(
     in float64 on K's device; returns (d_out × d_in) float32."""
     K, R = K.double(), R.double()
     P = P.to(K.device, torch.float64)
-    gram = K @ K.T
+    # built in place: besides P, the solve holds M, its product with P and the LU factor (d_in ×
+    # d_in float64 each) and never a second copy of the earlier keys' Gram matrix
+    M = K @ K.T
     if previous is not None:
-        gram = gram + previous.to(K.device, torch.float64)
-    M = gram @ P + l2 * torch.eye(len(P), dtype=torch.float64, device=K.device)
-    # Δ M = R K_1ᵀ P, so Mᵀ Δᵀ = P K_1 Rᵀ (P is symmetric)
-    return torch.linalg.solve(M.T, P @ K @ R.T).T.float()
+        M += previous.to(K.device)  # a host copy crosses once; an fp32 one adds in float64
+    M = M @ P
+    M.diagonal().add_(l2)
+    # Δ M = R K_1ᵀ P, a right-hand solve; float64: rounded to bf16, Δ leaks onto the preserved
+    # keys (tests/crispedit/test_memit_device.py)
+    return torch.linalg.solve(M, R @ (K.T @ P), left=False).float()
 
 
 class AlphaEditor(MemitEditor):
@@ -73,8 +77,10 @@ class AlphaEditor(MemitEditor):
         self.kept_fraction: dict[str, float] = {}
 
     def _solve(self, name: str, K: torch.Tensor, R: torch.Tensor, facts: list[Fact]):
-        s, U = self.curvature.layers[name].eigen("A", K.device)
-        P = null_space_projector(s, U, self.settings.null_threshold)
+        # the eigenbasis on the model's device only as long as P is being built
+        eigen = self.curvature.layers[name].eigen("A", K.device)
+        P = null_space_projector(*eigen, self.settings.null_threshold)
+        del eigen
         self.kept_fraction[name] = float(P.trace()) / len(P)
         return alphaedit_solve(K, R, P, self.previous.get(name), self.settings.alphaedit_l2)
 

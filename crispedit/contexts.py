@@ -32,7 +32,11 @@ def context_prefixes(model: nn.Module, tokenizer, n: int) -> list[str]:
     for starter in CONTEXTS[:n]:
         ids = tokenizer(starter, add_special_tokens=False)["input_ids"]
         for _ in range(CONTEXT_TOKENS):
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits
+            # built on the host and moved, and with a mask (which spares HF its padding check,
+            # an indexing op on the device), as every other index tensor of the engine
+            input_ids = torch.tensor([ids]).to(device)
+            mask = torch.ones_like(input_ids)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
             ids.append(int(logits[0, -1].argmax()))
         text = tokenizer.decode(ids, skip_special_tokens=True)
         texts.append(" ".join(text.split()) + ". ")

@@ -107,9 +107,12 @@ def subject_position(
 def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: float) -> torch.Tensor:
     """MEMIT's update Δ = R Kᵀ (λC + K Kᵀ)⁻¹ for keys K (d_in × n), residuals R (d_out × n) and
     the key covariance C (d_in × d_in), λ = `weight`: the minimiser of ‖Δ K − R‖² + λ tr(Δ C Δᵀ).
-    Solved (not inverted) in float64 on K's device; returns (d_out × d_in) float32."""
+    Solved (not inverted) in float64 on K's device, wherever C is (C is near-singular, as text's
+    covariances are; a bf16 model's own dtype would make the solve meaningless); returns
+    (d_out × d_in) float32."""
     K, R = K.double(), R.double()
-    M = weight * C.to(K.device, torch.float64) + K @ K.T
+    # one float64 d_in × d_in matrix besides the LU factor (and C's copy when it is elsewhere)
+    M = torch.addmm(C.to(K.device, torch.float64), K, K.T, beta=weight)
     # M is symmetric: Δᵀ = M⁻¹ K Rᵀ
     return torch.linalg.solve(M, K @ R.T).T.float()
 
@@ -376,7 +379,7 @@ class MemitEditor:
         try:
             for start in range(0, len(rows.ids), ROW_BATCH):
                 batch = self._batch(rows.ids[start : start + ROW_BATCH], None)
-                pos = torch.tensor(rows.pos[start : start + ROW_BATCH], device=device)
+                pos = torch.tensor(rows.pos[start : start + ROW_BATCH]).to(device)
                 at = torch.arange(len(pos), device=device)
                 with contextlib.suppress(_Stop):
                     self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -386,10 +389,10 @@ class MemitEditor:
         finally:
             for handle in handles:
                 handle.remove()
-        plain = torch.cat(states)[torch.tensor(rows.plain, device=device)]
+        plain = torch.cat(states)[torch.tensor(rows.plain).to(device)]
         if name is None:
             return None, plain
-        facts = torch.tensor(rows.fact, device=device)
+        facts = torch.tensor(rows.fact).to(device)
         n = len(rows.plain)
         total = torch.zeros(n, keys[0].shape[1], device=device).index_add_(
             0, facts, torch.cat(keys)
@@ -406,8 +409,9 @@ class MemitEditor:
         delta, losses = torch.zeros_like(h), []
         chunks = range(0, n, VALUE_BATCH)
         for c, start in enumerate(chunks, 1):
-            facts = list(range(start, min(start + VALUE_BATCH, n)))
-            delta[facts], loss = self._chunk_values(rows, facts, h[facts])
+            chunk = slice(start, min(start + VALUE_BATCH, n))
+            facts = list(range(chunk.start, chunk.stop))
+            delta[chunk], loss = self._chunk_values(rows, facts, h[chunk])
             losses.append(loss)
             self._log(f"{self.method}: values {facts[-1] + 1}/{n}, loss {loss:.4f}")
             if self.on_epoch is not None:
@@ -424,13 +428,13 @@ class MemitEditor:
         kl_mine = [r for r, f in enumerate(rows.kl_fact) if f in local]
         batch = self._batch([rows.ids[r] for r in mine], [rows.n_prompt[r] for r in mine])
         device = batch["input_ids"].device
-        pos = torch.tensor([rows.pos[r] for r in mine], device=device)
-        owner = torch.tensor([local[rows.fact[r]] for r in mine], device=device)
+        pos = torch.tensor([rows.pos[r] for r in mine]).to(device)
+        owner = torch.tensor([local[rows.fact[r]] for r in mine]).to(device)
         kl_batch = kl_pos = kl_owner = base_kl = None
         if kl_mine and s.kl_factor > 0:
             kl_batch = self._batch([rows.kl_ids[r] for r in kl_mine], None)
-            kl_pos = torch.tensor([rows.kl_pos[r] for r in kl_mine], device=device)
-            kl_owner = torch.tensor([local[rows.kl_fact[r]] for r in kl_mine], device=device)
+            kl_pos = torch.tensor([rows.kl_pos[r] for r in kl_mine]).to(device)
+            kl_owner = torch.tensor([local[rows.kl_fact[r]] for r in kl_mine]).to(device)
         forward = _ValueForward(self, batch, pos)
         kl_forward = _ValueForward(self, kl_batch, kl_pos) if kl_batch is not None else None
         if kl_forward is not None:
