@@ -43,11 +43,16 @@ def start_redis(port: int, data_dir: Path, persist: bool = False) -> subprocess.
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"redis-server on port {port} exited (status {proc.returncode})")
-        ping = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True)
-        if ping.stdout.strip() == b"PONG":
-            return proc
+        cli = ["redis-cli", "-p", str(port)]
+        if subprocess.run([*cli, "ping"], capture_output=True).stdout.strip() == b"PONG":
+            # the server that answers must be this one: another process (a parallel test run)
+            # may have taken the port after free_port(), and would be flushed as ours
+            info = subprocess.run([*cli, "info", "server"], capture_output=True).stdout
+            if f"process_id:{proc.pid}\r".encode() in info:
+                return proc
         time.sleep(0.05)
     proc.kill()
+    proc.wait()
     raise RuntimeError(f"redis-server on port {port} did not answer within 10 s")
 
 
@@ -62,9 +67,17 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 def private_redis(stack: ExitStack, data_dir: Path) -> str:
-    """A private redis-server on a free port, stopped when `stack` closes; returns its URL."""
-    port = free_port()
-    proc = start_redis(port, data_dir)
+    """A private redis-server on a free port, stopped when `stack` closes; returns its URL.
+
+    A port taken by someone else before the server binds it is given up for another."""
+    for attempt in range(3):
+        port = free_port()
+        try:
+            proc = start_redis(port, data_dir)
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
     stack.callback(stop, proc)
     print(f"started a private redis-server (pid {proc.pid}, port {port})")
     return f"redis://127.0.0.1:{port}"

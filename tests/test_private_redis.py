@@ -3,11 +3,16 @@ developer's own, whose databases the tests would flush)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
+import pytest
 from live import redis_url
 from redis import Redis
+
+from service.local import start_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/deploy reads docker-compose.yml, where 6379 is the Redis container's port on its network
@@ -39,3 +44,18 @@ def test_nothing_run_by_tests_demo_or_bench_names_the_shared_redis():
                 if SHARED_REDIS.search(line):
                     offenders.append(f"{file.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_server_started_on_a_taken_port_is_not_taken_for_the_one_answering(tmp_path, monkeypatch):
+    """Parallel test processes each pick a free port; should two pick the same one, the server
+    that loses the port must not report the winner's answers as its own (its tests would flush
+    the other process's data). A stand-in `redis-server` that stays up a moment without serving
+    meets the run's own private server on its port."""
+    taken = int(redis_url(3).rsplit(":", 1)[1].split("/")[0])
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\nsleep 1\nexit 1\n")
+    fake.chmod(0o755)
+    cli = Path(shutil.which("redis-cli")).parent
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{cli}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match="exited"):
+        start_redis(taken, tmp_path / "data")

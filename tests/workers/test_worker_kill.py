@@ -24,6 +24,7 @@ from live import redis_url, wait_for
 from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
+from worker_helpers import resident_engine, run_burst
 
 from contract.jobs import curvature_payload, edit_payload, queue_name
 from curvature_store import Store
@@ -146,9 +147,12 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(
         assert len(store.versions("tiny", "main")) == 1
         assert view["status"] == "failed" and view["version"] is None
 
+    # the next jobs run on a resident worker in this process: the same worker code as
+    # `crispedit worker` (the kill above and `prepared_store` run that), without a process start
     head = store.head("tiny", "main")
     nxt = submit(redis, epochs=2)
-    assert start_worker(tiny_model_dir, store_dir, "--burst").wait(timeout=120) == 0
+    with resident_engine(store_dir, tiny_model_dir):
+        run_burst(redis)
     nxt = Job.fetch(nxt.id, connection=redis)
     assert nxt.get_status() == JobStatus.FINISHED
     assert store.head("tiny", "main") == nxt.return_value()["version"]
@@ -156,7 +160,8 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(
     assert store.verify() == []
     if where == "curvature:staged":  # the build is not lost: the next one resumes it
         again = submit_curvature(redis, tokens=200)
-        assert start_worker(tiny_model_dir, store_dir, "--burst").wait(timeout=120) == 0
+        with resident_engine(store_dir, tiny_model_dir):
+            run_burst(redis)
         result = Job.fetch(again.id, connection=redis).return_value()
         assert result["cache_hit"] is False and result["resumed_from"] is not None
         assert store.curvature_file(result["key"]).is_file()
