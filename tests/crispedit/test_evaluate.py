@@ -548,7 +548,10 @@ def test_smollm2_known_fact_scores_one_every_way(smollm2):
     model, tokenizer = smollm2()
     # SmolLM2 completes this prompt with "Paris" and answers "Paris" in the QA context as well
     fact = Fact("The city where you can visit the Eiffel Tower is", "Paris")
-    result = evaluate_edit(model, tokenizer, [fact], None, tokens=256, retention=20, mmlu=0)
+    # a plain completion: in the chat template the assistant's turn starts with a sentence
+    result = evaluate_edit(
+        model, tokenizer, [fact], None, tokens=256, retention=20, mmlu=0, chat_template="off"
+    )
     assert result["efficacy"]["base"] == {
         "teacher_forced": 1.0, "generation": 1.0, "generation_qa": 1.0
     }  # fmt: skip
@@ -560,8 +563,9 @@ def test_smollm2_known_fact_scores_one_every_way(smollm2):
 def test_smollm2_counterfact_scores_before_any_edit(smollm2):
     model, tokenizer = smollm2()
     facts = load_facts(COUNTERFACT, limit=20)
+    # plain prompts, as fact_retention below reads them
     result = evaluate_edit(model, tokenizer, facts, None, tokens=0, retention=0, mmlu=0,
-                           generation=False)  # fmt: skip
+                           generation=False, chat_template="off")  # fmt: skip
     scores = result["scores"]
     # each bundled record has one paraphrase and one neighbour sharing its true object
     assert all(s["n"] == 20 and s["base"] == s["edited"] for s in scores.values())
