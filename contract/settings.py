@@ -227,10 +227,7 @@ class EditSettings:
         """Settings from a dict of options (an API request's, a manifest's "options"): a key
         missing or None takes its default. An unknown key or a bad value raises SettingsError."""
         options = dict(options or {})
-        for key in options:
-            if key not in OPTION_NAMES:
-                known = ", ".join(OPTION_NAMES)
-                raise SettingsError(str(key), f"is not an edit option (known: {known})")
+        _refuse_unknown(options)
         return cls(**{key: value for key, value in options.items() if value is not None})
 
     def to_options(self) -> dict[str, Any]:
@@ -243,9 +240,18 @@ class EditSettings:
 
     def override(self, **changes: Any) -> EditSettings:
         """These settings with the options in `changes` that are not None changed (a caller's
-        keyword arguments over its settings); validated like the constructor."""
+        keyword arguments over its settings); an unknown name or a bad value raises
+        SettingsError, as in `from_options`."""
+        _refuse_unknown(changes)
         kept = {key: value for key, value in changes.items() if value is not None}
         return dataclasses.replace(self, **kept)
+
+
+def _refuse_unknown(options: Mapping[str, Any]) -> None:
+    for key in options:
+        if key not in OPTION_NAMES:
+            known = ", ".join(OPTION_NAMES)
+            raise SettingsError(str(key), f"is not an edit option (known: {known})")
 
 
 def resolve_method(method: str) -> str:

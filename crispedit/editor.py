@@ -222,8 +222,7 @@ class CrispEditor:
         **options: Any,
     ):
         # an option given as a keyword (not None) overrides `settings`; the result is validated
-        given = {k: v for k, v in options.items() if v is not None}
-        self.settings = EditSettings.from_options({**settings.to_options(), **given})
+        self.settings = settings.override(**options)
         self.model, self.tokenizer = model, tokenizer
         self.method = resolve_method(self.settings.method)
         self.progress, self.on_epoch = progress, on_epoch

@@ -160,8 +160,7 @@ class MemitEditor:
         fast: bool = True,
         **options: Any,
     ):
-        given = {k: v for k, v in options.items() if v is not None}
-        self.settings = EditSettings.from_options({**settings.to_options(), **given})
+        self.settings = settings.override(**options)
         self.model, self.tokenizer = model, tokenizer
         self.progress, self.on_epoch = progress, on_epoch
         self.chat = resolve_chat_template(tokenizer, self.settings.chat_template)

@@ -77,6 +77,9 @@ def test_override_keeps_what_is_none_and_validates_the_rest():
     assert DEFAULTS.override(gamma=0.5).gamma == 0.5
     with pytest.raises(SettingsError, match="gamma"):
         DEFAULTS.override(gamma=2.0)
+    # a misspelt keyword names itself, as from_options does, rather than a TypeError
+    with pytest.raises(SettingsError, match="gama is not an edit option"):
+        DEFAULTS.override(gama=0.5)
 
 
 def test_every_option_has_a_doc_and_rules_that_its_default_meets():
