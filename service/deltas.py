@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from starlette.responses import FileResponse, Response
+
 from contract.names import DELTA_FILE
 from curvature_store import Store, atomic_write_json, sha256_file
 
@@ -111,3 +113,20 @@ def not_modified(if_none_match: str | None, sha256: str) -> bool:
         if tag in ("*", etag(sha256)):
             return True
     return False
+
+
+def immutable_file(
+    path: Path, sha256: str, model: str, filename: str, media_type: str, if_none_match: str | None
+) -> Response:
+    """A file of a version (a delta, an adapter archive, a checkpoint shard) as a download: its
+    sha256 as ETag and `X-Content-SHA256`, `X-Model`, cached for a year (a version never changes,
+    and neither does anything made from it); 304 when `If-None-Match` matches."""
+    headers = {
+        "ETag": etag(sha256),
+        "X-Content-SHA256": sha256,
+        "X-Model": model,
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if not_modified(if_none_match, sha256):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type=media_type, filename=filename, headers=headers)

@@ -153,12 +153,6 @@ def get_checkpoint_file(
         path, record = checkpoint_file(store, version_id, name)
     except NotFound as err:
         raise ApiError(404, "not_found", str(err), "name") from None
-    headers = {
-        "ETag": deltas.etag(record["sha256"]),
-        "X-Content-SHA256": record["sha256"],
-        "X-Model": manifest["model"],
-        "Cache-Control": "private, max-age=31536000, immutable",
-    }
-    if deltas.not_modified(if_none_match, record["sha256"]):
-        return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type="application/octet-stream", filename=name, headers=headers)
+    return deltas.immutable_file(
+        path, record["sha256"], manifest["model"], name, "application/octet-stream", if_none_match
+    )

@@ -87,17 +87,8 @@ def get_delta(
     else:
         path, sha = deltas.version_delta(store, version_id)
         filename = f"{version_id}.safetensors"
-    headers = {
-        "ETag": deltas.etag(sha),
-        "X-Content-SHA256": sha,
-        "X-Model": manifest["model"],
-        # a version never changes, and neither do its deltas
-        "Cache-Control": "private, max-age=31536000, immutable",
-    }
-    if deltas.not_modified(if_none_match, sha):
-        return Response(status_code=304, headers=headers)
-    return FileResponse(
-        path, media_type="application/octet-stream", filename=filename, headers=headers
+    return deltas.immutable_file(
+        path, sha, manifest["model"], filename, "application/octet-stream", if_none_match
     )
 
 
@@ -260,18 +251,8 @@ def get_adapter(
         )
     except AdapterError as err:
         raise ApiError(422, "invalid_adapter", str(err), err.field) from None
-    headers = {
-        "ETag": deltas.etag(sha),
-        "X-Content-SHA256": sha,
-        "X-Model": manifest["model"],
-        "Cache-Control": "private, max-age=31536000, immutable",
-    }
-    if deltas.not_modified(if_none_match, sha):
-        return Response(status_code=304, headers=headers)
     spec = f"e{energy:g}" if energy is not None else f"r{rank or DEFAULT_RANK}"
-    return FileResponse(
-        path,
-        media_type=ARCHIVE_TYPES[archive],
-        filename=f"{version_id}-adapter-{spec}.{archive}",
-        headers=headers,
+    filename = f"{version_id}-adapter-{spec}.{archive}"
+    return deltas.immutable_file(
+        path, sha, manifest["model"], filename, ARCHIVE_TYPES[archive], if_none_match
     )
