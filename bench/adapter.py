@@ -44,11 +44,11 @@ ENERGIES = "0.9,0.99"
 HELDOUT_TOKENS = 2048
 
 
-def measure(model, tokenizer, facts, base, edited, tokens: int) -> dict:
+def measure(model, tokenizer, facts, base, edited, tokens: int, chat_template: str) -> dict:
     """The edit's figures for the edited layers' weights `edited` (the model holds the base)."""
     m = evaluate_edit(
         model, tokenizer, facts, edited=edited, tokens=tokens, retention=0, mmlu=0,
-        generation=False,
+        generation=False, chat_template=chat_template,
     )  # fmt: skip
     return {
         "efficacy": m["efficacy"]["edited"]["teacher_forced"],
@@ -80,7 +80,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=HELDOUT_TOKENS, help="held-out tokens")
     ap.add_argument("--out", default=str(RESULTS / "adapter.md"))
     ap.add_argument("--delta", help="keep the edit's delta here and reuse it when present")
+    # off, as the quality bench's runs: the template triples the edit's time on this machine
+    ap.add_argument("--chat-template", default="off", choices=["auto", "on", "off"])
     args = ap.parse_args()
+    settings = DEFAULTS.override(chat_template=args.chat_template)
 
     rows = json.loads((ASSETS / "counterfact-edit-1k.json").read_text())
     facts = [
@@ -99,7 +102,7 @@ def main() -> None:
         delta, edit_s = Delta.load(saved), float("nan")
     else:
         started = time.perf_counter()
-        editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=DEFAULTS)
+        editor = CrispEditor(model, tokenizer, curvature, layers=layers, settings=settings)
         delta = editor.edit(facts)
         edit_s = time.perf_counter() - started
         log(f"edit of {len(facts)} facts: {edit_s:.0f} s, efficacy {delta.report['efficacy']}")
@@ -109,7 +112,11 @@ def main() -> None:
     full_weights = {f"{n}.weight": base[n] + delta.tensors[f"{n}.weight"] for n in layers}
 
     results = [
-        ("full delta", None, measure(model, tokenizer, facts, base, full_weights, args.tokens))
+        (
+            "full delta",
+            None,
+            measure(model, tokenizer, facts, base, full_weights, args.tokens, args.chat_template),
+        )
     ]
     log(f"full delta: {results[0][2]}")
     write(Path(args.out), args, results, edit_s, len(facts))
@@ -123,7 +130,7 @@ def main() -> None:
             model, weights, report = adapter_weights(
                 model, base, layers, delta.tensors, manifest, rank, energy, Path(tmp) / str(i)
             )
-            row = measure(model, tokenizer, facts, base, weights, args.tokens)
+            row = measure(model, tokenizer, facts, base, weights, args.tokens, args.chat_template)
             row["ranks"] = [info["rank"] for info in report["layers"].values()]
             row["error"] = max(info["relative_error"] for info in report["layers"].values())
             results.append((f"{kind} {value:g}", report["r"], row))
@@ -137,7 +144,8 @@ def write(out: Path, args, results, edit_s: float, n: int) -> None:
         f"# Adapter rank against edit quality ({n} CounterFact edits, SmolLM2-135M-Instruct)",
         "",
         f"Records {args.start}-{args.start + n - 1}, one batch edit with the editor's defaults "
-        f"({DEFAULTS.method} γ{DEFAULTS.gamma}, layers 20-24, {edit_s:.0f} s), exported by "
+        f"({DEFAULTS.method} γ{DEFAULTS.gamma}, layers 20-24, chat template {args.chat_template}, "
+        f"{edit_s:.0f} s), exported by "
         "`crispedit.adapter`, loaded and merged with `peft` "
         f"{_version('peft')}; teacher-forced scores, held-out perplexity and KL over "
         f"{args.tokens} WikiText tokens. {platform.machine()}, {torch.get_num_threads()} threads, "
