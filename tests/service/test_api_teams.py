@@ -364,18 +364,70 @@ def test_the_legacy_key_form_still_loads(settings):
 # --- the same cross-team matrix through the typed client and the CLI -------------------------
 
 
+def answered(status: int, call: Callable[[], object]) -> None:
+    """Run `call`, taking the ApiError of `status` as its answer (the scene's version is the
+    head already, so the right key's publish gets as far as 409)."""
+    from service.client import ApiError
+
+    try:
+        call()
+    except ApiError as err:
+        if err.status != status:
+            raise
+        return
+    raise AssertionError(f"expected the answer {status}")
+
+
+def accepted(call: Callable[[], object]) -> None:
+    """Run a call that posts a job and then waits for it with no time to wait: the API accepted
+    it (an error answer raises ApiError before any waiting), and no worker need run it."""
+    with pytest.raises(TimeoutError):
+        call()
+
+
+# Public methods of CrispEditClient that are not in `client_calls`, and why.
+CLIENT_EXEMPT = {
+    "close": "closes the client's connection; no request",
+    "wait": "polls `job` (in the matrix) until the job ends",
+}
+# Calls that are the model's, not a stream's: team B's key succeeds and sees none of A's streams.
+MODEL_WIDE = {"streams", "models", "build_curvature"}
+
+
 def client_calls(scene: Scene, tmp_path) -> dict[str, tuple[str, Callable]]:
-    """One call per resource of the typed client: (the role it needs, the call)."""
+    """One call per public method of the typed client: (the role it needs, the call). In order:
+    the policy is read, deleted and put back; publish comes before the rollback."""
     facts = edit_body()["facts"]
+    prompts = ["The Eiffel Tower is in"]
     return {
         "submit": ("edit", lambda c: c.submit("tiny", facts, stream=STREAM)),
         "job": ("read", lambda c: c.job(scene.job)),
         "cancel": ("edit", lambda c: c.cancel(scene.queued)),
+        "streams": ("read", lambda c: c.streams("tiny")),
+        "models": ("read", lambda c: c.models()),
         "versions": ("read", lambda c: c.versions("tiny", STREAM)),
         "stream_log": ("read", lambda c: c.stream_log("tiny", STREAM)),
         "version": ("read", lambda c: c.version(scene.version)),
-        "download": ("read", lambda c: c.download_delta(scene.version, tmp_path / "d.st")),
-        "curvature": ("admin", lambda c: c.build_curvature("tiny")),
+        "download_delta": ("read", lambda c: c.download_delta(scene.version, tmp_path / "d.st")),
+        "download_adapter": (
+            "read",
+            lambda c: c.download_adapter(scene.version, tmp_path / "a.tar.gz", rank=1),
+        ),
+        "policy": ("read", lambda c: c.policy("tiny", STREAM)),
+        "delete_policy": ("admin", lambda c: c.delete_policy("tiny", STREAM)),
+        "set_policy": ("admin", lambda c: c.set_policy("tiny", STREAM, {})),
+        "publish": ("admin", lambda c: answered(409, lambda: c.publish(scene.version))),
+        "generate": (
+            "read",
+            lambda c: accepted(lambda: c.generate(scene.version, prompts, timeout=0)),
+        ),
+        "create_checkpoint": ("edit", lambda c: c.create_checkpoint(scene.version)),
+        "checkpoint": ("read", lambda c: c.checkpoint(scene.version)),
+        "download_checkpoint": (
+            "read",
+            lambda c: c.download_checkpoint(scene.version, tmp_path / "checkpoint"),
+        ),
+        "build_curvature": ("admin", lambda c: c.build_curvature("tiny")),
         "rollback": ("admin", lambda c: c.rollback("tiny", STREAM, None)),
     }
 
@@ -385,29 +437,39 @@ def test_the_cross_team_matrix_through_the_typed_client(keys_file, redis, tmp_pa
 
     from service.client import ApiError, CrispEditClient
 
+    public = {
+        name
+        for name, value in vars(CrispEditClient).items()
+        if callable(value) and not name.startswith("_")
+    }
     with TestClient(create_app(keys_file)) as client:
         scene = make_scene(client, redis, keys_file)
     with serve(create_app(keys_file)) as url:
         calls = client_calls(scene, tmp_path)
+        forgotten = public - set(calls) - set(CLIENT_EXEMPT)
+        assert not forgotten, f"client methods with no cross-team check here: {forgotten}"
+        assert not set(calls) & set(CLIENT_EXEMPT)
         for name, (role, call) in calls.items():
             for key, allowed in (
                 ("never-issued", False),
                 (scene.revoked, False),
-                (KEY_B, name == "curvature"),  # curvature is the model's, not a stream's
+                (KEY_B, name in MODEL_WIDE),
                 (KEY_A_READ, role == "read"),
                 (KEY_A, True),
             ):
                 with CrispEditClient(url, key) as api:
                     if allowed:
-                        call(api)
+                        answer = call(api)
+                        if key == KEY_B:
+                            assert STREAM not in json.dumps(answer, default=str), (name, answer)
                         continue
                     with pytest.raises(ApiError) as err:
                         call(api)
                 expected = 401 if key in ("never-issued", scene.revoked) else 404
                 assert err.value.status == expected, (name, key, err.value)
-        with CrispEditClient(url, KEY_B) as api:
-            assert STREAM not in json.dumps(api.models())
         with CrispEditClient(url, KEY_A) as api:
+            assert STREAM in json.dumps(api.streams("tiny"))
+            assert api.policy("tiny", STREAM) is not None  # deleted and put back by A
             log = api.stream_log("tiny", STREAM)
             assert [e["op"] for e in log["entries"]] == ["create", "rollback"]
 
