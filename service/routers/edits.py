@@ -206,7 +206,7 @@ def _to_record(index: int, fact: FactIn) -> dict:
     summary="Submit fact edits as a job",
     responses={
         200: {"model": EditAccepted, "description": "A retry: the job of the first request"},
-        **responses(400, 404, 409, 413, 415),
+        **responses(400, 403, 404, 409, 413, 415),
     },
 )
 def submit_edit(
@@ -226,7 +226,8 @@ def submit_edit(
     again when the job runs. An edit whose method needs a curvature that is not built yet waits
     for the job building it (started now if none runs: see POST /v1/curvature); if that build
     fails, the edit fails saying so. Needs the `edit` role on the stream; the first edit of a
-    new stream makes the key's team its owner (404 for another team's stream).
+    new stream makes the key's team its owner (404 for another team's stream). `options.force`
+    needs the `admin` role on the stream (403 otherwise).
     """
     model = served_model(settings, key, body.model)
     owner = access.owner_of(settings, store, model, body.stream)

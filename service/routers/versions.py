@@ -164,7 +164,7 @@ class GenerateAccepted(BaseModel):
     status_code=202,
     response_model=GenerateAccepted,
     dependencies=[Depends(require_json)],
-    responses=responses(400, 403, 404, 413, 415, 422),
+    responses=responses(400, 404, 413, 415, 422),
 )
 def generate(
     version_id: str,

@@ -285,6 +285,21 @@ def test_legacy_keys_edit_their_own_streams_only(client, redis, store):
     assert client.get("/v1/streams/tiny/old/versions", headers=bearer(KEY_B)).status_code == 404
 
 
+def test_forcing_past_a_policy_needs_admin_on_the_stream(client, redis):
+    """An edit key may submit to its own stream, but not with `options.force`: 403 (it sees the
+    stream, so not 404), and nothing is queued; an admin key may."""
+    assert client.post("/v1/edits", json=edit_body(stream="mine"), headers=AUTH).status_code == 202
+    before = job_count(redis)
+    forced = edit_body(stream="mine", options={"force": True})
+    refused = client.post("/v1/edits", json=forced, headers=AUTH)
+    assert refused.status_code == 403, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["field"]) == ("forbidden", "options.force")
+    assert job_count(redis) == before  # nothing enqueued
+    admin = edit_body(stream="admins", options={"force": True})
+    assert client.post("/v1/edits", json=admin, headers=bearer(KEY_A)).status_code == 202
+
+
 def test_configured_owners_and_grant_order(settings, redis, store):
     narrow = "key-read-on-prod-admin-elsewhere"
     keys = {
