@@ -16,7 +16,6 @@ key may do is decided in `service.access`; the legacy form `{"name", "models"}` 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,10 +23,11 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.jobs import CHECKPOINT_FUNCTION, CURVATURE_FUNCTION, JOB_FUNCTION
+from contract.names import is_sha256
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
+# Key and team names are the keys file's own (no folder is named after them, unlike
+# contract.names). `$` is safe in these pydantic patterns: pydantic checks them with Rust's regex,
+# where `$` matches only at the very end ("team\n" is refused: test_api_teams).
 TEAM_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 Role = Literal["read", "edit", "admin"]
 
@@ -153,7 +153,7 @@ KEY_ID_CHARS = 12  # of the sha256: what job metadata, manifests and logs record
 
 def identified_keys(keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
     """`keys` (sha256 -> ApiKey) with each key's `id` set; ValueError unless keyed by sha256."""
-    if any(not SHA256_RE.fullmatch(digest) for digest in keys):
+    if not all(is_sha256(digest) for digest in keys):
         raise ValueError(
             "api_keys must be keyed by the lowercase sha256 hex of each key "
             "(python -m service.keys hash KEY)"

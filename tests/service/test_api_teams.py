@@ -374,6 +374,14 @@ def test_the_legacy_key_form_still_loads(settings):
         Settings(api_keys={"a" * 64: {"name": "x", "models": ["m"], "grants": [{"role": "read"}]}})
     with pytest.raises(ValueError):
         Settings(api_keys={"a" * 64: {"name": "x", "grants": [{"role": "owner"}]}})
+    for bad in (  # nothing may end in a newline: not a name, a pattern or a key's digest
+        {"a" * 64: {"name": "x\n"}},
+        {"a" * 64: {"name": "x", "team": "team\n"}},
+        {"a" * 64: {"name": "x", "grants": [{"stream": "s\n", "role": "read"}]}},
+        {"a" * 64 + "\n": {"name": "x"}},
+    ):
+        with pytest.raises(ValueError):
+            Settings(api_keys=bad)
 
 
 # --- the same cross-team matrix through the typed client and the CLI -------------------------
