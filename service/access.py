@@ -2,9 +2,11 @@
 
 A key belongs to a team and carries ordered grants (`service.config.Grant`): a model and a stream,
 each a name or a glob, the teams whose streams it covers (null: the key's own team), and a role.
-Roles are ordered: `read` (jobs, versions, deltas, events, the log), `edit` (also submit),
-`admin` (also rollback and curvature builds). The first grant that matches a stream decides the
-key's role there, so a narrower grant listed first can lower what a broader one gives.
+Roles are ordered: `read` (jobs and their events, versions, deltas, adapters, checkpoints, the
+log, the policy, `generate`), `edit` (also submit, cancel, create a checkpoint), `admin` (also
+rollback, publish, put and delete the policy, `options.force`). The first grant that matches a
+stream decides the key's role there, so a narrower grant listed first can lower what a broader one
+gives. A curvature build is the model's: it needs `admin` in any grant on the model.
 
 A stream is owned by the team whose edit created it (`claim`), unless `Settings.stream_owners`
 names its owner; a stream nobody owns yet (new, or made before owners were recorded) is treated
