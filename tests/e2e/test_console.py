@@ -2,8 +2,8 @@
 uvicorn API, the private Redis and a real `crispedit worker` on a tiny model. One walk through it:
 sign in, a refused submission showing the API's error, two fact edits followed live, the stream's
 history with its plot, before/after, a verified download, a rollback, a `<script>` target shown
-as text, and a key for another model that sees none of it. Each page's screenshot is written to
-bench/results/console/ for a reviewer.
+as text, and a second team's key on the same model that sees none of it. Each page's screenshot
+is written to bench/results/console/ for a reviewer.
 
 Without chromium or Playwright these tests skip with the reason, except where the environment
 sets CI (CI runners set CI=true): there they fail with it, so that CI never passes without them.
@@ -55,7 +55,8 @@ def chromium() -> str:
 
 @pytest.fixture
 def stack(tmp_path, tiny_model_dir):
-    """The API (two keys: team A on `tiny`, team B on `other`) and one worker for `tiny`."""
+    """The API (two keys: team A admin on `tiny`; team B editing its own streams of `tiny` and
+    `other`) and one worker for `tiny`."""
     settings = Settings(
         redis_url=REDIS_URL,
         store_dir=tmp_path / "store",
@@ -64,7 +65,7 @@ def stack(tmp_path, tiny_model_dir):
                 "name": "team-a",
                 "grants": [{"model": "tiny", "stream": "*", "role": "admin"}],
             },
-            hash_key(KEY_B): {"name": "team-b", "models": ["other"]},
+            hash_key(KEY_B): {"name": "team-b", "models": ["tiny", "other"]},
         },
         models={"tiny": {}, "other": {}},
         sse_poll_s=0.1,
@@ -255,10 +256,14 @@ def test_console_in_a_browser(stack):
         shot(page, "7-rolled-back")
 
         mark("stream, version, download, rollback")
-        # team B's key sees neither the stream nor its versions, even by address
+        # team B's key, on the same model, sees neither the stream nor its versions, even by address
         page.get_by_role("button", name="Sign out").click()
         sign_in(page, url, KEY_B)
         expect(page.get_by_role("heading", name="other")).to_be_visible()
+        tiny = page.locator("section[aria-labelledby='model-tiny']")
+        expect(tiny.get_by_role("heading", name="tiny")).to_be_visible()  # B may edit tiny too
+        expect(tiny).to_contain_text("No streams yet.")
+        expect(tiny.locator("tr[data-stream]")).to_have_count(0)
         expect(page.get_by_text("team-a")).to_have_count(0)
         page.goto(f"{url}/console/#/stream/tiny/team-a")
         expect(page.get_by_role("heading", name="Not available")).to_be_visible()
