@@ -285,7 +285,14 @@ def test_console_in_a_browser(stack):
         mark("other team, cancel")
         assert errors == []
         assert not [u for u in urls if KEY_A in u or KEY_B in u]  # the key never in a URL
+        assert urls and not _external(urls, url)  # no CDN, nothing but the API itself
         browser.close()
+
+
+def _external(urls: list[str], origin: str) -> list[str]:
+    """The requested URLs that leave `origin` (the API's http://host:port): neither on it nor a
+    blob: or data: URL the page made itself."""
+    return [u for u in urls if not u.startswith((f"{origin}/", "blob:", "data:"))]
 
 
 def test_console_on_a_guarded_stream(stack):
@@ -304,8 +311,9 @@ def test_console_on_a_guarded_stream(stack):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        errors = []
+        errors, urls = [], []
         page.on("pageerror", lambda err: errors.append(str(err)))
+        page.on("request", lambda request: urls.append(request.url))
         sign_in(page, url, KEY_A)
 
         # a version outside the policy: the job is rejected with the rule it broke
@@ -339,4 +347,5 @@ def test_console_on_a_guarded_stream(stack):
         expect(answers.first.locator("th")).to_have_text("The Eiffel Tower is located in")
         shot(page, "11-generate")
         assert errors == []
+        assert urls and not _external(urls, url)
         browser.close()
