@@ -12,12 +12,15 @@ sets CI (CI runners set CI=true): there they fail with it, so that CI never pass
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,10 +56,43 @@ def chromium() -> str:
     return path
 
 
+class _Records(logging.Handler):
+    """Every log record it is given, formatted with its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextmanager
+def api_log() -> Iterator[_Records]:
+    """The in-process API's log, every level (uvicorn's access log too), kept while inside."""
+    records = _Records()
+    # uvicorn's loggers do not propagate to the root; the service's and the store's do
+    on = ["", "uvicorn", "uvicorn.access"]
+    verbose = ["service", "curvature_store", "uvicorn", "uvicorn.error", "uvicorn.access"]
+    levels = {name: logging.getLogger(name).level for name in verbose}
+    for name in on:
+        logging.getLogger(name).addHandler(records)
+    for name in verbose:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        for name in on:
+            logging.getLogger(name).removeHandler(records)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 @pytest.fixture
 def stack(tmp_path, tiny_model_dir):
     """The API (two keys: team A admin on `tiny`; team B editing its own streams of `tiny` and
-    `other`) and one worker for `tiny`."""
+    `other`) and one worker for `tiny`. At the end, neither key is in the API's log or the
+    worker's output."""
     settings = Settings(
         redis_url=REDIS_URL,
         store_dir=tmp_path / "store",
@@ -73,17 +109,26 @@ def stack(tmp_path, tiny_model_dir):
     argv = [sys.executable, "-m", "crispedit_cli", "worker", "--model", str(tiny_model_dir),
             "--model-name", "tiny", "--store", str(settings.store_dir), "--redis", REDIS_URL,
             "--tokens", "300"]  # fmt: skip
-    with redis_db(REDIS_URL), serve(create_app(settings)) as url:
-        worker = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    output = tmp_path / "worker.log"
+    # the log is taken once uvicorn has configured its loggers (which drops their handlers)
+    with redis_db(REDIS_URL), serve(create_app(settings)) as url, api_log() as log:
+        with output.open("wb") as out:
+            worker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
             yield url, settings
-            assert worker.poll() is None, "the worker died"
+            assert worker.poll() is None, f"the worker died:\n{output.read_text()[-4000:]}"
         finally:
             worker.terminate()
             try:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.kill()
+    worker_output = output.read_text(errors="replace")
+    api_output = "\n".join(log.lines)
+    assert worker_output and api_output  # there was something to look in
+    for key in (KEY_A, KEY_B):
+        assert key not in api_output, "an API key in the API's log"
+        assert key not in worker_output, "an API key in the worker's output"
 
 
 def shot(page, name: str) -> None:
