@@ -1,9 +1,9 @@
 """The web console in a real browser: headless Debian chromium driven by Playwright, against a live
 uvicorn API, the private Redis and a real `crispedit worker` on a tiny model. One walk through it:
 sign in, a refused submission showing the API's error, two fact edits followed live, the stream's
-history with its plot, before/after, a verified download, a rollback, a `<script>` target shown
-as text, and a second team's key on the same model that sees none of it. Each page's screenshot
-is written to bench/results/console/ for a reviewer.
+history with its plot, before/after, a verified download, a rollback, an edit cancelled while it
+waits or runs, a `<script>` target shown as text, and a second team's key on the same model that
+sees none of it. Each page's screenshot is written to bench/results/console/ for a reviewer.
 
 Without chromium or Playwright these tests skip with the reason, except where the environment
 sets CI (CI runners set CI=true): there they fail with it, so that CI never passes without them.
@@ -143,14 +143,16 @@ def sign_in(page, url: str, key: str) -> None:
     page.get_by_role("heading", name="Models and streams").wait_for()
 
 
-def submit(page, facts: list[dict], stream: str = "team-a", model: str = "tiny") -> None:
+def submit(
+    page, facts: list[dict], stream: str = "team-a", model: str = "tiny", epochs: int = 8
+) -> None:
     page.get_by_role("navigation").get_by_role("link", name="Submit edits").click()
     page.get_by_label("Model").select_option(model)
     page.get_by_label("Stream").fill(stream)
     for i, fact in enumerate(facts):
         for name, value in fact.items():
             page.get_by_label(f"Fact {i + 1} {name}", exact=True).fill(value)
-    page.get_by_label("epochs").fill("8")
+    page.get_by_label("epochs").fill(str(epochs))
     page.get_by_label("learning rate").fill("0.03")
     page.get_by_role("button", name="Submit", exact=True).click()
 
@@ -299,6 +301,15 @@ def test_console_in_a_browser(stack):
         expect(rows.nth(1)).to_contain_text("head")
         assert store.head("tiny", "team-a") == first
         shot(page, "7-rolled-back")
+
+        # an edit cancelled from its page as soon as it shows, waiting or running: it ends
+        # cancelled, with what that means, and publishes nothing
+        submit(page, [{"prompt": "The Eiffel Tower is located in", "target": "Paris"}], epochs=100)
+        page.get_by_role("button", name="Cancel the job").click()
+        expect(page.locator("#job-status")).to_have_text("cancelled", timeout=JOB_TIMEOUT_MS)
+        expect(page.get_by_role("alert")).to_contain_text("no version was published")
+        expect(page.get_by_role("button", name="Cancel the job")).to_be_hidden()
+        assert store.head("tiny", "team-a") == first
 
         mark("stream, version, download, rollback")
         # team B's key, on the same model, sees neither the stream nor its versions, even by address
