@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The console's browser tests drive Debian's chromium (Playwright never downloads a browser):
-# installed here as root; elsewhere, or offline, those tests skip and say why.
+# installed here as root; elsewhere, or offline, those tests skip and say why (fail under CI).
 setup: $(VENV)/.installed
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
 	  apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) || \

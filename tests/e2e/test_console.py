@@ -1,19 +1,26 @@
 """The web console in a real browser: headless Debian chromium driven by Playwright, against a live
 uvicorn API, the private Redis and a real `crispedit worker` on a tiny model. One walk through it:
 sign in, a refused submission showing the API's error, two fact edits followed live, the stream's
-history with its plot, before/after, a verified download, a rollback, a `<script>` target shown
-as text, and a key for another model that sees none of it. Each page's screenshot is written to
-bench/results/console/ for a reviewer.
+history with its plot, before/after, a verified download, a rollback, an edit cancelled while it
+waits or runs, a `<script>` target shown as text, and a second team's key on the same model that
+sees none of it. Each page's screenshot is written to bench/results/console/ for a reviewer.
+
+Without chromium or Playwright these tests skip with the reason, except where the environment
+sets CI (CI runners set CI=true): there they fail with it, so that CI never passes without them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,20 +42,57 @@ JOB_TIMEOUT_MS = 180_000  # the worker's first job also builds the tiny model's 
 
 
 def chromium() -> str:
-    """Debian's chromium and Playwright's client, or skip saying which one is missing."""
+    """Debian's chromium and Playwright's client, or skip saying which one is missing (fail
+    under CI, which must run these tests)."""
+    in_ci = os.environ.get("CI", "").lower() not in ("", "0", "false")
+    missing = pytest.fail if in_ci else pytest.skip
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+        missing("playwright is not installed: pip install -e '.[dev]'")
     path = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).is_file():
-        pytest.skip("no chromium: apt-get install chromium (make setup does it as root)")
+        missing("no chromium: apt-get install chromium (make setup does it as root)")
     return path
+
+
+class _Records(logging.Handler):
+    """Every log record it is given, formatted with its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextmanager
+def api_log() -> Iterator[_Records]:
+    """The in-process API's log, every level (uvicorn's access log too), kept while inside."""
+    records = _Records()
+    # uvicorn's loggers do not propagate to the root; the service's and the store's do
+    on = ["", "uvicorn", "uvicorn.access"]
+    verbose = ["service", "curvature_store", "uvicorn", "uvicorn.error", "uvicorn.access"]
+    levels = {name: logging.getLogger(name).level for name in verbose}
+    for name in on:
+        logging.getLogger(name).addHandler(records)
+    for name in verbose:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        for name in on:
+            logging.getLogger(name).removeHandler(records)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture
 def stack(tmp_path, tiny_model_dir):
-    """The API (two keys: team A on `tiny`, team B on `other`) and one worker for `tiny`."""
+    """The API (two keys: team A admin on `tiny`; team B editing its own streams of `tiny` and
+    `other`) and one worker for `tiny`. At the end, neither key is in the API's log or the
+    worker's output."""
     settings = Settings(
         redis_url=REDIS_URL,
         store_dir=tmp_path / "store",
@@ -57,7 +101,7 @@ def stack(tmp_path, tiny_model_dir):
                 "name": "team-a",
                 "grants": [{"model": "tiny", "stream": "*", "role": "admin"}],
             },
-            hash_key(KEY_B): {"name": "team-b", "models": ["other"]},
+            hash_key(KEY_B): {"name": "team-b", "models": ["tiny", "other"]},
         },
         models={"tiny": {}, "other": {}},
         sse_poll_s=0.1,
@@ -65,17 +109,26 @@ def stack(tmp_path, tiny_model_dir):
     argv = [sys.executable, "-m", "crispedit_cli", "worker", "--model", str(tiny_model_dir),
             "--model-name", "tiny", "--store", str(settings.store_dir), "--redis", REDIS_URL,
             "--tokens", "300"]  # fmt: skip
-    with redis_db(REDIS_URL), serve(create_app(settings)) as url:
-        worker = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    output = tmp_path / "worker.log"
+    # the log is taken once uvicorn has configured its loggers (which drops their handlers)
+    with redis_db(REDIS_URL), serve(create_app(settings)) as url, api_log() as log:
+        with output.open("wb") as out:
+            worker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
             yield url, settings
-            assert worker.poll() is None, "the worker died"
+            assert worker.poll() is None, f"the worker died:\n{output.read_text()[-4000:]}"
         finally:
             worker.terminate()
             try:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 worker.kill()
+    worker_output = output.read_text(errors="replace")
+    api_output = "\n".join(log.lines)
+    assert worker_output and api_output  # there was something to look in
+    for key in (KEY_A, KEY_B):
+        assert key not in api_output, "an API key in the API's log"
+        assert key not in worker_output, "an API key in the worker's output"
 
 
 def shot(page, name: str) -> None:
@@ -90,14 +143,16 @@ def sign_in(page, url: str, key: str) -> None:
     page.get_by_role("heading", name="Models and streams").wait_for()
 
 
-def submit(page, facts: list[dict], stream: str = "team-a", model: str = "tiny") -> None:
+def submit(
+    page, facts: list[dict], stream: str = "team-a", model: str = "tiny", epochs: int = 8
+) -> None:
     page.get_by_role("navigation").get_by_role("link", name="Submit edits").click()
     page.get_by_label("Model").select_option(model)
     page.get_by_label("Stream").fill(stream)
     for i, fact in enumerate(facts):
         for name, value in fact.items():
             page.get_by_label(f"Fact {i + 1} {name}", exact=True).fill(value)
-    page.get_by_label("epochs").fill("8")
+    page.get_by_label("epochs").fill(str(epochs))
     page.get_by_label("learning rate").fill("0.03")
     page.get_by_role("button", name="Submit", exact=True).click()
 
@@ -226,13 +281,12 @@ def test_console_in_a_browser(stack):
         sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         assert sha == store.manifest(first)["files"]["delta.safetensors"]["sha256"]
         expect(page.locator(".downloads li").first).to_contain_text(f"sha256 {sha} ✓ verified")
-        if "/v1/versions/{version_id}/adapter" in _routes():  # where the API exports adapters
-            page.get_by_label("rank").fill("2")
-            with page.expect_download() as info:
-                page.get_by_role("button", name="Adapter (PEFT LoRA, against base)").click()
-            assert info.value.suggested_filename.endswith("-adapter-r2.tar.gz")
-            sha = hashlib.sha256(Path(info.value.path()).read_bytes()).hexdigest()
-            expect(page.locator(".downloads li").last).to_contain_text(f"sha256 {sha} ✓ verified")
+        page.get_by_label("rank").fill("2")
+        with page.expect_download() as info:
+            page.get_by_role("button", name="Adapter (PEFT LoRA, against base)").click()
+        assert info.value.suggested_filename.endswith("-adapter-r2.tar.gz")
+        sha = hashlib.sha256(Path(info.value.path()).read_bytes()).hexdigest()
+        expect(page.locator(".downloads li").last).to_contain_text(f"sha256 {sha} ✓ verified")
         shot(page, "6-version")
 
         # roll back to the first version, confirmed in a dialog; the second shows rolled back
@@ -248,11 +302,24 @@ def test_console_in_a_browser(stack):
         assert store.head("tiny", "team-a") == first
         shot(page, "7-rolled-back")
 
+        # an edit cancelled from its page as soon as it shows, waiting or running: it ends
+        # cancelled, with what that means, and publishes nothing
+        submit(page, [{"prompt": "The Eiffel Tower is located in", "target": "Paris"}], epochs=100)
+        page.get_by_role("button", name="Cancel the job").click()
+        expect(page.locator("#job-status")).to_have_text("cancelled", timeout=JOB_TIMEOUT_MS)
+        expect(page.get_by_role("alert")).to_contain_text("no version was published")
+        expect(page.get_by_role("button", name="Cancel the job")).to_be_hidden()
+        assert store.head("tiny", "team-a") == first
+
         mark("stream, version, download, rollback")
-        # team B's key sees neither the stream nor its versions, even by address
+        # team B's key, on the same model, sees neither the stream nor its versions, even by address
         page.get_by_role("button", name="Sign out").click()
         sign_in(page, url, KEY_B)
         expect(page.get_by_role("heading", name="other")).to_be_visible()
+        tiny = page.locator("section[aria-labelledby='model-tiny']")
+        expect(tiny.get_by_role("heading", name="tiny")).to_be_visible()  # B may edit tiny too
+        expect(tiny).to_contain_text("No streams yet.")
+        expect(tiny.locator("tr[data-stream]")).to_have_count(0)
         expect(page.get_by_text("team-a")).to_have_count(0)
         page.goto(f"{url}/console/#/stream/tiny/team-a")
         expect(page.get_by_role("heading", name="Not available")).to_be_visible()
@@ -274,27 +341,18 @@ def test_console_in_a_browser(stack):
         mark("other team, cancel")
         assert errors == []
         assert not [u for u in urls if KEY_A in u or KEY_B in u]  # the key never in a URL
+        assert urls and not _external(urls, url)  # no CDN, nothing but the API itself
         browser.close()
 
 
-def _routes() -> set[str]:
-    """The API's paths (policies, generate and adapters come with other branches)."""
-    return set(create_app(Settings()).openapi()["paths"])
+def _external(urls: list[str], origin: str) -> list[str]:
+    """The requested URLs that leave `origin` (the API's http://host:port): neither on it nor a
+    blob: or data: URL the page made itself."""
+    return [u for u in urls if not u.startswith((f"{origin}/", "blob:", "data:"))]
 
 
-def _has_guard() -> bool:
-    return {
-        "/v1/streams/{model}/{stream}/policy",
-        "/v1/versions/{version_id}/generate",
-    } <= _routes()
-
-
-@pytest.mark.skipif(
-    not _has_guard(),
-    reason="this API has no stream policies or generate yet (the guard branch adds them)",
-)
 def test_console_on_a_guarded_stream(stack):
-    """Guarded publishing, where the API has it (stream policies, held versions, generate):
+    """Guarded publishing (stream policies, held versions, generate):
     the policy in words, a rejected job's broken rule, the held version published anyway, and
     answers at a version and at its parent side by side."""
     from playwright.sync_api import expect, sync_playwright
@@ -309,8 +367,9 @@ def test_console_on_a_guarded_stream(stack):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, headless=True)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        errors = []
+        errors, urls = [], []
         page.on("pageerror", lambda err: errors.append(str(err)))
+        page.on("request", lambda request: urls.append(request.url))
         sign_in(page, url, KEY_A)
 
         # a version outside the policy: the job is rejected with the rule it broke
@@ -344,4 +403,5 @@ def test_console_on_a_guarded_stream(stack):
         expect(answers.first.locator("th")).to_have_text("The Eiffel Tower is located in")
         shot(page, "11-generate")
         assert errors == []
+        assert urls and not _external(urls, url)
         browser.close()
