@@ -1,0 +1,162 @@
+"""bench/quality.py's sequential mode on a tiny model: a stopped stream goes on from its head in the
+store, keeps the rows of the chunks it had, and records its drift per chunk."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from crispedit.curvature import plan_curvature
+from crispedit.models import get_layers, parse_layers
+from crispedit.sequential import set_weights
+from crispedit.streams import base_weights, cached_curvature, read_cumulative
+from curvature_store import Store
+
+QUALITY = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
+DRIFT_TOKENS = 256
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_quality", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load()
+RUN = replace(quality.BASE, lr=3e-2, epochs=3, chunk=2, n=6, layers="2-3")  # fast, not landed
+
+
+@pytest.fixture
+def bench(tmp_path, tiny_tokenizer):
+    """(store, model, tokenizer, base, curvature) on a tiny Llama edited at blocks 2-3."""
+    model = make_tiny("llama")
+    layers = parse_layers(model, "2-3")
+    store = Store(tmp_path / "store")
+    recipe = plan_curvature(model, tiny_tokenizer, "wikitext", 400, layers, seq_len=64)
+    curvature, _ = cached_curvature(store, model, tiny_tokenizer, recipe, progress=False)
+    return store, model, tiny_tokenizer, base_weights(model, layers), curvature
+
+
+def run_stream(bench, run, facts=None, **kwargs):
+    store, model, tokenizer, base, curvature = bench
+    facts = quality.records(run) if facts is None else facts
+    return quality.edit_stream(
+        run, store, model, tokenizer, base, curvature, facts, model_name="tiny",
+        drift_tokens=DRIFT_TOKENS, progress=False, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def edits(monkeypatch):
+    """The chunks each edit_stream call edits, counted as edit_on_stream is called."""
+    import crispedit.streams
+
+    calls, real = [], crispedit.streams.edit_on_stream
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[7]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(crispedit.streams, "edit_on_stream", counted)
+    return calls
+
+
+def test_a_longer_run_goes_on_from_the_head_and_keeps_the_rows(bench, edits):
+    store, model, *_ = bench
+    first = run_stream(bench, replace(RUN, n=4))  # 2 chunks
+    assert [c["edits"] for c in first] == [2, 4] and len(edits) == 2
+    rows = run_stream(bench, RUN)  # 3 chunks: only the third is edited
+    assert len(edits) == 3
+    assert rows[:2] == first and [c["edits"] for c in rows] == [2, 4, 6]
+    stream = quality.stream_name(RUN)
+    assert (
+        stream
+        == quality.stream_name(replace(RUN, n=4))
+        != quality.stream_name(replace(RUN, lr=1e-2))
+    )
+    lineage = store.lineage("tiny", stream)
+    assert len(lineage) == 3
+    for row in rows:  # the drift per chunk, against the base
+        for key in ("chunk_efficacy", "first_chunk_efficacy", "all_efficacy", "kl", "seconds"):
+            assert math.isfinite(row[key]), key
+        assert math.isfinite(row["ppl_change_pct"]) and row["kl"] >= 0
+        assert row["all_n"] == row["edits"] and 0 < row["drift_tokens"] <= DRIFT_TOKENS
+
+    # a run already on the stream edits nothing and leaves the model at its head
+    _, fresh, _, base, _ = bench
+    set_weights(fresh, base, {})
+    assert run_stream(bench, RUN) == rows and len(edits) == 3
+    head = read_cumulative(store, lineage[0]["id"])
+    for name, module in get_layers(model, list(base)).items():
+        assert torch.equal(module.weight, base[name] + head[f"{name}.weight"])
+
+    # a shorter run reads its chunks off the stream, and --restart edits them all again
+    assert run_stream(bench, replace(RUN, n=2)) == rows[:1] and len(edits) == 3
+    again = run_stream(bench, RUN, restart=True)
+    assert len(edits) == 6 and len(again) == 3
+    assert len(store.versions("tiny", stream)) == 6  # the first three stay listed, off the lineage
+
+
+def test_a_stream_stopped_in_a_chunk_resumes_there(bench, edits, monkeypatch):
+    store = bench[0]
+    real, measured = quality.chunk_row, []
+
+    def stopped(*args, **kwargs):  # Ctrl-C after chunk 2's edit, before its version is written
+        measured.append(kwargs["end"])
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "chunk_row", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(bench, RUN)
+    stream = quality.stream_name(RUN)
+    assert len(store.versions("tiny", stream)) == 1  # no half-written version of chunk 2
+    first = _row_of(store.lineage("tiny", stream)[0])
+    monkeypatch.setattr(quality, "chunk_row", real)
+    rows = run_stream(bench, RUN)
+    assert edits == [2, 2, 2, 2]  # chunk 1, chunk 2 stopped, then chunks 2 and 3 only
+    assert rows[0] == first and [c["edits"] for c in rows] == [2, 4, 6]
+
+
+def test_a_stream_of_other_facts_is_refused(bench, edits):
+    run_stream(bench, replace(RUN, n=2))
+    other = quality.records(replace(RUN, start=10))
+    with pytest.raises(SystemExit, match="--restart"):
+        run_stream(bench, RUN, facts=other)
+    assert len(edits) == 1
+
+
+def _row_of(version: dict) -> dict:
+    return quality._chunk_of(version)
+
+
+def test_mixed_data_and_the_long_stream():
+    cf, zsre = (replace(RUN, dataset=d, start=0, n=1000) for d in ("counterfact", "zsre"))
+    mixed = quality.records(replace(RUN, dataset="counterfact+zsre", start=998, n=4))
+    assert mixed == quality.records(cf)[998:] + quality.records(zsre)[:2]
+    long = quality.records(quality.LONG_STREAM)
+    assert len(long) == 1998  # zsRE records 534 and 723 hold no edit
+    assert quality.stream_runs([quality.CHOSEN]) == [quality.LONG_STREAM]
+
+
+def test_the_chunk_table_marks_what_old_rows_lack(tmp_path):
+    old = {"edits": 100, "chunk_efficacy": 1.0, "first_chunk_efficacy": 0.9, "seconds": 60.0}
+    new = {**old, "edits": 200, "all_efficacy": 0.95, "all_n": 200, "ppl_change_pct": 0.5,
+           "kl": 0.01}  # fmt: skip
+    lines = quality.chunk_table([old, new])
+    assert lines[2] == "| 100 | 1.00 | 0.90 | - | - | - | - | 60 |"
+    assert lines[3] == "| 200 | 1.00 | 0.90 | 0.95 | 200 | +0.50 % | 0.0100 | 60 |"
+    pytest.importorskip("matplotlib")
+    row = {"run": {**quality.asdict(RUN), "n": 200, "chunk": 100}, "chunks": [old, new]}
+    quality.plot_sequential([row], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
