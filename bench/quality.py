@@ -4,6 +4,7 @@
     python bench/quality.py tune                  # choose settings: CounterFact records 0-99
     python bench/quality.py report                # report: CounterFact 100-399, zsRE 0-299
     python bench/quality.py report --sizes 100,300,1000 --sequential 1000
+    python bench/quality.py stream --mmlu 0 --no-generation   # the long stream, 20 × 100
     python bench/quality.py table                 # only rebuild the table and plot
 
 Every run is one edit (or one sequential stream of edits) of SmolLM2-135M-Instruct followed by
@@ -20,6 +21,24 @@ added when the zsRE report showed settings chosen on CounterFact alone under-tra
 answers) and reported on records the tuning never saw (CounterFact 100-399, zsRE 0-299). The
 1,000-edit runs use every CounterFact record (there are 1,000), tuning ones included; the table
 says so.
+
+A sequential run (`chunk` > 0) edits its records in chunks on one stream of the bench's store
+(STORE), one version per chunk, and measures after each chunk the efficacy of that chunk, of the
+first chunk and of all the edits so far (teacher-forced; on at most ALL_SAMPLE of them, evenly
+spaced), and the held-out perplexity change and KL against the base (`heldout_drift` on the first
+DRIFT_TOKENS tokens): its curve. The stream's name is a digest of the run less its size
+(`stream_name`), and each chunk's row is stored in its version's manifest, written with the version
+or not at all. So a sequential run resumes by default: started again after Ctrl-C or a kill (or a
+longer run with the same settings), it keeps the chunks already on the stream and their rows and
+edits only the rest; a chunk stopped half-way left no version and is edited again. `--restart`
+rolls the stream back to the base and starts over (the old versions stay in the store).
+
+The long stream (`stream`, LONG_STREAM: issue 23 asks for 3,000 edits, 30 × 100, CounterFact then
+zsRE) is every bundled record in chunks of 100: data set `counterfact+zsre`, CounterFact 0-999
+then zsRE 0-999, which is 1,998 edits (zsRE's records 534 and 723 hold none) in 20 chunks, the
+last of 98; the bundled data hold no more distinct records. It takes many hours on a CPU and goes
+on over several sittings. Every record is edited, so no CounterFact record is left for known-fact
+retention, which is then `-`.
 Not a test: the figures depend on the machine; fixed seeds make them repeatable on one machine.
 """
 
@@ -644,7 +663,7 @@ def plot_sequential(rows: list[dict], path: Path) -> None:
     many of the first chunk's edits still hold as later chunks land (what forgetting looks like,
     which the end-of-stream efficacy averages away), how many of all the edits so far hold, and
     the held-out perplexity change against the base. Rows measured before a curve was recorded
-    are left out of its panel."""
+    are left out of its panel, and a panel without any curve is not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -655,6 +674,8 @@ def plot_sequential(rows: list[dict], path: Path) -> None:
         ("all_efficacy", "all edits so far still holding", True),
         ("ppl_change_pct", "held-out perplexity change (%)", False),
     ]
+    # a panel no row has a curve for (runs measured before it was recorded) is left out
+    panels = [p for p in panels if any(c.get(p[0]) is not None for r in rows for c in r["chunks"])]
     datasets = sorted({r["run"]["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, (field, ylabel, share) in zip(axes.flat, panels, strict=True):
