@@ -164,7 +164,6 @@ def test_the_chunk_table_marks_what_old_rows_lack(tmp_path):
     lines = quality.chunk_table([old, new])
     assert lines[2] == "| 100 | 1.00 | 0.90 | - | - | - | - | 60 |"
     assert lines[3] == "| 200 | 1.00 | 0.90 | 0.95 | 200 | +0.50 % | 0.0100 | 60 |"
-    pytest.importorskip("matplotlib")
     row = {"run": {**quality.asdict(RUN), "n": 200, "chunk": 100}, "chunks": [old, new]}
     quality.plot_sequential([row], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
