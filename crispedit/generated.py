@@ -82,12 +82,7 @@ def generate_corpus(
     the host from a generator seeded with `seed`. Returns what the corpus is (model, fingerprint
     of its default layers, seed, sampling settings, documents, tokens) and how long it took.
     """
-    if tokens < 1:
-        raise ValueError(f"a generated corpus needs at least 1 token, not {tokens}")
-    if temperature <= 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], not {temperature}, {top_p}")
-    if doc_tokens < 2 or batch_size < 1:
-        raise ValueError("documents need at least 2 tokens and batches at least 1 document")
+    check_settings(tokens, temperature, top_p, doc_tokens, batch_size)
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     documents, total = [], 0
@@ -131,6 +126,25 @@ def generate_corpus(
         "seconds": round(seconds, 3),
         "tokens_per_s": round(total / seconds, 1) if seconds > 0 else None,
     }
+
+
+def check_settings(
+    tokens: int,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    doc_tokens: int = DOC_TOKENS,
+    batch_size: int = BATCH_SIZE,
+) -> None:
+    """Raise ValueError for settings `generate_corpus` cannot sample with (the command line
+    calls it before it loads the model)."""
+    if tokens < 1:
+        raise ValueError(f"a generated corpus needs at least 1 token, not {tokens}")
+    if not temperature > 0:
+        raise ValueError(f"the temperature must be above 0, not {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be above 0 and at most 1, not {top_p}")
+    if doc_tokens < 2 or batch_size < 1:
+        raise ValueError("documents need at least 2 tokens and batches at least 1 document")
 
 
 @torch.no_grad()
