@@ -63,6 +63,7 @@ DATASETS = ("counterfact", "zsre")
 RUNS = RESULTS / "quality-runs.jsonl"
 MODEL = "smollm2"
 STORE = Path.home() / ".cache" / "crispedit" / "bench-store"  # cached curvature, between runs
+CORPORA = STORE.parent / "bench-corpora"  # corpora the model generated, between runs
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class Run:
     lr: float = 5e-4
     epochs: int = 25
     tokens: int = 20_000  # curvature tokens (WikiText, the first 2/3 of the test split)
+    # the curvature's corpus: wikitext (the bundled split), or generated:N, N tokens the model
+    # samples itself (crispedit.generated, seed 0: issue 23's lever 3), generated once into CORPORA
+    corpus: str = "wikitext"
     labels: str = "empirical"
     project: str = "gradient"  # gradient | update: what the projector is applied to
     anchors: int = 0  # subject anchors per fact (crispedit.anchors); 0: none
@@ -205,6 +209,12 @@ TUNE += [replace(CHOSEN, laplace=1.0), replace(CHOSEN, laplace=10.0)]
 # context prefixes (issue 23, crispedit.contexts): each fact also trained after 5 or 10 short texts
 # the model writes, so the edit holds for the fact rather than its sentence (the PS column)
 TUNE += [replace(CHOSEN, contexts=5), replace(CHOSEN, contexts=10)]
+# more and other capability data (issue 23's lever 3): 100k curvature tokens of WikiText against
+# 100k the model samples itself (crispedit.generated), with the defaults
+TUNE += [
+    replace(CHOSEN, tokens=100_000),
+    replace(CHOSEN, tokens=100_000, corpus="generated:100000"),
+]
 # the report: ours as chosen, then the projector alone and the baselines without anchors (as
 # published) at the 50 epochs they were first measured with (each lands 0.98-1.00 of the edits
 # there), then EK-FAC curvature with ours and as published
@@ -283,6 +293,31 @@ def retention_triples(run: Run) -> list[tuple[str, str, str]] | None:
     return [(f.prompt, f.ground_truth, f.target) for f in zsre]
 
 
+def corpus_for(run: Run, model, tokenizer) -> tuple[str, dict | None]:
+    """The run's curvature corpus and, for a generated one, what it is and how long it took to
+    generate (`crispedit.generated`); a generated corpus is written once, named by the model's
+    fingerprint, dtype, seed and size, with that record beside it (`.json`), and reused."""
+    from crispedit.generated import SEED, generate_corpus
+    from crispedit.models import model_fingerprint, parse_layers
+    from curvature_store.files import atomic_write_json
+
+    if run.corpus == "wikitext":
+        return "wikitext", None
+    kind, _, tokens = run.corpus.partition(":")
+    if kind != "generated" or not tokens.isdigit() or int(tokens) < 1:
+        raise SystemExit(f"corpus must be wikitext or generated:TOKENS, not {run.corpus!r}")
+    fingerprint = model_fingerprint(model, parse_layers(model, None))[:12]
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    path = CORPORA / f"{MODEL}-{fingerprint}-{dtype}-seed{SEED}-{tokens}.jsonl"
+    record = path.with_suffix(".json")
+    if not (path.exists() and record.exists()):
+        log(f"  generating a {tokens}-token corpus -> {path}")
+        info = generate_corpus(model, tokenizer, path, int(tokens), seed=SEED)
+        atomic_write_json(record, {**info, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+        log(f"  {info['tokens']} tokens in {info['seconds']:.0f} s ({info['tokens_per_s']} tok/s)")
+    return str(path), json.loads(record.read_text())
+
+
 def curvature_for(store, model, tokenizer, run: Run):
     from crispedit.curvature import plan_curvature
     from crispedit.streams import cached_curvature
@@ -290,8 +325,9 @@ def curvature_for(store, model, tokenizer, run: Run):
     if run.method == "ft" and not run.laplace:
         return None, None
     kind = "ekfac" if run.method == "ekfac" else "kfac"
+    corpus, _ = corpus_for(run, model, tokenizer)
     recipe = plan_curvature(
-        model, tokenizer, "wikitext", run.tokens, run.layers, labels=run.labels, kind=kind
+        model, tokenizer, corpus, run.tokens, run.layers, labels=run.labels, kind=kind
     )
     curvature, manifest = cached_curvature(store, model, tokenizer, recipe, progress=True)
     return curvature, manifest["key"]
@@ -467,6 +503,8 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
         "run": asdict(run),
         "metrics": metrics,
         "chunks": chunks,
+        # a generated corpus: what it is, its generation time and tokens/s
+        "corpus": corpus_for(run, model, tokenizer)[1] if curvature is not None else None,
         "edit_s": round(edit_s, 1),
         "eval_s": round(time.perf_counter() - started, 1),
         "threads": torch.get_num_threads(),

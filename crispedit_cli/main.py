@@ -1,6 +1,7 @@
 """The `crispedit` command line: build curvature, edit, apply or evaluate a delta, and a demo.
 
     crispedit curvature build --model smollm2 --corpus wikitext --tokens 20000 --out runs/curv
+    crispedit corpus generate --model smollm2 --tokens 100000 --out runs/generated.jsonl
     crispedit edit --model smollm2 --facts facts.json --method crispedit --gamma 0.9 --out runs/e1
     crispedit apply --model smollm2 --delta runs/e1/delta.safetensors --out runs/edited-model
     crispedit eval --model smollm2 --delta runs/e1 --facts facts.json --json runs/e1/eval.json
@@ -11,8 +12,8 @@
 Every failure is one line on stderr (`crispedit: error: ...`) and exit status 2; a command that
 fails writes nothing to its `--out` (results are staged in a temp folder and moved in at the end).
 Every command that loads a model takes `--device` and `--dtype`, resolved here once, before the
-command runs. The verbs live by group: `curvature` and `edit` (local editing), `evaluate`, `store`
-(curvature artifacts and streams), `remote` (the API and the worker).
+command runs. The verbs live by group: `curvature`, `corpus` and `edit` (local editing),
+`evaluate`, `store` (curvature artifacts and streams), `remote` (the API and the worker).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import sys
 
 from crispedit_cli.common import USER_ERRORS, CLIError, check_numbers, resolve_placement
+from crispedit_cli.corpus import add_corpus
 from crispedit_cli.curvature import add_curvature_build
 from crispedit_cli.edit import add_apply, add_demo, add_edit
 from crispedit_cli.evaluate import add_eval
@@ -37,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     curv_sub = curv.add_subparsers(dest="curvature_command", required=True)
     add_curvature_build(curv_sub)
     add_curvature_store(curv_sub)
+    add_corpus(sub)
     add_edit(sub)
     add_stream(sub)
     add_generate(sub)

@@ -33,7 +33,8 @@ from workers.engine import Engine
 
 DTYPE_OF = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 LOADS_A_MODEL = {
-    "curvature build", "edit", "apply", "eval", "stream materialize", "generate", "worker", "demo"
+    "curvature build", "corpus generate", "edit", "apply", "eval", "stream materialize",
+    "generate", "worker", "demo",
 }  # fmt: skip
 KEY = f"{DEFAULT_LAYERS[0]}.weight"
 
@@ -157,6 +158,8 @@ def _refused_commands(tmp, model, facts) -> dict[str, tuple[list, object]]:
         "curvature build": (["curvature", "build", "--model", model, "--out", out], out),
         "curvature build --store": (["curvature", "build", "--model", model, "--store", store],
                                     store),
+        "corpus generate": (["corpus", "generate", "--model", model, "--tokens", "10",
+                             "--out", tmp / "c.jsonl"], tmp / "c.jsonl"),
         "edit": (["edit", "--model", model, "--facts", facts, "--out", out], out),
         "edit --stream": (["edit", "--model", model, "--facts", facts, "--store", store,
                            "--stream", "main"], store),
@@ -172,8 +175,8 @@ def _refused_commands(tmp, model, facts) -> dict[str, tuple[list, object]]:
     }  # fmt: skip
 
 
-REFUSED = ["curvature build", "curvature build --store", "edit", "edit --stream", "apply", "eval",
-           "stream materialize", "generate", "worker", "demo"]  # fmt: skip
+REFUSED = ["curvature build", "curvature build --store", "corpus generate", "edit", "edit --stream",
+           "apply", "eval", "stream materialize", "generate", "worker", "demo"]  # fmt: skip
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps", "tpu"])
