@@ -1,7 +1,9 @@
 """Adapter rank against edit quality: how much of an edit a LoRA adapter of rank r keeps.
 
     python bench/adapter.py                      # 100 CounterFact edits (records 100-199)
-    python bench/adapter.py --n 1000 --start 0   # every record (> 1 h for the edit on 2 cores)
+    python bench/adapter.py --n 1000 --start 0   # every record (> 2 h for the edit on 2 cores)
+    python bench/adapter.py --n 1000 --start 0 --run "kfac:0.9,epochs=50,project=update"
+                                                 # a cheaper edit of them (~16 min on 2 cores)
 
 One batch edit of SmolLM2-135M-Instruct with the editor's default settings (curvature from the
 bench store, ~/.cache/crispedit/bench-store, built there first when missing: ~5 min), then for
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from quality import MODEL, RESULTS, STORE, log
+from quality import MODEL, RESULTS, STORE, log, parse_run
 
 from contract.facts import fact_from_record
 from contract.jobs import curvature_kind
@@ -82,8 +84,16 @@ def main() -> None:
     ap.add_argument("--delta", help="keep the edit's delta here and reuse it when present")
     # off, as the quality bench's runs: the template triples the edit's time on this machine
     ap.add_argument("--chat-template", default="off", choices=["auto", "on", "off"])
+    ap.add_argument(
+        "--run",
+        help="edit with these settings instead of the defaults, written as bench/quality.py's "
+        "--runs writes a run (method[:gamma][,field=value...]; its layers are the default ones)",
+    )
     args = ap.parse_args()
-    settings = DEFAULTS.override(chat_template=args.chat_template)
+    if args.run:
+        settings = parse_run(f"{args.run},chat_template={args.chat_template}").settings()
+    else:
+        settings = DEFAULTS.override(chat_template=args.chat_template)
 
     rows = json.loads((ASSETS / "counterfact-edit-1k.json").read_text())
     facts = [
@@ -94,7 +104,7 @@ def main() -> None:
     layers = parse_layers(model, None)
     base = base_weights(model, layers)
     recipe = plan_curvature(
-        model, tokenizer, "wikitext", 20_000, layers, kind=curvature_kind(DEFAULTS.method)
+        model, tokenizer, "wikitext", 20_000, layers, kind=curvature_kind(settings.method)
     )
     curvature, _ = cached_curvature(Store(STORE, create=True), model, tokenizer, recipe)
     saved = Path(args.delta) if args.delta else None
@@ -119,7 +129,7 @@ def main() -> None:
         )
     ]
     log(f"full delta: {results[0][2]}")
-    write(Path(args.out), args, results, edit_s, len(facts))
+    write(Path(args.out), args, settings, results, edit_s, len(facts))
     manifest = {"id": None, "model": MODEL, "transposed_layers": []}
     full_rank = min(min(d.shape) for d in delta.tensors.values())
     choices = [("rank", full_rank if r == "full" else int(r)) for r in args.ranks.split(",") if r]
@@ -135,16 +145,20 @@ def main() -> None:
             row["error"] = max(info["relative_error"] for info in report["layers"].values())
             results.append((f"{kind} {value:g}", report["r"], row))
             log(f"{kind} {value}: {row}")
-            write(Path(args.out), args, results, edit_s, len(facts))  # what is done so far
+            write(
+                Path(args.out), args, settings, results, edit_s, len(facts)
+            )  # what is done so far
 
 
-def write(out: Path, args, results, edit_s: float, n: int) -> None:
+def write(out: Path, args, settings, results, edit_s: float, n: int) -> None:
     full = results[0][2]
     lines = [
         f"# Adapter rank against edit quality ({n} CounterFact edits, SmolLM2-135M-Instruct)",
         "",
-        f"Records {args.start}-{args.start + n - 1}, one batch edit with the editor's defaults "
-        f"({DEFAULTS.method} γ{DEFAULTS.gamma}, layers 20-24, chat template {args.chat_template}, "
+        f"Records {args.start}-{args.start + n - 1}, one batch edit with "
+        + (f"`--run {args.run}`" if args.run else "the editor's defaults")
+        + f" ({settings.method} γ{settings.gamma}, {settings.epochs} epochs, layers 20-24, "
+        f"chat template {args.chat_template}, "
         f"{edit_s:.0f} s), exported by "
         "`crispedit.adapter`, loaded and merged with `peft` "
         f"{_version('peft')}; teacher-forced scores, held-out perplexity and KL over "
