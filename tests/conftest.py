@@ -62,6 +62,22 @@ TINY_ARCHS = (
 )
 
 
+def tiny_stream_store(folder: Path, tokenizer):
+    """(store, model, layers, curvature): a curvature store in `folder` holding a small WikiText
+    curvature of a tiny Llama edited at blocks 2-3, for tests that edit on a stream."""
+    from crispedit.curvature import plan_curvature
+    from crispedit.models import parse_layers
+    from crispedit.streams import cached_curvature
+    from curvature_store import Store
+
+    model = make_tiny("llama")
+    layers = parse_layers(model, "2-3")
+    store = Store(folder)
+    recipe = plan_curvature(model, tokenizer, "wikitext", 400, layers, seq_len=64)
+    curvature, _ = cached_curvature(store, model, tokenizer, recipe, progress=False)
+    return store, model, layers, curvature
+
+
 def make_tiny(arch: str, seed: int = 0):
     """A small randomly initialised causal LM of the given architecture (4 blocks), in eval mode
     and float32. `arch` is one of TINY_ARCHS."""

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import tiny_stream_store
 
-from crispedit.curvature import plan_curvature
-from crispedit.models import get_layers, parse_layers
+from crispedit.models import get_layers
 from crispedit.sequential import set_weights
-from crispedit.streams import base_weights, cached_curvature, read_cumulative
-from curvature_store import Store
+from crispedit.streams import base_weights, read_cumulative
 
 QUALITY = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 DRIFT_TOKENS = 256
@@ -38,11 +36,7 @@ RUN = replace(quality.BASE, lr=3e-2, epochs=3, chunk=2, n=6, layers="2-3")  # fa
 @pytest.fixture
 def bench(tmp_path, tiny_tokenizer):
     """(store, model, tokenizer, base, curvature) on a tiny Llama edited at blocks 2-3."""
-    model = make_tiny("llama")
-    layers = parse_layers(model, "2-3")
-    store = Store(tmp_path / "store")
-    recipe = plan_curvature(model, tiny_tokenizer, "wikitext", 400, layers, seq_len=64)
-    curvature, _ = cached_curvature(store, model, tiny_tokenizer, recipe, progress=False)
+    store, model, layers, curvature = tiny_stream_store(tmp_path / "store", tiny_tokenizer)
     return store, model, tiny_tokenizer, base_weights(model, layers), curvature
 
 

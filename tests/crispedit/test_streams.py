@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, tiny_stream_store
 from devices import accelerator
 
 from contract.facts import Fact
@@ -45,11 +45,7 @@ FAST = {"lr": 3e-2, "epochs": 8, "progress": False}
 
 @pytest.fixture
 def setup(tmp_path, tiny_tokenizer):
-    model = make_tiny("llama")
-    layers = parse_layers(model, "2-3")
-    store = Store(tmp_path / "store")
-    recipe = plan_curvature(model, tiny_tokenizer, "wikitext", 400, layers, seq_len=64)
-    curvature, _ = cached_curvature(store, model, tiny_tokenizer, recipe, progress=False)
+    store, model, layers, curvature = tiny_stream_store(tmp_path / "store", tiny_tokenizer)
     return store, model, tiny_tokenizer, layers, curvature
 
 
