@@ -319,18 +319,20 @@ def corpus_for(run: Run, model, tokenizer) -> tuple[str, dict | None]:
 
 
 def curvature_for(store, model, tokenizer, run: Run):
+    """The run's curvature, its store key and, for a generated corpus, that corpus's record
+    (`corpus_for`); all None for a run without curvature (ft without laplace)."""
     from crispedit.curvature import plan_curvature
     from crispedit.streams import cached_curvature
 
     if run.method == "ft" and not run.laplace:
-        return None, None
+        return None, None, None
     kind = "ekfac" if run.method == "ekfac" else "kfac"
-    corpus, _ = corpus_for(run, model, tokenizer)
+    corpus, record = corpus_for(run, model, tokenizer)
     recipe = plan_curvature(
         model, tokenizer, corpus, run.tokens, run.layers, labels=run.labels, kind=kind
     )
     curvature, manifest = cached_curvature(store, model, tokenizer, recipe, progress=True)
-    return curvature, manifest["key"]
+    return curvature, manifest["key"], record
 
 
 # per-chunk measures of a sequential run, on the stream as it stands after each chunk
@@ -473,7 +475,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
     model, tokenizer = load_model(MODEL)
     layers = parse_layers(model, run.layers)
     base = base_weights(model, layers)
-    curvature, curvature_key = curvature_for(store, model, tokenizer, run)
+    curvature, curvature_key, corpus = curvature_for(store, model, tokenizer, run)
     facts = records(run)
     settings = run.settings()
     chat = resolve_chat_template(tokenizer, settings.chat_template)
@@ -504,7 +506,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
         "metrics": metrics,
         "chunks": chunks,
         # a generated corpus: what it is, its generation time and tokens/s
-        "corpus": corpus_for(run, model, tokenizer)[1] if curvature is not None else None,
+        "corpus": corpus,
         "edit_s": round(edit_s, 1),
         "eval_s": round(time.perf_counter() - started, 1),
         "threads": torch.get_num_threads(),
