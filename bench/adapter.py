@@ -10,9 +10,9 @@ bench store, ~/.cache/crispedit/bench-store, built there first when missing: ~5 
 each rank (and energy) the delta is exported as a PEFT adapter (`crispedit.adapter`), loaded with
 the real `peft` (`PeftModel.from_pretrained`), merged, and evaluated against the base model like
 the full delta (`crispedit.evaluate.evaluate_edit`: teacher-forced efficacy, paraphrases,
-neighbours, held-out perplexity change and KL; no generation, no MMLU). Writes
-bench/results/adapter.md. Not a test: figures depend on the machine; the seed makes them
-repeatable on one machine.
+neighbours, held-out perplexity change and KL; no generation, no probability scores, no
+MMLU). Writes bench/results/adapter.md. Not a test: figures depend on the machine; the seed
+makes them repeatable on one machine.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def measure(model, tokenizer, facts, base, edited, tokens: int, chat_template: s
     """The edit's figures for the edited layers' weights `edited` (the model holds the base)."""
     m = evaluate_edit(
         model, tokenizer, facts, edited=edited, tokens=tokens, retention=0, mmlu=0,
-        generation=False, chat_template=chat_template,
+        generation=False, scores=False, chat_template=chat_template,
     )  # fmt: skip
     return {
         "efficacy": m["efficacy"]["edited"]["teacher_forced"],

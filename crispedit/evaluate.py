@@ -643,6 +643,7 @@ def evaluate_edit(
     triples: Sequence[tuple[str, str, str]] | None = None,
     mmlu: int | None = None,
     generation: bool = True,
+    scores: bool = True,
     chat_template: str = DEFAULTS.chat_template,
     progress: bool = False,
 ) -> dict:
@@ -654,10 +655,12 @@ def evaluate_edit(
     perplexity and KL over `tokens` tokens, known-fact retention on `retention` non-edited
     CounterFact records or on the given `triples`, MMLU accuracy on `mmlu` questions, default all
     bundled). Every metric carries its sample count n; a metric over nothing (0 to skip it) is
-    null. `generation=False` skips the generated answers. `chat_template` (auto, on, off: the edit
-    option) wraps every prompt of the facts and of the retention set in the tokenizer's chat
-    template, as the edit was trained; held-out text and MMLU's few-shot prompts stay plain. The
-    model's weights are unchanged on return; `progress` prints one line per phase on stderr."""
+    null. `generation=False` skips the generated answers, `scores=False` the probability
+    comparisons (their figures null: they cost as much as the rest together). `chat_template`
+    (auto, on, off: the edit option) wraps every prompt of the facts and of the retention set in
+    the tokenizer's chat template, as the edit was trained; held-out text and MMLU's few-shot
+    prompts stay plain. The model's weights are unchanged on return; `progress` prints one line
+    per phase on stderr."""
     if delta is not None and edited is not None:
         raise ValueError("give the edit as delta or as edited weights, not both")
     for name, value in (("tokens", tokens), ("retention", retention), ("mmlu", mmlu)):
@@ -677,7 +680,7 @@ def evaluate_edit(
     with _phase(f"locality on {len(neighbors)} neighbours", progress):
         local = locality(model, tokenizer, neighbors, edited, chat=chat)
     with _phase("CounterFact scores (efficacy, paraphrase, neighbourhood)", progress):
-        scores = counterfact_scores(model, tokenizer, facts, edited, chat=chat)
+        scores = counterfact_scores(model, tokenizer, facts if scores else [], edited, chat=chat)
     with _phase(f"perplexity and KL on {tokens} held-out tokens", progress):
         documents = read_documents(HELDOUT) if tokens else []
         capability = heldout_drift(model, tokenizer, edited, documents, tokens)

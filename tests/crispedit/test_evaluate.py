@@ -455,6 +455,20 @@ def test_facts_without_a_true_object_have_no_scores(tiny):
     json.dumps(result, allow_nan=False)
 
 
+def test_scores_off_skips_them_and_changes_nothing_else(tiny):
+    model, tokenizer = tiny
+    delta = random_delta(model, scale=0.5)
+    cheap = dict(tokens=64, retention=0, mmlu=0, generation=False)
+    full = evaluate_edit(model, tokenizer, SCORED, delta, **cheap)
+    skipped = evaluate_edit(model, tokenizer, SCORED, delta, scores=False, **cheap)
+    none = {"n": 0, "base": None, "edited": None}
+    assert full["scores"]["efficacy"]["n"] == 3
+    assert skipped["scores"] == {"efficacy": none, "paraphrase": none, "neighborhood": none}
+    assert {k: v for k, v in skipped.items() if k != "scores"} == {
+        k: v for k, v in full.items() if k != "scores"
+    }
+
+
 def test_zsre_has_efficacy_and_paraphrase_scores_but_no_neighbourhood():
     """zsRE records carry their true answers, so ES and PS are defined; their neighbours are
     unrelated questions, not other subjects with the true object, so NS is not."""
