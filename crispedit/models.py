@@ -319,6 +319,32 @@ def _block_layers(model: nn.Module, item: str) -> list[str]:
     return [f"{prefix}.{i}.{proj}" for i in indices]
 
 
+def block_index(model: nn.Module, name: str) -> int | None:
+    """The block index `i` for which `parse_layers(model, str(i))` names exactly `name` (its
+    block's MLP output projection), or None for any other layer (an attention projection, say),
+    which a layer spec can only give by its module name."""
+    prefix, blocks = transformer_blocks(model)
+    index, _, rest = name.removeprefix(f"{prefix}.").partition(".")
+    if not name.startswith(f"{prefix}.") or not index.isdigit() or int(index) >= len(blocks):
+        return None
+    try:
+        return int(index) if _block_layers(model, index) == [name] and rest else None
+    except ModelError:  # a block without an editable MLP output projection
+        return None
+
+
+def block_spec(indices: list[int]) -> str:
+    """The `--layers` spec of a set of block indices, runs written as ranges: [15, 17, 18, 19]
+    -> "15,17-19", which `parse_layers` reads back as those blocks."""
+    runs: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
 def _unknown_layer(model: nn.Module, name: str) -> str:
     """The error for a layer name that is no module: a parameter's name says so."""
     message = f"unknown layer {name!r}: no such module in {type(model).__name__}"

@@ -7,9 +7,12 @@ from torch import nn
 
 from crispedit.models import (
     ModelError,
+    block_index,
+    block_spec,
     default_dtype,
     default_target_layers,
     is_conv1d,
+    is_editable,
     load_model,
     model_fingerprint,
     parse_layers,
@@ -203,6 +206,31 @@ def test_parse_layers_non_linear_error_names_the_layer(llama):
 def test_parse_layers_reversed_range_is_an_error(llama):
     with pytest.raises(ModelError, match="3-1"):
         parse_layers(llama, "3-1")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_block_index_inverts_parse_layers_for_mlp_output_projections_only(arch):
+    model = make_tiny(arch)
+    prefix, blocks = transformer_blocks(model)
+    for i in range(len(blocks)):
+        (name,) = parse_layers(model, str(i))
+        assert block_index(model, name) == i
+    attention = next(n for n, m in model.named_modules() if n.startswith(f"{prefix}.1.")
+                     and "attn" in n and is_editable(m))  # fmt: skip
+    for other in (attention, f"{prefix}.1", f"{prefix}.9.mlp", "lm_head", f"{prefix}x.1.y"):
+        assert block_index(model, other) is None
+
+
+@pytest.mark.parametrize(
+    ("indices", "spec"),
+    [([3], "3"), ([20, 21, 22, 23, 24], "20-24"), ([17, 15, 18, 19, 20], "15,17-20"),
+     ([1, 3, 5], "1,3,5"), ([2, 2, 3], "2-3")],
+)  # fmt: skip
+def test_block_spec_writes_runs_as_ranges_that_parse_layers_reads_back(llama, indices, spec):
+    assert block_spec(indices) == spec
+    small = [i for i in indices if i < 4]
+    if small == indices:
+        assert parse_layers(llama, spec) == _down(*sorted(set(indices)))
 
 
 # ---------------------------------------------------------------------------------------------
