@@ -215,6 +215,11 @@ TUNE += [
     replace(CHOSEN, tokens=100_000),
     replace(CHOSEN, tokens=100_000, corpus="generated:100000"),
 ]
+# more edited layers (issue 23's lever 2): the defaults on 8 and 10 contiguous blocks ending at
+# block 24 instead of 5, so that each layer changes less; bench/layers.py ranks every block by a
+# measured score (crispedit.layerscore), and its top-k choice is measured against these with
+# `--runs "...,layers=SPEC"` (bench/README.md, "More edited layers")
+TUNE += [replace(CHOSEN, layers="17-24"), replace(CHOSEN, layers="15-24")]
 # the report: ours as chosen, then the projector alone and the baselines without anchors (as
 # published) at the 50 epochs they were first measured with (each lands 0.98-1.00 of the edits
 # there), then EK-FAC curvature with ours and as published
@@ -842,10 +847,18 @@ def stream_runs(methods: list[Run]) -> list[Run]:
 
 
 def parse_run(text: str) -> Run:
-    """`method[:gamma][,field=value...]` e.g. `kfac:0.8,project=update`."""
-    head, *fields = text.split(",")
+    """`method[:gamma][,field=value...]` e.g. `kfac:0.8,project=update`. A piece without `=`
+    continues the value before it, so that a layer set written with commas reads whole:
+    `kfac:0.9,layers=15,17-20,epochs=100` edits layers "15,17-20"."""
+    head, *pieces = text.split(",")
     method, _, gamma = head.partition(":")
     run = replace(BASE, method=method, gamma=float(gamma) if gamma else BASE.gamma)
+    fields: list[str] = []
+    for piece in pieces:
+        if "=" not in piece and fields:
+            fields[-1] += f",{piece}"
+        else:
+            fields.append(piece)
     for item in fields:
         key, _, value = item.partition("=")
         kind = type(getattr(BASE, key))

@@ -161,3 +161,12 @@ def test_the_chunk_table_marks_what_old_rows_lack(tmp_path):
     row = {"run": {**quality.asdict(RUN), "n": 200, "chunk": 100}, "chunks": [old, new]}
     quality.plot_sequential([row], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_a_run_takes_a_layer_set_written_with_commas():
+    """A layer set as bench/layers.py writes a choice ("15,17-20") reads whole inside a run."""
+    run = quality.parse_run("kfac:0.9,layers=15,17-20,epochs=100,project=update")
+    assert (run.layers, run.epochs, run.project, run.gamma) == ("15,17-20", 100, "update", 0.9)
+    assert quality.parse_run("kfac,anchors=2,layers=3").layers == "3"
+    lever = [r.layers for r in quality.TUNE if r.layers in ("17-24", "15-24")]
+    assert lever == ["17-24", "15-24"]
