@@ -147,7 +147,10 @@ def fact_gradients(
     finally:
         for name, m in modules.items():
             m.weight.grad = saved[name]
-    return {name: grads.get(name, _zeros_like_weight(m, device)) for name, m in modules.items()}
+    return {
+        name: grads[name] if name in grads else _zeros_like_weight(m, device)
+        for name, m in modules.items()
+    }
 
 
 def _zeros_like_weight(module: nn.Module, device: torch.device) -> torch.Tensor:
