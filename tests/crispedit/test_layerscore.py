@@ -112,10 +112,12 @@ def test_a_real_layer_scores_its_facts_gradient_under_the_kronecker_form(tiny, c
 # (2) a rescaled layer scores the same
 
 
-def test_a_layer_rescaled_without_changing_the_model_scores_the_same(tiny_tokenizer):
+@pytest.mark.parametrize("damping", (DAMPING, 1.0))
+def test_a_layer_rescaled_without_changing_the_model_scores_the_same(tiny_tokenizer, damping):
     """Block 2's down projection reads inputs 8× larger (its up projection × 8) through a weight
     8× smaller: the same model, and the same score, kept score and kept share, while its plain
-    gradient norm is 8× larger (its gradient G = g aᵀ grows with a)."""
+    gradient norm is 8× larger (its gradient G = g aᵀ grows with a). A damping as large as the
+    mean eigenvalue product shows δ scales with the layer too."""
     c = 8.0  # a power of two: the rescaled weights are exact
     base, scaled = make_tiny("llama"), make_tiny("llama")
     with torch.no_grad():
@@ -128,7 +130,8 @@ def test_a_layer_rescaled_without_changing_the_model_scores_the_same(tiny_tokeni
     ours = {}
     for key, model in (("base", base), ("scaled", scaled)):
         curvature = curvature_for(model, tiny_tokenizer, layers)
-        ours[key] = {s.name: s for s in rank_layers(model, tiny_tokenizer, FACTS, curvature)}
+        scores = rank_layers(model, tiny_tokenizer, FACTS, curvature, damping=damping)
+        ours[key] = {s.name: s for s in scores}
     for name in layers:
         b, s = ours["base"][name], ours["scaled"][name]
         assert s.score == pytest.approx(b.score, rel=1e-3)
