@@ -98,9 +98,9 @@ from crispedit.targets import (
 LR, BATCH_SIZE, EPOCHS, SEED = DEFAULTS.lr, DEFAULTS.batch_size, DEFAULTS.epochs, DEFAULTS.seed
 LOSS_STOP, STOP = DEFAULTS.loss_stop, DEFAULTS.stop
 PROJECT, PROJECTOR_DTYPE = DEFAULTS.project, DEFAULTS.projector_dtype
-# a drift budget's γ raises at most: the kept subspace halves its protected energy's complement
-# each time (0.9 -> 0.9875 in three), and each raise costs up to another full edit; a budget that
-# needs more is one the curvature cannot promise at any γ this edit can still land under
+# a drift budget's raises of γ at most: each halves the share of the curvature energy left
+# unprotected (three take 0.9 to 0.9875) and may cost another edit's worth of epochs, so the
+# search costs at most four edits; a budget still missed there is reported rather than chased
 BUDGET_RAISES = 3
 
 
@@ -222,8 +222,9 @@ class CrispEditor:
     anchors, clip, ... each with its default, bounds and why it was chosen); an option passed as
     a keyword (`gamma=0.8`) overrides it, validated the same way (SettingsError naming it). The
     projectors are built once from `curvature` and kept, so a worker can call `edit` for job
-    after job; `ft` needs no curvature. `layers` defaults to the settings' layers, else the
-    curvature's, else the model's default block. `on_epoch` is called after every epoch with
+    after job (a drift budget's raised γ lasts for its one edit); `ft` needs no curvature.
+    `layers` defaults to the settings' layers, else the curvature's, else the model's default
+    block. `on_epoch` is called after every epoch with
     `{epoch, epochs, loss}` (a worker's progress and cancellation hook: an exception it raises
     aborts the edit). `fast` (default) computes each step's loss from the lowest edited block up
     and the logits only at the target positions, where the architecture allows
@@ -437,7 +438,9 @@ class CrispEditor:
         (in fp32, cast to the weight's dtype): exactly that for an fp32 model, that rounded once
         to bf16 for a bf16 one, and applying the delta to a copy of the base reproduces it bitwise.
         Refuses an empty list of facts. An exception (an `on_epoch` that aborts) leaves the
-        weights of the last step in the model.
+        weights of the last step in the model. With a drift budget the report also gives the γ
+        the edit ended at (`gamma`), `drift_budget_met` and every rung tried (`gamma_trail`); the
+        epochs, `on_epoch` included, count again from 1 at each rung.
         """
         facts = list(facts)
         if not facts:
@@ -511,10 +514,11 @@ class CrispEditor:
             master.copy_(before + self._project(name, master - before, run.projectors))
             module.weight.copy_(master)
         # Adam starts over, as each chunk of a stream does (crispedit.sequential): its moments
-        # average steps taken in the old kept subspace, part of which the new γ blocks. With
-        # project="gradient" its first moment would carry those directions into every step until
-        # it decayed; with "update" the step is projected anyway, but the second moment would
-        # still scale the new steps by the history of coordinates that are now blocked.
+        # average gradients projected onto the old kept subspace, part of which the new γ blocks.
+        # Under project="gradient" (steps not projected) its first moment would carry those
+        # directions into the new steps until it decayed; under either, its second moment holds
+        # the scale of gradients the new projector no longer lets through. Fresh, the rest of the
+        # edit is an edit of its own from the warm start, its first steps about lr per weight.
         run.optimizers = self._optimizers(run.masters)
 
     def _prepare(self, facts: list[Fact]) -> _Run:

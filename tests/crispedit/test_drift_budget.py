@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 from conftest import make_tiny, tiny_stream_store
+from devices import accelerator, on_accelerator
 from test_device import tiny_batches
 from test_editor import FACTS, curvature_for
 from test_editor_bf16 import blocked_share
@@ -182,6 +183,31 @@ def test_a_bf16_model_keeps_fp32_masters_through_the_raises(tiny_tokenizer, curv
         assert D.dtype == torch.float32 and module.weight.dtype == torch.bfloat16
         assert torch.equal(module.weight, (before[name].float() + D).to(torch.bfloat16))
         assert module.weight.grad is None
+
+
+@pytest.mark.parametrize("method", ("kfac", "nullspace", "ekfac"))
+def test_raises_with_the_model_on_the_accelerator_and_the_curvature_on_the_host(
+    tiny_tokenizer, curvatures, method
+):
+    """The raises' projectors, warm start and predictions on the model's device (the logical
+    accelerator of tests/devices.py, where a mixed-device op raises as on CUDA): the same search
+    and delta as on the CPU."""
+    layers, curv = curvatures
+    options = {"method": method, "drift_budget": IMPOSSIBLE, **SHORT}
+    _, expected = edit(tiny_tokenizer, curv[method], layers, **options)
+    with accelerator() as dev:
+        model = make_tiny("llama").to(dev)
+        editor, delta = edit(tiny_tokenizer, curv[method], layers, model, **options)
+        assert all(on_accelerator(P.U_A) for P in editor.projectors.values())
+    assert [r["gamma"] for r in delta.report["gamma_trail"]] == [
+        r["gamma"] for r in expected.report["gamma_trail"]
+    ]
+    for key, d in delta.tensors.items():
+        assert not on_accelerator(d)
+        torch.testing.assert_close(d, expected.tensors[key], rtol=1e-3, atol=1e-3 * d.abs().max())
+    assert delta.report["predicted_loss_increase"] == pytest.approx(
+        expected.report["predicted_loss_increase"], rel=1e-3
+    )
 
 
 @pytest.mark.parametrize("method", ("ft", "memit", "alphaedit"))
