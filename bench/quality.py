@@ -99,6 +99,8 @@ class Run:
     clip: float = 0.0  # share of each factor's eigenvalues winsorized (crispedit.projector)
     laplace: float = 0.0  # weight of the K-FAC Laplace penalty (crispedit.laplace); 0: none
     contexts: int = 0  # context prefixes each fact is also trained under (crispedit.contexts)
+    # largest predicted capability-loss rise (nats per token): γ raised until the edit fits; 0: off
+    drift_budget: float = 0.0
     # prompts wrapped in the chat template (crispedit.targets); off: as every run before it was
     chat_template: str = "off"
     # memit / alphaedit (crispedit.memit, crispedit.alphaedit): the papers' defaults
@@ -209,6 +211,12 @@ TUNE += [replace(CHOSEN, laplace=1.0), replace(CHOSEN, laplace=10.0)]
 # context prefixes (issue 23, crispedit.contexts): each fact also trained after 5 or 10 short texts
 # the model writes, so the edit holds for the fact rather than its sentence (the PS column)
 TUNE += [replace(CHOSEN, contexts=5), replace(CHOSEN, contexts=10)]
+# a drift budget instead of a fixed γ (issue 23's lever 4, crispedit.editor): γ raised from 0.9
+# (0.95, 0.975, 0.9875) until the delta's predicted capability-loss rise fits. The defaults
+# predicted 5e-4 nats per token for 10 CounterFact edits (3e-4 with the chat template) at KL
+# 0.0026, and 100 edits' KL is 0.0088: their prediction is likely above 1e-3, so both budgets
+# should bind on the tuning split, 5e-4 the harder (the figures: bench/results/quality.md)
+TUNE += [replace(CHOSEN, drift_budget=1e-3), replace(CHOSEN, drift_budget=5e-4)]
 # more and other capability data (issue 23's lever 3): 100k curvature tokens of WikiText against
 # 100k the model samples itself (crispedit.generated), with the defaults
 TUNE += [
@@ -485,10 +493,11 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
     settings = run.settings()
     chat = resolve_chat_template(tokenizer, settings.chat_template)
     started = time.perf_counter()
-    chunks, predicted = [], None
+    chunks, predicted, trail = [], None, None
     if run.chunk == 0:
         delta = make_editor(model, tokenizer, curvature, settings, layers=layers).edit(facts)
         predicted = delta.report.get("predicted_loss_increase")
+        trail = delta.report.get("gamma_trail") or None  # with a drift budget: each γ tried
     else:
         chunks = edit_stream(
             run, store, model, tokenizer, base, curvature, facts,
@@ -510,6 +519,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
         "run": asdict(run),
         "metrics": metrics,
         "chunks": chunks,
+        "gamma_trail": trail,
         # a generated corpus: what it is, its generation time and tokens/s
         "corpus": corpus,
         "edit_s": round(edit_s, 1),
@@ -626,11 +636,21 @@ def table(rows: list[dict]) -> list[str]:
                 run.dataset, f"{run.start}-{run.start + run.n - 1}",
                 str(_get(m, "efficacy", "n") or run.n),  # less where records hold no edit
                 "batch" if run.chunk == 0 else f"sequential ×{run.chunk}", run.label,
-                _changes(run),
+                _changes(run) + _gamma_used(row),
                 *[_cell(m, p, f) for _, p, f in COLUMNS],
             ]) + " |"
         )  # fmt: skip
     return lines
+
+
+def _gamma_used(row: dict) -> str:
+    """Where a drift budget raised γ, the one the edit ended at and whether it met the budget."""
+    trail = row.get("gamma_trail") or []
+    if len(trail) < 2:
+        return ""
+    last = trail[-1]
+    met = last["predicted_loss_increase"] <= row["run"]["drift_budget"]
+    return f" (γ used {last['gamma']:g}{'' if met else ', over budget'})"
 
 
 def _point(row: dict) -> tuple[float | None, float | None]:

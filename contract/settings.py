@@ -26,6 +26,8 @@ from typing import Any
 # memit and alphaedit are the closed-form editors of crispedit.memit and crispedit.alphaedit
 METHODS = ("ft", "nullspace", "kfac", "ekfac", "memit", "alphaedit")
 CLOSED_FORM = ("memit", "alphaedit")
+# the methods whose edit keeps to a curvature subspace set by γ, which a drift budget raises
+BUDGETED = ("nullspace", "kfac", "ekfac")
 ALIASES = {"crispedit": "kfac"}  # our default, the best setting of the quality benchmark
 PROJECT_CHOICES = ("gradient", "update")
 STOP_CHOICES = ("batch", "fact")
@@ -144,6 +146,20 @@ class EditSettings:
         "ft given a curvature; not memit or alphaedit.",
         ge=0.0, api=True, api_le=100.0,
     )  # fmt: skip
+    # off until measured on the tuning splits (issue 23, lever 4). The unit is the report's
+    # predicted_loss_increase (nats per token); the API's cap, a nat per token (perplexity ×2.7),
+    # lies far above any edit worth publishing
+    drift_budget: float = _option(
+        0.0,
+        "Largest predicted capability-loss rise (the report's predicted_loss_increase, "
+        "½·tr(ΔWᵀ B ΔW A) summed over the edited layers, nats per token) the edit may cause "
+        "(0: off). The edit runs at gamma first; while its delta's rise exceeds the budget, "
+        "gamma is raised, a few times at most, along 1 - (1 - gamma)/2^k (from 0.9: 0.95, "
+        "0.975, 0.9875), and the edit goes on from its change so far projected onto the "
+        "smaller kept subspace. The report gives the gamma used, whether the budget was met, "
+        "and each rung tried (gamma_trail). kfac, ekfac and nullspace.",
+        ge=0.0, api=True, api_le=1.0,
+    )  # fmt: skip
     # off until measured on the tuning splits (issue 23: edits that hold for their prompt but
     # not for its paraphrases); the cap is the number of starters (crispedit.contexts.CONTEXTS)
     contexts: int = _option(
@@ -214,6 +230,12 @@ class EditSettings:
         if self.laplace and resolve_method(self.method) in CLOSED_FORM:
             raise SettingsError(
                 "laplace", f"applies to the projected editor, not to {resolve_method(self.method)}"
+            )
+        if self.drift_budget and resolve_method(self.method) not in BUDGETED:
+            raise SettingsError(
+                "drift_budget",
+                f"applies to kfac, ekfac and nullspace (whose edit has a gamma to raise), not "
+                f"to {resolve_method(self.method)}",
             )
         if self.contexts and resolve_method(self.method) in CLOSED_FORM:
             raise SettingsError(

@@ -27,6 +27,16 @@ masters' change so far, ΔW = master - weight before, its gradient added to the 
 before projection. It needs the weights before on the device too (in the model's dtype). Every
 edit with a curvature reports that prediction for its delta (`predicted_loss_increase`).
 
+With `drift_budget` > 0 the edit keeps its predicted capability-loss rise under that budget by
+choosing γ: it runs at the settings' γ, and while its delta's prediction exceeds the budget it
+raises γ along γ_k = 1 - (1 - γ)/2^k (0.9, 0.95, 0.975, ...), at most `BUDGET_RAISES` times.
+Each raise rebuilds the projectors at the new γ from the same curvature (sharing their rotation
+bases), projects the change made so far onto the new, smaller kept subspace (a warm start: the
+edit goes on from there rather than from the weights before), starts a fresh Adam and runs the
+configured epochs again under the usual stopping rules. The first γ whose delta fits ends the
+search; if none does, the edit ends at the last one and says so. The report's `gamma_trail`
+lists every rung tried.
+
 With `contexts` = k > 0 each fact is trained as k + 1 sequences: its prompt, and the same after
 each of the model's first k context prefixes (crispedit.contexts, generated once per edit), the
 loss the mean over all their target tokens as over a batch of that many facts. A batch and a
@@ -88,6 +98,16 @@ from crispedit.targets import (
 LR, BATCH_SIZE, EPOCHS, SEED = DEFAULTS.lr, DEFAULTS.batch_size, DEFAULTS.epochs, DEFAULTS.seed
 LOSS_STOP, STOP = DEFAULTS.loss_stop, DEFAULTS.stop
 PROJECT, PROJECTOR_DTYPE = DEFAULTS.project, DEFAULTS.projector_dtype
+# a drift budget's raises of γ at most: each halves the share of the curvature energy left
+# unprotected (three take 0.9 to 0.9875) and may cost another edit's worth of epochs, so the
+# search costs at most four edits; a budget still missed there is reported rather than chased
+BUDGET_RAISES = 3
+
+
+def raised_gamma(gamma: float, k: int) -> float:
+    """The drift budget's k-th rung above `gamma`: 1 - (1 - γ)/2^k, the share of the curvature
+    energy left unprotected halved k times."""
+    return 1.0 - (1.0 - gamma) / 2**k
 
 
 def fact_losses(token_losses: torch.Tensor, row_of: torch.Tensor, n: int) -> torch.Tensor:
@@ -156,8 +176,13 @@ class _Run:
     order: torch.Generator
     base_fingerprint: str
     efficacy_before: float
+    gamma: float | None  # the γ the edit projects at now (None for ft)
+    projectors: dict  # per layer, the projector at that γ (the editor's own at the settings' γ)
     losses: list[float] = field(default_factory=list)  # each epoch's mean batch loss
     penalty: dict[str, torch.Tensor] = field(default_factory=dict)  # per layer, q at its last step
+    # with a drift budget: per γ tried, what its rung ended with; and whether the budget was met
+    trail: list[dict] = field(default_factory=list)
+    budget_met: bool | None = None
 
 
 @dataclass
@@ -197,8 +222,9 @@ class CrispEditor:
     anchors, clip, ... each with its default, bounds and why it was chosen); an option passed as
     a keyword (`gamma=0.8`) overrides it, validated the same way (SettingsError naming it). The
     projectors are built once from `curvature` and kept, so a worker can call `edit` for job
-    after job; `ft` needs no curvature. `layers` defaults to the settings' layers, else the
-    curvature's, else the model's default block. `on_epoch` is called after every epoch with
+    after job (a drift budget's raised γ lasts for its one edit); `ft` needs no curvature.
+    `layers` defaults to the settings' layers, else the curvature's, else the model's default
+    block. `on_epoch` is called after every epoch with
     `{epoch, epochs, loss}` (a worker's progress and cancellation hook: an exception it raises
     aborts the edit). `fast` (default) computes each step's loss from the lowest edited block up
     and the logits only at the target positions, where the architecture allows
@@ -240,28 +266,37 @@ class CrispEditor:
         self.modules = get_layers(model, self.layers)
         weight = next(model.parameters())
         self.projector_dtype = resolve_projector_dtype(self.settings.projector_dtype, weight.dtype)
-        self.projectors = self._build_projectors(curvature, weight.device)
+        # kept for a drift budget's raises of γ (its eigenbases are kept with it, on the host)
+        self.curvature = curvature
+        self.projectors = self._build_projectors(curvature, weight.device, self.settings.gamma)
         self.laplace_forms = self._build_laplace_forms(curvature, weight.device)
         self.fast = FastForward.plan(model, self.layers) if fast else None
 
-    def _build_projectors(self, curvature: Curvature | None, device: torch.device) -> dict:
-        """One projector per edited layer (none for `ft`), on the model's device; the bases they
-        rotate in are computed once per curvature (`LayerCurvature.eigen`, kept on the host), so a
-        worker's job copies them rather than decomposing again."""
+    def _build_projectors(
+        self,
+        curvature: Curvature | None,
+        device: torch.device,
+        gamma: float,
+        share: dict | None = None,
+    ) -> dict:
+        """One projector per edited layer at `gamma` (none for `ft`), on the model's device; the
+        bases they rotate in are computed once per curvature (`LayerCurvature.eigen`, kept on the
+        host), so a worker's job copies them rather than decomposing again. `share`, projectors
+        of the same curvature at another γ, lends them its bases (a drift budget's raise)."""
         if self.method == "ft":
             return {}
         missing = [n for n in self.layers if n not in curvature.layers]
         if missing:
             raise ValueError(f"the curvature has no factors for layer {missing[0]!r}")
-        s = self.settings
         return {
             name: build_projector(
                 curvature.layers[name],
                 self.method,
-                s.gamma,
+                gamma,
                 device=device,
                 dtype=self.projector_dtype,
-                clip=s.clip,
+                clip=self.settings.clip,
+                bases=None if share is None else (share[name].U_A, share[name].U_B),
             )
             for name in self.layers
         }
@@ -296,10 +331,13 @@ class CrispEditor:
         if self.progress:
             print(message, file=sys.stderr, flush=True)
 
-    def _project(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def _project(
+        self, name: str, tensor: torch.Tensor, projectors: dict | None = None
+    ) -> torch.Tensor:
         """`tensor` (a gradient or step of layer `name`, in its weight's storage layout) projected
-        onto the kept subspace; unchanged under `ft`, which has no projectors."""
-        P = self.projectors.get(name)
+        onto the kept subspace of `projectors` (default: the editor's, at the settings' γ);
+        unchanged under `ft`, which has no projectors."""
+        P = (self.projectors if projectors is None else projectors).get(name)
         if P is None:
             return tensor
         # the projector works on the (d_out, d_in) view, as weight_matrix gives of the weight
@@ -400,7 +438,9 @@ class CrispEditor:
         (in fp32, cast to the weight's dtype): exactly that for an fp32 model, that rounded once
         to bf16 for a bf16 one, and applying the delta to a copy of the base reproduces it bitwise.
         Refuses an empty list of facts. An exception (an `on_epoch` that aborts) leaves the
-        weights of the last step in the model.
+        weights of the last step in the model. With a drift budget the report also gives the γ
+        the edit ended at (`gamma`), `drift_budget_met` and every rung tried (`gamma_trail`); the
+        epochs, `on_epoch` included, count again from 1 at each rung.
         """
         facts = list(facts)
         if not facts:
@@ -409,13 +449,77 @@ class CrispEditor:
         run = self._prepare(facts)
         try:
             with trainable_only(self.model, [m.weight for m in self.modules.values()]):
-                for epoch in range(1, self.settings.epochs + 1):
-                    if self._epoch(run, epoch):
-                        break
+                if self.settings.drift_budget:
+                    self._edit_within_budget(run)
+                else:
+                    self._train(run)
             tensors = self._delta(run)
         finally:
             self._release(run)
         return self._finish(run, tensors, time.perf_counter() - started)
+
+    def _train(self, run: _Run) -> None:
+        """Epochs until the edit converges (`loss_stop`) or `epochs` have run."""
+        for epoch in range(1, self.settings.epochs + 1):
+            if self._epoch(run, epoch):
+                break
+
+    def _edit_within_budget(self, run: _Run) -> None:
+        """Train at the settings' γ, then raise γ (`_raise_gamma`) until the delta's predicted
+        capability-loss rise is within `drift_budget`, at most `BUDGET_RAISES` times; each rung
+        joins `run.trail` with its γ, prediction, efficacy (on the model as the rung left it),
+        epochs and seconds, and `run.budget_met` says whether the last one fits."""
+        budget = self.settings.drift_budget
+        for raises in range(BUDGET_RAISES + 1):
+            rung_started, first_epoch = time.perf_counter(), len(run.losses)
+            if raises:
+                self._raise_gamma(run, raised_gamma(self.settings.gamma, raises))
+            self._train(run)
+            rise = sum(self.predicted_loss_increase(self._delta(run)).values())
+            efficacy = teacher_forced_accuracy(
+                self.model, self.tokenizer, run.pairs, chat=self.chat
+            )
+            run.trail.append({
+                "gamma": run.gamma,
+                "predicted_loss_increase": rise,
+                "efficacy": efficacy,
+                "epochs": len(run.losses) - first_epoch,
+                "seconds": round(time.perf_counter() - rung_started, 3),
+            })  # fmt: skip
+            run.budget_met = rise <= budget
+            self._log(
+                f"gamma {run.gamma:.4g}  predicted capability loss {rise:.2e} "
+                f"{'within' if run.budget_met else 'over'} the budget {budget:.2e}  "
+                f"efficacy {efficacy:.3f}"
+            )
+            if run.budget_met:
+                return
+        self._log(
+            f"no gamma up to {run.gamma:.4g} keeps the predicted capability loss within "
+            f"{budget:.2e}: the edit ends at gamma {run.gamma:.4g}, over its budget"
+        )
+
+    @torch.no_grad()
+    def _raise_gamma(self, run: _Run, gamma: float) -> None:
+        """Go on editing at `gamma`: projectors rebuilt at it from the same curvature (no new
+        curvature, the rotation bases shared), the change so far projected onto their kept
+        subspace (masters = weights before + P(ΔW), written into the model), and a fresh Adam."""
+        self._log(f"raising gamma from {run.gamma:.4g} to {gamma:.4g}")
+        run.projectors = self._build_projectors(
+            self.curvature, run.device, gamma, share=run.projectors
+        )
+        run.gamma = gamma
+        for name, module in self.modules.items():
+            master, before = run.masters[name], run.before[name].to(run.device, torch.float32)
+            master.copy_(before + self._project(name, master - before, run.projectors))
+            module.weight.copy_(master)
+        # Adam starts over, as each chunk of a stream does (crispedit.sequential): its moments
+        # average gradients projected onto the old kept subspace, part of which the new γ blocks.
+        # Under project="gradient" (steps not projected) its first moment would carry those
+        # directions into the new steps until it decayed; under either, its second moment holds
+        # the scale of gradients the new projector no longer lets through. Fresh, the rest of the
+        # edit is an edit of its own from the warm start, its first steps about lr per weight.
+        run.optimizers = self._optimizers(run.masters)
 
     def _prepare(self, facts: list[Fact]) -> _Run:
         """Everything an edit computes once: the weights before it, the base model's metrics,
@@ -449,11 +553,6 @@ class CrispEditor:
             if self.settings.laplace
             else {}
         )
-        # one optimizer per layer: a step then holds one layer's temporaries at a time
-        optimizers = {
-            n: torch.optim.Adam([w], lr=self.settings.lr, weight_decay=0.0)
-            for n, w in masters.items()
-        }
         for module in self.modules.values():
             module.weight.grad = None  # a gradient left from before would add to the first one
         return _Run(
@@ -467,12 +566,22 @@ class CrispEditor:
             before=before,
             origin=origin,
             masters=masters,
-            optimizers=optimizers,
+            optimizers=self._optimizers(masters),
             # facts are reshuffled every epoch
             order=torch.Generator().manual_seed(self.settings.seed),
             base_fingerprint=base_fingerprint,
             efficacy_before=efficacy_before,
+            gamma=self.settings.gamma if self.method != "ft" else None,
+            projectors=self.projectors,
         )
+
+    def _optimizers(self, masters: dict[str, torch.Tensor]) -> dict[str, torch.optim.Adam]:
+        """A fresh Adam per layer's master: a step then holds one layer's temporaries at a
+        time."""
+        return {
+            n: torch.optim.Adam([w], lr=self.settings.lr, weight_decay=0.0)
+            for n, w in masters.items()
+        }
 
     def _epoch(self, run: _Run, epoch: int) -> bool:
         """One pass over the reshuffled facts, a step per batch that has not landed yet; logs
@@ -612,13 +721,14 @@ class CrispEditor:
             if self.settings.laplace:  # the penalty's gradient joins the loss's, then projected
                 grad.add_(self._laplace_gradient(run, name), alpha=self.settings.laplace)
             master = run.masters[name]
-            master.grad = self._project(name, grad)
+            master.grad = self._project(name, grad, run.projectors)
             del grad
             before_step = master.clone() if self.settings.project == "update" else None
             run.optimizers[name].step()
             master.grad = None
             if before_step is not None:
-                master.copy_(before_step + self._project(name, master - before_step))
+                step = self._project(name, master - before_step, run.projectors)
+                master.copy_(before_step + step)
             module.weight.copy_(master)
 
     def _delta(self, run: _Run) -> dict[str, torch.Tensor]:
@@ -653,7 +763,8 @@ class CrispEditor:
             "layers": self.layers,
             "method": self.settings.method,
             "projector": self.method,
-            "gamma": self.settings.gamma if self.method != "ft" else None,
+            "gamma": run.gamma,  # the one the edit ended at: a drift budget may have raised it
+            "drift_budget": self.settings.drift_budget,
             "n_edits": len(run.facts),
             "facts_digest": facts_digest(run.facts),
             "lr": self.settings.lr,
@@ -677,12 +788,15 @@ class CrispEditor:
             "context_prefixes": run.sequences.prefixes,
             "epochs": len(run.losses),
             "loss_curve": [round(x, 6) for x in run.losses],
-            "kept_fraction": {n: P.kept_fraction for n, P in self.projectors.items()},
+            "kept_fraction": {n: P.kept_fraction for n, P in run.projectors.items()},
             "delta_norm": {k: float(v.norm()) for k, v in tensors.items()},
             # ½·vec(ΔW)ᵀ(B⊗A)vec(ΔW) summed over the layers, under this edit's curvature (a
             # stream's holds its earlier edits' factors too); None without a curvature
             "predicted_loss_increase": sum(predicted.values()) if predicted else None,
             "predicted_loss_increase_per_layer": predicted,
+            # with a drift budget: whether the prediction ended within it, and every γ tried
+            "drift_budget_met": run.budget_met,
+            "gamma_trail": run.trail,
             "time_s": {"edit": round(edit_seconds, 3)},
         }
         return Delta(tensors=tensors, meta=meta, report=report)

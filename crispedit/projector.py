@@ -447,6 +447,7 @@ def build_projector(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     clip: float = CLIP,
+    bases: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> KroneckerProjector | None:
     """The projector of one layer for `method` at γ, on `device` in `dtype`; None for `ft`.
 
@@ -457,6 +458,10 @@ def build_projector(
     copies on `device` of what it needs (bases, mask or counts): once it is built, `curvature`
     moves whatever it still had there to the host (`LayerCurvature.to_host`), so a worker's GPU
     holds a curvature only while a job projects with it.
+
+    `bases`, the (U_A, U_B) of a projector already built from the same curvature for the same
+    method (U_B None for nullspace), are shared rather than copied to `device` again: a projector
+    at another γ differs only in its mask (the editor's drift budget raises γ mid-edit).
     """
     method = resolve_method(method)
     _check_gamma(gamma)
@@ -469,22 +474,28 @@ def build_projector(
         raise ValueError("clip applies to 'kfac' and 'nullspace', not to 'ekfac'")
     if method == "ekfac" and curvature.ekfac is None:
         raise ValueError("method 'ekfac' needs curvature built with --kind ekfac")
+    # with shared bases only the eigenvalues are needed: the host's kept copies are read there
+    where = device if bases is None else "cpu"
     if method == "nullspace":
-        s_A, U_A = curvature.eigen("A", device)
+        s_A, U_A = curvature.eigen("A", device, to=where)
         lam_A = winsorize(s_A.double().clamp_min(0.0), clip).unsqueeze(0)
         tau = energy_threshold(lambda i, j: lam_A[i:j], 1, gamma)
         counts = (lam_A < tau).sum(1).cpu()  # ascending: the kept columns are a prefix
-        P = KroneckerProjector(U_A.to(device, dtype), None, counts=counts)
+        U_A, U_B = (U_A.to(device, dtype), None) if bases is None else bases
+        P = KroneckerProjector(U_A, U_B, counts=counts)
     elif method == "kfac":
-        s_A, U_A = curvature.eigen("A", device)
-        s_B, U_B = curvature.eigen("B", device)
+        s_A, U_A = curvature.eigen("A", device, to=where)
+        s_B, U_B = curvature.eigen("B", device, to=where)
         _, k = kfac_threshold(s_A, s_B, gamma, clip)  # row i keeps its k_i smallest products
-        P = KroneckerProjector(U_A.to(device, dtype), U_B.to(device, dtype), counts=k)
+        if bases is None:
+            bases = (U_A.to(device, dtype), U_B.to(device, dtype))
+        P = KroneckerProjector(*bases, counts=k)
     else:
         lam = curvature.ekfac.to(device)  # float32; the search reads it in float64 chunks
         tau = energy_threshold(lambda i, j: lam[i:j], lam.shape[0], gamma)
-        U_A, U_B = curvature.U_A.to(device, dtype), curvature.U_B.to(device, dtype)
-        P = KroneckerProjector(U_A, U_B, _chunked_below(lam, tau))
+        if bases is None:
+            bases = (curvature.U_A.to(device, dtype), curvature.U_B.to(device, dtype))
+        P = KroneckerProjector(*bases, _chunked_below(lam, tau))
     curvature.to_host()
     return P
 

@@ -434,6 +434,9 @@ def _manifest(
     }
     if report.get("predicted_loss_increase") is not None:
         manifest["metrics"]["predicted_loss_increase"] = report["predicted_loss_increase"]
+    if report.get("gamma_trail"):  # a drift budget's search: met or not, and every γ tried
+        manifest["metrics"]["drift_budget_met"] = report["drift_budget_met"]
+        manifest["metrics"]["gamma_trail"] = report["gamma_trail"]
     return manifest
 
 

@@ -106,6 +106,7 @@ class EditOptions(BaseModel):
     clip: float | None = _option("clip")
     laplace: float | None = _option("laplace")
     contexts: int | None = _option("contexts")
+    drift_budget: float | None = _option("drift_budget")
     chat_template: Literal[CHAT_TEMPLATE_CHOICES] | None = _option("chat_template")  # type: ignore[valid-type]
     value_steps: int | None = _option("value_steps")
     value_lr: float | None = _option("value_lr")
@@ -123,11 +124,11 @@ class EditOptions(BaseModel):
         "outside the stream's policy (recorded as forced in the stream's log). Admin keys only.",
     )  # fmt: skip
 
-    @field_validator("clip", "laplace", "contexts")
+    @field_validator("clip", "laplace", "contexts", "drift_budget")
     @classmethod
     def _option_for_method(cls, value: float | None, info: ValidationInfo) -> float | None:
-        # the rules that tie clip, laplace and contexts to the method are EditSettings'; bounds were
-        # checked above
+        # the rules that tie clip, laplace, contexts and drift_budget to the method are
+        # EditSettings'; bounds were checked above
         method = info.data.get("method") or DEFAULTS.method
         if value is not None:
             try:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_stream_store
 
+from contract.settings import SettingsError
 from crispedit.models import get_layers
 from crispedit.sequential import set_weights
 from crispedit.streams import base_weights, read_cumulative
@@ -170,3 +171,29 @@ def test_a_run_takes_a_layer_set_written_with_commas():
     assert quality.parse_run("kfac,anchors=2,layers=3").layers == "3"
     lever = [r.layers for r in quality.TUNE if r.layers in ("17-24", "15-24")]
     assert lever == ["17-24", "15-24"]
+
+
+def test_a_drift_budget_is_a_run_field_the_editor_gets():
+    """`drift_budget=` parses into the run, reaches its settings, names the run apart from the
+    same settings without it, and a budgeted row's table line says the γ the edit ended at."""
+    run = quality.parse_run("kfac:0.9,epochs=50,project=update,drift_budget=0.002")
+    assert (run.method, run.gamma, run.epochs, run.drift_budget) == ("kfac", 0.9, 50, 0.002)
+    assert run.settings().drift_budget == 0.002 and run.settings().gamma == 0.9
+    assert quality.identity(run) != quality.identity(replace(run, drift_budget=0.0))
+    assert quality._changes(run) == "epochs 50, project update, drift_budget 0.002"
+    assert quality.parse_run("kfac:0.9").settings().drift_budget == 0.0
+    with pytest.raises(SettingsError, match="drift_budget"):
+        quality.parse_run("ft,drift_budget=0.002").settings()
+    budgeted = [r for r in quality.TUNE if r.drift_budget]
+    assert budgeted and all(r.settings().drift_budget == r.drift_budget for r in budgeted)
+    trail = [
+        {"gamma": 0.9, "predicted_loss_increase": 0.003},
+        {"gamma": 0.95, "predicted_loss_increase": 0.0015},
+    ]
+    row = {"run": quality.asdict(run), "metrics": {}, "gamma_trail": trail}
+    assert (
+        "| epochs 50, project update, drift_budget 0.002 (γ used 0.95) |"
+        in (quality.table([row])[2])
+    )
+    row["run"]["drift_budget"] = 0.001
+    assert "(γ used 0.95, over budget)" in quality.table([row])[2]

@@ -55,6 +55,11 @@ def test_defaults_are_valid_and_round_trip_through_options():
         ({"contexts": -1}, "contexts"),
         ({"contexts": 11}, "contexts"),
         ({"method": "memit", "contexts": 2}, "contexts"),
+        ({"drift_budget": -1e-3}, "drift_budget"),
+        ({"drift_budget": math.nan}, "drift_budget"),
+        ({"method": "ft", "drift_budget": 1e-3}, "drift_budget"),
+        ({"method": "memit", "drift_budget": 1e-3}, "drift_budget"),
+        ({"method": "alphaedit", "drift_budget": 1e-3}, "drift_budget"),
         ({"momentum": 0.9}, "momentum"),
     ],
 )

@@ -24,6 +24,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
             "epochs": 5,
             "anchors": 0,
             "clip": 0.005,
+            "drift_budget": 1e-3,
             "evaluate": True,
         },
     )
@@ -57,6 +58,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
         "epochs": 5,
         "anchors": 0,  # a zero the client set is kept
         "clip": 0.005,
+        "drift_budget": 1e-3,
         "evaluate": True,
     }
     assert (payload["parent_version"], payload["check_parent"]) == (None, False)
@@ -169,6 +171,13 @@ def test_a_failed_job_does_not_block_the_next_one_on_its_stream(client, redis, s
         (edit_body(options={"anchor_weight": -1}), "options.anchor_weight", "invalid_request"),
         (edit_body(options={"clip": 1}), "options.clip", "invalid_request"),
         (edit_body(options={"method": "ekfac", "clip": 0.1}), "options.clip", "invalid_request"),
+        (edit_body(options={"drift_budget": -1e-3}), "options.drift_budget", "invalid_request"),
+        (edit_body(options={"drift_budget": 1.5}), "options.drift_budget", "invalid_request"),
+        (
+            edit_body(options={"method": "memit", "drift_budget": 1e-3}),
+            "options.drift_budget",
+            "invalid_request",
+        ),
     ],
 )
 def test_invalid_bodies_are_422_with_the_field_and_enqueue_nothing(
