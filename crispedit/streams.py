@@ -315,6 +315,12 @@ def edit_on_stream(
     new version's state is put there once published). Returns the new version's manifest and the
     delta against its parent.
 
+    With `consolidate` > 0 the stream's cumulative change is re-solved after the edit
+    (`consolidate.consolidate_edit`, K̄ from the stream's state and the new rows): the published
+    delta is the consolidated change minus the head's, the manifest's metrics hold its
+    `consolidation` figures and its `efficacy` is the consolidated model's. Without a capability
+    curvature that raises ValueError before any work.
+
     A guarded stream (one with a policy in the store, `contract.policy`) measures the new
     version before the head moves (`guard.judge`; the manifest's "guard" holds the result): a
     version outside the policy is kept but not published (`Store.create_version(publish=False)`,
@@ -325,6 +331,8 @@ def edit_on_stream(
     overrides = {k: v for k, v in editor_options.items() if k in OPTION_NAMES}
     runtime = {k: v for k, v in editor_options.items() if k not in OPTION_NAMES}
     settings = settings.override(method=method, gamma=gamma, beta=beta, **overrides)
+    if settings.consolidate and capability is None:  # said before any work
+        raise ValueError("consolidate needs the capability curvature (its K-FAC factors A, B)")
     layers = list(base)
     head = store.head(model_name, stream)
     stored_policy = store.policy(model_name, stream)

@@ -93,6 +93,7 @@ def setup(tmp_path, tiny_tokenizer):
 def edit(setup, facts, **kwargs):
     store, model, tok, layers, curvature = setup
     base = base_weights(make_tiny("llama"), layers)
+    curvature = kwargs.pop("capability", curvature)
     return edit_on_stream(
         store, "tiny", "main", model, tok, base, curvature, facts, **FAST, **kwargs
     )
@@ -200,7 +201,11 @@ def test_a_batch_edit_is_consolidated_from_its_own_rows(tiny_tokenizer):
     assert out.report["consolidation"]["efficacy_edit"] == delta.report["efficacy"]
 
 
-def test_without_a_curvature_it_says_what_it_needs(tiny_tokenizer):
+def test_without_a_curvature_it_says_what_it_needs(tiny_tokenizer, setup):
+    store, *_ = setup
+    with pytest.raises(ValueError, match="capability curvature"):
+        edit(setup, CHUNKS[0], consolidate=1.0, method="ft", capability=None)
+    assert store.head("tiny", "main") is None  # nothing published
     model = make_tiny("llama")
     layers = parse_layers(model, "2-3")
     base = base_weights(model, layers)
