@@ -277,16 +277,9 @@ def submit_edit(
         consolidate = body.options.consolidate
         consolidate = DEFAULTS.consolidate if consolidate is None else consolidate
         build = jobqueue.curvature_for_edit(
-            redis,
-            settings,
-            store,
-            model,
-            method,
-            key.name,
-            access.actor(key),
-            laplace=laplace,
+            redis, settings, store, model, method, key.name, access.actor(key), laplace=laplace,
             consolidate=consolidate,
-        )
+        )  # fmt: skip
         job = jobqueue.submit(redis, settings, job_id, payload, curvature_job=build, owner=owner)
     except BaseException:
         if idempotency_key is not None:
