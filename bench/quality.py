@@ -101,6 +101,7 @@ class Run:
     contexts: int = 0  # context prefixes each fact is also trained under (crispedit.contexts)
     # largest predicted capability-loss rise (nats per token): γ raised until the edit fits; 0: off
     drift_budget: float = 0.0
+    consolidate: float = 0.0  # weight λ of the consolidation (crispedit.consolidate); 0: none
     # prompts wrapped in the chat template (crispedit.targets); off: as every run before it was
     chat_template: str = "off"
     # memit / alphaedit (crispedit.memit, crispedit.alphaedit): the papers' defaults
@@ -228,6 +229,17 @@ TUNE += [
 # measured score (crispedit.layerscore), and its top-k choice is measured against these with
 # `--runs "...,layers=SPEC"` (bench/README.md, "More edited layers")
 TUNE += [replace(CHOSEN, layers="17-24"), replace(CHOSEN, layers="15-24")]
+# consolidation (issue 23's lever 5, crispedit.consolidate): after each chunk of a 10 × 100
+# CounterFact stream the stream's whole change is re-solved to keep its outputs on every edit's
+# inputs at λ times the capability curvature (λ weighs a capability token against an edit token),
+# against the same stream without it; and once on a 100-edit batch, its own inputs only. A
+# 10-fact probe (bench/README.md) kept every edit at λ 0.01-10 and cut the KL most at 10
+TUNE += [
+    replace(CHOSEN, n=1000, chunk=100),
+    replace(CHOSEN, n=1000, chunk=100, consolidate=1.0),
+    replace(CHOSEN, n=1000, chunk=100, consolidate=10.0),
+    replace(CHOSEN, consolidate=10.0),
+]
 # the report: ours as chosen, then the projector alone and the baselines without anchors (as
 # published) at the 50 epochs they were first measured with (each lands 0.98-1.00 of the edits
 # there), then EK-FAC curvature with ours and as published
@@ -333,11 +345,11 @@ def corpus_for(run: Run, model, tokenizer) -> tuple[str, dict | None]:
 
 def curvature_for(store, model, tokenizer, run: Run):
     """The run's curvature, its store key and, for a generated corpus, that corpus's record
-    (`corpus_for`); all None for a run without curvature (ft without laplace)."""
+    (`corpus_for`); all None for a run without curvature (ft without laplace or consolidation)."""
     from crispedit.curvature import plan_curvature
     from crispedit.streams import cached_curvature
 
-    if run.method == "ft" and not run.laplace:
+    if run.method == "ft" and not run.laplace and not run.consolidate:
         return None, None, None
     kind = "ekfac" if run.method == "ekfac" else "kfac"
     corpus, record = corpus_for(run, model, tokenizer)
@@ -353,11 +365,20 @@ DRIFT_TOKENS = 4096  # held-out tokens for the chunk's perplexity change and KL 
 ALL_SAMPLE = 300  # facts edited so far, evenly spaced, whose teacher-forced efficacy is measured
 
 
+# fields added to Run after streams were named: left out of the name at their default, so that a
+# stream begun before a field existed keeps its name (and a long run goes on from its head)
+UNNAMED_AT_DEFAULT = ("drift_budget", "consolidate")
+
+
 def stream_name(run: Run) -> str:
     """The stream a sequential run edits on in STORE: a digest of everything the run is but its
     size, so that a run started again (or a longer one with the same settings) finds its chunks
     there and goes on from the stream's head."""
-    digest = hashlib.sha256(identity(replace(run, n=0)).encode()).hexdigest()
+    fields = asdict(replace(run, n=0))
+    for name in UNNAMED_AT_DEFAULT:
+        if fields[name] == getattr(BASE, name):
+            del fields[name]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return f"bench-{digest[:16]}"
 
 
@@ -413,6 +434,8 @@ def _chunk_of(version: dict) -> dict:
     row = dict(_get(version, "metrics", "evaluation", "after") or {})
     # under the stream's curvature at this chunk: its earlier edits' factors included
     row["predicted_loss_increase"] = _get(version, "metrics", "predicted_loss_increase")
+    if _get(version, "metrics", "consolidation") is not None:  # its λ, efficacy, change per layer
+        row["consolidation"] = _get(version, "metrics", "consolidation")
     return row
 
 
@@ -478,6 +501,7 @@ def edit_stream(
 def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool = False) -> dict:
     """Edit (batch or sequential, `edit_stream`) and evaluate one run; the row for the runs
     file. `restart`: a sequential run starts its stream over instead of going on from its head."""
+    from crispedit.consolidate import consolidate_edit
     from crispedit.editor import make_editor
     from crispedit.evaluate import evaluate_edit
     from crispedit.models import load_model, parse_layers
@@ -493,11 +517,18 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
     settings = run.settings()
     chat = resolve_chat_template(tokenizer, settings.chat_template)
     started = time.perf_counter()
-    chunks, predicted, trail = [], None, None
+    chunks, predicted, trail, consolidation = [], None, None, None
     if run.chunk == 0:
         delta = make_editor(model, tokenizer, curvature, settings, layers=layers).edit(facts)
         predicted = delta.report.get("predicted_loss_increase")
         trail = delta.report.get("gamma_trail") or None  # with a drift budget: each γ tried
+        if run.consolidate:
+            delta, _ = consolidate_edit(
+                model, tokenizer, curvature, base, delta, facts, run.consolidate, chat=chat
+            )
+            consolidation = delta.report["consolidation"]
+            # the prediction for the delta measured: the consolidated one's (K-FAC's form)
+            predicted = consolidation["predicted_loss_increase"]["after"]
     else:
         chunks = edit_stream(
             run, store, model, tokenizer, base, curvature, facts,
@@ -520,6 +551,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
         "metrics": metrics,
         "chunks": chunks,
         "gamma_trail": trail,
+        "consolidation": consolidation,  # a consolidated batch's figures (crispedit.consolidate)
         # a generated corpus: what it is, its generation time and tokens/s
         "corpus": corpus,
         "edit_s": round(edit_s, 1),

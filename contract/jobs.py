@@ -106,12 +106,13 @@ def curvature_spec(kind: str, tokens: int | None = None, corpus: str | None = No
     return json.dumps({"corpus": corpus, "kind": kind, "tokens": tokens}, sort_keys=True)
 
 
-def curvature_kind(method: str, laplace: float = 0.0) -> str | None:
+def curvature_kind(method: str, laplace: float = 0.0, consolidate: float = 0.0) -> str | None:
     """The curvature an edit method projects with: None for plain fine-tuning (`ft`), unless it
-    has a Laplace penalty (`laplace` > 0), which takes K-FAC's."""
+    has a Laplace penalty (`laplace` > 0) or is consolidated (`consolidate` > 0), which take
+    K-FAC's."""
     resolved = resolve_method(method)
     if resolved == "ft":
-        return "kfac" if laplace else None
+        return "kfac" if laplace or consolidate else None
     return "ekfac" if resolved == "ekfac" else "kfac"
 
 

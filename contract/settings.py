@@ -160,6 +160,18 @@ class EditSettings:
         "and each rung tried (gamma_trail). kfac, ekfac and nullspace.",
         ge=0.0, api=True, api_le=1.0,
     )  # fmt: skip
+    # off until measured on the tuning splits (issue 23's lever 5, crispedit.consolidate). Its
+    # unit is a ratio of token weights: K̄ is the mean Gram of the edits' inputs, A the mean of the
+    # capability corpus's, so 1 weighs a capability token like an edit token
+    consolidate: float = _option(
+        0.0,
+        "Consolidation after the edit (0: off): the edited layers' whole change D (on a stream, "
+        "the stream's cumulative change) is re-solved to keep its outputs on every edit's "
+        "inputs while paying the capability curvature, ΔW = D·K̄·(K̄ + consolidate·A)⁻¹ per "
+        "layer (K̄ the edits' mean input Gram matrix, A the capability's): the weight of a "
+        "capability token against an edit token. Needs a curvature (ft: as with laplace).",
+        ge=0.0, api=True, api_le=100.0,
+    )  # fmt: skip
     # off until measured on the tuning splits (issue 23: edits that hold for their prompt but
     # not for its paraphrases); the cap is the number of starters (crispedit.contexts.CONTEXTS)
     contexts: int = _option(

@@ -7,7 +7,9 @@ tensors and back. An edit on a stream (DESIGN §2.7, §3):
    from the rows its chain's versions store, or taken from the worker's `StreamStateCache`);
 2. set the model's edited layers to W_base + D, build the projector from capability + β·edits;
 3. edit; D' = D + δ (fp32, chain order); set the layers to W_base + D';
-4. measure the new facts' factor rows on the edited model;
+4. measure the new facts' factor rows on the edited model; with `consolidate` > 0, re-solve D'
+   under the capability curvature and the stream's edit inputs (crispedit.consolidate), δ becoming
+   the consolidated change minus D and the layers W_base + D + δ;
 5. publish delta δ + those rows as a new version whose parent is the head read in 1 (refused with
    `Conflict` when another writer moved the head meanwhile: nothing is published then).
 
@@ -29,6 +31,7 @@ from contract.names import CURVATURE_FILE, DELTA_FILE, ROWS_FILE, STATE_FILE
 from contract.policy import Policy
 from contract.settings import CLOSED_FORM, DEFAULTS, OPTION_NAMES, EditSettings
 from crispedit.artifacts import ArtifactError, load_tensors, save_tensors
+from crispedit.consolidate import consolidate_edit
 from crispedit.curvature import (
     CHECKPOINT_BATCHES,
     Checkpointing,
@@ -312,6 +315,12 @@ def edit_on_stream(
     new version's state is put there once published). Returns the new version's manifest and the
     delta against its parent.
 
+    With `consolidate` > 0 the stream's cumulative change is re-solved after the edit
+    (`consolidate.consolidate_edit`, K̄ from the stream's state and the new rows): the published
+    delta is the consolidated change minus the head's, the manifest's metrics hold its
+    `consolidation` figures and its `efficacy` is the consolidated model's. Without a capability
+    curvature that raises ValueError before any work.
+
     A guarded stream (one with a policy in the store, `contract.policy`) measures the new
     version before the head moves (`guard.judge`; the manifest's "guard" holds the result): a
     version outside the policy is kept but not published (`Store.create_version(publish=False)`,
@@ -322,6 +331,8 @@ def edit_on_stream(
     overrides = {k: v for k, v in editor_options.items() if k in OPTION_NAMES}
     runtime = {k: v for k, v in editor_options.items() if k not in OPTION_NAMES}
     settings = settings.override(method=method, gamma=gamma, beta=beta, **overrides)
+    if settings.consolidate and capability is None:  # said before any work
+        raise ValueError("consolidate needs the capability curvature (its K-FAC factors A, B)")
     layers = list(base)
     head = store.head(model_name, stream)
     stored_policy = store.policy(model_name, stream)
@@ -348,10 +359,16 @@ def edit_on_stream(
     del editor, curvature  # the projectors' copies on the device: not needed past the edit
     parent_cumulative, cumulative = cumulative, accumulate(cumulative, delta)
     set_weights(model, base, cumulative)
-    after = evaluate(model) if evaluate is not None else None
     rows = edit_set_factors(model, tokenizer, layers, facts, chat=chat)
     # the next job's state, added up before publishing: a failure here publishes nothing
-    next_state = state.plus(rows, device) if states is not None else None
+    consolidating = settings.consolidate > 0
+    next_state = state.plus(rows, device) if states is not None or consolidating else None
+    if consolidating:  # the stream's whole change re-solved, its rows those of the edit's point
+        delta, cumulative = consolidate_edit(
+            model, tokenizer, capability, base, delta, facts, settings.consolidate, chat=chat,
+            parent=parent_cumulative, state=next_state,
+        )  # fmt: skip
+    after = evaluate(model) if evaluate is not None else None
 
     manifest = {
         **_manifest(facts, delta.report, settings, layers),
@@ -437,6 +454,8 @@ def _manifest(
     if report.get("gamma_trail"):  # a drift budget's search: met or not, and every γ tried
         manifest["metrics"]["drift_budget_met"] = report["drift_budget_met"]
         manifest["metrics"]["gamma_trail"] = report["gamma_trail"]
+    if "consolidation" in report:  # the efficacy above is then the consolidated model's
+        manifest["metrics"]["consolidation"] = report["consolidation"]
     return manifest
 
 

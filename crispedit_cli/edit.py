@@ -59,6 +59,7 @@ def _expected_parent(args: argparse.Namespace, store):
 def cmd_edit(args: argparse.Namespace) -> None:
     """`crispedit edit`: a delta (and report) into `--out`, and/or a version on `--stream`."""
     from contract.facts import load_facts
+    from crispedit.consolidate import consolidate_edit
     from crispedit.editor import make_editor
     from crispedit.models import parse_layers
     from crispedit.streams import base_weights, edit_on_stream
@@ -75,13 +76,19 @@ def cmd_edit(args: argparse.Namespace) -> None:
     with staged_output(args.out) as stage:
         started = time.perf_counter()
         curvature, curvature_key = None, None
-        if method != "ft" or settings.laplace:  # ft's Laplace penalty needs the curvature
+        # ft's Laplace penalty and a consolidation need the curvature
+        if method != "ft" or settings.laplace or settings.consolidate:
             curvature, curvature_key = edit_curvature(model, tokenizer, args, layers, store)
         curvature_seconds = time.perf_counter() - started
         version = None
         if args.stream is None:
             editor = make_editor(model, tokenizer, curvature, settings, layers=layers)
             delta = editor.edit(facts)
+            if settings.consolidate:  # a stream consolidates in edit_on_stream
+                delta, _ = consolidate_edit(
+                    model, tokenizer, curvature, base, delta, facts, settings.consolidate,
+                    chat=editor.chat,
+                )  # fmt: skip
         else:
             version, delta = edit_on_stream(
                 store, store_model_name(args), args.stream, model, tokenizer, base, curvature,

@@ -280,11 +280,12 @@ def curvature_for_edit(
     key_name: str,
     actor: dict | None = None,
     laplace: float = 0.0,
+    consolidate: float = 0.0,
 ) -> str | None:
-    """The id of the curvature job an edit with `method` (and Laplace weight `laplace`) must
-    wait for: None when it needs none or a worker has built it, else the running build or a
-    new one."""
-    kind = curvature_kind(method, laplace)
+    """The id of the curvature job an edit with `method` (and Laplace weight `laplace`,
+    consolidation weight `consolidate`) must wait for: None when it needs none or a worker has
+    built it, else the running build or a new one."""
+    kind = curvature_kind(method, laplace, consolidate)
     if kind is None or built_curvature(redis, store, model, curvature_spec(kind)) is not None:
         return None
     payload = curvature_payload(model, kind, None, None, key_name, actor)

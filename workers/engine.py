@@ -168,7 +168,7 @@ class Engine:
         facts = parse_facts(request["facts"], source="request")
         if cancelled():
             raise JobCancelled("cancelled before it started; no version was published")
-        kind = curvature_kind(settings.method, settings.laplace)
+        kind = curvature_kind(settings.method, settings.laplace, settings.consolidate)
         capability, key = None, None
         if kind is not None:
             report({"phase": "curvature", "facts_total": len(facts)})

@@ -105,6 +105,7 @@ class EditOptions(BaseModel):
     anchor_weight: float | None = _option("anchor_weight")
     clip: float | None = _option("clip")
     laplace: float | None = _option("laplace")
+    consolidate: float | None = _option("consolidate")
     contexts: int | None = _option("contexts")
     drift_budget: float | None = _option("drift_budget")
     chat_template: Literal[CHAT_TEMPLATE_CHOICES] | None = _option("chat_template")  # type: ignore[valid-type]
@@ -274,9 +275,12 @@ def submit_edit(
             )
         method = body.options.method or DEFAULTS.method
         laplace = DEFAULTS.laplace if body.options.laplace is None else body.options.laplace
+        consolidate = body.options.consolidate
+        consolidate = DEFAULTS.consolidate if consolidate is None else consolidate
         build = jobqueue.curvature_for_edit(
-            redis, settings, store, model, method, key.name, access.actor(key), laplace=laplace
-        )
+            redis, settings, store, model, method, key.name, access.actor(key), laplace=laplace,
+            consolidate=consolidate,
+        )  # fmt: skip
         job = jobqueue.submit(redis, settings, job_id, payload, curvature_job=build, owner=owner)
     except BaseException:
         if idempotency_key is not None:

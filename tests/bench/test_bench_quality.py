@@ -98,6 +98,32 @@ def test_a_longer_run_goes_on_from_the_head_and_keeps_the_rows(bench, edits):
     assert run_stream(bench, replace(RUN, n=2)) == rows[:1] and len(edits) == 3
 
 
+def test_a_new_field_at_its_default_keeps_a_streams_name():
+    """A stream begun before `drift_budget` and `consolidate` existed is found again (its name
+    digests the run's fields without them); a budgeted or consolidated run is another stream."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    fields = asdict(replace(RUN, n=0))
+    del fields["consolidate"], fields["drift_budget"]
+    before = "bench-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    assert quality.stream_name(RUN) == before[:22]
+    assert quality.stream_name(replace(RUN, consolidate=1.0)) != quality.stream_name(RUN)
+    assert quality.stream_name(replace(RUN, drift_budget=1e-3)) != quality.stream_name(RUN)
+
+
+def test_a_consolidated_stream_records_its_figures_per_chunk(bench):
+    store = bench[0]
+    run = replace(RUN, n=4, consolidate=1.0)
+    rows = run_stream(bench, run)
+    lineage = store.lineage("tiny", quality.stream_name(run))
+    assert [v["options"]["consolidate"] for v in lineage] == [1.0, 1.0]
+    for row in rows:
+        assert row["consolidation"]["weight"] == 1.0
+        assert set(row["consolidation"]["relative_change"]) == set(bench[3])
+
+
 def test_restart_starts_the_stream_over(bench, edits):
     store = bench[0]
     run = replace(RUN, n=2)

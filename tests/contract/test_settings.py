@@ -120,10 +120,11 @@ def test_the_editor_defaults_are_the_settings_defaults():
     assert (DEFAULTS.anchors, DEFAULTS.anchor_weight) == (anchors.ANCHORS, anchors.ANCHOR_WEIGHT)
 
 
-def test_ft_needs_a_curvature_only_for_its_laplace_penalty():
+def test_ft_needs_a_curvature_only_for_its_laplace_penalty_or_consolidation():
     from contract.jobs import curvature_kind
 
     assert curvature_kind("ft") is None and curvature_kind("ft", 0.0) is None
-    assert curvature_kind("ft", 1.0) == "kfac"
+    assert curvature_kind("ft", 1.0) == "kfac" == curvature_kind("ft", 0.0, 0.5)
+    assert curvature_kind("ft", 0.0, 0.0) is None
     assert curvature_kind("ekfac", 1.0) == "ekfac" == curvature_kind("ekfac")
     assert curvature_kind("crispedit", 2.0) == "kfac" == curvature_kind("kfac")

@@ -155,6 +155,37 @@ def test_edit_clip_winsorizes_the_rule_and_is_recorded(
         assert kept < build_projector(curvature.layers[name], "kfac", GAMMA).kept_fraction
 
 
+def test_edit_consolidate_reports_its_figures_and_the_delta_applies(
+    cli, tmp_path, tiny_model_dir, facts_file, curv_kfac
+):
+    """A batch edit with --consolidate: the consolidated delta (crispedit.consolidate), which
+    the report describes and `apply` lands as is; ft takes the curvature for it."""
+    out = tmp_path / "edit"
+    code, _, err = cli(
+        "edit", "--model", tiny_model_dir, "--facts", facts_file, "--curvature", curv_kfac,
+        "--layers", "2-3", "--consolidate", "1.0", *EDIT_BUDGET, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    report = report_of(out)
+    assert report["consolidate"] == 1.0 and report["consolidation"]["weight"] == 1.0
+    assert set(report["consolidation"]["relative_change"]) == set(LAYERS_23)
+    plain = tmp_path / "plain"
+    code, _, err = cli(
+        "edit", "--model", tiny_model_dir, "--facts", facts_file, "--curvature", curv_kfac,
+        "--layers", "2-3", *EDIT_BUDGET, "--out", plain,
+    )  # fmt: skip
+    assert code == 0, err
+    ours, theirs = delta_tensors(out), delta_tensors(plain)
+    assert all(not torch.equal(ours[k], theirs[k]) for k in ours)
+    assert Delta.load(out / "delta.safetensors").meta["consolidate"] == 1.0
+    code, _, err = cli(
+        "edit", "--model", tiny_model_dir, "--facts", facts_file, "--method", "ft",
+        "--layers", "2-3", "--consolidate", "1.0", *EDIT_BUDGET, "--out", tmp_path / "ft",
+    )  # fmt: skip
+    assert code == 0, err
+    assert report_of(tmp_path / "ft")["consolidation"]["weight"] == 1.0
+
+
 def test_edit_ekfac_builds_ekfac_curvature_on_request(cli, tmp_path, tiny_model_dir, facts_file):
     out = tmp_path / "edit"
     args = ["--facts", facts_file, "--method", "ekfac", "--kind", "ekfac"]

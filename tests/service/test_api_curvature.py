@@ -94,6 +94,12 @@ def test_an_edit_waits_for_the_curvature_it_needs(client, redis, settings, unbui
         "/v1/edits", json=edit_body(stream="ftl", options=options), headers=AUTH
     ).json()
     assert Job.fetch(penalised["job_id"], connection=redis).meta["curvature_job"] == build
+    # and so does ft consolidated under it (crispedit.consolidate)
+    options = {"method": "ft", "consolidate": 1.0}
+    consolidated = client.post(
+        "/v1/edits", json=edit_body(stream="ftc", options=options), headers=AUTH
+    ).json()
+    assert Job.fetch(consolidated["job_id"], connection=redis).meta["curvature_job"] == build
 
     run_worker(redis)
     order = [j.decode() for j in redis.lrange(ORDER_KEY, 0, -1)]

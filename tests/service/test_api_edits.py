@@ -170,6 +170,8 @@ def test_a_failed_job_does_not_block_the_next_one_on_its_stream(client, redis, s
         (edit_body(options={"anchors": 1.5}), "options.anchors", "invalid_request"),
         (edit_body(options={"anchor_weight": -1}), "options.anchor_weight", "invalid_request"),
         (edit_body(options={"clip": 1}), "options.clip", "invalid_request"),
+        (edit_body(options={"consolidate": -0.1}), "options.consolidate", "invalid_request"),
+        (edit_body(options={"consolidate": 101}), "options.consolidate", "invalid_request"),
         (edit_body(options={"method": "ekfac", "clip": 0.1}), "options.clip", "invalid_request"),
         (edit_body(options={"drift_budget": -1e-3}), "options.drift_budget", "invalid_request"),
         (edit_body(options={"drift_budget": 1.5}), "options.drift_budget", "invalid_request"),
