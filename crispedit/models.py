@@ -87,9 +87,10 @@ class ModelError(ValueError):
 def resolve_model(name: str) -> Path:
     """Return the local HF folder for `name`: an alias, a folder, or a cached HF hub id.
 
-    An alias converts its packaged GGUF file on first use (`smollm2` about 30 s, `gemma3-270m`
-    about GEMMA_SECONDS s on a 2-core CPU) and reuses the converted folder afterwards. Nothing is
-    ever downloaded: an id missing from the local HF cache is an error.
+    An alias converts its packaged GGUF file on first use (on a 2-core CPU: `smollm2` about
+    30 s; `gemma3-270m` about 70 s, joining its parts and dequantizing 268M parameters) and reuses
+    the converted folder afterwards. Nothing is ever downloaded: an id missing from the local HF
+    cache is an error.
     """
     if name.lower() in ALIASES:
         return converted_gguf(ALIASES[name.lower()])
