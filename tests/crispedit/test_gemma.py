@@ -118,15 +118,22 @@ def test_the_fast_forward_equals_the_full_model(gemma, spec, start):
 
 
 def test_an_edit_of_three_facts_lands(gemma3):
-    """Curvature, an edit (the projector at the defaults, without anchors: quicker) and its
-    evaluation, end to end on the default layers."""
+    """Curvature, an edit and its evaluation, end to end. Two blocks, 12-13 (the fast forward
+    caches the prefix below block 12), 512 curvature tokens and no anchors keep it near two
+    minutes on a shared 2-core CPU, where each 2,048-wide eigenbasis takes seconds; how much the
+    model drifts at the real settings is bench/quality.py's question, not this test's."""
     model, tokenizer = gemma3()
-    layers = parse_layers(model, None)
+    layers = parse_layers(model, "12-13")
     base = base_weights(model, layers)
-    curvature = build_curvature(model, tokenizer, "wikitext", tokens=512, progress=False)
-    assert set(curvature.layers) == set(layers)
-    delta = CrispEditor(model, tokenizer, curvature, anchors=0, progress=False).edit(FACTS)
+    curvature = build_curvature(
+        model, tokenizer, "wikitext", tokens=512, layers=layers, progress=False
+    )
+    assert list(curvature.layers) == layers
+    editor = CrispEditor(model, tokenizer, curvature, anchors=0, progress=False)
+    assert editor.layers == layers
+    delta = editor.edit(FACTS)
     assert delta.report["efficacy_before"] == 0.0 and delta.report["efficacy"] == 1.0
+    assert delta.report["predicted_loss_increase"] >= 0
     set_weights(model, base, {})  # evaluate_edit wants the base in the model
     result = evaluate_edit(
         model, tokenizer, FACTS, delta.tensors, tokens=128, retention=0, mmlu=0,
@@ -134,4 +141,5 @@ def test_an_edit_of_three_facts_lands(gemma3):
     )  # fmt: skip
     assert result["efficacy"]["edited"]["teacher_forced"] == 1.0
     assert result["efficacy"]["base"]["teacher_forced"] == 0.0
-    assert 0 < result["capability"]["kl"] < 0.5  # the edit moved the model, and not wildly
+    capability = result["capability"]
+    assert capability["kl"] > 0 and math.isfinite(capability["ppl_change_pct"])
