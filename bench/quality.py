@@ -256,8 +256,9 @@ LONG_STREAM = replace(CHOSEN, dataset="counterfact+zsre", start=0, n=2000, chunk
 # d_ff 2,048, tied embeddings, sliding-window attention in 5 blocks of 6). Its edited blocks are
 # 12-16, SmolLM2's 20-24 of 30 at the same relative depth (2/3, the engine's default for any
 # model); block 12 also starts a whole period of the sliding/full pattern, so the editor's fast
-# forward caches the frozen prefix (crispedit.prefix). Not chosen by bench/layers.py: not yet run
-# on Gemma. Its report is the defaults against ft and the projector alone, as SmolLM2's.
+# forward caches the frozen prefix (crispedit.prefix). Not chosen by bench/layers.py, whose
+# scoring on Gemma outran 7 minutes (bench/README.md). Its report is the defaults against ft and
+# the projector alone, as SmolLM2's.
 GEMMA_BASE = replace(BASE, model="gemma3-270m", layers="12-16")
 BASES = {MODEL: BASE, GEMMA_BASE.model: GEMMA_BASE}  # each model's tuning base, for --runs
 GEMMA = [
