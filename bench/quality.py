@@ -80,6 +80,9 @@ class Run:
     start: int = 0  # first record
     n: int = 100  # edits (in sequential mode: in all, in chunks of `chunk`)
     chunk: int = 0  # 0: one batch edit; else sequential edits of `chunk` facts on one stream
+    # the model edited (a crispedit.models alias); in the identity only when not MODEL, so the
+    # rows measured before the field existed keep theirs
+    model: str = MODEL
     method: str = "kfac"
     gamma: float = 0.8
     layers: str = "20-24"
@@ -261,6 +264,22 @@ REPORT = [
 # edit. It runs for many hours, so it goes on from its stream's head when started again.
 LONG_STREAM = replace(CHOSEN, dataset="counterfact+zsre", start=0, n=2000, chunk=100)
 
+# A second architecture (issue 23): Gemma 3 270M (the `gemma3-270m` alias: 18 blocks, d_model 640,
+# d_ff 2,048, tied embeddings, sliding-window attention in 5 blocks of 6). Its edited blocks are
+# 12-16, SmolLM2's 20-24 of 30 at the same relative depth (2/3, the engine's default for any
+# model); block 12 also starts a whole period of the sliding/full pattern, so the editor's fast
+# forward caches the frozen prefix (crispedit.prefix). Not chosen by bench/layers.py, whose
+# scoring on Gemma outran 7 minutes (bench/README.md). Its report is the defaults against ft and
+# the projector alone, as SmolLM2's.
+GEMMA_BASE = replace(BASE, model="gemma3-270m", layers="12-16")
+BASES = {MODEL: BASE, GEMMA_BASE.model: GEMMA_BASE}  # each model's tuning base, for --runs
+GEMMA = [
+    replace(CHOSEN, model=GEMMA_BASE.model, layers=GEMMA_BASE.layers),
+    replace(PUBLISHED, model=GEMMA_BASE.model, layers=GEMMA_BASE.layers, method="ft", gamma=0.0),
+    replace(PUBLISHED, model=GEMMA_BASE.model, layers=GEMMA_BASE.layers, method="nullspace"),
+]
+NAMES = {MODEL: "SmolLM2-135M-Instruct", GEMMA_BASE.model: "Gemma 3 270M"}
+
 
 def done_runs() -> dict[str, dict]:
     """The runs file as {identity: row}."""
@@ -273,7 +292,11 @@ def done_runs() -> dict[str, dict]:
 
 
 def identity(run: Run) -> str:
-    return json.dumps(asdict(run), sort_keys=True)
+    """A run's key in the runs file: its fields, the model left out when it is MODEL."""
+    fields = asdict(run)
+    if run.model == MODEL:
+        del fields["model"]
+    return json.dumps(fields, sort_keys=True)
 
 
 def log(message: str) -> None:
@@ -333,7 +356,7 @@ def corpus_for(run: Run, model, tokenizer) -> tuple[str, dict | None]:
         raise SystemExit(f"corpus must be wikitext or generated:TOKENS, not {run.corpus!r}")
     fingerprint = model_fingerprint(model, parse_layers(model, None))[:12]
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    path = CORPORA / f"{MODEL}-{fingerprint}-{dtype}-seed{SEED}-{tokens}.jsonl"
+    path = CORPORA / f"{run.model}-{fingerprint}-{dtype}-seed{SEED}-{tokens}.jsonl"
     record = path.with_suffix(".json")
     if not (path.exists() and record.exists()):
         log(f"  generating a {tokens}-token corpus -> {path}")
@@ -509,7 +532,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
     from crispedit.streams import base_weights
     from crispedit.targets import resolve_chat_template
 
-    model, tokenizer = load_model(MODEL)
+    model, tokenizer = load_model(run.model)
     layers = parse_layers(model, run.layers)
     base = base_weights(model, layers)
     curvature, curvature_key, corpus = curvature_for(store, model, tokenizer, run)
@@ -532,7 +555,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
     else:
         chunks = edit_stream(
             run, store, model, tokenizer, base, curvature, facts,
-            curvature_key=curvature_key, chat=chat, restart=restart,
+            curvature_key=curvature_key, chat=chat, restart=restart, model_name=run.model,
         )  # fmt: skip
     edit_s = time.perf_counter() - started
     if chunks:  # a resumed stream's time is that of every chunk, the earlier sittings' included
@@ -650,10 +673,13 @@ def _settings(run: dict, *but: str) -> dict:
 
 
 def _changes(run: Run) -> str:
-    """The run's settings that differ from the tuning sweep's base, e.g. `epochs 50, anchors 2`."""
-    base = _settings(asdict(BASE), "chunk", "method", "gamma")
+    """The run's settings that differ from its model's tuning base (BASES), e.g. `epochs 50,
+    anchors 2`."""
+    base = _settings(asdict(BASES.get(run.model, BASE)), "chunk", "method", "gamma")
     changed = {
-        k: v for k, v in _settings(asdict(run), "chunk", "method", "gamma").items() if v != base[k]
+        k: v
+        for k, v in _settings(asdict(run), "chunk", "method", "gamma").items()
+        if v != base[k] and k != "model"
     }
     return ", ".join(f"{k} {v}" for k, v in changed.items()) or "base"
 
@@ -829,6 +855,9 @@ def write_results() -> None:
     rows.sort(key=lambda r: (r["run"]["dataset"], r["run"]["start"], r["run"]["n"],
                              r["run"]["chunk"], r["run"]["method"], r["run"]["gamma"]))  # fmt: skip
     first = rows[0]
+    # SmolLM2's runs in the table and the plots; another model's in a section of its own below
+    others = sorted({r["run"]["model"] for r in rows} - {MODEL})
+    rows = [r for r in rows if r["run"]["model"] == MODEL]
     lines = [
         "# Edit quality on SmolLM2-135M-Instruct",
         "",
@@ -866,6 +895,19 @@ def write_results() -> None:
                   f"{EVAL_TOKENS}); `-` for runs measured before these were recorded."]  # fmt: skip
     if sequential:
         lines += ["", "![the sequential runs' curves per chunk](quality-sequential.png)"]
+    for model in others:
+        mine = [r for r in done_runs().values() if r["run"]["model"] == model]
+        mine.sort(key=lambda r: (r["run"]["dataset"], r["run"]["start"], r["run"]["n"],
+                                 r["run"]["chunk"], r["run"]["method"]))  # fmt: skip
+        lines += ["", f"## {NAMES.get(model, model)} (`--model {model}`)", "",
+                  f"The same measures; a row lists its settings that differ from this model's "
+                  f"base ({_changes(replace(BASES.get(model, BASE), model=MODEL))}, "
+                  f"otherwise SmolLM2's).", "", *table(mine)]  # fmt: skip
+        for r in (r for r in mine if r["chunks"]):
+            run = Run(**r["run"])
+            lines += ["", f"Sequential {run.label} ({_changes(run)}), {run.dataset}, {run.n} "
+                      f"edits in chunks of {run.chunk}:", "",
+                      *chunk_table(r["chunks"])]  # fmt: skip
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     plot(rows, RESULTS / "quality.png")
     if sequential:
@@ -874,7 +916,8 @@ def write_results() -> None:
 
 
 def _defaults() -> str:
-    return ", ".join(f"{k} {v}" for k, v in asdict(BASE).items() if k not in ("dataset", "start"))
+    skip = ("dataset", "start", "model")
+    return ", ".join(f"{k} {v}" for k, v in asdict(BASE).items() if k not in skip)
 
 
 def report_runs(
@@ -898,13 +941,14 @@ def stream_runs(methods: list[Run]) -> list[Run]:
     return [replace(m, **data) for m in methods]
 
 
-def parse_run(text: str) -> Run:
-    """`method[:gamma][,field=value...]` e.g. `kfac:0.8,project=update`. A piece without `=`
-    continues the value before it, so that a layer set written with commas reads whole:
-    `kfac:0.9,layers=15,17-20,epochs=100` edits layers "15,17-20"."""
+def parse_run(text: str, base: Run = BASE) -> Run:
+    """`method[:gamma][,field=value...]` e.g. `kfac:0.8,project=update`, the other fields
+    `base`'s (a model's tuning base in BASES). A piece without `=` continues the value before it,
+    so that a layer set written with commas reads whole: `kfac:0.9,layers=15,17-20,epochs=100`
+    edits layers "15,17-20"."""
     head, *pieces = text.split(",")
     method, _, gamma = head.partition(":")
-    run = replace(BASE, method=method, gamma=float(gamma) if gamma else BASE.gamma)
+    run = replace(base, method=method, gamma=float(gamma) if gamma else base.gamma)
     fields: list[str] = []
     for piece in pieces:
         if "=" not in piece and fields:
@@ -927,6 +971,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("suite", choices=["tune", "report", "stream", "table"])
     ap.add_argument("--runs", nargs="*", default=None, help="method[:γ][,field=value...] each")
+    ap.add_argument(
+        "--model", default=MODEL, choices=list(BASES),
+        help="the model edited; --runs start from its base (BASES), report's default is its list",
+    )  # fmt: skip
     ap.add_argument("--sizes", default="100,300", help="report: batch sizes, comma-separated")
     ap.add_argument("--sequential", type=int, default=0, help="report: edits in chunks of 100")
     ap.add_argument("--datasets", default=",".join(DATASETS), help="report: batch data sets")
@@ -938,11 +986,13 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     generation = not args.no_generation
+    given = [parse_run(r, BASES[args.model]) for r in args.runs or []]
+    if args.model != MODEL and not given and args.suite in ("tune", "stream"):
+        raise SystemExit(f"{args.suite} --model {args.model}: name the runs with --runs")
     if args.suite == "tune":
-        runs = [parse_run(r) for r in args.runs] if args.runs else TUNE
-        execute(runs, args.mmlu, generation, args.restart)
+        execute(given or TUNE, args.mmlu, generation, args.restart)
     elif args.suite == "report":
-        methods = [parse_run(r) for r in args.runs] if args.runs else REPORT
+        methods = given or (REPORT if args.model == MODEL else GEMMA)
         sizes = [int(x) for x in args.sizes.split(",") if x]
         datasets = tuple(d for d in args.datasets.split(",") if d)
         unknown = set(datasets) - set(DATASETS)
@@ -951,8 +1001,7 @@ def main() -> None:
         runs = report_runs(sizes, args.sequential, methods, datasets)
         execute(runs, args.mmlu, generation, args.restart)
     elif args.suite == "stream":
-        methods = [parse_run(r) for r in args.runs] if args.runs else [CHOSEN]
-        execute(stream_runs(methods), args.mmlu, generation, args.restart)
+        execute(stream_runs(given or [CHOSEN]), args.mmlu, generation, args.restart)
     write_results()
 
 

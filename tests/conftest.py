@@ -184,6 +184,14 @@ def smollm2():
     return lambda: load_model("smollm2")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (fp32, CPU) and its tokenizer; loaded fresh per call."""
+    from crispedit.models import load_model
+
+    return lambda: load_model("gemma3-270m")
+
+
 @pytest.fixture
 def cli(capsys):
     """Run the `crispedit` CLI in-process and return (status, stdout, stderr) of that call alone."""

@@ -223,3 +223,60 @@ def test_a_drift_budget_is_a_run_field_the_editor_gets():
     )
     row["run"]["drift_budget"] = 0.001
     assert "(γ used 0.95, over budget)" in quality.table([row])[2]
+
+
+def _row(run) -> dict:
+    """A runs-file row of `run` with no measures (what the table needs of it)."""
+    return {"run": quality.asdict(run), "metrics": {}, "chunks": [], "machine": "x86_64",
+            "threads": 2, "torch": "2", "when": "then"}  # fmt: skip
+
+
+def test_the_model_is_in_a_runs_identity_only_when_it_is_not_smollm2(tmp_path, monkeypatch):
+    """SmolLM2's rows keep the identity (and stream names) they had before the field existed;
+    a Gemma run of the same settings is another run, and the report on Gemma is GEMMA's list."""
+    old = {k: v for k, v in quality.asdict(quality.CHOSEN).items() if k != "model"}
+    assert quality.identity(quality.CHOSEN) == quality.json.dumps(old, sort_keys=True)
+    gemma = replace(quality.CHOSEN, model="gemma3-270m", layers="12-16")
+    assert quality.identity(gemma) != quality.identity(replace(gemma, model=quality.MODEL))
+    stream = quality.hashlib.sha256(quality.json.dumps({**old, "n": 0}, sort_keys=True).encode())
+    assert quality.stream_name(quality.CHOSEN) == f"bench-{stream.hexdigest()[:16]}"
+    # a row written before the field, and the same settings on Gemma: two runs, the old one found
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs.jsonl")
+    rows = [{**_row(quality.CHOSEN), "run": old}, _row(gemma)]
+    quality.RUNS.write_text("".join(quality.json.dumps(r) + "\n" for r in rows))
+    done = quality.done_runs()
+    assert set(done) == {quality.identity(quality.CHOSEN), quality.identity(gemma)}
+    # --runs on Gemma start from its base; the report's default is GEMMA
+    run = quality.parse_run("ft", quality.BASES["gemma3-270m"])
+    assert (run.model, run.layers, run.method) == ("gemma3-270m", "12-16", "ft")
+    assert quality.parse_run("ft,layers=10-14", quality.BASES["gemma3-270m"]).layers == "10-14"
+    assert {(r.model, r.layers) for r in quality.GEMMA} == {("gemma3-270m", "12-16")}
+    assert [r.label for r in quality.GEMMA] == ["kfac γ0.9", "ft", "nullspace γ0.9"]
+    assert quality.GEMMA[0] == replace(quality.CHOSEN, model="gemma3-270m", layers="12-16")
+    executed = []
+    monkeypatch.setattr(quality, "execute", lambda runs, *a: executed.extend(runs))
+    monkeypatch.setattr(quality, "write_results", lambda: None)
+    argv = ["quality.py", "report", "--model", "gemma3-270m", "--sizes", "100",
+            "--datasets", "counterfact"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    quality.main()
+    assert executed == [replace(r, start=100, n=100) for r in quality.GEMMA]
+    monkeypatch.setattr(sys, "argv", ["quality.py", "tune", "--model", "gemma3-270m"])
+    with pytest.raises(SystemExit, match="name the runs with --runs"):
+        quality.main()
+
+
+def test_another_models_runs_get_a_section_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(quality, "plot", lambda rows, path: None)
+    gemma = replace(quality.GEMMA[1], start=100)
+    rows = [_row(replace(quality.CHOSEN, start=100)), _row(gemma)]
+    quality.RUNS.write_text("".join(quality.json.dumps(r) + "\n" for r in rows))
+    quality.write_results()
+    text = (tmp_path / "quality.md").read_text()
+    ours, _, theirs = text.partition("## Gemma 3 270M (`--model gemma3-270m`)")
+    assert theirs, "a section for Gemma"
+    assert ours.count("| counterfact | 100-199 |") == theirs.count("| counterfact | 100-199 |") == 1
+    assert "| ft | epochs 50, project update |" in theirs  # its layers are its base's: no change
+    assert "model" not in quality._defaults()

