@@ -390,7 +390,7 @@ ALL_SAMPLE = 300  # facts edited so far, evenly spaced, whose teacher-forced eff
 
 # fields added to Run after streams were named: left out of the name at their default, so that a
 # stream begun before a field existed keeps its name (and a long run goes on from its head)
-UNNAMED_AT_DEFAULT = ("drift_budget", "consolidate")
+UNNAMED_AT_DEFAULT = ("model", "drift_budget", "consolidate")
 
 
 def stream_name(run: Run) -> str:

@@ -99,18 +99,20 @@ def test_a_longer_run_goes_on_from_the_head_and_keeps_the_rows(bench, edits):
 
 
 def test_a_new_field_at_its_default_keeps_a_streams_name():
-    """A stream begun before `drift_budget` and `consolidate` existed is found again (its name
-    digests the run's fields without them); a budgeted or consolidated run is another stream."""
+    """A stream begun before `model`, `drift_budget` and `consolidate` existed is found again (its
+    name digests the run's fields without them at their defaults); a run that sets one is another
+    stream."""
     import hashlib
     import json
     from dataclasses import asdict
 
     fields = asdict(replace(RUN, n=0))
-    del fields["consolidate"], fields["drift_budget"]
+    del fields["consolidate"], fields["drift_budget"], fields["model"]
     before = "bench-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     assert quality.stream_name(RUN) == before[:22]
     assert quality.stream_name(replace(RUN, consolidate=1.0)) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, drift_budget=1e-3)) != quality.stream_name(RUN)
+    assert quality.stream_name(replace(RUN, model="gemma3-270m")) != quality.stream_name(RUN)
 
 
 def test_a_consolidated_stream_records_its_figures_per_chunk(bench):
@@ -238,7 +240,9 @@ def test_the_model_is_in_a_runs_identity_only_when_it_is_not_smollm2(tmp_path, m
     assert quality.identity(quality.CHOSEN) == quality.json.dumps(old, sort_keys=True)
     gemma = replace(quality.CHOSEN, model="gemma3-270m", layers="12-16")
     assert quality.identity(gemma) != quality.identity(replace(gemma, model=quality.MODEL))
-    stream = quality.hashlib.sha256(quality.json.dumps({**old, "n": 0}, sort_keys=True).encode())
+    # the stream's name: nor the later fields at their defaults (the test above)
+    named = {k: v for k, v in old.items() if k not in ("drift_budget", "consolidate")}
+    stream = quality.hashlib.sha256(quality.json.dumps({**named, "n": 0}, sort_keys=True).encode())
     assert quality.stream_name(quality.CHOSEN) == f"bench-{stream.hexdigest()[:16]}"
     # a row written before the field, and the same settings on Gemma: two runs, the old one found
     monkeypatch.setattr(quality, "RUNS", tmp_path / "runs.jsonl")
