@@ -3,7 +3,7 @@
     python bench/adapter.py                      # 100 CounterFact edits (records 100-199)
     python bench/adapter.py --n 1000 --start 0   # every record (> 2 h for the edit on 2 cores)
     python bench/adapter.py --n 1000 --start 0 --run "kfac:0.9,epochs=50,project=update"
-                                                 # a cheaper edit of them (~16 min on 2 cores)
+                                                 # a cheaper edit of them (41-82 min on 2 cores)
 
 One batch edit of SmolLM2-135M-Instruct with the editor's default settings (curvature from the
 bench store, ~/.cache/crispedit/bench-store, built there first when missing: ~5 min), then for
