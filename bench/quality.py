@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from contract.jobs import curvature_kind
 from contract.settings import CLOSED_FORM, OPTION_NAMES, EditSettings
 
 RESULTS = Path(__file__).parent / "results"
@@ -372,9 +373,9 @@ def curvature_for(store, model, tokenizer, run: Run):
     from crispedit.curvature import plan_curvature
     from crispedit.streams import cached_curvature
 
-    if run.method == "ft" and not run.laplace and not run.consolidate:
+    kind = curvature_kind(run.method, run.laplace, run.consolidate)
+    if kind is None:
         return None, None, None
-    kind = "ekfac" if run.method == "ekfac" else "kfac"
     corpus, record = corpus_for(run, model, tokenizer)
     recipe = plan_curvature(
         model, tokenizer, corpus, run.tokens, run.layers, labels=run.labels, kind=kind

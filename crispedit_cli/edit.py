@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from contract.settings import resolve_method
+from contract.jobs import curvature_kind
 from crispedit_cli.common import (
     CLIError,
     add_placement_args,
@@ -69,15 +69,13 @@ def cmd_edit(args: argparse.Namespace) -> None:
     args.seed = settings.seed  # sampled curvature labels take the edit's seed
     facts = load_facts(args.facts, limit=args.limit)  # before the model: bad input fails fast
     parent = _expected_parent(args, store)
-    method = resolve_method(settings.method)
     model, tokenizer = load_model_of(args)
     layers = parse_layers(model, args.layers)
     base = base_weights(model, layers)
     with staged_output(args.out) as stage:
         started = time.perf_counter()
         curvature, curvature_key = None, None
-        # ft's Laplace penalty and a consolidation need the curvature
-        if method != "ft" or settings.laplace or settings.consolidate:
+        if curvature_kind(settings.method, settings.laplace, settings.consolidate) is not None:
             curvature, curvature_key = edit_curvature(model, tokenizer, args, layers, store)
         curvature_seconds = time.perf_counter() - started
         version = None
