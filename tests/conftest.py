@@ -78,6 +78,25 @@ def tiny_stream_store(folder: Path, tokenizer):
     return store, model, layers, curvature
 
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_script(name: str):
+    """bench/NAME.py as the module `bench_NAME` (registered in sys.modules: dataclasses look
+    their module up while a class is made), with bench/ on the path for the scripts that import
+    bench/quality.py as `quality`."""
+    import importlib.util
+    import sys
+
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tiny(arch: str, seed: int = 0):
     """A small randomly initialised causal LM of the given architecture (4 blocks), in eval mode
     and float32. `arch` is one of TINY_ARCHS."""

@@ -4,25 +4,12 @@ says they were not measured; a measured row keeps its figure."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
+
+from conftest import load_bench_script
 
 from contract.settings import DEFAULTS
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))  # bench/adapter.py imports bench/quality.py as `quality`
-    spec = importlib.util.spec_from_file_location("bench_adapter", BENCH / "adapter.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-adapter = _load()
+adapter = load_bench_script("adapter")
 
 
 def _row(locality: float | None, efficacy: float) -> dict:

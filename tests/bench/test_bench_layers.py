@@ -4,26 +4,13 @@ choice a `layers` spec the model takes."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
+
+from conftest import load_bench_script
 
 from crispedit.models import load_model, parse_layers
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))  # bench/layers.py imports bench/quality.py as `quality`
-    spec = importlib.util.spec_from_file_location("bench_layers", BENCH / "layers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-layers = _load()
+layers = load_bench_script("layers")
 
 
 def test_the_bench_scores_every_candidate_and_writes_choices_the_model_takes(

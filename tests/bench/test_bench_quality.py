@@ -3,34 +3,23 @@ store, keeps the rows of the chunks it had, and records its drift per chunk."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_stream_store
+from conftest import load_bench_script, tiny_stream_store
 
 from contract.settings import SettingsError
 from crispedit.models import get_layers
 from crispedit.sequential import set_weights
 from crispedit.streams import base_weights, read_cumulative
 
-QUALITY = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 DRIFT_TOKENS = 256
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_quality", QUALITY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load()
+quality = load_bench_script("quality")
 RUN = replace(quality.BASE, lr=3e-2, epochs=3, chunk=2, n=6, layers="2-3")  # fast, not landed
 
 
