@@ -78,6 +78,24 @@ def tiny_stream_store(folder: Path, tokenizer):
     return store, model, layers, curvature
 
 
+# a tiny model's edit that lands in a few steps: every stream test edits with it
+TINY_EDIT = {"lr": 3e-2, "epochs": 8, "progress": False}
+
+
+def tiny_stream_edit(setup, facts, **kwargs):
+    """`edit_on_stream` of `facts` on stream "main" of a `tiny_stream_store` setup (store, model,
+    tokenizer, layers, curvature) with TINY_EDIT; `base` (default: a fresh tiny Llama's layers)
+    and `capability` (default: the setup's curvature) may be given, other keywords go through."""
+    from crispedit.streams import base_weights, edit_on_stream
+
+    store, model, tok, layers, curvature = setup
+    base = kwargs.pop("base", None) or base_weights(make_tiny("llama"), layers)
+    curvature = kwargs.pop("capability", curvature)
+    return edit_on_stream(
+        store, "tiny", "main", model, tok, base, curvature, facts, **TINY_EDIT, **kwargs
+    )
+
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

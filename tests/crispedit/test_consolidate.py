@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_stream_store
+from conftest import TINY_EDIT, make_tiny, tiny_stream_store
+from conftest import tiny_stream_edit as edit
 from devices import accelerator, on_accelerator
 
 from contract.facts import Fact
@@ -16,13 +17,12 @@ from crispedit.delta import add_to_weights
 from crispedit.editor import make_editor
 from crispedit.models import get_layers, parse_layers
 from crispedit.sequential import StreamState, edit_set_factors, set_weights
-from crispedit.streams import base_weights, edit_on_stream, read_cumulative, read_state
+from crispedit.streams import base_weights, read_cumulative, read_state
 
 CHUNKS = [
     [Fact(prompt="The Eiffel Tower is located in", target="Rome")],
     [Fact(prompt="The capital of France is", target="Berlin"), Fact(prompt="Ice is", target="hot")],
 ]
-FAST = {"lr": 3e-2, "epochs": 8, "progress": False}
 
 
 def spd(d: int, generator: torch.Generator, rank: int | None = None) -> torch.Tensor:
@@ -88,15 +88,6 @@ def test_no_weight_keeps_D_and_a_larger_one_shrinks_the_curved_directions_first(
 def setup(tmp_path, tiny_tokenizer):
     store, model, layers, curvature = tiny_stream_store(tmp_path / "store", tiny_tokenizer)
     return store, model, tiny_tokenizer, layers, curvature
-
-
-def edit(setup, facts, **kwargs):
-    store, model, tok, layers, curvature = setup
-    base = base_weights(make_tiny("llama"), layers)
-    curvature = kwargs.pop("capability", curvature)
-    return edit_on_stream(
-        store, "tiny", "main", model, tok, base, curvature, facts, **FAST, **kwargs
-    )
 
 
 def test_off_the_stream_path_never_consolidates(setup, monkeypatch, tmp_path, tiny_tokenizer):
@@ -186,7 +177,7 @@ def test_a_batch_edit_is_consolidated_from_its_own_rows(tiny_tokenizer):
     model, layers, curvature = curved(tiny_tokenizer)
     base = base_weights(model, layers)
     facts = CHUNKS[1]
-    delta = make_editor(model, tiny_tokenizer, curvature, layers=layers, **FAST).edit(facts)
+    delta = make_editor(model, tiny_tokenizer, curvature, layers=layers, **TINY_EDIT).edit(facts)
     rows = edit_set_factors(model, tiny_tokenizer, layers, facts)
     out, cumulative = consolidate_edit(model, tiny_tokenizer, curvature, base, delta, facts, 1.0)
     expected, _ = consolidate(model, delta.tensors, StreamState.empty().plus(rows), curvature, 1.0)
@@ -209,7 +200,7 @@ def test_without_a_curvature_it_says_what_it_needs(tiny_tokenizer, setup):
     model = make_tiny("llama")
     layers = parse_layers(model, "2-3")
     base = base_weights(model, layers)
-    delta = make_editor(model, tiny_tokenizer, None, method="ft", layers=layers, **FAST).edit(
+    delta = make_editor(model, tiny_tokenizer, None, method="ft", layers=layers, **TINY_EDIT).edit(
         CHUNKS[0]
     )
     with pytest.raises(ValueError, match="capability curvature"):
@@ -220,7 +211,9 @@ def test_a_bf16_model_solves_in_float64_and_its_delta_is_fp32(tiny_tokenizer, mo
     model, layers, curvature = curved(tiny_tokenizer)
     model = model.to(torch.bfloat16)
     base = base_weights(model, layers)
-    delta = make_editor(model, tiny_tokenizer, curvature, layers=layers, **FAST).edit(CHUNKS[1])
+    delta = make_editor(model, tiny_tokenizer, curvature, layers=layers, **TINY_EDIT).edit(
+        CHUNKS[1]
+    )
     solved = []
     real = consolidated
 

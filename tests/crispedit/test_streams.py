@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_stream_store
+from conftest import TINY_EDIT, make_tiny, tiny_stream_store
+from conftest import tiny_stream_edit as edit
 from devices import accelerator
 
 from contract.facts import Fact
@@ -40,22 +41,12 @@ BATCHES = [
     [Fact(prompt="The capital of France is", target="Berlin"), Fact(prompt="Ice is", target="hot")],
     [Fact(prompt="Robert Boulter is an English", target="chef")],
 ]
-FAST = {"lr": 3e-2, "epochs": 8, "progress": False}
 
 
 @pytest.fixture
 def setup(tmp_path, tiny_tokenizer):
     store, model, layers, curvature = tiny_stream_store(tmp_path / "store", tiny_tokenizer)
     return store, model, tiny_tokenizer, layers, curvature
-
-
-def edit(setup, facts, **kwargs):
-    store, model, tok, layers, curvature = setup
-    base = kwargs.pop("base", None) or base_weights(make_tiny("llama"), layers)
-    curvature = kwargs.pop("capability", curvature)
-    return edit_on_stream(
-        store, "tiny", "main", model, tok, base, curvature, facts, **FAST, **kwargs
-    )
 
 
 def test_curvature_cache_hit_skips_collection(setup, monkeypatch):
@@ -187,7 +178,7 @@ def test_ft_on_a_stream_needs_no_curvature(setup):
     store, model, tok, layers, _ = setup
     base = base_weights(make_tiny("llama"), layers)
     manifest, _delta = edit_on_stream(
-        store, "tiny", "ft", model, tok, base, None, BATCHES[0], method="ft", **FAST
+        store, "tiny", "ft", model, tok, base, None, BATCHES[0], method="ft", **TINY_EDIT
     )
     assert manifest["gamma"] is None and manifest["stream"] == "ft"
     assert store.version_file(manifest["id"], ROWS_FILE).is_file()
