@@ -37,6 +37,14 @@ configured epochs again under the usual stopping rules. The first γ whose delta
 search; if none does, the edit ends at the last one and says so. The report's `gamma_trail`
 lists every rung tried.
 
+With `lr_schedule="cosine"` each epoch runs at its own learning rate (`scheduled_lr`): a short
+linear warm-up to `lr`, then a cosine decay to a tenth of it at the last planned epoch (`epochs`);
+an edit that converges sooner stops wherever the schedule has got to. The schedule goes with its
+Adam: each of a drift budget's raises, which starts a fresh Adam and runs the configured epochs
+again, runs it again from its warm-up (a fresh Adam's first steps are its largest there too), and
+each edit of a stream, an edit call of its own, runs its own. The report's `lr_curve` gives each
+epoch's learning rate beside its loss (`loss_curve`).
+
 With `contexts` = k > 0 each fact is trained as k + 1 sequences: its prompt, and the same after
 each of the model's first k context prefixes (crispedit.contexts, generated once per edit), the
 loss the mean over all their target tokens as over a batch of that many facts. A batch and a
@@ -51,6 +59,7 @@ and the vocabulary projection only at the target positions.
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -61,7 +70,7 @@ import torch
 from torch import nn
 
 from contract.facts import Fact, facts_digest
-from contract.settings import DEFAULTS, EditSettings, SettingsError
+from contract.settings import DEFAULTS, LR_SCHEDULES, EditSettings, SettingsError
 from contract.settings import PROJECT_CHOICES as PROJECT_CHOICES  # re-exported for the CLI
 from contract.settings import STOP_CHOICES as STOP_CHOICES
 from crispedit.alphaedit import AlphaEditor
@@ -96,8 +105,18 @@ from crispedit.targets import (
 
 # The editor's defaults, each written once in contract.settings (with why it was chosen)
 LR, BATCH_SIZE, EPOCHS, SEED = DEFAULTS.lr, DEFAULTS.batch_size, DEFAULTS.epochs, DEFAULTS.seed
-LOSS_STOP, STOP = DEFAULTS.loss_stop, DEFAULTS.stop
+LOSS_STOP, STOP, LR_SCHEDULE = DEFAULTS.loss_stop, DEFAULTS.stop, DEFAULTS.lr_schedule
 PROJECT, PROJECTOR_DTYPE = DEFAULTS.project, DEFAULTS.projector_dtype
+# lr_schedule "cosine" (per epoch, over the `epochs` planned; a converged edit stops sooner). The
+# warm-up: Adam's first steps move every coordinate by about lr whatever its gradient (its second
+# moment has seen one gradient), so a peak above the constant default would start with its
+# largest steps; the first WARMUP_SHARE of the epochs (5 at 100, 2 at 50, 1 at 25, none under 20)
+# climb to it linearly instead (Goyal et al. 2017; Liu et al. 2020 for Adam). The decay: a cosine
+# from lr down to LR_FLOOR · lr at the last planned epoch (Loshchilov & Hutter 2017), so the late
+# epochs, which only polish the landed facts toward loss_stop, take a tenth of the peak's steps
+# and add little to the delta; 0.1 is the usual floor (Hoffmann et al. 2022)
+WARMUP_SHARE = 0.05
+LR_FLOOR = 0.1
 # a drift budget's raises of γ at most: each halves the share of the curvature energy left
 # unprotected (three take 0.9 to 0.9875) and may cost another edit's worth of epochs, so the
 # search costs at most four edits; a budget still missed there is reported rather than chased
@@ -108,6 +127,22 @@ def raised_gamma(gamma: float, k: int) -> float:
     """The drift budget's k-th rung above `gamma`: 1 - (1 - γ)/2^k, the share of the curvature
     energy left unprotected halved k times."""
     return 1.0 - (1.0 - gamma) / 2**k
+
+
+def scheduled_lr(lr: float, epoch: int, epochs: int, schedule: str) -> float:
+    """The learning rate of epoch `epoch` (1..`epochs`, the planned epochs) under `schedule`:
+    `lr` throughout for "constant"; for "cosine", W = ⌊WARMUP_SHARE · epochs⌋ warm-up epochs at
+    lr · e/(W + 1), then lr · (f + (1 - f) · ½(1 + cos πt)), f = LR_FLOOR, t going from 0 at
+    epoch W + 1 (the peak) to 1 at the last epoch (f · lr)."""
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}: one of {', '.join(LR_SCHEDULES)}")
+    warmup = int(WARMUP_SHARE * epochs)
+    if epoch <= warmup:
+        return lr * epoch / (warmup + 1)
+    t = (epoch - warmup - 1) / max(1, epochs - warmup - 1)
+    return lr * (LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def fact_losses(token_losses: torch.Tensor, row_of: torch.Tensor, n: int) -> torch.Tensor:
@@ -179,6 +214,7 @@ class _Run:
     gamma: float | None  # the γ the edit projects at now (None for ft)
     projectors: dict  # per layer, the projector at that γ (the editor's own at the settings' γ)
     losses: list[float] = field(default_factory=list)  # each epoch's mean batch loss
+    lrs: list[float] = field(default_factory=list)  # each epoch's learning rate (`lr_schedule`)
     penalty: dict[str, torch.Tensor] = field(default_factory=dict)  # per layer, q at its last step
     # with a drift budget: per γ tried, what its rung ended with; and whether the budget was met
     trail: list[dict] = field(default_factory=list)
@@ -440,7 +476,7 @@ class CrispEditor:
         Refuses an empty list of facts. An exception (an `on_epoch` that aborts) leaves the
         weights of the last step in the model. With a drift budget the report also gives the γ
         the edit ended at (`gamma`), `drift_budget_met` and every rung tried (`gamma_trail`); the
-        epochs, `on_epoch` included, count again from 1 at each rung.
+        epochs, `on_epoch` and the `lr_schedule` included, count again from 1 at each rung.
         """
         facts = list(facts)
         if not facts:
@@ -518,7 +554,8 @@ class CrispEditor:
         # Under project="gradient" (steps not projected) its first moment would carry those
         # directions into the new steps until it decayed; under either, its second moment holds
         # the scale of gradients the new projector no longer lets through. Fresh, the rest of the
-        # edit is an edit of its own from the warm start, its first steps about lr per weight.
+        # edit is an edit of its own from the warm start, its first steps about lr per weight
+        # (under lr_schedule, the rung's epochs count from 1 again: its warm-up tempers them).
         run.optimizers = self._optimizers(run.masters)
 
     def _prepare(self, facts: list[Fact]) -> _Run:
@@ -586,6 +623,8 @@ class CrispEditor:
     def _epoch(self, run: _Run, epoch: int) -> bool:
         """One pass over the reshuffled facts, a step per batch that has not landed yet; logs
         and reports the epoch, and returns whether the edit has converged (`loss_stop`)."""
+        lr = scheduled_lr(self.settings.lr, epoch, self.settings.epochs, self.settings.lr_schedule)
+        self._set_lr(run, lr)
         perm = torch.randperm(len(run.pairs), generator=run.order).tolist()
         size = self.settings.batch_size
         batches = [perm[i : i + size] for i in range(0, len(perm), size)]
@@ -604,12 +643,22 @@ class CrispEditor:
             f"batches skipped {tally.skipped}/{len(batches)}"
             + (f"  anchor KL {sum(kls) / len(kls):.4f}" if kls else "")
             + (f"  predicted capability loss {q:.2e}" if q is not None else "")
+            + (f"  lr {lr:.2e}" if self.settings.lr_schedule != "constant" else "")
         )
         if self.on_epoch is not None:  # progress reports; raising here aborts the edit
             self.on_epoch({"epoch": epoch, "epochs": self.settings.epochs, "loss": run.losses[-1]})
         return (
             tally.worst if self.settings.stop == "fact" else run.losses[-1]
         ) < self.settings.loss_stop
+
+    @staticmethod
+    def _set_lr(run: _Run, lr: float) -> None:
+        """Every layer's Adam at `lr` for the coming epoch, which `run.lrs` records. Under
+        "constant" that is the lr each Adam was made with: its steps are the same as ever."""
+        for optimizer in run.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        run.lrs.append(lr)
 
     def _batch(self, run: _Run, rows: list[int]) -> dict[str, torch.Tensor]:
         """The right-padded batch of the sequences of facts `rows`, in their order
@@ -768,6 +817,7 @@ class CrispEditor:
             "n_edits": len(run.facts),
             "facts_digest": facts_digest(run.facts),
             "lr": self.settings.lr,
+            "lr_schedule": self.settings.lr_schedule,
             "batch_size": self.settings.batch_size,
             "seed": self.settings.seed,
             "project": self.settings.project,
@@ -788,6 +838,7 @@ class CrispEditor:
             "context_prefixes": run.sequences.prefixes,
             "epochs": len(run.losses),
             "loss_curve": [round(x, 6) for x in run.losses],
+            "lr_curve": run.lrs,  # each epoch's learning rate, beside its loss
             "kept_fraction": {n: P.kept_fraction for n, P in run.projectors.items()},
             "delta_norm": {k: float(v.norm()) for k, v in tensors.items()},
             # ½·vec(ΔW)ᵀ(B⊗A)vec(ΔW) summed over the layers, under this edit's curvature (a

@@ -60,6 +60,10 @@ def test_defaults_are_valid_and_round_trip_through_options():
         ({"method": "ft", "drift_budget": 1e-3}, "drift_budget"),
         ({"method": "memit", "drift_budget": 1e-3}, "drift_budget"),
         ({"method": "alphaedit", "drift_budget": 1e-3}, "drift_budget"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"lr_schedule": 1}, "lr_schedule"),
+        ({"method": "memit", "lr_schedule": "cosine"}, "lr_schedule"),
+        ({"method": "alphaedit", "lr_schedule": "cosine"}, "lr_schedule"),
         ({"momentum": 0.9}, "momentum"),
     ],
 )
