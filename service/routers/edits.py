@@ -27,6 +27,7 @@ from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from contract.settings import (
     CHAT_TEMPLATE_CHOICES,
     DEFAULTS,
+    LR_SCHEDULES,
     EditSettings,
     SettingsError,
     option_rules,
@@ -101,6 +102,7 @@ class EditOptions(BaseModel):
     )
     epochs: int | None = _option("epochs")
     lr: float | None = _option("lr")
+    lr_schedule: Literal[LR_SCHEDULES] | None = _option("lr_schedule")  # type: ignore[valid-type]
     anchors: int | None = _option("anchors")
     anchor_weight: float | None = _option("anchor_weight")
     clip: float | None = _option("clip")
@@ -125,10 +127,10 @@ class EditOptions(BaseModel):
         "outside the stream's policy (recorded as forced in the stream's log). Admin keys only.",
     )  # fmt: skip
 
-    @field_validator("clip", "laplace", "contexts", "drift_budget")
+    @field_validator("lr_schedule", "clip", "laplace", "contexts", "drift_budget")
     @classmethod
     def _option_for_method(cls, value: float | None, info: ValidationInfo) -> float | None:
-        # the rules that tie clip, laplace, contexts and drift_budget to the method are
+        # the rules that tie lr_schedule, clip, laplace, contexts and drift_budget to the method are
         # EditSettings'; bounds were checked above
         method = info.data.get("method") or DEFAULTS.method
         if value is not None:

@@ -73,6 +73,8 @@ def test_the_api_documents_each_option_as_the_settings_do():
         ("memit", "contexts", 2),
         ("ft", "drift_budget", 1e-3),
         ("memit", "drift_budget", 1e-3),
+        ("memit", "lr_schedule", "cosine"),
+        ("alphaedit", "lr_schedule", "cosine"),
     ),
 )
 def test_an_option_the_method_refuses_is_refused_by_both_with_the_same_words(method, option, value):

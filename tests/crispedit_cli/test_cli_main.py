@@ -382,7 +382,8 @@ def test_every_edit_setting_is_a_flag_of_edit_and_the_api_ones_of_submit():
     from crispedit_cli.main import parser
 
     changed = {
-        "method": "nullspace", "gamma": 0.7, "epochs": 7, "lr": 0.01, "batch_size": 4,
+        "method": "nullspace", "gamma": 0.7, "epochs": 7, "lr": 0.01, "lr_schedule": "cosine",
+        "batch_size": 4,
         "micro_batch": 2,
         "seed": 3, "project": "gradient", "projector_dtype": "model", "anchors": 1,
         "anchor_weight": 0.5, "anchor_questions": True, "loss_stop": 0.2, "stop": "fact",

@@ -22,6 +22,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
             "method": "kfac",
             "gamma": 0.8,
             "epochs": 5,
+            "lr_schedule": "cosine",
             "anchors": 0,
             "clip": 0.005,
             "drift_budget": 1e-3,
@@ -56,6 +57,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
         "method": "kfac",
         "gamma": 0.8,
         "epochs": 5,
+        "lr_schedule": "cosine",
         "anchors": 0,  # a zero the client set is kept
         "clip": 0.005,
         "drift_budget": 1e-3,
@@ -166,6 +168,12 @@ def test_a_failed_job_does_not_block_the_next_one_on_its_stream(client, redis, s
         (edit_body(options={"method": "rome"}), "options.method", "invalid_request"),
         (edit_body(options={"epochs": 0}), "options.epochs", "invalid_request"),
         (edit_body(options={"lr": 0}), "options.lr", "invalid_request"),
+        (edit_body(options={"lr_schedule": "linear"}), "options.lr_schedule", "invalid_request"),
+        (
+            edit_body(options={"method": "alphaedit", "lr_schedule": "cosine"}),
+            "options.lr_schedule",
+            "invalid_request",
+        ),
         (edit_body(options={"anchors": 9}), "options.anchors", "invalid_request"),
         (edit_body(options={"anchors": 1.5}), "options.anchors", "invalid_request"),
         (edit_body(options={"anchor_weight": -1}), "options.anchor_weight", "invalid_request"),
