@@ -88,20 +88,21 @@ def test_a_longer_run_goes_on_from_the_head_and_keeps_the_rows(bench, edits):
 
 
 def test_a_new_field_at_its_default_keeps_a_streams_name():
-    """A stream begun before `model`, `drift_budget` and `consolidate` existed is found again (its
-    name digests the run's fields without them at their defaults); a run that sets one is another
-    stream."""
+    """A stream begun before `model`, `drift_budget`, `consolidate` and `lr_schedule` existed is
+    found again (its name digests the run's fields without them at their defaults); a run that
+    sets one is another stream."""
     import hashlib
     import json
     from dataclasses import asdict
 
     fields = asdict(replace(RUN, n=0))
-    del fields["consolidate"], fields["drift_budget"], fields["model"]
+    del fields["consolidate"], fields["drift_budget"], fields["model"], fields["lr_schedule"]
     before = "bench-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     assert quality.stream_name(RUN) == before[:22]
     assert quality.stream_name(replace(RUN, consolidate=1.0)) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, drift_budget=1e-3)) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, model="gemma3-270m")) != quality.stream_name(RUN)
+    assert quality.stream_name(replace(RUN, lr_schedule="cosine")) != quality.stream_name(RUN)
 
 
 def test_a_consolidated_stream_records_its_figures_per_chunk(bench):
@@ -216,6 +217,26 @@ def test_a_drift_budget_is_a_run_field_the_editor_gets():
     assert "(γ used 0.95, over budget)" in quality.table([row])[2]
 
 
+def test_an_lr_schedule_is_a_run_field_the_editor_gets():
+    """`lr_schedule=` parses into the run and reaches its settings; the TUNE entries run the
+    defaults on a cosine schedule in half the epochs at twice the peak and a quarter at four
+    times, and a closed-form method refuses it as the settings do."""
+    run = quality.parse_run("kfac:0.9,epochs=50,lr_schedule=cosine,lr=0.001")
+    assert (run.lr_schedule, run.lr, run.epochs) == ("cosine", 0.001, 50)
+    assert run.settings().lr_schedule == "cosine" and run.settings().lr == 0.001
+    assert quality.identity(run) != quality.identity(replace(run, lr_schedule="constant"))
+    assert quality.parse_run("kfac:0.9").settings().lr_schedule == "constant"
+    scheduled = [r for r in quality.TUNE if r.lr_schedule != "constant"]
+    chosen = quality.CHOSEN
+    assert [r.epochs for r in scheduled] == [chosen.epochs // 2, chosen.epochs // 4]
+    for r in scheduled:  # the chosen run but for the schedule, its peak and its epochs
+        assert replace(r, lr_schedule="constant", lr=chosen.lr, epochs=chosen.epochs) == chosen
+        assert r.lr * r.epochs == pytest.approx(chosen.lr * chosen.epochs)
+        assert r.settings().lr_schedule == "cosine"
+    with pytest.raises(SettingsError, match="lr_schedule"):
+        quality.parse_run("memit,lr_schedule=cosine").settings()
+
+
 def _row(run) -> dict:
     """A runs-file row of `run` with no measures (what the table needs of it)."""
     return {"run": quality.asdict(run), "metrics": {}, "chunks": [], "machine": "x86_64",
@@ -230,7 +251,8 @@ def test_the_model_is_in_a_runs_identity_only_when_it_is_not_smollm2(tmp_path, m
     gemma = replace(quality.CHOSEN, model="gemma3-270m", layers="12-16")
     assert quality.identity(gemma) != quality.identity(replace(gemma, model=quality.MODEL))
     # the stream's name: nor the later fields at their defaults (the test above)
-    named = {k: v for k, v in old.items() if k not in ("drift_budget", "consolidate")}
+    later = ("drift_budget", "consolidate", "lr_schedule")
+    named = {k: v for k, v in old.items() if k not in later}
     stream = quality.hashlib.sha256(quality.json.dumps({**named, "n": 0}, sort_keys=True).encode())
     assert quality.stream_name(quality.CHOSEN) == f"bench-{stream.hexdigest()[:16]}"
     # a row written before the field, and the same settings on Gemma: two runs, the old one found
