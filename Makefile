@@ -33,4 +33,5 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	# the 25 slowest tests listed at the end: the suite's time (its budget is 10 minutes) stays visible
+	$(PY) -m pytest -q --durations=25
