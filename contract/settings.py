@@ -34,6 +34,7 @@ STOP_CHOICES = ("batch", "fact")
 PROJECTOR_DTYPES = ("float32", "model")
 CHAT_TEMPLATE_CHOICES = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "cosine")  # crispedit.editor.scheduled_lr
+ANCHOR_CHOICES = ("random", "similar")  # crispedit.anchors
 
 
 class SettingsError(ValueError):
@@ -128,6 +129,16 @@ class EditSettings:
         ge=0.0, api=True, api_le=100.0,
     )  # fmt: skip
     anchor_questions: bool = _option(False, "Whether questions get anchors too.")
+    # random until measured on the tuning splits (issue 23's locality lever): CounterFact's
+    # neighbours are subjects like the edited one, which random diverse anchors protect poorly
+    anchor_choice: str = _option(
+        "random",
+        "How each fact's anchor subjects are chosen: random (drawn by the seed from a fixed "
+        "pool of 58 general subjects), or similar (those of a larger pool of about 300 nearest "
+        "to the fact's own subject, by the cosine of the model's hidden states at the subject's "
+        "last token entering the lowest edited block).",
+        choices=ANCHOR_CHOICES, api=True,
+    )  # fmt: skip
     # "fact": a fact below loss_stop drops out of the loss (it has landed: pushing it further
     # only grows the weight change); "batch": each batch's mean loss is compared
     loss_stop: float = _option(

@@ -74,7 +74,7 @@ from contract.settings import DEFAULTS, LR_SCHEDULES, EditSettings, SettingsErro
 from contract.settings import PROJECT_CHOICES as PROJECT_CHOICES  # re-exported for the CLI
 from contract.settings import STOP_CHOICES as STOP_CHOICES
 from crispedit.alphaedit import AlphaEditor
-from crispedit.anchors import anchor_prompts
+from crispedit.anchors import anchor_prompts, lowest_block, subject_states
 from crispedit.contexts import context_prefixes
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
@@ -422,10 +422,19 @@ class CrispEditor:
 
     @torch.no_grad()
     def _anchor_targets(self, facts: list[Fact], fast: FastForward | None, device) -> Anchors:
-        """The edit's anchor prompts (crispedit.anchors) and the base model's next-token
-        log-probabilities after each, computed once before the first step."""
+        """The edit's anchor prompts (crispedit.anchors; with `anchor_choice` "similar", their
+        subjects those nearest the facts' by the base model's states entering the lowest edited
+        block) and the base model's next-token log-probabilities after each, computed once
+        before the first step."""
+        block = lowest_block(self.model, self.layers)
         per_fact = anchor_prompts(
-            facts, self.settings.anchors, self.settings.seed, self.settings.anchor_questions
+            facts,
+            self.settings.anchors,
+            self.settings.seed,
+            self.settings.anchor_questions,
+            self.settings.anchor_choice,
+            # anchor_choice "similar": subjects compared as the lowest edited block reads them
+            lambda subjects: subject_states(self.model, self.tokenizer, subjects, block),
         )
         owned, ids = [], []
         for prompts in per_fact:
@@ -824,6 +833,7 @@ class CrispEditor:
             "anchors": self.settings.anchors,
             "anchor_weight": self.settings.anchor_weight,
             "anchor_questions": self.settings.anchor_questions,
+            "anchor_choice": self.settings.anchor_choice,
             "loss_stop": self.settings.loss_stop,
             "stop": self.settings.stop,
             "clip": self.settings.clip,

@@ -44,6 +44,8 @@ def test_defaults_are_valid_and_round_trip_through_options():
         ({"stop": "epoch"}, "stop"),
         ({"projector_dtype": "fp16"}, "projector_dtype"),
         ({"anchor_questions": 1}, "anchor_questions"),
+        ({"anchor_choice": "nearest"}, "anchor_choice"),
+        ({"anchor_choice": True}, "anchor_choice"),
         ({"layers": []}, "layers"),
         ({"layers": ["ok", ""]}, "layers"),
         ({"method": "ekfac", "clip": 0.1}, "clip"),
