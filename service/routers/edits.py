@@ -25,6 +25,7 @@ from contract.facts import (
 from contract.jobs import edit_payload
 from contract.names import NAME_RULE, VERSION_RULE, is_name, is_version_id
 from contract.settings import (
+    ANCHOR_CHOICES,
     CHAT_TEMPLATE_CHOICES,
     DEFAULTS,
     LR_SCHEDULES,
@@ -105,6 +106,7 @@ class EditOptions(BaseModel):
     lr_schedule: Literal[LR_SCHEDULES] | None = _option("lr_schedule")  # type: ignore[valid-type]
     anchors: int | None = _option("anchors")
     anchor_weight: float | None = _option("anchor_weight")
+    anchor_choice: Literal[ANCHOR_CHOICES] | None = _option("anchor_choice")  # type: ignore[valid-type]
     clip: float | None = _option("clip")
     laplace: float | None = _option("laplace")
     consolidate: float | None = _option("consolidate")

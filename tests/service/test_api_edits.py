@@ -24,6 +24,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
             "epochs": 5,
             "lr_schedule": "cosine",
             "anchors": 0,
+            "anchor_choice": "similar",
             "clip": 0.005,
             "drift_budget": 1e-3,
             "evaluate": True,
@@ -59,6 +60,7 @@ def test_accepted_edit_is_a_job_with_the_documented_payload(client, redis):
         "epochs": 5,
         "lr_schedule": "cosine",
         "anchors": 0,  # a zero the client set is kept
+        "anchor_choice": "similar",
         "clip": 0.005,
         "drift_budget": 1e-3,
         "evaluate": True,
@@ -177,6 +179,12 @@ def test_a_failed_job_does_not_block_the_next_one_on_its_stream(client, redis, s
         (edit_body(options={"anchors": 9}), "options.anchors", "invalid_request"),
         (edit_body(options={"anchors": 1.5}), "options.anchors", "invalid_request"),
         (edit_body(options={"anchor_weight": -1}), "options.anchor_weight", "invalid_request"),
+        (
+            edit_body(options={"anchor_choice": "nearest"}),
+            "options.anchor_choice",
+            "invalid_request",
+        ),
+        (edit_body(options={"anchor_choice": 1}), "options.anchor_choice", "invalid_request"),
         (edit_body(options={"clip": 1}), "options.clip", "invalid_request"),
         (edit_body(options={"consolidate": -0.1}), "options.consolidate", "invalid_request"),
         (edit_body(options={"consolidate": 101}), "options.consolidate", "invalid_request"),
