@@ -88,21 +88,23 @@ def test_a_longer_run_goes_on_from_the_head_and_keeps_the_rows(bench, edits):
 
 
 def test_a_new_field_at_its_default_keeps_a_streams_name():
-    """A stream begun before `model`, `drift_budget`, `consolidate` and `lr_schedule` existed is
-    found again (its name digests the run's fields without them at their defaults); a run that
-    sets one is another stream."""
+    """A stream begun before `model`, `drift_budget`, `consolidate`, `lr_schedule` and
+    `anchor_choice` existed is found again (its name digests the run's fields without them at
+    their defaults); a run that sets one is another stream."""
     import hashlib
     import json
     from dataclasses import asdict
 
     fields = asdict(replace(RUN, n=0))
-    del fields["consolidate"], fields["drift_budget"], fields["model"], fields["lr_schedule"]
+    for later in ("model", "drift_budget", "consolidate", "lr_schedule", "anchor_choice"):
+        del fields[later]
     before = "bench-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     assert quality.stream_name(RUN) == before[:22]
     assert quality.stream_name(replace(RUN, consolidate=1.0)) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, drift_budget=1e-3)) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, model="gemma3-270m")) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, lr_schedule="cosine")) != quality.stream_name(RUN)
+    assert quality.stream_name(replace(RUN, anchor_choice="similar")) != quality.stream_name(RUN)
 
 
 def test_a_consolidated_stream_records_its_figures_per_chunk(bench):
@@ -237,6 +239,23 @@ def test_an_lr_schedule_is_a_run_field_the_editor_gets():
         quality.parse_run("memit,lr_schedule=cosine").settings()
 
 
+def test_an_anchor_choice_is_a_run_field_the_editor_gets():
+    """`anchor_choice=` parses into the run and reaches its settings; the TUNE entries are the
+    chosen run with similar anchors, two and four of them; a bad choice is refused as the
+    settings refuse it."""
+    run = quality.parse_run("kfac:0.9,anchors=2,anchor_choice=similar")
+    assert run.anchor_choice == "similar" and run.settings().anchor_choice == "similar"
+    assert quality.identity(run) != quality.identity(replace(run, anchor_choice="random"))
+    assert quality.parse_run("kfac:0.9").settings().anchor_choice == "random"
+    similar = [r for r in quality.TUNE if r.anchor_choice != "random"]
+    assert similar == [
+        replace(quality.CHOSEN, anchor_choice="similar"),
+        replace(quality.CHOSEN, anchor_choice="similar", anchors=4),
+    ]
+    with pytest.raises(SettingsError, match="anchor_choice"):
+        quality.parse_run("kfac,anchor_choice=nearest").settings()
+
+
 def _row(run) -> dict:
     """A runs-file row of `run` with no measures (what the table needs of it)."""
     return {"run": quality.asdict(run), "metrics": {}, "chunks": [], "machine": "x86_64",
@@ -251,7 +270,7 @@ def test_the_model_is_in_a_runs_identity_only_when_it_is_not_smollm2(tmp_path, m
     gemma = replace(quality.CHOSEN, model="gemma3-270m", layers="12-16")
     assert quality.identity(gemma) != quality.identity(replace(gemma, model=quality.MODEL))
     # the stream's name: nor the later fields at their defaults (the test above)
-    later = ("drift_budget", "consolidate", "lr_schedule")
+    later = ("drift_budget", "consolidate", "lr_schedule", "anchor_choice")
     named = {k: v for k, v in old.items() if k not in later}
     stream = quality.hashlib.sha256(quality.json.dumps({**named, "n": 0}, sort_keys=True).encode())
     assert quality.stream_name(quality.CHOSEN) == f"bench-{stream.hexdigest()[:16]}"
