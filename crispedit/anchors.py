@@ -131,9 +131,10 @@ SIMILAR_SUBJECTS = (
 # the text a subject is represented in: a neutral lead-in, then the subject, whose last token is
 # the text's. Not the bare subject: a tokenizer without a BOS (SmolLM2's) puts its first token at
 # position 0, the attention sink, whose state is much the same whatever the token, so one-token
-# subjects look alike (on SmolLM2 at block 20, "Lyon" came nearest "Kenya" and "Berlin" bare, and
-# nearest "Montreal", "Geneva" and "Milan" after this lead-in); and in most prompts the subject
-# follows other words anyway. What comes after the subject could not change its state (causal)
+# subjects look alike (on SmolLM2 at block 20, bare, "Lyon" came nearest "Kenya" and "Berlin",
+# "Danish" nearest "Istanbul" and "Amsterdam"; after this lead-in, "Madrid" and "Moscow", "German"
+# and "French"); and in most prompts the subject follows other words anyway. What comes after the
+# subject could not change its state (causal attention)
 SUBJECT_TEMPLATE = "The subject is {}"
 REPRESENT_BATCH = 64  # subjects per forward of `subject_states`: short texts, so many at once
 
