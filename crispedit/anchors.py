@@ -39,7 +39,7 @@ from torch import nn
 from contract.facts import Fact
 from contract.settings import ANCHOR_CHOICES, DEFAULTS
 from crispedit.corpus import pad_batches
-from crispedit.models import transformer_blocks
+from crispedit.models import containing_block, transformer_blocks
 
 # the defaults and why they were chosen: contract.settings
 ANCHORS, ANCHOR_WEIGHT = DEFAULTS.anchors, DEFAULTS.anchor_weight
@@ -151,13 +151,8 @@ def is_question(prompt: str) -> bool:
 def lowest_block(model: nn.Module, layers: Sequence[str]) -> int:
     """Index of the lowest transformer block holding one of `layers` (the last block when none
     lies in a block: a layer of the head, say)."""
-    prefix, blocks = transformer_blocks(model)
-    indices = []
-    for name in layers:
-        index = name.removeprefix(prefix + ".").partition(".")[0]
-        if name.startswith(prefix + ".") and index.isdigit():
-            indices.append(int(index))
-    return min(indices, default=len(blocks) - 1)
+    indices = [i for i in (containing_block(model, name) for name in layers) if i is not None]
+    return min(indices, default=len(transformer_blocks(model)[1]) - 1)
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ from crispedit.curvature import Curvature
 from crispedit.delta import Delta, add_to_weights
 from crispedit.evaluate import teacher_forced_accuracy
 from crispedit.models import (
+    containing_block,
     get_layers,
     is_conv1d,
     model_fingerprint,
@@ -188,13 +189,12 @@ class MemitEditor:
 
     def _last_block(self) -> int:
         """Index of the block holding the last edited layer (the layers must be in blocks)."""
-        prefix, _ = transformer_blocks(self.model)
         indices = []
         for name in self.layers:
-            index = name.removeprefix(prefix + ".").partition(".")[0]
-            if not name.startswith(prefix + ".") or not index.isdigit():
+            index = containing_block(self.model, name)
+            if index is None:
                 raise ValueError(f"{self.method} edits layers inside blocks, not {name!r}")
-            indices.append(int(index))
+            indices.append(index)
         if indices != sorted(set(indices)):
             raise ValueError(f"{self.method} edits one layer per block, in order: {self.layers}")
         return indices[-1]

@@ -385,6 +385,14 @@ def _block_layers(model: nn.Module, item: str) -> list[str]:
     return [f"{prefix}.{i}.{proj}" for i in indices]
 
 
+def containing_block(model: nn.Module, name: str) -> int | None:
+    """Index of the transformer block whose submodule `name` is (any layer inside it), or None
+    for a module outside the blocks (the head, say)."""
+    prefix, _ = transformer_blocks(model)
+    index = name.removeprefix(prefix + ".").partition(".")[0]
+    return int(index) if name.startswith(prefix + ".") and index.isdigit() else None
+
+
 def block_index(model: nn.Module, name: str) -> int | None:
     """The block index `i` for which `parse_layers(model, str(i))` names exactly `name` (its
     block's MLP output projection), or None for any other layer (an attention projection, say),
