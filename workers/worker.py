@@ -16,6 +16,11 @@ the job in RQ's intermediate queue, unrun, and the stream behind it stalls until
 fails the job minutes later. `ResidentWorker`'s stop only raises a flag, and its idle wait wakes
 every `stop_poll_s` seconds to look at it.
 
+RQ listens on its worker's command channel from a thread that waits up to 60 s per read, and
+redis-py 8 joins that thread when the worker stops: once the unsubscribe reply lands before the
+stop flag, every stop (a warm shutdown, a burst's end) took a minute more, longer than a container's
+grace period. `ResidentWorker`'s listener waits `stop_poll_s` seconds at a time instead.
+
 A worker started with `build_curvature` builds its model's curvature before it takes any job
 (`warm_up`), so that a fresh deployment does not make its first edit wait for a build.
 """
@@ -89,6 +94,17 @@ class ResidentWorker(SimpleWorker):
         finally:
             stop.set()
             sweeper.join()
+
+    def subscribe(self) -> None:
+        """RQ's subscription to this worker's command channel, read in waits of `stop_poll_s`
+        seconds (RQ's are 60), so that stopping the listener never waits long."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=self.stop_poll_s,
+            daemon=True,
+            exception_handler=self._pubsub_exception_handler,
+        )
 
     def request_stop(self, signum, frame) -> None:
         """Warm shutdown: finish what was taken, take nothing new (a second signal: cold).

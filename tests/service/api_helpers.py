@@ -8,11 +8,12 @@ import hashlib
 import numpy as np
 from live import redis_url
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 from safetensors.numpy import save_file
 
 from contract.jobs import curvature_index_key, queue_name
 from curvature_store import Store
+from workers.worker import ResidentWorker
 
 REDIS_URL = redis_url(15)
 KEY_ALL = "key-for-every-model"
@@ -35,7 +36,7 @@ def bearer(key: str) -> dict:
 def run_worker(redis: Redis, model: str = "tiny") -> None:
     """Run every job of the model's queue (and those they release) in this process, then return."""
     queue = Queue(queue_name(model), connection=redis)
-    SimpleWorker([queue], connection=redis).work(burst=True, with_scheduler=False)
+    ResidentWorker([queue], connection=redis).work(burst=True, with_scheduler=False)
 
 
 def job_count(redis: Redis) -> int:

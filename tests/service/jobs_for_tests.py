@@ -1,4 +1,5 @@
-"""Stand-ins for the worker's job function, run by a real `rq.SimpleWorker` in the test process.
+"""Stand-ins for the worker's job function, run in the test process by the
+real worker class (`workers.worker.ResidentWorker`).
 
 They follow the job contract of `service.jobqueue` without the engine: report progress in the
 job's meta, honour a cancel request, check the expected parent, publish a tiny version through the

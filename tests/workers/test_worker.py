@@ -276,3 +276,17 @@ def test_an_idle_worker_stops_soon_after_a_stop_signal(redis, restore_signals):
     started = time.monotonic()
     worker.work()  # blocks on the empty queue until the signal
     assert time.monotonic() - started < 0.5 + 10 * worker.stop_poll_s
+
+
+def test_stopping_the_command_listener_waits_a_poll_not_a_minute(redis):
+    worker = ResidentWorker([Queue(queue_name("tiny"), connection=redis)], connection=redis)
+    worker.subscribe()
+    worker.pubsub.unsubscribe()  # the listener reads the reply, then waits to be subscribed again
+    deadline = time.monotonic() + 5
+    while worker.pubsub.subscribed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker.pubsub.subscribed
+    started = time.monotonic()
+    worker.unsubscribe()  # what RQ's teardown does at every stop; RQ's own listener waited 60 s
+    assert time.monotonic() - started < 5 * worker.stop_poll_s
+    assert not worker.pubsub_thread.is_alive()
