@@ -10,6 +10,11 @@ For each fact (subject s, prompt p, target o) and the edited layers l_1 < ... < 
               + WEIGHT_DECAY · ‖δ‖² / ‖h_L‖²
    over short context prefixes x_j (the empty one and `value_contexts` greedy continuations of
    the model's, crispedit.contexts), keeping ‖δ‖ ≤ value_clamp · ‖h_L‖ after every step.
+   A step runs only the blocks after L, and (causal attention: no token before the subject's
+   last one sees δ) only on the tokens from the subject's last one on, against the keys and
+   values of the tokens before it, computed once per chunk of facts (crispedit.prefix:
+   `SuffixForward`; models it does not cover run whole rows from cached states, `FastForward`,
+   or the whole model).
 2. Spread. For l = l_1 .. l_L in turn, on the model as updated so far: the keys k (the input of
    layer l at the subject's last token, averaged over the prefixes), the residual r = (z − h_L) /
    (layers left, this one included), and the least-squares update (the paper's eq. 14)
@@ -55,7 +60,7 @@ from crispedit.models import (
     trainable_only,
     transformer_blocks,
 )
-from crispedit.prefix import FastForward
+from crispedit.prefix import FastForward, SuffixForward
 from crispedit.targets import (
     IGNORE,
     encode_pair,
@@ -143,7 +148,9 @@ class MemitEditor:
     covariance_weight); `layers` defaults to the settings', else the curvature's. `on_epoch` is
     called after each chunk of facts' value optimisation with `{epoch, epochs, loss}` (a worker's
     progress and cancellation hook). `fast` computes the value steps from the block after the
-    last edited one up, from cached states, where the architecture allows (crispedit.prefix).
+    last edited one up, from cached states, where the architecture allows (crispedit.prefix);
+    `cache_prefix` then also runs those blocks only from each row's subject token on, against the
+    cached keys and values of the tokens before it (`SuffixForward`), where the model allows.
     """
 
     method = "memit"
@@ -159,6 +166,7 @@ class MemitEditor:
         progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None,
         fast: bool = True,
+        cache_prefix: bool = True,
         **options: Any,
     ):
         self.settings = settings.override(**options)
@@ -186,6 +194,7 @@ class MemitEditor:
             if plan is not None and plan.start is not None
             else plan
         )
+        self.cache_prefix = cache_prefix and SuffixForward.supports(self.fast)
 
     def _last_block(self) -> int:
         """Index of the block holding the last edited layer (the layers must be in blocks)."""
@@ -466,16 +475,21 @@ class MemitEditor:
 
 
 class _ValueForward:
-    """The forward of one chunk's rows with block L's state changed at the subject's last token:
-    from cached states into the blocks after L with the head only where it is read
-    (crispedit.prefix) when the editor has that plan, else the whole model with a hook."""
+    """The forward of one chunk's rows with block L's state changed at the subject's last token.
+    Where the editor may (`cache_prefix`): the blocks after L on the tokens from the subject's
+    last one on, against the cached keys and values of the tokens before it (positions before
+    `pos` never see δ), with the head only where it is read (crispedit.prefix.SuffixForward).
+    Else with the fast plan: from cached states entering block L+1, on whole rows
+    (crispedit.prefix.FastForward). Else the whole model with a hook on block L."""
 
     def __init__(self, editor: MemitEditor, batch: dict[str, torch.Tensor], pos: torch.Tensor):
         self.editor, self.batch, self.pos = editor, batch, pos
         self.fast = editor.fast
         self.rows = list(range(len(pos)))
-        self.states = None
-        if self.fast is not None and self.fast.start is not None:
+        self.states = self.suffix = None
+        if editor.cache_prefix:
+            self.suffix = SuffixForward(self.fast, batch, pos.tolist())
+        elif self.fast is not None and self.fast.start is not None:
             self.states = self.fast.states_of([{k: v for k, v in batch.items() if k != "labels"}])
 
     def _changed(self, add: torch.Tensor) -> list[torch.Tensor]:
@@ -497,6 +511,8 @@ class _ValueForward:
 
     def token_losses(self, add: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each target token's loss and its row, the state changed by `add` (rows × d)."""
+        if self.suffix is not None:
+            return self.suffix.token_losses(add)
         if self.fast is not None:
             return self._run(add, self.fast.token_losses)
         labels = self.batch["labels"]
@@ -512,6 +528,8 @@ class _ValueForward:
 
     def last_logp(self, add: torch.Tensor | None) -> torch.Tensor:
         """(rows, vocab) fp32 log-probabilities of the next token after each row's last token."""
+        if self.suffix is not None:
+            return self.suffix.last_logits(add).float().log_softmax(-1)
         if self.fast is not None:
             return self._run(add, self.fast.last_logits).float().log_softmax(-1)
 

@@ -17,10 +17,16 @@ shuffled batches of each epoch. The block list is swapped only for the duration 
 call and restored in a `finally`, so the model is whole between steps (an `on_epoch` callback sees
 the normal model) and after any exception. Unsupported models get no plan (`None`): the editor
 then runs the plain full-model forward.
+
+`SuffixForward` goes one step further for a change that enters at one position per row (MEMIT's
+value δ at the subject's last token): nothing before that position ever sees it, so the blocks
+run on those earlier positions once, their keys and values kept in a cache, and each step runs
+the blocks only on the positions from there on against them.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,9 +34,11 @@ from dataclasses import dataclass
 import torch
 import transformers
 from torch import nn
+from transformers import DynamicCache
 
 from crispedit.models import transformer_blocks
 from crispedit.targets import (
+    IGNORE,
     target_batches,
     target_positions,
     target_token_losses_at,
@@ -197,10 +205,7 @@ class FastForward:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`target_token_losses_at` of the batch (their mean is its `target_loss`): each target
         token's loss and its row; `states[rows[b]]` are the cached states of its row b."""
-        labels = batch["labels"]
-        hidden = self.hidden(batch, states, rows)
-        where = target_positions(labels)
-        return target_token_losses_at(self.head(hidden[:, :-1][where]), labels[:, 1:][where], where)
+        return self.head_token_losses(self.hidden(batch, states, rows), batch["labels"])
 
     def last_logits(
         self,
@@ -209,9 +214,201 @@ class FastForward:
         rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """(batch, vocab) logits of the next token after each row's last real token."""
-        hidden = self.hidden(batch, states, rows)
-        last = batch["attention_mask"].sum(-1) - 1
-        return self.head(hidden[torch.arange(len(last), device=hidden.device), last])
+        return self.head_at(self.hidden(batch, states, rows), batch["attention_mask"].sum(-1) - 1)
+
+    def head_token_losses(
+        self, hidden: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target_token_losses_at` from the backbone's last hidden states (batch, seq, d) and the
+        batch's labels: the head runs at the target positions only."""
+        where = target_positions(labels)
+        return target_token_losses_at(self.head(hidden[:, :-1][where]), labels[:, 1:][where], where)
+
+    def head_at(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(batch, vocab) logits at position `index[b]` of each row b of `hidden`."""
+        return self.head(hidden[torch.arange(len(index), device=hidden.device), index])
+
+
+# Causal LMs whose upper blocks can run on the tail of each row against cached keys and values of
+# the positions before it (checked against the transformers 5 sources): each attention appends its
+# new keys and values with `cache.update(k, v, self.layer_idx)` and reads positions only from
+# `position_ids` (rotary) or not at all (GPT-2: its position embeddings are already in the states
+# entering the blocks), and the backbone hands a ready 4-D attention mask to the blocks unchanged.
+SUFFIX_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "GemmaForCausalLM",
+        "Phi3ForCausalLM",
+        "GPT2LMHeadModel",
+    }
+)
+# the attention implementations whose 4-D mask is built here: sdpa reads booleans (True: attend),
+# eager adds floats (0 or the dtype's minimum)
+_MASKED_ATTENTION = ("sdpa", "eager")
+# rotary tables computed from the longest position in the batch: the tail alone may differ
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+class SuffixForward:
+    """The blocks from `fast.start` up on one right-padded batch whose states entering block
+    `start` change only from position `cut[r]` of each row r on (MEMIT adds its value δ at the
+    subject's last token, and nothing before it).
+
+    With causal attention nothing at a position before the cut depends on the change, in any
+    block. So the positions before each row's cut (the prefix) run once, without grad, keeping
+    their keys and values in a `DynamicCache`; every call then runs only the positions from the
+    cut on (the suffix) against those cached keys and values. Prefixes are left-padded and
+    suffixes right-padded to a common length; the rotary positions are the rows' true ones, and a
+    4-D mask, causal by true position, keeps every pad slot from being attended to (a pad query
+    of the prefix attends to itself only, so its state stays finite). The target positions and
+    each row's last token lie in the suffix, so the losses and the last-token logits equal those
+    of `FastForward` to float rounding. `supports` says which models qualify: the others keep
+    `FastForward`'s whole-row forward.
+    """
+
+    def __init__(self, fast: FastForward, batch: dict[str, torch.Tensor], cut: Sequence[int]):
+        self.fast = fast
+        model = fast.model
+        device = batch["input_ids"].device
+        mask = batch["attention_mask"]
+        self.dtype = next(model.parameters()).dtype
+        states = fast.states_of([{"input_ids": batch["input_ids"], "attention_mask": mask}])
+        cuts = torch.tensor([int(c) for c in cut], device=device)
+        lengths = mask.sum(-1)
+        n_prefix, n_suffix = int(cuts.max()), int((lengths - cuts).max())
+        # slot j of row r: true position j - (n_prefix - cut[r]) in the prefix, cut[r] + j after
+        prefix_at = torch.arange(n_prefix, device=device) - n_prefix + cuts[:, None]
+        suffix_at = cuts[:, None] + torch.arange(n_suffix, device=device)
+        prefix_real, suffix_real = prefix_at >= 0, suffix_at < lengths[:, None]
+        self.fed = nn.utils.rnn.pad_sequence(
+            [s[c:] for s, c in zip(states, cuts.tolist(), strict=True)], batch_first=True
+        )
+        self.positions = suffix_at
+        self.last = lengths - cuts - 1
+        self.labels = None
+        if "labels" in batch:
+            at = suffix_at.clamp(max=mask.shape[1] - 1)
+            labels = batch["labels"].gather(1, at)
+            self.labels = labels.masked_fill(~suffix_real, IGNORE)
+        causal = torch.ones(n_suffix, n_suffix, dtype=torch.bool, device=device).tril()
+        self.mask = self._attention_mask(
+            torch.cat(
+                [
+                    prefix_real[:, None, :].expand(-1, n_suffix, -1),
+                    causal[None] & suffix_real[:, None, :],
+                ],
+                dim=-1,
+            )
+        )
+        self.cached: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if n_prefix > 0:
+            self.cached = self._prefix_keys_values(states, cuts, prefix_at, prefix_real)
+
+    @staticmethod
+    def supports(fast: FastForward | None) -> bool:
+        """Whether the model of `fast` can run its blocks on suffixes (module table; full
+        attention in every block, an sdpa or eager attention, a rotary table that does not depend
+        on the batch's length)."""
+        if fast is None or fast.start is None:
+            return False
+        config = fast.model.config
+        if type(fast.model).__name__ not in SUFFIX_ARCHITECTURES:
+            return False
+        if getattr(config, "_attn_implementation", None) not in _MASKED_ATTENTION:
+            return False
+        if getattr(config, "sliding_window", None) is not None:
+            return False  # a window would need its own mask
+        types = getattr(config, "layer_types", None)
+        if types is not None and any(t != "full_attention" for t in types):
+            return False
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+        return not (isinstance(rope, dict) and rope.get("rope_type") in _LENGTH_DEPENDENT_ROPE)
+
+    def _attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The (batch, 1, queries, keys) mask the model's attention reads for `allowed`."""
+        if self.fast.model.config._attn_implementation == "sdpa":
+            return allowed[:, None]
+        blocked = torch.finfo(self.dtype).min
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(
+            ~allowed, blocked
+        )[:, None]
+
+    def _run(
+        self,
+        fed: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
+        """The backbone's last hidden states with `fed` entering block `start`."""
+        ids = torch.zeros(fed.shape[:2], dtype=torch.long, device=fed.device)
+        with self.fast._from_block(self.fast.start, fed):
+            return self.fast.backbone(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=cache is not None,
+                **{_cache_kwarg(self.fast.backbone): cache},
+            ).last_hidden_state
+
+    @torch.no_grad()
+    def _prefix_keys_values(
+        self,
+        states: list[torch.Tensor],
+        cut: torch.Tensor,
+        positions: torch.Tensor,
+        real: torch.Tensor,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block from `start` up: the keys and values of the prefixes, each row's first
+        `cut[r]` states left-padded to the true `positions` (`real`: not padding)."""
+        n = positions.shape[1]
+        fed = torch.stack(
+            [
+                nn.functional.pad(s[:c], (0, 0, n - c, 0))
+                for s, c in zip(states, cut.tolist(), strict=True)
+            ]
+        )
+        causal = torch.ones(n, n, dtype=torch.bool, device=fed.device).tril()
+        allowed = (causal[None] & real[:, None, :]) | torch.eye(n, dtype=torch.bool,
+                                                                 device=fed.device)  # fmt: skip
+        cache = DynamicCache()
+        self._run(fed, self._attention_mask(allowed), positions.clamp(min=0), cache)
+        return [(layer.keys, layer.values) for layer in cache.layers[self.fast.start :]]
+
+    def hidden(self, add: torch.Tensor | None) -> torch.Tensor:
+        """(batch, suffix, d) last hidden states of the suffixes, `add[r]` (rows × d) added to
+        row r's state at its cut (None: unchanged)."""
+        fed = self.fed
+        if add is not None:
+            rows = torch.arange(len(fed), device=fed.device)
+            first = torch.zeros_like(rows)
+            fed = fed.index_put((rows, first), add.to(fed.dtype), accumulate=True)
+        cache = None
+        if self.cached:
+            cache = DynamicCache()
+            for i, (keys, values) in enumerate(self.cached, self.fast.start):
+                cache.update(keys, values, i)
+        return self._run(fed, self.mask, self.positions, cache)
+
+    def token_losses(self, add: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`FastForward.token_losses` of the batch (it must have labels), changed by `add`."""
+        return self.fast.head_token_losses(self.hidden(add), self.labels)
+
+    def last_logits(self, add: torch.Tensor | None) -> torch.Tensor:
+        """(batch, vocab) logits of the next token after each row's last real token."""
+        return self.fast.head_at(self.hidden(add), self.last)
+
+
+def _cache_kwarg(backbone: nn.Module) -> str:
+    """The backbone's name for its key/value cache argument (`cache` in later transformers 5
+    releases, `past_key_values` before)."""
+    return (
+        "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    )
 
 
 def _prefix_start(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[str]) -> int | None:

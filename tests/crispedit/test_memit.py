@@ -17,7 +17,7 @@ from crispedit.corpus import ASSETS, pad_batches, read_documents, token_sequence
 from crispedit.curvature import collect_curvature, plan_curvature
 from crispedit.delta import Delta, apply_delta
 from crispedit.editor import CrispEditor, make_editor
-from crispedit.memit import MemitEditor, memit_solve, subject_position
+from crispedit.memit import MemitEditor, _ValueForward, memit_solve, subject_position
 from crispedit.models import get_layers, parse_layers
 from crispedit.streams import (
     base_weights,
@@ -122,19 +122,110 @@ def test_memit_lands_edits_and_the_model_is_base_plus_delta(tiny, fast, tmp_path
         assert torch.equal(get_layers(base, [name])[name].weight, module.weight)
 
 
+# facts with subjects: the value sits mid-prompt (the first at the prompt's first token), and
+# each fact has a "{subject} is a" row for the KL term
+SUBJECT_FACTS = [
+    Fact(prompt="I live in the city of", target="the north", subject="I"),
+    Fact(prompt="The Eiffel Tower is located in", target="the city of", subject="Eiffel Tower"),
+    Fact(prompt="Robert Boulter is an English actor", target="who was", subject="Robert Boulter"),
+]
+
+
+def _editor(model, tok, layers, **kwargs):
+    curvature = curvature_for(model, tok, layers, tokens=64, seq_len=16)
+    settings = EditSettings(method="memit", covariance_weight=1.0)
+    return MemitEditor(model, tok, curvature, settings, layers=layers, **kwargs, **QUIET)
+
+
 def test_fast_and_full_value_forwards_agree(tiny_tokenizer):
+    """The whole edit gives the same delta from the suffix forward (prefix keys and values
+    cached), from the whole rows' cached states, and from the plain full-model forward."""
     deltas = []
-    for fast in (True, False):
+    for fast, cache_prefix in ((True, True), (True, False), (False, False)):
         model = make_tiny("llama")
         layers = parse_layers(model, "1-2")
-        editor = MemitEditor(
-            model, tiny_tokenizer, curvature_for(model, tiny_tokenizer, layers),
-            EditSettings(method="memit", covariance_weight=1.0), layers=layers, fast=fast,
-            **QUIET,
-        )  # fmt: skip
-        deltas.append(editor.edit(LAST_TOKEN_FACTS).tensors)
-    for key in deltas[0]:
-        torch.testing.assert_close(deltas[0][key], deltas[1][key], rtol=1e-3, atol=1e-5)
+        editor = _editor(model, tiny_tokenizer, layers, fast=fast, cache_prefix=cache_prefix)
+        assert editor.cache_prefix == cache_prefix
+        deltas.append(editor.edit(LAST_TOKEN_FACTS + SUBJECT_FACTS).tensors)
+    assert all(float(d.norm()) > 1e-3 for d in deltas[0].values())
+    for other in deltas[1:]:
+        for key in deltas[0]:
+            torch.testing.assert_close(deltas[0][key], other[key], rtol=1e-3, atol=1e-5)
+
+
+def _value_outputs(editor, rows, cache_prefix, add, kl_add):
+    """Token losses, their rows, the KL rows' last-token log-probs and the gradients of their sum
+    with respect to `add` and `kl_add`, from `_ValueForward` with or without the prefix cache."""
+    editor.cache_prefix = cache_prefix
+    batch = editor._batch(rows.ids, rows.n_prompt)
+    kl_batch = editor._batch(rows.kl_ids, None)
+    forward = _ValueForward(editor, batch, torch.tensor(rows.pos))
+    kl_forward = _ValueForward(editor, kl_batch, torch.tensor(rows.kl_pos))
+    add, kl_add = add.clone().requires_grad_(), kl_add.clone().requires_grad_()
+    losses, row_of = forward.token_losses(add)
+    logp = kl_forward.last_logp(kl_add)
+    (losses.sum() + (logp.exp() * torch.linspace(-1, 1, logp.shape[1])).sum()).backward()
+    return losses.detach(), row_of, logp.detach(), add.grad, kl_add.grad
+
+
+@pytest.mark.parametrize(
+    "arch, attention",
+    [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager"),
+     ("qwen2", "sdpa"), ("gemma", "sdpa"), ("phi3", "sdpa"), ("qwen3", "sdpa")],
+)  # fmt: skip
+def test_suffix_forward_equals_the_whole_rows(tiny_tokenizer, arch, attention):
+    """Only the tokens from the subject's on, against the cached keys and values of those before:
+    the same target-token losses, last-token log-probs and gradients w.r.t. δ as the whole rows,
+    with rows of different lengths and cut points (one at the first token)."""
+    model = make_tiny(arch)
+    model.set_attn_implementation(attention)
+    editor = _editor(model, tiny_tokenizer, parse_layers(model, "1"))
+    assert editor.cache_prefix
+    rows = editor._rows(SUBJECT_FACTS)
+    assert 0 in rows.pos and len(set(rows.pos)) > 2 and len({len(r) for r in rows.ids}) > 2
+    g = torch.Generator().manual_seed(0)
+    add = torch.randn(len(rows.ids), model.config.hidden_size, generator=g)
+    kl_add = torch.randn(len(rows.kl_ids), model.config.hidden_size, generator=g)
+    ours = _value_outputs(editor, rows, True, add, kl_add)
+    whole = _value_outputs(editor, rows, False, add, kl_add)
+    assert torch.equal(ours[1], whole[1])
+    for a, b in zip(ours, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert float(ours[3].abs().max()) > 1e-4  # δ does reach the losses
+    # a batch changed at its first token only: nothing to cache
+    first = [r for r, p in enumerate(rows.kl_pos) if p == 0]
+    kl_batch = editor._batch([rows.kl_ids[r] for r in first], None)
+    logps = []
+    for cache_prefix in (True, False):
+        editor.cache_prefix = cache_prefix
+        forward = _ValueForward(editor, kl_batch, torch.zeros(len(first), dtype=torch.long))
+        logps.append(forward.last_logp(kl_add[first]))
+    torch.testing.assert_close(logps[0], logps[1], rtol=1e-4, atol=1e-5)
+
+
+def test_suffix_forward_in_bf16(tiny_tokenizer):
+    """A bf16 model: the cached keys, values and mask in its dtype, the losses fp32, equal to the
+    whole rows' within bf16 rounding."""
+    model = make_tiny("llama").to(torch.bfloat16)
+    editor = _editor(model, tiny_tokenizer, parse_layers(model, "1"))
+    rows = editor._rows(SUBJECT_FACTS)
+    add = torch.randn(len(rows.ids), model.config.hidden_size, generator=torch.Generator())
+    kl_add = torch.zeros(len(rows.kl_ids), model.config.hidden_size)
+    ours = _value_outputs(editor, rows, True, add, kl_add)
+    whole = _value_outputs(editor, rows, False, add, kl_add)
+    assert ours[0].dtype == torch.float32 and ours[2].dtype == torch.float32
+    for a, b in zip(ours, whole, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gptj"])
+def test_models_without_a_suffix_forward_keep_the_whole_rows(tiny_tokenizer, arch):
+    """Sliding-window attention (Gemma 3's local layers) and unchecked architectures fall back."""
+    model = make_tiny(arch)
+    editor = _editor(model, tiny_tokenizer, parse_layers(model, "1"))
+    assert not editor.cache_prefix
+    llama = make_tiny("llama")
+    assert not _editor(llama, tiny_tokenizer, parse_layers(llama, "1"), fast=False).cache_prefix
 
 
 def test_alphaedit_keeps_the_preserved_texts_outputs_exactly(tiny_tokenizer):
