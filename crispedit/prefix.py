@@ -36,7 +36,7 @@ import transformers
 from torch import nn
 from transformers import DynamicCache
 
-from crispedit.models import transformer_blocks
+from crispedit.models import containing_block, transformer_blocks
 from crispedit.targets import (
     IGNORE,
     target_batches,
@@ -272,6 +272,7 @@ class SuffixForward:
 
     def __init__(self, fast: FastForward, batch: dict[str, torch.Tensor], cut: Sequence[int]):
         self.fast = fast
+        self.cache_arg = _cache_kwarg(fast.backbone)
         model = fast.model
         device = batch["input_ids"].device
         mask = batch["attention_mask"]
@@ -352,7 +353,7 @@ class SuffixForward:
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=cache is not None,
-                **{_cache_kwarg(self.fast.backbone): cache},
+                **{self.cache_arg: cache},
             ).last_hidden_state
 
     @torch.no_grad()
@@ -416,15 +417,11 @@ def _prefix_start(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[str]
     the upper blocks can run as a list of their own; None otherwise."""
     if not _PREFIX_OK:
         return None
-    prefix, found = transformer_blocks(model)
-    if found is not blocks:
+    if transformer_blocks(model)[1] is not blocks:
         return None
-    indices = []
-    for name in layers:
-        index, dot, _ = name.removeprefix(prefix + ".").partition(".")
-        if not name.startswith(prefix + ".") or not dot or not index.isdigit():
-            return None  # a layer outside the blocks (the head, say) may feed the prefix
-        indices.append(int(index))
+    indices = [containing_block(model, name) for name in layers]
+    if None in indices:
+        return None  # a layer outside the blocks (the head, say) may feed the prefix
     start = min(indices, default=0)
     if start == 0:
         return None  # nothing to cache
