@@ -24,8 +24,11 @@ For each fact (subject s, prompt p, target o) and the edited layers l_1 < ... < 
 
 AlphaEdit (crispedit.alphaedit) shares step 1 and the spread, and changes the solve. Both edit
 in place and return a `Delta` like `CrispEditor.edit`, so stores, streams and evaluation take
-them unchanged. Targets, keys and residuals are fp32 whatever the model's dtype, and the solve is
-float64 on the model's device.
+them unchanged. Step 1 is nearly all of an edit's time and does not depend on the solve, so its
+result can be kept (`target_values`, `TargetValues.save`) and given to another edit of the same
+facts on the same model: MEMIT then AlphaEdit, or a sweep of the covariance weight. Targets,
+keys and residuals are fp32 whatever the model's dtype, and the solve is float64 on the model's
+device.
 
     editor = MemitEditor(model, tokenizer, curvature, settings=EditSettings(method="memit"))
     delta = editor.edit(facts)
@@ -35,10 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +52,7 @@ from torch import nn
 
 from contract.facts import Fact, facts_digest
 from contract.settings import DEFAULTS, EditSettings
+from crispedit.artifacts import ArtifactError, load_tensors, save_tensors
 from crispedit.contexts import context_prefixes
 from crispedit.corpus import pad_batches
 from crispedit.curvature import Curvature
@@ -121,6 +128,34 @@ def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, weight: float
     M = torch.addmm(C.to(K.device, torch.float64), K, K.T, beta=weight)
     # M is symmetric: Δᵀ = M⁻¹ K Rᵀ
     return torch.linalg.solve(M, K @ R.T).T.float()
+
+
+@dataclass(frozen=True)
+class TargetValues:
+    """Step 1's result for one list of facts on one model (module doc): each fact's value change
+    δ at block L's output (n_facts × d, fp32, CPU), each chunk's final loss, and the seconds the
+    optimisation took. `key` names what it was computed for: the facts, the edited layers and
+    their weights (`model_fingerprint`: the rest of the model is taken to be the same), the chat
+    template and the value options; `MemitEditor.edit(facts, values=...)` refuses any other."""
+
+    key: str
+    delta: torch.Tensor
+    losses: list[float]
+    seconds: float
+
+    def save(self, path: str | Path) -> None:
+        """Write to one safetensors file, atomically (crispedit.artifacts)."""
+        meta = {"kind": "target-values", "key": self.key, "losses": self.losses,
+                "seconds": self.seconds}  # fmt: skip
+        save_tensors(path, {"delta": self.delta}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TargetValues:
+        """Read a file written by `save`; a corrupt or foreign file raises `ArtifactError`."""
+        tensors, meta = load_tensors(path, "target values")
+        if meta.get("kind") != "target-values" or "delta" not in tensors:
+            raise ArtifactError(f"{path} is not a target-values file")
+        return cls(meta["key"], tensors["delta"], list(meta["losses"]), float(meta["seconds"]))
 
 
 @dataclass
@@ -215,24 +250,33 @@ class MemitEditor:
     # -----------------------------------------------------------------------------------------
     # editing
 
-    def edit(self, facts: Sequence[Fact]) -> Delta:
+    def edit(self, facts: Sequence[Fact], *, values: TargetValues | None = None) -> Delta:
         """Edit the model in place so it completes each fact's prompt with its target (module
         doc); returns the fp32 delta against the weights before, whose `report` holds efficacy
         before/after and timings. The model ends with `W_before + delta` computed as `apply_delta`
-        does. Refuses an empty list."""
+        does. `values`, step 1's result for these facts on this model (`target_values`), skips
+        step 1; values computed for anything else are refused, as is an empty list."""
         facts = list(facts)
         if not facts:
             raise ValueError("no facts to edit")
         started = time.perf_counter()
         pairs = [(f.prompt, f.target) for f in facts]
         base_fingerprint = model_fingerprint(self.model, self.layers)
+        key = self._values_key(facts, base_fingerprint)
+        if values is not None and values.key != key:
+            raise ValueError(
+                "these target values were computed for other facts, layer weights or value "
+                "options than this edit's"
+            )
         efficacy_before = teacher_forced_accuracy(self.model, self.tokenizer, pairs, chat=self.chat)
         rows = self._rows(facts)
         with torch.no_grad():
             h = self._probe(rows, None)[1]  # (n_facts, d) at block L: before the edit
-        with trainable_only(self.model, []):
-            delta, losses = self._values(rows, h)
-        z = h + delta
+        reused = values is not None
+        if values is None:
+            values = self._target_values(key, rows, h)
+        losses = values.losses
+        z = h + values.delta.to(h.device, h.dtype)
         tensors: dict[str, torch.Tensor] = {}
         for i, name in enumerate(self.layers):
             with torch.no_grad():
@@ -245,8 +289,47 @@ class MemitEditor:
             self._log(f"{self.method}: {name} updated, |Δ| {float(update.norm()):.3f}")
         efficacy = teacher_forced_accuracy(self.model, self.tokenizer, pairs, chat=self.chat)
         seconds = time.perf_counter() - started
-        return self._delta(facts, tensors, base_fingerprint, (efficacy_before, efficacy), losses,
-                           seconds)  # fmt: skip
+        delta = self._delta(facts, tensors, base_fingerprint, (efficacy_before, efficacy), losses,
+                            seconds)  # fmt: skip
+        # the value optimisation's own time, and whether this edit reused it
+        delta.report["time_s"]["values"] = round(values.seconds, 3)
+        delta.report["values_reused"] = reused
+        return delta
+
+    def target_values(self, facts: Sequence[Fact]) -> TargetValues:
+        """Step 1 alone (module doc) for `facts` on the model as it is now: what `edit(facts,
+        values=...)` takes instead of computing it, by this editor or by another MEMIT or
+        AlphaEdit editor of the same model, layers and value options."""
+        facts = list(facts)
+        if not facts:
+            raise ValueError("no facts to edit")
+        key = self._values_key(facts, model_fingerprint(self.model, self.layers))
+        rows = self._rows(facts)
+        with torch.no_grad():
+            h = self._probe(rows, None)[1]
+        return self._target_values(key, rows, h)
+
+    def values_key(self, facts: Sequence[Fact]) -> str:
+        """The key of `target_values(facts)` on the model as it is now, without computing them:
+        a digest of what they depend on (`TargetValues`)."""
+        return self._values_key(list(facts), model_fingerprint(self.model, self.layers))
+
+    def _target_values(self, key: str, rows: _Rows, h: torch.Tensor) -> TargetValues:
+        started = time.perf_counter()
+        with trainable_only(self.model, []):
+            delta, losses = self._values(rows, h)
+        return TargetValues(key, delta.cpu(), losses, time.perf_counter() - started)
+
+    def _values_key(self, facts: list[Fact], fingerprint: str) -> str:
+        """What step 1's result depends on (`TargetValues`), as a digest."""
+        s = self.settings
+        parts = {
+            "fingerprint": fingerprint, "layers": self.layers, "facts": facts_digest(facts),
+            "chat": bool(self.chat), "steps": s.value_steps, "lr": s.value_lr,
+            "clamp": s.value_clamp, "contexts": s.value_contexts, "kl_factor": s.kl_factor,
+            "rules": [WEIGHT_DECAY, VALUE_STOP, KL_PROMPT, VALUE_BATCH],
+        }  # fmt: skip
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def _solve(self, name: str, K: torch.Tensor, R: torch.Tensor, facts: list[Fact]):
         """Layer `name`'s update (d_out × d_in, float32) for keys K (d_in × n) and residuals R."""

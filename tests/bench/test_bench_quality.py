@@ -314,3 +314,26 @@ def test_another_models_runs_get_a_section_of_their_own(tmp_path, monkeypatch):
     assert ours.count("| counterfact | 100-199 |") == theirs.count("| counterfact | 100-199 |") == 1
     assert "| ft | epochs 50, project update |" in theirs  # its layers are its base's: no change
     assert "model" not in quality._defaults()
+
+
+def test_memit_and_alphaedit_runs_share_their_target_values(bench, monkeypatch, tmp_path):
+    """The first MEMIT or AlphaEdit run of some facts saves its value optimisation in VALUES;
+    a run of the other method on the same facts and value options reads it back."""
+    from crispedit.editor import make_editor
+
+    monkeypatch.setattr(quality, "VALUES", tmp_path / "values")
+    _, model, tokenizer, _, curvature = bench
+    facts = quality.records(replace(RUN, n=2))
+
+    def editor(method, steps=2):
+        layers = list(curvature.layers)
+        return make_editor(model, tokenizer, curvature, method=method, layers=layers,
+                           progress=False, value_steps=steps)  # fmt: skip
+
+    made, reused = quality.shared_values(editor("memit"), facts)
+    assert not reused and len(list((tmp_path / "values").iterdir())) == 1
+    read, reused = quality.shared_values(editor("alphaedit"), facts)
+    assert reused and read.key == made.key and torch.equal(read.delta, made.delta)
+    # other value options are another optimisation: computed, and kept beside the first
+    _, reused = quality.shared_values(editor("alphaedit", steps=3), facts)
+    assert not reused and len(list((tmp_path / "values").iterdir())) == 2

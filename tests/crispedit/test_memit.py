@@ -13,11 +13,18 @@ from conftest import make_tiny
 from contract.facts import Fact
 from contract.settings import EditSettings, SettingsError
 from crispedit.alphaedit import AlphaEditor, alphaedit_solve, null_space_projector
+from crispedit.artifacts import ArtifactError
 from crispedit.corpus import ASSETS, pad_batches, read_documents, token_sequences
 from crispedit.curvature import collect_curvature, plan_curvature
 from crispedit.delta import Delta, apply_delta
 from crispedit.editor import CrispEditor, make_editor
-from crispedit.memit import MemitEditor, _ValueForward, memit_solve, subject_position
+from crispedit.memit import (
+    MemitEditor,
+    TargetValues,
+    _ValueForward,
+    memit_solve,
+    subject_position,
+)
 from crispedit.models import get_layers, parse_layers
 from crispedit.streams import (
     base_weights,
@@ -286,18 +293,71 @@ def test_bad_inputs_are_refused_clearly(tiny_tokenizer):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("method", ["memit", "alphaedit"])
-def test_both_land_counterfact_edits_on_smollm2(smollm2, method):
+def test_both_land_counterfact_edits_on_smollm2(smollm2):
+    """One value optimisation (nearly all of an edit's time) serves both: MEMIT edits the model
+    and computes it, AlphaEdit takes it on a fresh copy of the model."""
     from crispedit import load_facts
 
     model, tokenizer = smollm2()
     layers = parse_layers(model, "4-8")
     curvature = curvature_for(model, tokenizer, layers, tokens=2048, seq_len=256)
     facts = load_facts(ASSETS / "counterfact-edit-1k.json", limit=5)
-    settings = EditSettings(method=method, covariance_weight=1500.0)
-    delta = make_editor(model, tokenizer, curvature, settings, layers=layers, **QUIET).edit(facts)
-    print(method, delta.report["efficacy"], delta.report["loss_curve"])
-    assert delta.report["efficacy_before"] < 0.5 and delta.report["efficacy"] >= 0.8
+    values = None
+    for method in ("memit", "alphaedit"):
+        model = smollm2()[0] if values is not None else model
+        settings = EditSettings(method=method, covariance_weight=1500.0)
+        editor = make_editor(model, tokenizer, curvature, settings, layers=layers, **QUIET)
+        values = values or editor.target_values(facts)
+        delta = editor.edit(facts, values=values)
+        print(method, delta.report["efficacy"], delta.report["loss_curve"])
+        assert delta.report["efficacy_before"] < 0.5 and delta.report["efficacy"] >= 0.8
+        assert delta.report["method"] == method and delta.report["values_reused"]
+
+
+def test_target_values_are_kept_and_reused_only_for_their_own_edit(tiny_tokenizer, tmp_path):
+    """`edit(facts, values=target_values(facts))` makes the same delta as `edit(facts)`, from a
+    saved file too and by AlphaEdit's editor; values for other facts, other value options or
+    other layer weights are refused before the model changes."""
+    model = make_tiny("llama")
+    tok, layers = tiny_tokenizer, parse_layers(model, "1-2")
+    curvature = curvature_for(model, tok, layers)
+    base = copy.deepcopy(model)
+
+    def editor(model, **options):
+        return make_editor(model, tok, curvature, method="memit", layers=layers,
+                           covariance_weight=1.0, **options, **QUIET)  # fmt: skip
+
+    values = editor(model).target_values(LAST_TOKEN_FACTS)
+    assert values.delta.shape == (3, model.config.hidden_size) and values.seconds > 0
+    values.save(tmp_path / "values.safetensors")
+    kept = TargetValues.load(tmp_path / "values.safetensors")
+    assert kept.key == values.key and torch.equal(kept.delta, values.delta)
+    assert kept.losses == values.losses
+
+    alone = editor(copy.deepcopy(base)).edit(LAST_TOKEN_FACTS)
+    reused = editor(model).edit(LAST_TOKEN_FACTS, values=kept)
+    assert not alone.report["values_reused"] and reused.report["values_reused"]
+    for name in alone.tensors:
+        assert torch.allclose(alone.tensors[name], reused.tensors[name], atol=1e-6)
+    # AlphaEdit's editor takes MEMIT's values: the same step 1
+    alpha = make_editor(copy.deepcopy(base), tok, curvature, method="alphaedit", layers=layers,
+                        **QUIET)  # fmt: skip
+    assert alpha.values_key(LAST_TOKEN_FACTS) == values.key
+
+    refused = (
+        (editor(copy.deepcopy(base)), LAST_TOKEN_FACTS[:2]),  # other facts
+        (editor(copy.deepcopy(base), value_steps=3), LAST_TOKEN_FACTS),  # other value options
+        (editor(model), LAST_TOKEN_FACTS),  # the edited model: other layer weights
+    )
+    for other, facts in refused:
+        before = {n: p.clone() for n, p in other.model.named_parameters()}
+        with pytest.raises(ValueError, match="target values were computed for other"):
+            other.edit(facts, values=values)
+        assert all(torch.equal(p, before[n]) for n, p in other.model.named_parameters())
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="corrupt or not safetensors"):
+        TargetValues.load(tmp_path / "bad.safetensors")
 
 
 def test_alphaedit_on_a_stream_keeps_off_the_earlier_edits_keys(tmp_path, tiny_tokenizer):
