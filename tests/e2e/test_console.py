@@ -3,7 +3,9 @@ uvicorn API, the private Redis and a real `crispedit worker` on a tiny model. On
 sign in, a refused submission showing the API's error, two fact edits followed live, the stream's
 history with its plot, before/after, a verified download, a rollback, an edit cancelled while it
 waits or runs, a `<script>` target shown as text, and a second team's key on the same model that
-sees none of it. Each page's screenshot is written to bench/results/console/ for a reviewer.
+sees none of it. Each page's screenshot is written for a reviewer: to a temp folder, so that a test
+run leaves the checkout as it was, or, to refresh the committed ones, where CONSOLE_SHOTS says
+(`CONSOLE_SHOTS=bench/results/console pytest -m browser`).
 
 Without chromium or Playwright these tests skip with the reason, except where the environment
 sets CI (CI runners set CI=true): there they fail with it, so that CI never passes without them.
@@ -18,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +39,7 @@ pytestmark = pytest.mark.browser
 REDIS_URL = redis_url(11)
 KEY_A = "console-key-team-a-0123456789"
 KEY_B = "console-key-team-b-9876543210"
-SHOTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "console"
+SHOTS = Path(os.environ.get("CONSOLE_SHOTS") or Path(tempfile.gettempdir()) / "console-shots")
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 JOB_TIMEOUT_MS = 180_000  # the worker's first job also builds the tiny model's curvature
 
