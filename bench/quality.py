@@ -594,6 +594,7 @@ def measure(run: Run, store, mmlu: int | None, generation: bool, restart: bool =
             delta = editor.edit(facts, values=values)
             if values_reused:  # the row's edit time counts the value optimisation all the same
                 started -= values.seconds
+        else:
             delta = editor.edit(facts)
         predicted = delta.report.get("predicted_loss_increase")
         epochs_run = delta.report.get("epochs")  # a converged edit stops before run.epochs

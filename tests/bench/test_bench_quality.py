@@ -337,3 +337,23 @@ def test_memit_and_alphaedit_runs_share_their_target_values(bench, monkeypatch, 
     # other value options are another optimisation: computed, and kept beside the first
     _, reused = quality.shared_values(editor("alphaedit", steps=3), facts)
     assert not reused and len(list((tmp_path / "values").iterdir())) == 2
+
+
+def test_a_batch_run_is_measured_and_memit_then_alphaedit_share_the_values(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`measure` end to end on a tiny model for a batch run of each kind of editor: the row has
+    its edit time and metrics, and AlphaEdit after MEMIT on the same records reads MEMIT's target
+    values (its `edit_s` still counts them)."""
+    from curvature_store import Store
+
+    monkeypatch.setattr(quality, "VALUES", tmp_path / "values")
+    store = Store(tmp_path / "store")
+    tiny = replace(RUN, model=str(tiny_model_dir), chunk=0, n=2, epochs=2, tokens=400)
+    rows = {}
+    for method in ("kfac", "memit", "alphaedit"):
+        run = replace(tiny, method=method, value_steps=2, value_contexts=0)
+        rows[method] = quality.measure(run, store, mmlu=0, generation=False)
+        assert rows[method]["edit_s"] > 0 and rows[method]["metrics"]["efficacy"]["n"] == 2
+    assert [rows[m]["values_reused"] for m in rows] == [False, False, True]
+    assert rows["alphaedit"]["run"]["method"] == "alphaedit"
