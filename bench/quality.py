@@ -558,8 +558,9 @@ def shared_values(editor, facts: list) -> tuple[object, bool]:
 
     path = VALUES / f"{editor.values_key(facts)}.safetensors"
     if path.is_file():
-        log(f"  target values from {path} (computed in {TargetValues.load(path).seconds:.0f} s)")
-        return TargetValues.load(path), True
+        values = TargetValues.load(path)
+        log(f"  target values from {path} (computed in {values.seconds:.0f} s)")
+        return values, True
     values = editor.target_values(facts)
     values.save(path)
     return values, False

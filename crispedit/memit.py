@@ -303,11 +303,10 @@ class MemitEditor:
         facts = list(facts)
         if not facts:
             raise ValueError("no facts to edit")
-        key = self._values_key(facts, model_fingerprint(self.model, self.layers))
         rows = self._rows(facts)
         with torch.no_grad():
             h = self._probe(rows, None)[1]
-        return self._target_values(key, rows, h)
+        return self._target_values(self.values_key(facts), rows, h)
 
     def values_key(self, facts: Sequence[Fact]) -> str:
         """The key of `target_values(facts)` on the model as it is now, without computing them:
