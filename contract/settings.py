@@ -35,6 +35,7 @@ PROJECTOR_DTYPES = ("float32", "model")
 CHAT_TEMPLATE_CHOICES = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "cosine")  # crispedit.editor.scheduled_lr
 ANCHOR_CHOICES = ("random", "similar")  # crispedit.anchors
+WARM_STARTS = ("off", "lstsq")  # crispedit.start
 
 
 class SettingsError(ValueError):
@@ -94,6 +95,15 @@ class EditSettings:
         "kfac, ekfac, nullspace and ft; not memit or alphaedit.",
         choices=LR_SCHEDULES, api=True,
     )  # fmt: skip
+    # zero until measured on the tuning splits (issue 23's speed lever): a closed-form first step
+    # might leave Adam fewer epochs to walk
+    warm_start: str = _option(
+        "off",
+        "Where Adam's epochs start: off (at the weights before the edit), or lstsq (after one "
+        "closed-form least-squares step under the same projection, its length searched on the "
+        "edit's loss; crispedit.start). kfac, ekfac, nullspace and ft; not memit or alphaedit.",
+        choices=WARM_STARTS,
+    )
     batch_size: int = _option(32, "Facts per step.", ge=1)
     # the step is the same (its gradient summed over micro-batches, up to float rounding); only
     # the activations held at once shrink, at the cost of one extra forward per step
@@ -280,6 +290,12 @@ class EditSettings:
                 "lr_schedule",
                 f"applies to the projected editor, not to {resolve_method(self.method)} "
                 "(whose value optimisation runs at value_lr)",
+            )
+        if self.warm_start != "off" and resolve_method(self.method) in CLOSED_FORM:
+            raise SettingsError(
+                "warm_start",
+                f"applies to the projected editor, not to {resolve_method(self.method)} "
+                "(which solves in closed form already)",
             )
         if self.contexts and resolve_method(self.method) in CLOSED_FORM:
             raise SettingsError(

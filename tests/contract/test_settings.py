@@ -66,6 +66,9 @@ def test_defaults_are_valid_and_round_trip_through_options():
         ({"lr_schedule": 1}, "lr_schedule"),
         ({"method": "memit", "lr_schedule": "cosine"}, "lr_schedule"),
         ({"method": "alphaedit", "lr_schedule": "cosine"}, "lr_schedule"),
+        ({"warm_start": "zero"}, "warm_start"),
+        ({"method": "memit", "warm_start": "lstsq"}, "warm_start"),
+        ({"method": "alphaedit", "warm_start": "lstsq"}, "warm_start"),
         ({"momentum": 0.9}, "momentum"),
     ],
 )
