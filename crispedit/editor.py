@@ -45,6 +45,12 @@ again, runs it again from its warm-up (a fresh Adam's first steps are its larges
 each edit of a stream, an edit call of its own, runs its own. The report's `lr_curve` gives each
 epoch's learning rate beside its loss (`loss_curve`).
 
+With `warm_start="lstsq"` the masters first take one closed-form step (crispedit.start): per
+layer the least-squares move of its keys' outputs against the facts' loss gradient on the kept
+subspace, at the length that lowers the edit's objective most; the epochs then run from there as
+usual, and the report's `warm_start_step` gives the length, the objective before and after and
+each layer's solve.
+
 With `contexts` = k > 0 each fact is trained as k + 1 sequences: its prompt, and the same after
 each of the model's first k context prefixes (crispedit.contexts, generated once per edit), the
 loss the mean over all their target tokens as over a batch of that many facts. A batch and a
