@@ -547,16 +547,20 @@ class CrispEditor:
                     self.modules[name].weight.copy_(run.masters[name] + alpha * directions[name])
                 return self._objective(run)
 
-            search = search_length(loss_at)
+            # every batch landed already: no direction, and no length worth the forwards
+            unmoved = {"alpha": 0.0, "loss_before": None, "loss_after": None, "tried": []}
+            search = search_length(loss_at) if directions else unmoved
             for name in directions:
                 run.masters[name].add_(directions[name], alpha=search["alpha"])
                 self.modules[name].weight.copy_(run.masters[name])
         seconds = round(time.perf_counter() - started, 3)
         run.warm_start = {**search, "solves": solves, "seconds": seconds}
-        self._log(
-            f"warm start: step length {search['alpha']:g}, loss {search['loss_before']:.4f} -> "
-            f"{search['loss_after']:.4f} ({len(search['tried'])} lengths tried, {seconds:.1f} s)"
-        )
+        if directions:
+            self._log(
+                f"warm start: step length {search['alpha']:g}, loss {search['loss_before']:.4f} "
+                f"-> {search['loss_after']:.4f} ({len(search['tried'])} lengths tried, "
+                f"{seconds:.1f} s)"
+            )
 
     def _capability_A(self, name: str) -> torch.Tensor | None:
         """Layer `name`'s capability factor A (a stream's, in a stream, rebuilt from the

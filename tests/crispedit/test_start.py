@@ -199,3 +199,19 @@ def test_the_start_takes_the_same_step_in_micro_batches(tiny_tokenizer, curvatur
     assert micro.report["warm_start_step"]["alpha"] == whole.report["warm_start_step"]["alpha"]
     for key, d in micro.tensors.items():
         torch.testing.assert_close(d, whole.tensors[key], rtol=1e-3, atol=1e-4 * d.abs().max())
+
+
+def test_an_edit_already_below_loss_stop_takes_no_step_and_tries_no_length(
+    tiny_tokenizer, curvature, monkeypatch
+):
+    layers, curv = curvature
+    model = make_tiny("llama")
+    before = {n: m.weight.detach().clone() for n, m in get_layers(model, layers).items()}
+    editor = CrispEditor(
+        model, tiny_tokenizer, curv, layers=layers, warm_start="lstsq", loss_stop=1e3, **ONE_EPOCH
+    )
+    monkeypatch.setattr(editor, "_objective", lambda run: pytest.fail("a length was tried"))
+    step = editor.edit(FACTS).report["warm_start_step"]
+    assert step["alpha"] == 0.0 and step["tried"] == [] and step["solves"] == {}
+    for name, module in get_layers(model, layers).items():
+        assert torch.equal(module.weight, before[name])
