@@ -96,6 +96,8 @@ class Run:
     lr_schedule: str = "constant"
     # off | lstsq: a closed-form least-squares step before the epochs (crispedit.start)
     warm_start: str = "off"
+    # all | subject: where the change acts while it is trained (crispedit.editor)
+    edit_site: str = "all"
     epochs: int = 25
     tokens: int = 20_000  # curvature tokens (WikiText, the first 2/3 of the test split)
     # the curvature's corpus: wikitext (the bundled split), or generated:N, N tokens the model
@@ -268,6 +270,13 @@ TUNE += [
 # the edited layers under the same projection before the first epoch, its length searched on the
 # edit's loss. The idea: the same efficacy and drift in fewer epochs (the row's epochs_run, edit_s)
 TUNE += [replace(CHOSEN, warm_start="lstsq")]
+# the edit site (issue 23's generalization lever, crispedit.editor): the change trained to act at
+# each fact's subject token only, as MEMIT writes a fact there, so that paraphrases, which name
+# the subject in other words around it, read it too; on the chosen layers, then on MEMIT's 4-8
+TUNE += [
+    replace(CHOSEN, edit_site="subject"),
+    replace(CHOSEN, edit_site="subject", layers="4-8"),
+]
 # anchors like the edited subject (issue 23's locality lever, crispedit.anchors): CounterFact's
 # neighbours are subjects like the edited one asked the same question (other French actors for a
 # French actor), which the chosen run's two random anchors from 58 diverse subjects rarely
@@ -432,6 +441,7 @@ UNNAMED_AT_DEFAULT = (
     "lr_schedule",
     "anchor_choice",
     "warm_start",
+    "edit_site",
 )
 
 

@@ -36,6 +36,7 @@ CHAT_TEMPLATE_CHOICES = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "cosine")  # crispedit.editor.scheduled_lr
 ANCHOR_CHOICES = ("random", "similar")  # crispedit.anchors
 WARM_STARTS = ("off", "lstsq")  # crispedit.start
+EDIT_SITES = ("all", "subject")  # crispedit.editor
 
 
 class SettingsError(ValueError):
@@ -103,6 +104,17 @@ class EditSettings:
         "closed-form least-squares step under the same projection, its length searched on the "
         "edit's loss; crispedit.start). kfac, ekfac, nullspace and ft; not memit or alphaedit.",
         choices=WARM_STARTS,
+    )
+    # off until measured (issue 23's generalization lever): MEMIT and ROME write a fact into the
+    # subject's last token, from where any prompt about the subject can read it
+    edit_site: str = _option(
+        "all",
+        "Where the edit's change acts while it is trained: all (every token of the fact's "
+        "sequences), or subject (only the subject's last token, the prompt's last without a "
+        "subject; elsewhere the layers keep their weights before), so the change learns to act "
+        "through the subject rather than the sentence. The edited model applies it everywhere. "
+        "kfac, ekfac, nullspace and ft; not memit or alphaedit, which edit there already.",
+        choices=EDIT_SITES,
     )
     batch_size: int = _option(32, "Facts per step.", ge=1)
     # the step is the same (its gradient summed over micro-batches, up to float rounding); only
@@ -296,6 +308,12 @@ class EditSettings:
                 "warm_start",
                 f"applies to the projected editor, not to {resolve_method(self.method)} "
                 "(which solves in closed form already)",
+            )
+        if self.edit_site != "all" and resolve_method(self.method) in CLOSED_FORM:
+            raise SettingsError(
+                "edit_site",
+                f"applies to the projected editor, not to {resolve_method(self.method)} "
+                "(which edits at the subject's last token already)",
             )
         if self.contexts and resolve_method(self.method) in CLOSED_FORM:
             raise SettingsError(

@@ -57,6 +57,13 @@ loss the mean over all their target tokens as over a batch of that many facts. A
 micro-batch still count facts (k + 1 sequences each); a fact's anchors, its loss under
 `stop="fact"` (over all its copies) and the efficacy stay the fact's, on its bare prompt.
 
+With `edit_site="subject"` the facts' sequences are trained with the change acting at one token
+of each, its subject's last (the prompt's last without a subject), and the edited layers' outputs
+before the edit everywhere else, as MEMIT writes a fact into the subject's last token: the change
+must then carry the fact through the subject, from where any prompt about it may read it, rather
+than through the sentence's own tokens. The anchors, the efficacy and the edited model itself
+apply the change at every token.
+
 Each step computes the same loss as a full forward, but cheaper where the model allows it
 (`fast=True`, crispedit.prefix): the frozen blocks below the lowest edited one run once per edit,
 and the vocabulary projection only at the target positions.
@@ -68,7 +75,8 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +114,7 @@ from crispedit.start import search_length, step_direction
 from crispedit.targets import (
     encode_prompt,
     resolve_chat_template,
+    subject_position,
     target_batches,
     target_positions,
     target_token_losses_at,
@@ -212,7 +221,8 @@ class _Run:
     prefix: list[torch.Tensor] | None  # per sequence
     anchors: Anchors
     before: dict[str, torch.Tensor]  # per layer, its weight before the edit (model's dtype, host)
-    # the same on the model's device, with a Laplace penalty: its ΔW is taken at every step
+    # the same on the model's device, with a Laplace penalty (its ΔW is taken at every step) or
+    # edit_site "subject" (the layers' outputs before the edit, off the sites)
     origin: dict[str, torch.Tensor]
     masters: dict[str, torch.Tensor]  # per layer, the fp32 master Adam updates (storage layout)
     optimizers: dict[str, torch.optim.Adam]
@@ -228,6 +238,8 @@ class _Run:
     trail: list[dict] = field(default_factory=list)
     budget_met: bool | None = None
     warm_start: dict | None = None  # with warm_start "lstsq": what the closed-form step did
+    # with edit_site "subject": per sequence, the token its edit acts at while it is trained
+    sites: list[int] | None = None
 
 
 @dataclass
@@ -410,18 +422,52 @@ class CrispEditor:
             for name, form in self.laplace_forms.items()
         }
 
-    def _token_losses(
-        self, batch, fast: FastForward | None, prefix, rows: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's `target_token_losses_at`: by the fast forward when there is one, else the
-        full one."""
-        if fast is not None:
-            return fast.token_losses(batch, prefix, rows)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    def _token_losses(self, run: _Run, batch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `target_token_losses_at` of `batch`, the sequences `rows` of the edit: by the fast
+        forward when there is one, else the full one; the change acting at their sites only
+        under edit_site "subject" (`_sites_only`)."""
+        with self._sites_only(run, rows, batch["input_ids"].shape):
+            if run.fast is not None:
+                return run.fast.token_losses(batch, run.prefix, rows)
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         where = target_positions(batch["labels"])
-        return target_token_losses_at(
-            logits.logits[:, :-1][where], batch["labels"][:, 1:][where], where
-        )
+        return target_token_losses_at(logits[:, :-1][where], batch["labels"][:, 1:][where], where)
+
+    @contextmanager
+    def _sites_only(self, run: _Run, rows: list[int], shape: torch.Size) -> Iterator[None]:
+        """Inside, with edit_site "subject": every edited layer gives its output under its
+        weights before the edit (`run.origin`, a constant: the gradient still reaches the
+        layer's input, and through it the layers below) at each position of the (rows, tokens)
+        batch but row b's site `run.sites[rows[b]]`, where its output is the edited one. The
+        loss then reaches the change through the sites alone; no difference of two outputs is
+        taken, so a bf16 gradient is not the small remainder of two large ones. Elsewhere a
+        no-op."""
+        if run.sites is None:
+            yield
+            return
+        site = torch.zeros(shape, dtype=torch.bool)
+        site[torch.arange(len(rows)), torch.tensor([run.sites[s] for s in rows])] = True
+        site = site.to(run.device)[..., None]
+
+        def hook_for(name: str, module: nn.Module):
+            def hook(_module, args, output):
+                x, before = args[0], run.origin[name]
+                if is_conv1d(module):  # (d_in, d_out) storage: x W + b
+                    base = x @ before if module.bias is None else x @ before + module.bias
+                else:
+                    base = nn.functional.linear(x, before, module.bias)
+                return torch.where(site, output, base)
+
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n, m)) for n, m in self.modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _last_logits(self, batch, fast: FastForward | None, prefix, rows: list[int]):
         """(batch, vocab) next-token logits after each row's last token."""
@@ -587,7 +633,7 @@ class CrispEditor:
         total, batches = 0.0, self._fact_batches(run)
         for rows in batches:
             seqs, _ = run.sequences.rows(rows)
-            tokens, _ = self._token_losses(self._batch(run, rows), run.fast, run.prefix, seqs)
+            tokens, _ = self._token_losses(run, self._batch(run, rows), seqs)
             loss = tokens.mean()
             if self.settings.anchors:
                 kl = self._anchor_loss(rows, run.anchors, run.fast, run.device)
@@ -686,11 +732,24 @@ class CrispEditor:
         masters = {
             n: m.weight.detach().to(torch.float32, copy=True) for n, m in self.modules.items()
         }
+        subject_site = self.settings.edit_site == "subject"
         # exactly the masters' start (fp32 holds every bf16 value), in the model's smaller dtype
         origin = (
             {n: m.weight.detach().clone() for n, m in self.modules.items()}
-            if self.settings.laplace
+            if self.settings.laplace or subject_site
             else {}
+        )
+        # a sequence's prompt is its fact's after a context prefix: the subject within it
+        sites = (
+            [
+                subject_position(
+                    self.tokenizer, sequences.pairs[s][0], fact.subject, chat=self.chat
+                )[1]
+                for fact, seqs in zip(facts, sequences.of_fact, strict=True)
+                for s in seqs
+            ]
+            if subject_site
+            else None
         )
         for module in self.modules.values():
             module.weight.grad = None  # a gradient left from before would add to the first one
@@ -712,6 +771,7 @@ class CrispEditor:
             efficacy_before=efficacy_before,
             gamma=self.settings.gamma if self.method != "ft" else None,
             projectors=self.projectors,
+            sites=sites,
         )
 
     def _optimizers(self, masters: dict[str, torch.Tensor]) -> dict[str, torch.optim.Adam]:
@@ -796,8 +856,7 @@ class CrispEditor:
         spans = [range(first[r.start], first[r.stop]) for r in slices]  # their batch rows
         part = lambda s: _rows_of(batch, s.start, s.stop)  # noqa: E731
         with torch.no_grad():
-            losses = [self._token_losses(part(s), run.fast, run.prefix, seqs[s.start : s.stop])
-                      for s in spans]  # fmt: skip
+            losses = [self._token_losses(run, part(s), seqs[s.start : s.stop]) for s in spans]
         token_losses = torch.cat([t for t, _ in losses])
         row_of = torch.cat([o + s.start for (_, o), s in zip(losses, spans, strict=True)])
         fact_of = owner[row_of]
@@ -816,7 +875,7 @@ class CrispEditor:
         kl_total = 0.0
         for r, s in zip(slices, spans, strict=True):
             sub_rows = rows[r.start : r.stop]
-            tokens, of = self._token_losses(part(s), run.fast, run.prefix, seqs[s.start : s.stop])
+            tokens, of = self._token_losses(run, part(s), seqs[s.start : s.stop])
             loss = tokens[~landed[owner[of + s.start]]].sum() / n_tokens
             if n_anchors:
                 kl = self._anchor_loss(sub_rows, run.anchors, run.fast, run.device, "sum")
@@ -835,7 +894,7 @@ class CrispEditor:
         (only the facts not yet below `loss_stop` under `stop="fact"`) plus the weighted anchor
         KL; None when the batch has already landed and is skipped."""
         seqs, owner = run.sequences.rows(rows)
-        token_losses, row_of = self._token_losses(batch, run.fast, run.prefix, seqs)
+        token_losses, row_of = self._token_losses(run, batch, seqs)
         fact_of = owner.to(row_of.device)[row_of]  # each target token's fact, 0..len(rows)
         loss = token_losses.mean()
         tally.batch_losses.append(loss.item())
@@ -933,6 +992,7 @@ class CrispEditor:
             "laplace": self.settings.laplace,
             "contexts": self.settings.contexts,
             "warm_start": self.settings.warm_start,
+            "edit_site": self.settings.edit_site,
             "chat_template": "on" if self.chat else "off",
         }
         report = {

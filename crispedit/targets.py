@@ -73,6 +73,30 @@ def encode_pair(
     return ids, len(prompt_ids)
 
 
+def subject_position(
+    tokenizer, prompt: str, subject: str | None, *, chat: bool = False
+) -> tuple[list[int], int]:
+    """Token ids of `prompt` as `encode_prompt` makes them and the index of the subject's last
+    token: the last token that starts before the subject's first occurrence in the prompt ends
+    (the token holding its last character, however the tokenizer merges). A fact without a
+    subject, or whose subject is not in its prompt, takes the prompt's last token. `chat`: the
+    prompt wrapped in the chat template, as every other prompt of the edit."""
+    text = prompt_text(tokenizer, prompt, chat=chat)
+    at = text.rfind(prompt)
+    end = len(text) if at < 0 else at + len(prompt)
+    if subject and at >= 0 and subject in prompt:
+        end = at + prompt.index(subject) + len(subject)
+    special = not chat  # a templated text holds its own special tokens
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        starts = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < end]
+        return ids, starts[-1] if starts else len(ids) - 1
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    upto = tokenizer(text[:end], add_special_tokens=special)["input_ids"]
+    return ids, min(len(upto), len(ids)) - 1
+
+
 def target_batches(
     tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, *, chat: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:

@@ -89,14 +89,17 @@ def test_a_longer_run_goes_on_from_the_head_and_keeps_the_rows(bench, edits):
 
 def test_a_new_field_at_its_default_keeps_a_streams_name():
     """A stream begun before `model`, `drift_budget`, `consolidate`, `lr_schedule`,
-    `anchor_choice` and `warm_start` existed is found again (its name digests the run's fields
-    without them at their defaults); a run that sets one is another stream."""
+    `anchor_choice`, `warm_start` and `edit_site` existed is found again (its name digests the
+    run's fields without them at their defaults); a run that sets one is another stream."""
     import hashlib
     import json
     from dataclasses import asdict
 
     fields = asdict(replace(RUN, n=0))
-    later = ("model", "drift_budget", "consolidate", "lr_schedule", "anchor_choice", "warm_start")
+    later = (
+        "model", "drift_budget", "consolidate", "lr_schedule", "anchor_choice", "warm_start",
+        "edit_site",
+    )  # fmt: skip
     for name in later:
         del fields[name]
     before = "bench-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -107,6 +110,7 @@ def test_a_new_field_at_its_default_keeps_a_streams_name():
     assert quality.stream_name(replace(RUN, lr_schedule="cosine")) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, anchor_choice="similar")) != quality.stream_name(RUN)
     assert quality.stream_name(replace(RUN, warm_start="lstsq")) != quality.stream_name(RUN)
+    assert quality.stream_name(replace(RUN, edit_site="subject")) != quality.stream_name(RUN)
 
 
 def test_a_consolidated_stream_records_its_figures_per_chunk(bench):
@@ -272,7 +276,8 @@ def test_the_model_is_in_a_runs_identity_only_when_it_is_not_smollm2(tmp_path, m
     gemma = replace(quality.CHOSEN, model="gemma3-270m", layers="12-16")
     assert quality.identity(gemma) != quality.identity(replace(gemma, model=quality.MODEL))
     # the stream's name: nor the later fields at their defaults (the test above)
-    later = ("drift_budget", "consolidate", "lr_schedule", "anchor_choice", "warm_start")
+    later = ("drift_budget", "consolidate", "lr_schedule", "anchor_choice", "warm_start",
+             "edit_site")  # fmt: skip
     named = {k: v for k, v in old.items() if k not in later}
     stream = quality.hashlib.sha256(quality.json.dumps({**named, "n": 0}, sort_keys=True).encode())
     assert quality.stream_name(quality.CHOSEN) == f"bench-{stream.hexdigest()[:16]}"

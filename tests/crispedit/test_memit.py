@@ -18,13 +18,7 @@ from crispedit.corpus import ASSETS, pad_batches, read_documents, token_sequence
 from crispedit.curvature import collect_curvature, plan_curvature
 from crispedit.delta import Delta, apply_delta
 from crispedit.editor import CrispEditor, make_editor
-from crispedit.memit import (
-    MemitEditor,
-    TargetValues,
-    _ValueForward,
-    memit_solve,
-    subject_position,
-)
+from crispedit.memit import MemitEditor, TargetValues, _ValueForward, memit_solve
 from crispedit.models import get_layers, parse_layers
 from crispedit.streams import (
     base_weights,
@@ -33,6 +27,7 @@ from crispedit.streams import (
     materialize,
     read_state,
 )
+from crispedit.targets import subject_position
 from curvature_store import Store
 
 # subject None: the value sits at the prompt's last token, and one-token targets (in the tiny

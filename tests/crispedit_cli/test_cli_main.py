@@ -383,7 +383,7 @@ def test_every_edit_setting_is_a_flag_of_edit_and_the_api_ones_of_submit():
 
     changed = {
         "method": "nullspace", "gamma": 0.7, "epochs": 7, "lr": 0.01, "lr_schedule": "cosine",
-        "warm_start": "lstsq",
+        "warm_start": "lstsq", "edit_site": "subject",
         "batch_size": 4,
         "micro_batch": 2,
         "seed": 3, "project": "gradient", "projector_dtype": "model", "anchors": 1,
