@@ -451,18 +451,16 @@ class CrispEditor:
         site[torch.arange(len(rows)), torch.tensor([run.sites[s] for s in rows])] = True
         site = site.to(run.device)[..., None]
 
-        def hook_for(name: str, module: nn.Module):
-            def hook(_module, args, output):
-                x, before = args[0], run.origin[name]
-                if is_conv1d(module):  # (d_in, d_out) storage: x W + b
-                    base = x @ before if module.bias is None else x @ before + module.bias
-                else:
-                    base = nn.functional.linear(x, before, module.bias)
+        def hook_for(name: str):
+            before = self._oriented(name, run.origin[name])  # (d_out, d_in), as F.linear takes
+
+            def hook(module, args, output):
+                base = nn.functional.linear(args[0], before, module.bias)
                 return torch.where(site, output, base)
 
             return hook
 
-        handles = [m.register_forward_hook(hook_for(n, m)) for n, m in self.modules.items()]
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
         try:
             yield
         finally:
