@@ -797,7 +797,11 @@ def _point(row: dict) -> tuple[float | None, float | None]:
     return _get(m, "capability", "ppl_change_pct"), _get(m, "efficacy", "edited", "teacher_forced")
 
 
-COLORS = {"ft": "tab:blue", "nullspace": "tab:orange", "kfac": "tab:green", "ekfac": "tab:red"}
+# a colour per method of contract.settings.METHODS, a marker per REPORT run (they cycle past the
+# list's end rather than leave a report run out of the plot)
+COLORS = {"ft": "tab:blue", "nullspace": "tab:orange", "kfac": "tab:green", "ekfac": "tab:red",
+          "memit": "tab:purple", "alphaedit": "tab:brown"}  # fmt: skip
+MARKERS = "*sDv^Ph<>"
 
 
 def _legend(run: Run) -> str:
@@ -842,7 +846,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 if method != "ft":
                     ax.annotate(f"{gamma:g}", (x, y), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")  # fmt: skip
-        for run, marker in zip(REPORT, "*sDv^", strict=False):
+        for i, run in enumerate(REPORT):
+            marker = MARKERS[i % len(MARKERS)]
             for r in here:
                 if _settings(r["run"]) == _settings(asdict(run)):
                     ax.plot(*_point(r), marker=marker, markersize=10, linestyle="none",
@@ -856,7 +861,8 @@ def plot(rows: list[dict], path: Path) -> None:
         split = " (tuning split)" if (dataset, start, n) in TUNING_SPLITS else ""
         ax.set_title(f"{dataset} {start}-{start + n - 1}: {n} edits{split}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -895,6 +901,8 @@ def plot_sequential(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(ylabel)
         if share:
             ax.set_ylim(0, 1.05)
+        else:  # MEMIT's stream drifts by 1,000 %, CrispEdit's by a few: both must stay readable
+            ax.set_yscale("symlog", linthresh=1)
         ax.set_title(f"sequential editing, {', '.join(datasets)}")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import load_bench_script, tiny_stream_store
 
-from contract.settings import SettingsError
+from contract.settings import METHODS, SettingsError
 from crispedit.models import get_layers
 from crispedit.sequential import set_weights
 from crispedit.streams import base_weights, read_cumulative
@@ -188,6 +188,23 @@ def test_the_chunk_table_marks_what_old_rows_lack(tmp_path):
     row = {"run": {**quality.asdict(RUN), "n": 200, "chunk": 100}, "chunks": [old, new]}
     quality.plot_sequential([row], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_plots_draw_every_method(tmp_path, method):
+    """A stream of MEMIT edits once crashed the curves' plot (no colour for it), and the report's
+    last runs (MEMIT, AlphaEdit) were silently left out of the trade-off plot (too few markers)."""
+    assert len(quality.MARKERS) >= len(quality.REPORT)
+    chunk = {"edits": 100, "chunk_efficacy": 0.9, "first_chunk_efficacy": 0.9, "seconds": 60.0,
+             "all_efficacy": 0.9, "all_n": 100, "ppl_change_pct": 7.7, "kl": 0.11}  # fmt: skip
+    stream = {"run": {**quality.asdict(RUN), "method": method, "n": 100, "chunk": 100},
+              "chunks": [chunk]}  # fmt: skip
+    quality.plot_sequential([stream], tmp_path / "curve.png")
+    batch = {"run": quality.asdict(replace(quality.MEMIT, method=method)), "chunks": [],
+             "metrics": {"capability": {"ppl_change_pct": 9.8},
+                         "efficacy": {"edited": {"teacher_forced": 0.87}}}}  # fmt: skip
+    quality.plot([batch], tmp_path / "trade-off.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0 < (tmp_path / "trade-off.png").stat().st_size
 
 
 def test_a_run_takes_a_layer_set_written_with_commas():
